@@ -1,0 +1,73 @@
+"""The one async blob-store interface every backend implements.
+
+Keys are '/'-separated relative paths chosen by the caller (never user input directly). Objects are
+immutable once written: a key is written once, read many times, then deleted. That is what lets both
+backends be atomic without locks (local: temp file + fsync + rename; S3: single PUT or multipart upload).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+
+# Chunk size used when a backend streams an object back; large enough to amortise per-chunk overhead,
+# small enough that many concurrent downloads stay cheap in memory.
+READ_CHUNK_SIZE = 1024 * 1024
+
+
+class BlobNotFoundError(KeyError):
+    """The key names no stored object."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    key: str
+    size: int
+    modified: datetime
+
+
+class BlobStore(abc.ABC):
+    """Async object store. Implementations must be safe to share between concurrent tasks."""
+
+    @abc.abstractmethod
+    async def put(self, key: str, data: bytes | AsyncIterable[bytes]) -> int:
+        """Store an object atomically under key and return its size in bytes.
+
+        Readers never see a partial object: either the old state (absent) or the whole new object.
+        A failure while consuming `data` leaves nothing behind under `key`.
+        """
+
+    @abc.abstractmethod
+    def stream(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Yield the bytes [start, end) of the object (end=None: to its end) in chunks.
+
+        Raises BlobNotFoundError (on first iteration) when the key does not exist.
+        """
+
+    async def read(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        """Read a (small) range fully into memory; for headers, frames and tests."""
+        return b"".join([chunk async for chunk in self.stream(key, start, end)])
+
+    @abc.abstractmethod
+    async def size(self, key: str) -> int:
+        """Size in bytes; raises BlobNotFoundError."""
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self.size(key)
+        except BlobNotFoundError:
+            return False
+        return True
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove the object; deleting a missing key is not an error (deletes are retried)."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
+        """Every object whose key starts with prefix, in no particular order (the sweeper uses this)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
+        """Release connections; the store is unusable afterwards."""
