@@ -21,6 +21,18 @@ class BlobNotFoundError(KeyError):
     """The key names no stored object."""
 
 
+def check_range(start: int, end: int | None) -> None:
+    """Reject nonsensical ranges up front, so every backend fails the same way before any I/O.
+
+    Ranges past the end of an object are not errors (they are clamped); only a negative start or an end
+    before the start is, because those always indicate a caller bug.
+    """
+    if start < 0:
+        raise ValueError(f"range start must be >= 0, got {start}")
+    if end is not None and end < start:
+        raise ValueError(f"range end {end} is before start {start}")
+
+
 @dataclass(frozen=True, slots=True)
 class BlobInfo:
     key: str
