@@ -109,6 +109,8 @@ CREATE TABLE instance (
     sha256 bytea NOT NULL,
     -- DICOM JSON of the whole instance, bulk data replaced by BulkDataURI templates (see archive.metadata)
     metadata bytea NOT NULL,
+    -- where each bulk data value lies in the object: orjson [[path, offset|null, length, vr], ...]
+    bulk_index bytea NOT NULL DEFAULT '\x5b5d',
     created_at timestamptz NOT NULL DEFAULT now(),
     UNIQUE (partition_key, sop_instance_uid)
 );

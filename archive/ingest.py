@@ -1,0 +1,206 @@
+"""Storing instances: parse, validate, write the object, index it, in that order.
+
+The object is written before its index row commits, so an instance is never visible without its bytes. A
+crash in between leaves an object no row references; the orphan sweeper (archive.sweeper) removes those.
+Objects are written under a key unique to this upload, so a re-store of an existing instance can never
+overwrite the live object: its new copy is simply deleted again (45070).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import io
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import asyncpg
+import orjson
+
+from dicomcore.parse import InvalidInstanceError, ParsedInstance, parse_instance
+from indexer.writes import IndexResult, InstanceRecord, Outcome, index_instances
+from storage.base import BlobStore
+
+# Instances indexed per transaction: amortises commit cost without holding study rows locked for long.
+INDEX_BATCH = 32
+_HASH_CHUNK = 1 << 20
+
+
+class FailureReason(enum.IntEnum):
+    """Failure reasons of the Store Instances response (PS3.18 Table 10.5.3-2, Azure's usage)."""
+
+    PROCESSING_FAILURE = 0x0110  # 272
+    INVALID_INSTANCE = 0xA900  # 43264: data set does not match SOP class / cannot be parsed / bad UIDs
+    STUDY_MISMATCH = 0xA901  # 43265: StudyInstanceUID differs from the one in the request URL
+    ALREADY_STORED = 0xB00E  # 45070: the SOP instance is already in the archive
+
+
+@dataclass(slots=True)
+class StoreOutcome:
+    """What happened to one uploaded part."""
+
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    failure: FailureReason | None = None
+    message: str = ""
+
+
+# Objects up to this size are stored from one in-memory copy; larger ones stream from their spool file.
+_IN_MEMORY_LIMIT = 8 << 20
+
+
+@dataclass(slots=True)
+class _Prepared:
+    parsed: ParsedInstance
+    sha256: bytes
+    size: int
+    metadata: bytes
+    bulk_index: bytes
+    data: bytes | None  # the whole object when small enough to keep in memory
+
+
+def _prepare(fp: BinaryIO) -> _Prepared:
+    """CPU-bound part of ingest (runs in a worker thread): hash, parse, serialise metadata."""
+    fp.seek(0, io.SEEK_END)
+    size = fp.tell()
+    fp.seek(0)
+    data: bytes | None = None
+    if size <= _IN_MEMORY_LIMIT:
+        data = fp.read()
+        digest = hashlib.sha256(data)
+        parsed = parse_instance(data)
+    else:
+        digest = hashlib.sha256()
+        while chunk := fp.read(_HASH_CHUNK):
+            digest.update(chunk)
+        fp.seek(0)
+        parsed = parse_instance(fp)
+    bulk = orjson.dumps([[b.path, b.offset, b.length, b.vr] for b in parsed.bulk])
+    return _Prepared(parsed, digest.digest(), size, orjson.dumps(parsed.attrs), bulk, data)
+
+
+def storage_key(partition_key: int, parsed: ParsedInstance) -> str:
+    """A key unique to this upload of the instance (UIDs are validated, so they are safe path segments)."""
+    return (
+        f"p{partition_key}/{parsed.study_instance_uid}/{parsed.series_instance_uid}/"
+        f"{parsed.sop_instance_uid}/{uuid.uuid4().hex}.dcm"
+    )
+
+
+async def _object_chunks(fp: BinaryIO) -> AsyncIterator[bytes]:
+    while chunk := await asyncio.to_thread(fp.read, 8 << 20):
+        yield chunk
+
+
+class Ingestor:
+    """Stores the instances of one STOW request, batching their index writes."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        store: BlobStore,
+        partition_key: int,
+        *,
+        expected_study: str | None = None,
+    ) -> None:
+        self._pool = pool
+        self._store = store
+        self._partition_key = partition_key
+        self._expected_study = expected_study
+        self._pending: list[tuple[StoreOutcome, InstanceRecord]] = []
+        self.outcomes: list[StoreOutcome] = []
+
+    async def add(self, fp: BinaryIO) -> None:
+        """Take one uploaded object (a seekable file) through parse, validation and storage."""
+        outcome = StoreOutcome()
+        self.outcomes.append(outcome)
+        try:
+            prepared = await asyncio.to_thread(_prepare, fp)
+        except InvalidInstanceError as exc:
+            outcome.failure, outcome.message = FailureReason.INVALID_INSTANCE, str(exc)
+            return
+        parsed = prepared.parsed
+        outcome.sop_class_uid = parsed.sop_class_uid
+        outcome.sop_instance_uid = parsed.sop_instance_uid
+        outcome.study_instance_uid = parsed.study_instance_uid
+        outcome.series_instance_uid = parsed.series_instance_uid
+        if self._expected_study is not None and parsed.study_instance_uid != self._expected_study:
+            outcome.failure = FailureReason.STUDY_MISMATCH
+            outcome.message = (
+                f"StudyInstanceUID {parsed.study_instance_uid} does not match {self._expected_study} "
+                "in the request URL"
+            )
+            return
+        if await self._pool.fetchval(
+            "SELECT 1 FROM instance WHERE partition_key = $1 AND sop_instance_uid = $2",
+            self._partition_key,
+            parsed.sop_instance_uid,
+        ):
+            outcome.failure, outcome.message = FailureReason.ALREADY_STORED, "the instance is already stored"
+            return
+        key = storage_key(self._partition_key, parsed)
+        try:
+            if prepared.data is None:
+                fp.seek(0)
+                await self._store.put(key, _object_chunks(fp))
+            else:
+                await self._store.put(key, prepared.data)
+        except Exception as exc:  # storage failures are per instance: the others may still succeed
+            outcome.failure = FailureReason.PROCESSING_FAILURE
+            outcome.message = f"could not store the object: {exc.__class__.__name__}"
+            return
+        record = InstanceRecord(
+            study_instance_uid=parsed.study_instance_uid,
+            series_instance_uid=parsed.series_instance_uid,
+            sop_instance_uid=parsed.sop_instance_uid,
+            sop_class_uid=parsed.sop_class_uid,
+            transfer_syntax_uid=parsed.transfer_syntax_uid,
+            attrs=parsed.attrs,
+            storage_key=key,
+            size=prepared.size,
+            sha256=prepared.sha256,
+            metadata=prepared.metadata,
+            bulk_index=prepared.bulk_index,
+        )
+        self._pending.append((outcome, record))
+        if len(self._pending) >= INDEX_BATCH:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Index what is stored but not yet indexed; remove the objects of instances that were refused."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        records = [record for _, record in batch]
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                results = await index_instances(conn, self._partition_key, records)
+        except Exception as exc:
+            results = [
+                IndexResult(Outcome.CONFLICT, reason=f"index write failed: {exc.__class__.__name__}")
+            ] * len(records)
+            failure = FailureReason.PROCESSING_FAILURE
+        else:
+            failure = None
+        unreferenced = []
+        for (outcome, record), result in zip(batch, results, strict=True):
+            if result.outcome is Outcome.CREATED:
+                continue
+            unreferenced.append(record.storage_key)
+            if failure is not None:
+                outcome.failure = failure
+            elif result.outcome is Outcome.ALREADY_STORED:
+                outcome.failure = FailureReason.ALREADY_STORED
+            else:
+                outcome.failure = FailureReason.INVALID_INSTANCE
+            outcome.message = result.reason
+        for key in unreferenced:
+            try:
+                await self._store.delete(key)
+            except Exception:
+                pass

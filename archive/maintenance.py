@@ -1,0 +1,143 @@
+"""Background upkeep of the blob store: deleting objects whose rows are gone, and sweeping orphans.
+
+Both are safe to run in every process at once: the deletion queue is claimed with FOR UPDATE SKIP LOCKED,
+and a sweep only removes objects older than a grace period that no index row references, checked right
+before deleting (an upload younger than the grace period may still be on its way to the index).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from indexer.lookup import is_indexed
+from storage.base import BlobStore
+
+log = logging.getLogger(__name__)
+
+
+async def drain_deletions(pool: asyncpg.Pool, store: BlobStore, *, batch: int = 200) -> int:
+    """Delete queued objects; returns how many were removed. Failed deletes are retried later."""
+    removed = 0
+    while True:
+        async with pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                """SELECT storage_key FROM blob_deletion WHERE not_before <= now()
+                   ORDER BY enqueued_at LIMIT $1 FOR UPDATE SKIP LOCKED""",
+                batch,
+            )
+            if not rows:
+                return removed
+            done, failed = [], []
+            for row in rows:
+                try:
+                    await store.delete(row[0])
+                    done.append(row[0])
+                except Exception as exc:
+                    log.warning("could not delete object %s: %s", row[0], exc)
+                    failed.append(row[0])
+            await conn.execute("DELETE FROM blob_deletion WHERE storage_key = ANY($1::text[])", done)
+            await conn.execute(
+                """UPDATE blob_deletion SET attempts = attempts + 1,
+                       not_before = now() + least(interval '1 hour', interval '10 seconds' * 2 ^ attempts)
+                   WHERE storage_key = ANY($1::text[])""",
+                failed,
+            )
+            removed += len(done)
+            if len(rows) < batch:
+                return removed
+
+
+async def sweep_orphans(
+    pool: asyncpg.Pool, store: BlobStore, *, grace: timedelta = timedelta(hours=1), page: int = 500
+) -> int:
+    """Remove objects that no index row references and that are older than `grace`; returns the count."""
+    cutoff = datetime.now(UTC) - grace
+    removed = 0
+    candidates: list[str] = []
+
+    async def settle() -> int:
+        referenced = await is_indexed(pool, candidates)
+        queued = {
+            row[0]
+            for row in await pool.fetch(
+                "SELECT storage_key FROM blob_deletion WHERE storage_key = ANY($1::text[])", candidates
+            )
+        }
+        count = 0
+        for key in candidates:
+            if key not in referenced and key not in queued:
+                await store.delete(key)
+                count += 1
+        candidates.clear()
+        return count
+
+    async for info in store.list(""):
+        if info.modified.astimezone(UTC) > cutoff:
+            continue
+        candidates.append(info.key)
+        if len(candidates) >= page:
+            removed += await settle()
+    if candidates:
+        removed += await settle()
+    return removed
+
+
+class Maintenance:
+    """Runs the deletion drain often and the orphan sweep rarely, until stopped."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        store: BlobStore,
+        *,
+        drain_interval: float = 2.0,
+        sweep_interval: float = 3600.0,
+        grace: timedelta = timedelta(hours=1),
+    ) -> None:
+        self._pool, self._store = pool, store
+        self._drain_interval, self._sweep_interval, self._grace = drain_interval, sweep_interval, grace
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="blob-maintenance")
+
+    def poke(self) -> None:
+        """Drain now (called after a DELETE so that objects go promptly)."""
+        self._wakeup.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + 60.0  # not at start-up: let the process settle first
+        while True:
+            try:
+                await drain_deletions(self._pool, self._store)
+                if loop.time() >= next_sweep:
+                    next_sweep = loop.time() + self._sweep_interval
+                    async with self._pool.acquire() as conn:
+                        # one sweeper at a time across processes
+                        if await conn.fetchval("SELECT pg_try_advisory_lock(4404)"):
+                            try:
+                                removed = await sweep_orphans(self._pool, self._store, grace=self._grace)
+                                if removed:
+                                    log.info("orphan sweep removed %d objects", removed)
+                            finally:
+                                await conn.execute("SELECT pg_advisory_unlock(4404)")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("blob maintenance failed; retrying")
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self._drain_interval)

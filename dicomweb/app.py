@@ -1,0 +1,106 @@
+"""The Starlette application: routes under every service root, and the resources they share."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import asyncpg
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute, Mount, Route
+
+from archive.maintenance import Maintenance
+from dicomweb.config import Settings
+from dicomweb.context import ArchiveContext
+from dicomweb.errors import HTTPProblem, handle_problem
+from dicomweb.routes import delete, health, qido, stow, wado
+from indexer.migrate import migrate
+from storage import open_store
+from storage.base import BlobStore
+
+log = logging.getLogger(__name__)
+
+API_VERSIONS = ("v1", "v2")
+
+
+def dicomweb_routes() -> list[BaseRoute]:
+    """The DICOMweb resources of one service root (PS3.18 10.4-10.6, Azure's DELETE)."""
+    study = "/studies/{study}"
+    series = study + "/series/{series}"
+    instance = series + "/instances/{instance}"
+    return [
+        Route("/studies", stow.store_instances, methods=["POST"]),
+        Route("/studies", qido.search_studies, methods=["GET"]),
+        Route("/series", qido.search_series, methods=["GET"]),
+        Route("/instances", qido.search_instances, methods=["GET"]),
+        Route(study, stow.store_instances, methods=["POST"]),
+        Route(study, wado.retrieve, methods=["GET"]),
+        Route(study, delete.delete, methods=["DELETE"]),
+        Route(study + "/metadata", wado.metadata, methods=["GET"]),
+        Route(study + "/series", qido.search_series, methods=["GET"]),
+        Route(study + "/instances", qido.search_instances, methods=["GET"]),
+        Route(series, wado.retrieve, methods=["GET"]),
+        Route(series, delete.delete, methods=["DELETE"]),
+        Route(series + "/metadata", wado.metadata, methods=["GET"]),
+        Route(series + "/instances", qido.search_instances, methods=["GET"]),
+        Route(instance, wado.retrieve, methods=["GET"]),
+        Route(instance, delete.delete, methods=["DELETE"]),
+        Route(instance + "/metadata", wado.metadata, methods=["GET"]),
+        Route(instance + "/bulkdata/{path:path}", wado.bulkdata, methods=["GET"]),
+    ]
+
+
+def create_app(
+    settings: Settings,
+    *,
+    database_url: str,
+    store: BlobStore | None = None,
+    run_maintenance: bool = True,
+) -> Starlette:
+    """An app bound to one database and blob store; opened and closed by its lifespan."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=settings.db_pool_size)
+        blob_store = store or open_store(
+            settings.resolved_storage_url(),
+            s3_endpoint_url=settings.s3_endpoint_url,
+            s3_region=settings.s3_region,
+        )
+        try:
+            async with pool.acquire() as conn:
+                applied = await migrate(conn)
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+            maintenance = Maintenance(pool, blob_store)
+            if run_maintenance:
+                maintenance.start()
+            app.state.archive = ArchiveContext(pool, blob_store, settings, maintenance)
+            try:
+                yield
+            finally:
+                await maintenance.stop()
+        finally:
+            if store is None:
+                await blob_store.close()
+            await pool.close()
+
+    routes: list[BaseRoute] = [
+        Route("/health/live", health.live, methods=["GET"]),
+        Route("/health/ready", health.ready, methods=["GET"]),
+    ]
+    # partition roots first: the plain /vN mount would otherwise claim /vN/partitions/... and 404
+    for version in API_VERSIONS:
+        routes.append(Mount(f"/{version}/partitions/{{partition}}", routes=dicomweb_routes()))
+    for version in API_VERSIONS:
+        routes.append(Mount(f"/{version}", routes=dicomweb_routes()))
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPProblem: handle_problem})
+
+
+def app_from_env() -> Starlette:
+    """Factory for uvicorn worker processes: everything comes from DICOMWEB_* variables (set by the CLI)."""
+    settings = Settings.from_env()
+    if not settings.database_url:
+        raise RuntimeError("DICOMWEB_DATABASE_URL is not set")
+    return create_app(settings, database_url=settings.database_url)

@@ -1,0 +1,57 @@
+"""Settings from DICOMWEB_* environment variables, overridable by command-line flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+DEFAULT_PARTITION = "Microsoft.Default"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("./dicomweb-data")
+    # external services; None means the embedded default (private PostgreSQL, local blob directory)
+    database_url: str | None = None
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    workers: int = 1
+    db_pool_size: int = 20
+    qido_default_limit: int = 100
+    qido_max_limit: int = 1000
+    max_instance_size: int = 4 << 30  # one uploaded object; larger parts get 413
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """DICOMWEB_<FIELD> variables, then non-None overrides (the CLI's flags)."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f"DICOMWEB_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            if f.type in ("int", int):
+                values[f.name] = int(raw)
+            elif f.type in ("Path", Path):
+                values[f.name] = Path(raw)
+            else:
+                values[f.name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return replace(cls(), **values)
+
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or (self.data_dir.resolve() / "blobs").as_uri()
+
+    def to_env(self) -> dict[str, str]:
+        """The settings as DICOMWEB_* variables (to hand them to uvicorn worker processes)."""
+        return {
+            f"DICOMWEB_{f.name.upper()}": str(v)
+            for f in fields(self)
+            if (v := getattr(self, f.name)) is not None
+        }

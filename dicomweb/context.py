@@ -1,0 +1,58 @@
+"""What every handler needs from the running app: the pool, the store, settings, the partition in the URL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import asyncpg
+from starlette.requests import Request
+
+from archive.maintenance import Maintenance
+from dicomcore.uids import is_valid_uid
+from dicomweb.config import DEFAULT_PARTITION, Settings
+from dicomweb.errors import HTTPProblem
+from indexer.lookup import partition_key as lookup_partition_key
+from storage.base import BlobStore
+
+
+@dataclass
+class ArchiveContext:
+    pool: asyncpg.Pool
+    store: BlobStore
+    settings: Settings
+    maintenance: Maintenance
+    # name -> key; partitions are never renamed or re-keyed, so caching the mapping is always safe
+    partitions: dict[str, int] = field(default_factory=dict)
+
+
+def context(request: Request) -> ArchiveContext:
+    return request.app.state.archive
+
+
+async def partition_key(request: Request, *, create: bool = False) -> int:
+    """The data partition the URL addresses; 404 for an unknown one (created on STOW, as Azure does)."""
+    ctx = context(request)
+    name = request.path_params.get("partition", DEFAULT_PARTITION)
+    key = ctx.partitions.get(name)
+    if key is not None:
+        return key
+    if not (1 <= len(name) <= 64) or not all(c.isalnum() or c in "_.-" for c in name) or not name.isascii():
+        raise HTTPProblem(400, f"invalid partition name {name!r}: use 1-64 letters, digits, '_', '.', '-'")
+    key = await lookup_partition_key(ctx.pool, name, create=create)
+    if key is None:
+        raise HTTPProblem(404, f"partition {name!r} does not exist")
+    ctx.partitions[name] = key
+    return key
+
+
+def service_root(request: Request) -> str:
+    """The DICOMweb root this request came in under (e.g. http://host:8080/v2/partitions/x)."""
+    return str(request.base_url).rstrip("/")
+
+
+def uid_param(request: Request, name: str) -> str:
+    """A UID from the path, validated so that it is safe to use and gives a clear 400 when malformed."""
+    value = request.path_params[name]
+    if not is_valid_uid(value):
+        raise HTTPProblem(400, f"{name} {value!r} is not a valid UID")
+    return value

@@ -1,0 +1,54 @@
+"""QIDO-RS: search studies, series and instances (PS3.18 10.6); matching lives in indexer.qido."""
+
+from __future__ import annotations
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from dicomweb.context import context, partition_key, service_root, uid_param
+from dicomweb.errors import HTTPProblem
+from dicomweb.negotiation import NegotiationError, Offer, negotiate
+from indexer.attributes import Level
+from indexer.qido import QueryError, parse_query, search
+
+_OFFERS = (Offer("application/dicom+json"), Offer("application/json"))
+
+
+async def _search(request: Request, level: Level) -> Response:
+    study = uid_param(request, "study") if "study" in request.path_params else None
+    series = uid_param(request, "series") if "series" in request.path_params else None
+    try:
+        selection = negotiate(request.headers.get("accept"), _OFFERS)
+    except NegotiationError as exc:
+        raise HTTPProblem(400, f"malformed Accept header: {exc}") from exc
+    if selection is None:
+        raise HTTPProblem(406, "QIDO-RS results are available as application/dicom+json only")
+    settings = context(request).settings
+    try:
+        query = parse_query(
+            level,
+            list(request.query_params.multi_items()),
+            study_uid=study,
+            series_uid=series,
+            default_limit=settings.qido_default_limit,
+            max_limit=settings.qido_max_limit,
+        )
+    except QueryError as exc:
+        raise HTTPProblem(400, str(exc)) from exc
+    key = await partition_key(request)
+    async with context(request).pool.acquire() as conn:
+        results = await search(conn, key, query, service_root(request))
+    return Response(orjson.dumps(results), media_type=selection.offer.media_type)
+
+
+async def search_studies(request: Request) -> Response:
+    return await _search(request, Level.STUDY)
+
+
+async def search_series(request: Request) -> Response:
+    return await _search(request, Level.SERIES)
+
+
+async def search_instances(request: Request) -> Response:
+    return await _search(request, Level.INSTANCE)

@@ -1,0 +1,114 @@
+"""Reading what WADO-RS needs from the index: which objects make up a study/series/instance, and metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+
+
+@dataclass(frozen=True, slots=True)
+class StoredInstance:
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    storage_key: str
+    size: int
+
+
+def _scope_sql(study_uid: str, series_uid: str | None, sop_uid: str | None) -> tuple[str, list[object]]:
+    conditions = ["st.study_instance_uid = $2"]
+    args: list[object] = [study_uid]
+    if series_uid is not None:
+        args.append(series_uid)
+        conditions.append(f"se.series_instance_uid = ${len(args) + 1}")
+    if sop_uid is not None:
+        args.append(sop_uid)
+        conditions.append(f"i.sop_instance_uid = ${len(args) + 1}")
+    return " AND ".join(conditions), args
+
+
+_FROM = """FROM instance i
+    JOIN series se ON se.series_key = i.series_key
+    JOIN study st ON st.study_key = i.study_key
+    WHERE i.partition_key = $1 AND """
+_ORDER = " ORDER BY se.series_number NULLS LAST, se.series_key, i.instance_number NULLS LAST, i.instance_key"
+
+
+async def find_instances(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    partition_key: int,
+    study_uid: str,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+) -> list[StoredInstance]:
+    """The stored objects of a study, series or instance, in series/instance-number order."""
+    where, args = _scope_sql(study_uid, series_uid, sop_uid)
+    rows = await conn.fetch(
+        f"""SELECT st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.sop_class_uid,
+                   i.transfer_syntax_uid, i.storage_key, i.size {_FROM}{where}{_ORDER}""",
+        partition_key,
+        *args,
+    )
+    return [StoredInstance(*row) for row in rows]
+
+
+async def find_metadata(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    partition_key: int,
+    study_uid: str,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+) -> list[tuple[str, str, str, bytes]]:
+    """(study, series, SOP instance UID, stored DICOM JSON as orjson bytes) of each addressed instance,
+    in find_instances order."""
+    where, args = _scope_sql(study_uid, series_uid, sop_uid)
+    rows = await conn.fetch(
+        f"""SELECT st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.metadata
+            {_FROM}{where}{_ORDER}""",
+        partition_key,
+        *args,
+    )
+    return [tuple(row) for row in rows]
+
+
+async def find_bulk_index(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    partition_key: int,
+    study_uid: str,
+    series_uid: str,
+    sop_uid: str,
+) -> tuple[StoredInstance, bytes] | None:
+    """The instance and its bulk-data index (orjson [[path, offset, length, vr], ...])."""
+    where, args = _scope_sql(study_uid, series_uid, sop_uid)
+    row = await conn.fetchrow(
+        f"""SELECT st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.sop_class_uid,
+                   i.transfer_syntax_uid, i.storage_key, i.size, i.bulk_index {_FROM}{where}""",
+        partition_key,
+        *args,
+    )
+    if row is None:
+        return None
+    return StoredInstance(*list(row)[:7]), row["bulk_index"]
+
+
+async def is_indexed(conn: asyncpg.Connection | asyncpg.Pool, storage_keys: list[str]) -> set[str]:
+    """Which of these object keys the index references (the orphan sweeper asks)."""
+    rows = await conn.fetch(
+        "SELECT storage_key FROM instance WHERE storage_key = ANY($1::text[])", storage_keys
+    )
+    return {row[0] for row in rows}
+
+
+async def partition_key(conn: asyncpg.Connection | asyncpg.Pool, name: str, *, create: bool) -> int | None:
+    """The key of a data partition by name; created on first use when `create` (as Azure does on STOW)."""
+    key = await conn.fetchval("SELECT partition_key FROM partition WHERE name = $1", name)
+    if key is None and create:
+        key = await conn.fetchval(
+            """INSERT INTO partition (name) VALUES ($1)
+               ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING partition_key""",
+            name,
+        )
+    return key

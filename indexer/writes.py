@@ -1,0 +1,305 @@
+"""Adding instances to the index and removing them, keeping study and series rows and counters exact.
+
+Callers own the transaction (so that the change feed entry and the blob-deletion queue commit with the index
+change); these functions run inside it. Rows are locked in UID order so that concurrent batches touching
+the same studies cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+import orjson
+
+from indexer.attributes import (
+    instance_columns,
+    patient_identity,
+    series_columns,
+    study_columns,
+)
+from indexer.levels import series_attrs, study_attrs
+
+
+@dataclass(slots=True)
+class InstanceRecord:
+    """One stored object to index: its identifying UIDs, its DICOM JSON and where its bytes are."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    attrs: dict
+    storage_key: str
+    size: int
+    sha256: bytes
+    metadata: bytes  # orjson of attrs, already serialised by the caller (it has it anyway)
+    bulk_index: bytes = b"[]"  # orjson [[path, offset, length, vr], ...] (dicomcore BulkRef)
+
+
+class Outcome(enum.Enum):
+    CREATED = "created"
+    ALREADY_STORED = "already-stored"  # the SOP instance is in the index already (45070)
+    CONFLICT = "conflict"  # UIDs contradict the index (e.g. series belongs to another study)
+
+
+@dataclass(slots=True)
+class IndexResult:
+    outcome: Outcome
+    instance_key: int | None = None
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class RemovedInstance:
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    storage_key: str
+    instance_key: int
+
+
+_STUDY_COLUMNS = list(study_columns({}).keys())
+_SERIES_COLUMNS = list(series_columns({}).keys())
+_INSTANCE_COLUMNS = list(instance_columns({}).keys())
+
+
+async def index_instances(
+    conn: asyncpg.Connection, partition_key: int, records: Sequence[InstanceRecord]
+) -> list[IndexResult]:
+    """Index a batch of instances in the caller's transaction; one result per record, in order."""
+    results: list[IndexResult | None] = [None] * len(records)
+    sop_uids = [r.sop_instance_uid for r in records]
+    existing = {
+        row["sop_instance_uid"]
+        for row in await conn.fetch(
+            "SELECT sop_instance_uid FROM instance WHERE partition_key = $1 AND sop_instance_uid = ANY($2)",
+            partition_key,
+            sop_uids,
+        )
+    }
+    seen: set[str] = set()
+    pending: list[int] = []
+    for i, r in enumerate(records):
+        if r.sop_instance_uid in existing or r.sop_instance_uid in seen:
+            results[i] = IndexResult(Outcome.ALREADY_STORED, reason="the instance is already stored")
+        else:
+            seen.add(r.sop_instance_uid)
+            pending.append(i)
+    if pending:
+        await _insert(conn, partition_key, records, pending, results)
+    return [r if r is not None else IndexResult(Outcome.CONFLICT, reason="not indexed") for r in results]
+
+
+async def _insert(
+    conn: asyncpg.Connection,
+    partition_key: int,
+    records: Sequence[InstanceRecord],
+    pending: list[int],
+    results: list[IndexResult | None],
+) -> None:
+    # The latest record of each study/series in the batch supplies the level's attributes.
+    study_rep: dict[str, InstanceRecord] = {}
+    series_rep: dict[str, InstanceRecord] = {}
+    for i in pending:
+        r = records[i]
+        study_rep[r.study_instance_uid] = r
+        series_rep[r.series_instance_uid] = r
+
+    patient_keys: dict[tuple[str, str], int] = {}
+    for ident in sorted({patient_identity(r.attrs) for r in study_rep.values()}):
+        patient_keys[ident] = await conn.fetchval(
+            """INSERT INTO patient (partition_key, patient_id, issuer_of_patient_id) VALUES ($1, $2, $3)
+               ON CONFLICT (partition_key, patient_id, issuer_of_patient_id)
+               DO UPDATE SET patient_id = EXCLUDED.patient_id
+               RETURNING patient_key""",
+            partition_key,
+            *ident,
+        )
+
+    study_keys: dict[str, int] = {}
+    new_studies: set[int] = set()
+    cols = ", ".join(_STUDY_COLUMNS)
+    params = ", ".join(f"${n}" for n in range(5, 5 + len(_STUDY_COLUMNS)))
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _STUDY_COLUMNS)
+    study_sql = f"""INSERT INTO study (partition_key, patient_key, study_instance_uid, attrs, {cols})
+        VALUES ($1, $2, $3, $4, {params})
+        ON CONFLICT (partition_key, study_instance_uid) DO UPDATE SET
+            patient_key = EXCLUDED.patient_key, attrs = EXCLUDED.attrs, updated_at = now(), {updates}
+        RETURNING study_key, (xmax = 0) AS inserted"""
+    for uid in sorted(study_rep):
+        r = study_rep[uid]
+        values = study_columns(r.attrs)
+        row = await conn.fetchrow(
+            study_sql,
+            partition_key,
+            patient_keys[patient_identity(r.attrs)],
+            uid,
+            orjson.dumps(study_attrs(r.attrs)),
+            *values.values(),
+        )
+        study_keys[uid] = row["study_key"]
+        if row["inserted"]:
+            new_studies.add(row["study_key"])
+
+    series_keys: dict[str, int] = {}
+    conflicting_series: dict[str, str] = {}
+    cols = ", ".join(_SERIES_COLUMNS)
+    params = ", ".join(f"${n}" for n in range(5, 5 + len(_SERIES_COLUMNS)))
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _SERIES_COLUMNS)
+    # The WHERE keeps a series bound to its study: a series UID reused under another study is refused.
+    series_sql = f"""INSERT INTO series (partition_key, study_key, series_instance_uid, attrs, {cols})
+        VALUES ($1, $2, $3, $4, {params})
+        ON CONFLICT (partition_key, series_instance_uid) DO UPDATE SET
+            attrs = EXCLUDED.attrs, updated_at = now(), {updates}
+            WHERE series.study_key = EXCLUDED.study_key
+        RETURNING series_key"""
+    for uid in sorted(series_rep):
+        r = series_rep[uid]
+        key = await conn.fetchval(
+            series_sql,
+            partition_key,
+            study_keys[r.study_instance_uid],
+            uid,
+            orjson.dumps(series_attrs(r.attrs)),
+            *series_columns(r.attrs).values(),
+        )
+        if key is None:
+            conflicting_series[uid] = (
+                f"series {uid} is stored under another study than {r.study_instance_uid}"
+            )
+        else:
+            series_keys[uid] = key
+
+    rows = []
+    for i in pending:
+        r = records[i]
+        if r.series_instance_uid in conflicting_series:
+            results[i] = IndexResult(Outcome.CONFLICT, reason=conflicting_series[r.series_instance_uid])
+            continue
+        rows.append(
+            (
+                i,
+                study_keys[r.study_instance_uid],
+                series_keys[r.series_instance_uid],
+                r.sop_instance_uid,
+                r.sop_class_uid,
+                *instance_columns(r.attrs).values(),
+                r.transfer_syntax_uid,
+                r.storage_key,
+                r.size,
+                r.sha256,
+                r.metadata,
+                r.bulk_index,
+            )
+        )
+    if rows:
+        cols = ", ".join(_INSTANCE_COLUMNS)
+        inserted = await conn.fetch(
+            f"""INSERT INTO instance (partition_key, study_key, series_key, sop_instance_uid, sop_class_uid,
+                    {cols}, transfer_syntax_uid, storage_key, size, sha256, metadata, bulk_index)
+                SELECT $1, t.* FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::text[],
+                    $6::int[], $7::int[], $8::int[], $9::int[], $10::int[],
+                    $11::text[], $12::text[], $13::bigint[], $14::bytea[], $15::bytea[], $16::bytea[]) AS t
+                ON CONFLICT (partition_key, sop_instance_uid) DO NOTHING
+                RETURNING sop_instance_uid, instance_key""",
+            partition_key,
+            *(list(col) for col in list(zip(*rows, strict=True))[1:]),
+        )
+        keys = {row["sop_instance_uid"]: row["instance_key"] for row in inserted}
+        for row in rows:
+            i = row[0]
+            key = keys.get(records[i].sop_instance_uid)
+            if key is None:  # a concurrent batch stored it first
+                results[i] = IndexResult(Outcome.ALREADY_STORED, reason="the instance is already stored")
+            else:
+                results[i] = IndexResult(Outcome.CREATED, instance_key=key)
+    touched_series = sorted(set(series_keys.values()))
+    touched_studies = sorted(set(study_keys.values()))
+    await refresh_counters(conn, touched_studies, touched_series)
+
+
+async def refresh_counters(conn: asyncpg.Connection, study_keys: list[int], series_keys: list[int]) -> None:
+    """Recompute counters and modalities of the given rows and drop those left without instances.
+
+    Recounting (an index-only scan over a study's instances) instead of incrementing keeps the rows exact
+    whatever mix of inserts, duplicates and deletes a transaction made.
+    """
+    if series_keys:
+        await conn.execute(
+            """UPDATE series s SET instance_count =
+                   (SELECT count(*) FROM instance i WHERE i.series_key = s.series_key)
+               WHERE s.series_key = ANY($1::bigint[])""",
+            series_keys,
+        )
+        await conn.execute(
+            "DELETE FROM series WHERE series_key = ANY($1::bigint[]) AND instance_count = 0", series_keys
+        )
+    if study_keys:
+        await conn.execute(
+            """UPDATE study s SET
+                   instance_count = (SELECT count(*) FROM instance i WHERE i.study_key = s.study_key),
+                   series_count = (SELECT count(*) FROM series x WHERE x.study_key = s.study_key),
+                   modalities = coalesce((SELECT array_agg(DISTINCT x.modality ORDER BY x.modality)
+                                 FROM series x WHERE x.study_key = s.study_key AND x.modality IS NOT NULL
+                                 AND x.modality <> ''), '{}')
+               WHERE s.study_key = ANY($1::bigint[])""",
+            study_keys,
+        )
+        await conn.execute(
+            "DELETE FROM study WHERE study_key = ANY($1::bigint[]) AND instance_count = 0", study_keys
+        )
+
+
+async def remove_instances(
+    conn: asyncpg.Connection,
+    partition_key: int,
+    study_uid: str,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+) -> list[RemovedInstance]:
+    """Delete the addressed instances from the index and queue their objects for deletion.
+
+    Runs in the caller's transaction; returns what was removed (empty: nothing matched, i.e. 404).
+    """
+    conditions = ["st.partition_key = $1", "st.study_instance_uid = $2"]
+    args: list[object] = [partition_key, study_uid]
+    if series_uid is not None:
+        args.append(series_uid)
+        conditions.append(f"se.series_instance_uid = ${len(args)}")
+    if sop_uid is not None:
+        args.append(sop_uid)
+        conditions.append(f"i.sop_instance_uid = ${len(args)}")
+    rows = await conn.fetch(
+        f"""SELECT i.instance_key, i.study_key, i.series_key, i.sop_instance_uid, i.storage_key,
+                   st.study_instance_uid, se.series_instance_uid
+            FROM instance i JOIN series se USING (series_key) JOIN study st ON st.study_key = i.study_key
+            WHERE {" AND ".join(conditions)}
+            ORDER BY i.instance_key
+            FOR UPDATE OF i""",
+        *args,
+    )
+    if not rows:
+        return []
+    instance_keys = [r["instance_key"] for r in rows]
+    await conn.execute("DELETE FROM instance WHERE instance_key = ANY($1::bigint[])", instance_keys)
+    await conn.executemany(
+        "INSERT INTO blob_deletion (storage_key) VALUES ($1) ON CONFLICT DO NOTHING",
+        [(r["storage_key"],) for r in rows],
+    )
+    await refresh_counters(
+        conn, sorted({r["study_key"] for r in rows}), sorted({r["series_key"] for r in rows})
+    )
+    return [
+        RemovedInstance(
+            r["study_instance_uid"],
+            r["series_instance_uid"],
+            r["sop_instance_uid"],
+            r["storage_key"],
+            r["instance_key"],
+        )
+        for r in rows
+    ]
