@@ -47,7 +47,9 @@ async def partition_key(request: Request, *, create: bool = False) -> int:
 
 def service_root(request: Request) -> str:
     """The DICOMweb root this request came in under (e.g. http://host:8080/v2/partitions/x)."""
-    return str(request.base_url).rstrip("/")
+    # the mounted service root is in root_path (base_url holds only the app's own root path)
+    root_path = request.scope.get("root_path", "")
+    return str(request.url.replace(path=root_path, query="", fragment="")).rstrip("/")
 
 
 def uid_param(request: Request, name: str) -> str:

@@ -1,0 +1,268 @@
+"""STOW-RS, WADO-RS and DELETE over real HTTP, against both storage backends."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+from pathlib import Path
+
+import httpx
+import orjson
+import pydicom
+import pytest
+
+from bench.synthetic import make_instance, make_study, multipart_body, to_bytes
+from dicomweb.multipart import iter_parts
+from dicomweb.negotiation import parse_boundary
+from tests.fixtures.server import RunningArchive
+
+TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+DICOM = 'multipart/related; type="application/dicom"'
+ANY_SYNTAX = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+def study_files(seed: int, count: int = 3) -> tuple[object, list[bytes]]:
+    rng = random.Random(seed)
+    spec = make_study(rng, series_count=2)
+    return spec, [to_bytes(make_instance(spec, i % 2, i + 1, rng=rng)) for i in range(count)]
+
+
+async def stow(client: httpx.AsyncClient, files: list[bytes], path: str = "/studies") -> httpx.Response:
+    body, content_type = multipart_body(files)
+    return await client.post(path, content=body, headers={"Content-Type": content_type})
+
+
+async def parts_of(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
+    boundary = parse_boundary(response.headers["content-type"])
+
+    async def chunks():
+        yield response.content
+
+    out = []
+    async for part, body in iter_parts(chunks(), boundary):
+        with body:
+            out.append((part.headers, body.read()))
+    return out
+
+
+def seq_items(body: dict, key: str) -> list[dict]:
+    return body.get(key, {}).get("Value", [])
+
+
+@pytest.fixture
+async def client(archive: RunningArchive):
+    async with httpx.AsyncClient(base_url=archive.url, timeout=30) as c:
+        yield c
+
+
+async def test_stow_then_retrieve_byte_for_byte(client: httpx.AsyncClient) -> None:
+    spec, files = study_files(1)
+    response = await stow(client, files)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/dicom+json"
+    body = response.json()
+    referenced = seq_items(body, "00081199")
+    assert len(referenced) == 3 and "00081198" not in body
+    assert body["00081190"]["Value"] == [f"{str(client.base_url).rstrip('/')}/studies/{spec.study_uid}"]
+    sops = [pydicom.dcmread(io.BytesIO(f)).SOPInstanceUID for f in files]
+    assert [item["00081155"]["Value"][0] for item in referenced] == sops
+
+    # the whole study, as stored
+    response = await client.get(f"/studies/{spec.study_uid}", headers={"Accept": ANY_SYNTAX})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith('multipart/related; type="application/dicom"')
+    parts = await parts_of(response)
+    assert sorted(body for _, body in parts) == sorted(files)
+    # one instance, single part, byte for byte
+    for data, sop in zip(files, sops, strict=True):
+        ds = pydicom.dcmread(io.BytesIO(data))
+        url = f"/studies/{spec.study_uid}/series/{ds.SeriesInstanceUID}/instances/{sop}"
+        response = await client.get(url, headers={"Accept": "application/dicom; transfer-syntax=*"})
+        assert response.status_code == 200
+        assert response.content == data
+        # RetrieveURL of the STOW response resolves to the same object
+        retrieve_url = next(i["00081190"]["Value"][0] for i in referenced if i["00081155"]["Value"][0] == sop)
+        again = await client.get(retrieve_url, headers={"Accept": "application/dicom; transfer-syntax=*"})
+        assert again.content == data
+
+
+async def test_pydicom_files_round_trip(client: httpx.AsyncClient) -> None:
+    """Real-world variety: compressed, big-endian, implicit VR, deflated, multi-frame."""
+    names = [
+        "CT_small.dcm",
+        "MR_small_bigendian.dcm",
+        "rtdose.dcm",
+        "JPEG2000.dcm",
+        "SC_rgb_rle_2frame.dcm",
+        "image_dfl.dcm",
+        "examples_ybr_color.dcm",
+        "waveform_ecg.dcm",
+    ]
+    files = [(TEST_FILES / n).read_bytes() for n in names]
+    for data in files:
+        response = await client.post("/studies", content=data, headers={"Content-Type": "application/dicom"})
+        assert response.status_code == 200, response.text
+        url = seq_items(response.json(), "00081199")[0]["00081190"]["Value"][0]
+        got = await client.get(url, headers={"Accept": "application/dicom; transfer-syntax=*"})
+        assert got.status_code == 200 and got.content == data
+        meta = await client.get(url + "/metadata")
+        assert meta.status_code == 200
+        ds = pydicom.dcmread(io.BytesIO(data))
+        assert meta.json()[0]["00080018"]["Value"] == [ds.SOPInstanceUID]
+
+
+async def test_restore_is_45070_and_changes_nothing(
+    client: httpx.AsyncClient, archive: RunningArchive
+) -> None:
+    _, files = study_files(2, count=1)
+    assert (await stow(client, files)).status_code == 200
+    keys_before = sorted([b.key async for b in archive.store.list("")])
+    response = await stow(client, files)
+    assert response.status_code == 409
+    failed = seq_items(response.json(), "00081198")
+    assert [f["00081197"]["Value"] for f in failed] == [[45070]]
+    assert sorted([b.key async for b in archive.store.list("")]) == keys_before
+    # a batch with one new and one duplicate is a partial success
+    _, more = study_files(3, count=1)
+    response = await stow(client, [files[0], more[0]])
+    assert response.status_code == 202
+    assert len(seq_items(response.json(), "00081199")) == 1
+
+
+async def test_study_mismatch_is_43265(client: httpx.AsyncClient) -> None:
+    spec, files = study_files(4, count=2)
+    other, _ = study_files(5, count=1)
+    response = await stow(client, files, f"/studies/{other.study_uid}")
+    assert response.status_code == 409
+    assert {f["00081197"]["Value"][0] for f in seq_items(response.json(), "00081198")} == {43265}
+    response = await stow(client, files, f"/studies/{spec.study_uid}")
+    assert response.status_code == 200
+
+
+async def test_bad_input(client: httpx.AsyncClient, archive: RunningArchive) -> None:
+    _, files = study_files(6, count=1)
+    # wrong content type
+    r = await client.post("/studies", content=b"x", headers={"Content-Type": "application/json"})
+    assert r.status_code == 415
+    # multipart without boundary
+    r = await client.post("/studies", content=b"x", headers={"Content-Type": "multipart/related"})
+    assert r.status_code == 400
+    # garbage part
+    body, ct = multipart_body([b"not dicom at all" * 10])
+    r = await client.post("/studies", content=body, headers={"Content-Type": ct})
+    assert r.status_code == 409
+    assert seq_items(r.json(), "00081198")[0]["00081197"]["Value"] == [43264]
+    # truncated file
+    body, ct = multipart_body([files[0][: len(files[0]) // 2]])
+    r = await client.post("/studies", content=body, headers={"Content-Type": ct})
+    assert r.status_code == 409
+    # truncated body (no closing boundary) with nothing complete
+    body, ct = multipart_body(files)
+    r = await client.post("/studies", content=body[: len(body) // 2], headers={"Content-Type": ct})
+    assert r.status_code == 400
+    # missing UID
+    ds = pydicom.dcmread(io.BytesIO(files[0]))
+    del ds.SeriesInstanceUID
+    r = await client.post("/studies", content=to_bytes(ds), headers={"Content-Type": "application/dicom"})
+    assert r.status_code == 409
+    # bad UID in the path
+    r = await client.get("/studies/1.2.abc")
+    assert r.status_code == 400
+    # unknown study
+    r = await client.get("/studies/1.2.3.4/metadata")
+    assert r.status_code == 404
+    # nothing of the above was stored
+    assert [b async for b in archive.store.list("")] == []
+    # the server still serves
+    assert (await stow(client, files)).status_code == 200
+
+
+async def test_metadata_bulkdata_and_range(client: httpx.AsyncClient) -> None:
+    spec, files = study_files(7, count=4)
+    assert (await stow(client, files)).status_code == 200
+    series_uid = spec.series[0][0]
+    response = await client.get(f"/studies/{spec.study_uid}/series/{series_uid}/metadata")
+    assert response.status_code == 200
+    metadata = response.json()
+    assert len(metadata) == 2
+    numbers = [m["00200013"]["Value"][0] for m in metadata]
+    assert numbers == sorted(numbers)
+    pixel = metadata[0]["7FE00010"]
+    assert set(pixel) == {"vr", "BulkDataURI"}
+    ds = next(
+        d
+        for d in (pydicom.dcmread(io.BytesIO(f)) for f in files)
+        if d.SOPInstanceUID == metadata[0]["00080018"]["Value"][0]
+    )
+    bulk = await client.get(pixel["BulkDataURI"])
+    assert bulk.status_code == 200 and bulk.content == ds.PixelData
+    ranged = await client.get(pixel["BulkDataURI"], headers={"Range": "bytes=100-199"})
+    assert ranged.status_code == 206 and ranged.content == ds.PixelData[100:200]
+    assert ranged.headers["content-range"] == f"bytes 100-199/{len(ds.PixelData)}"
+    bad = await client.get(pixel["BulkDataURI"], headers={"Range": f"bytes={len(ds.PixelData)}-"})
+    assert bad.status_code == 416
+    # study metadata holds all four
+    response = await client.get(f"/studies/{spec.study_uid}/metadata")
+    assert len(response.json()) == 4
+    assert (
+        await client.get(f"/studies/{spec.study_uid}/metadata", headers={"Accept": "image/png"})
+    ).status_code == 406
+
+
+async def test_transfer_syntax_negotiation(client: httpx.AsyncClient) -> None:
+    data = (TEST_FILES / "JPEG2000.dcm").read_bytes()
+    r = await client.post("/studies", content=data, headers={"Content-Type": "application/dicom"})
+    url = seq_items(r.json(), "00081199")[0]["00081190"]["Value"][0]
+    ok = await client.get(
+        url, headers={"Accept": "application/dicom; transfer-syntax=1.2.840.10008.1.2.4.91"}
+    )
+    assert ok.status_code == 200 and ok.content == data
+    refused = await client.get(
+        url, headers={"Accept": "application/dicom; transfer-syntax=1.2.840.10008.1.2.4.50"}
+    )
+    assert refused.status_code == 406
+    assert (await client.get(url, headers={"Accept": "text/html"})).status_code == 406
+    assert (await client.get(url, headers={"Accept": "application/dicom; q=abc"})).status_code == 400
+
+
+async def test_delete_levels(client: httpx.AsyncClient, archive: RunningArchive) -> None:
+    spec, files = study_files(8, count=4)
+    assert (await stow(client, files)).status_code == 200
+    sops = [pydicom.dcmread(io.BytesIO(f)) for f in files]
+    one = sops[0]
+    inst_url = f"/studies/{spec.study_uid}/series/{one.SeriesInstanceUID}/instances/{one.SOPInstanceUID}"
+    assert (await client.delete(inst_url)).status_code == 204
+    assert (await client.get(inst_url + "/metadata")).status_code == 404
+    assert (await client.delete(inst_url)).status_code == 404
+    other_series = next(d.SeriesInstanceUID for d in sops if d.SeriesInstanceUID != one.SeriesInstanceUID)
+    assert (await client.delete(f"/studies/{spec.study_uid}/series/{other_series}")).status_code == 204
+    remaining = (await client.get(f"/studies/{spec.study_uid}/metadata")).json()
+    assert {m["0020000E"]["Value"][0] for m in remaining} == {one.SeriesInstanceUID}
+    assert (await client.delete(f"/studies/{spec.study_uid}")).status_code == 204
+    assert (await client.get(f"/studies/{spec.study_uid}", headers={"Accept": ANY_SYNTAX})).status_code == 404
+    # the objects leave storage (in the background, promptly)
+    for _ in range(100):
+        if not [b async for b in archive.store.list("")]:
+            break
+        await asyncio.sleep(0.05)
+    assert [b async for b in archive.store.list("")] == []
+    # and the study can be stored again
+    assert (await stow(client, files)).status_code == 200
+
+
+async def test_partitions(client: httpx.AsyncClient, archive: RunningArchive) -> None:
+    spec, files = study_files(9, count=1)
+    async with httpx.AsyncClient(base_url=f"{archive.base}/v2/partitions/research", timeout=30) as research:
+        r = await stow(research, files)
+        assert r.status_code == 200
+        assert (
+            "/v2/partitions/research/studies/" in seq_items(r.json(), "00081199")[0]["00081190"]["Value"][0]
+        )
+        assert (await research.get(f"/studies/{spec.study_uid}/metadata")).status_code == 200
+    # not visible in the default partition, and storable there independently
+    assert (await client.get(f"/studies/{spec.study_uid}/metadata")).status_code == 404
+    assert (await stow(client, files)).status_code == 200
+    async with httpx.AsyncClient(base_url=f"{archive.base}/v1/partitions/nope", timeout=30) as missing:
+        assert (await missing.get(f"/studies/{spec.study_uid}/metadata")).status_code == 404
+    assert orjson.loads((await client.get(f"{archive.base}/health/ready")).content)["status"] == "ready"
