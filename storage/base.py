@@ -21,6 +21,38 @@ class BlobNotFoundError(KeyError):
     """The key names no stored object."""
 
 
+def validate_key(key: str) -> str:
+    """Return key unchanged if it is a safe relative '/'-path, else raise ValueError.
+
+    Both backends apply the same rules so that code tested against one behaves the same on the other, and
+    so that a local key can never escape the store's root (no absolute paths, '.'/'..', empty segments,
+    backslashes or NULs).
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError("blob key must be a non-empty string")
+    if "\x00" in key or "\\" in key:
+        raise ValueError(f"blob key must not contain NUL or backslash: {key!r}")
+    if key.startswith("/"):
+        raise ValueError(f"blob key must be relative: {key!r}")
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise ValueError(f"blob key has an empty, '.' or '..' segment: {key!r}")
+    return key
+
+
+def validate_prefix(prefix: str) -> str:
+    """Check a list() prefix: like a key, except it may be empty, end in '/' or stop mid-segment."""
+    if not isinstance(prefix, str):
+        raise ValueError("blob prefix must be a string")
+    directory = prefix.rpartition("/")[0]
+    if directory:
+        validate_key(directory)
+    elif prefix.startswith("/"):
+        raise ValueError(f"blob prefix must be relative: {prefix!r}")
+    if "\x00" in prefix or "\\" in prefix:
+        raise ValueError(f"blob prefix must not contain NUL or backslash: {prefix!r}")
+    return prefix
+
+
 def check_range(start: int, end: int | None) -> None:
     """Reject nonsensical ranges up front, so every backend fails the same way before any I/O.
 

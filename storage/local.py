@@ -1,0 +1,334 @@
+"""Blob store on a local directory: one file per key under a root directory.
+
+Writes land in `<root>/.tmp/` first and are fsynced and renamed into place, so neither a reader nor a crash
+ever sees a partial object. Every blocking syscall runs on the store's own thread pool, batched (whole small
+puts in one hop, 1 MiB per hop when streaming) so thread hand-offs never dominate the I/O they wrap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import stat
+import threading
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
+from itertools import islice
+from pathlib import Path
+from typing import TypeVar
+
+from .base import (
+    READ_CHUNK_SIZE,
+    BlobInfo,
+    BlobNotFoundError,
+    BlobStore,
+    check_range,
+    validate_key,
+    validate_prefix,
+)
+
+T = TypeVar("T")
+
+# Temp files live here (same filesystem as the objects, so rename is atomic); list() never descends into it.
+TMP_DIR_NAME = ".tmp"
+# Chunks from an async source are gathered up to this size before one thread hop writes them.
+WRITE_BATCH_SIZE = 1024 * 1024
+# list() walks the tree in a thread and hands back this many entries per hop.
+LIST_BATCH_SIZE = 1000
+# A concurrent delete may prune a directory between our mkdir and rename; retrying that is always safe.
+_RENAME_ATTEMPTS = 5
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a directory entry change (rename, mkdir): fsync on the file alone does not cover it."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs(directory: Path, root: Path) -> None:
+    """Create directory and any missing parents below root, fsyncing each new entry's parent."""
+    if directory.is_dir():
+        return
+    missing: list[Path] = []
+    current = directory
+    while current != root and not current.is_dir():
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # a concurrent put created it first
+            os.mkdir(path)
+        _fsync_dir(path.parent)
+
+
+def _take(iterator: Iterator[T], count: int) -> list[T]:
+    return list(islice(iterator, count))
+
+
+class _TempFile:
+    """A uniquely named file under `<root>/.tmp/` that only becomes an object through commit().
+
+    Methods run on worker threads and serialise on a lock, so discard() (called when the writer fails or is
+    cancelled) can never close the descriptor under a write still running in another thread; once discarded,
+    later operations refuse to run, so a late thread cannot recreate the file.
+    """
+
+    def __init__(self, tmp_dir: Path) -> None:
+        self.path = tmp_dir / f"{uuid.uuid4().hex}.part"
+        self.size = 0
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+        self._committed = False
+        self._discarded = False
+
+    def _ensure_open(self) -> int:
+        if self._discarded:
+            raise RuntimeError("temp file was discarded")
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        return self._fd
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        with self._lock:
+            fd = self._ensure_open()
+            remaining = memoryview(data).cast("B")
+            while remaining:
+                written = os.write(fd, remaining)
+                remaining = remaining[written:]
+                self.size += written
+
+    def commit(self, target: Path, root: Path) -> None:
+        """fsync the data, rename it to target and fsync the parent so the rename survives a crash."""
+        with self._lock:
+            fd = self._ensure_open()
+            os.fsync(fd)
+            self._fd = None
+            os.close(fd)
+            for attempt in range(_RENAME_ATTEMPTS):
+                try:
+                    _make_dirs(target.parent, root)
+                    os.rename(self.path, target)
+                    break
+                except FileNotFoundError:
+                    if attempt == _RENAME_ATTEMPTS - 1 or not self.path.exists():
+                        raise
+            self._committed = True
+            _fsync_dir(target.parent)
+
+    def discard(self) -> None:
+        with self._lock:
+            self._discarded = True
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)
+            if not self._committed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+
+
+def _open_for_read(path: Path, key: str) -> tuple[int, int]:
+    """Open a regular file and return (fd, size); directories are prefixes, not objects."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise BlobNotFoundError(key) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BlobNotFoundError(key)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
+
+def _close_result_fd(future: concurrent.futures.Future[tuple[int, int]]) -> None:
+    """Close the fd of an open whose caller went away (cancelled) before it could take ownership."""
+    if not future.cancelled() and future.exception() is None:
+        os.close(future.result()[0])
+
+
+class LocalBlobStore(BlobStore):
+    """Objects as files under root; see the module docstring for the atomicity and threading model."""
+
+    def __init__(self, root: str | os.PathLike[str], *, max_workers: int = 16) -> None:
+        self.root = Path(root).resolve()
+        self._tmp_dir = self.root / TMP_DIR_NAME
+        # Created once at startup; everything after this runs on the thread pool.
+        self._tmp_dir.mkdir(parents=True, exist_ok=True)
+        # A private pool: blob I/O can't starve the loop's default executor (DNS etc.) and vice versa.
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="blobstore-local"
+        )
+
+    def __repr__(self) -> str:
+        return f"LocalBlobStore({str(self.root)!r})"
+
+    def _submit(self, fn: Callable[..., T], *args: object) -> concurrent.futures.Future[T]:
+        return self._executor.submit(fn, *args)
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.wrap_future(self._submit(fn, *args))
+
+    def _path(self, key: str) -> Path:
+        validate_key(key)
+        if key.split("/", 1)[0] == TMP_DIR_NAME:
+            raise ValueError(f"blob keys must not start with the reserved {TMP_DIR_NAME}/ directory: {key!r}")
+        return self.root.joinpath(*key.split("/"))
+
+    # -- writing ---------------------------------------------------------------------------------------
+
+    def _put_bytes(self, data: bytes | bytearray | memoryview, target: Path) -> int:
+        """The whole small-object write in one thread hop: create, write, fsync, rename, fsync dir."""
+        tmp = _TempFile(self._tmp_dir)
+        try:
+            tmp.write(data)
+            tmp.commit(target, self.root)
+        except BaseException:
+            tmp.discard()
+            raise
+        return tmp.size
+
+    async def put(self, key: str, data: bytes | AsyncIterable[bytes]) -> int:
+        target = self._path(key)
+        if isinstance(data, bytes | bytearray | memoryview):
+            return await self._run(self._put_bytes, data, target)
+        tmp = _TempFile(self._tmp_dir)
+        try:
+            buffer = bytearray()
+            async for chunk in data:
+                buffer += chunk
+                if len(buffer) >= WRITE_BATCH_SIZE:
+                    await self._run(tmp.write, buffer)
+                    buffer = bytearray()
+            if buffer:
+                await self._run(tmp.write, buffer)
+            await self._run(tmp.commit, target, self.root)
+        except BaseException:
+            # Shielded: a second cancellation must not stop the temp file from being removed.
+            await asyncio.shield(self._run(tmp.discard))
+            raise
+        return tmp.size
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    async def stream(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        check_range(start, end)
+        path = self._path(key)
+        opening = self._submit(_open_for_read, path, key)
+        try:
+            fd, size = await asyncio.wrap_future(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_result_fd)
+            raise
+        # One read is always in flight ahead of the consumer: while it handles chunk n (e.g. sends it to a
+        # socket), a worker thread is already reading chunk n+1.
+        last: concurrent.futures.Future[bytes] | None = None
+        try:
+            stop = size if end is None else min(end, size)
+            if start < stop and hasattr(os, "posix_fadvise"):
+                with contextlib.suppress(OSError):  # only a readahead hint
+                    os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_SEQUENTIAL)
+            offsets = range(start, stop, READ_CHUNK_SIZE)
+            if offsets:
+                last = self._submit(os.pread, fd, min(READ_CHUNK_SIZE, stop - start), start)
+            for offset in offsets:
+                assert last is not None
+                wanted = min(READ_CHUNK_SIZE, stop - offset)
+                chunk = await asyncio.wrap_future(last)
+                following = offset + READ_CHUNK_SIZE
+                if len(chunk) == wanted and following < stop:
+                    last = self._submit(os.pread, fd, min(READ_CHUNK_SIZE, stop - following), following)
+                if chunk:
+                    yield chunk
+                if len(chunk) < wanted:  # the file shrank under us; objects are immutable, so just stop
+                    break
+        finally:
+            # A read still running on a worker thread owns the fd until it returns; close after it.
+            if last is not None:
+                last.add_done_callback(lambda _: os.close(fd))
+            else:
+                os.close(fd)
+
+    def _size(self, path: Path, key: str) -> int:
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise BlobNotFoundError(key) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise BlobNotFoundError(key)
+        return st.st_size
+
+    async def size(self, key: str) -> int:
+        return await self._run(self._size, self._path(key), key)
+
+    # -- deleting --------------------------------------------------------------------------------------
+
+    def _delete(self, path: Path) -> None:
+        """Unlink, then prune now-empty parent directories so deleted studies leave no husks behind.
+
+        Not fsynced: deletes are retried by their callers, so a delete lost in a crash is redone.
+        """
+        try:
+            os.unlink(path)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return
+        parent = path.parent
+        while parent != self.root:
+            try:
+                os.rmdir(parent)
+            except OSError:  # not empty (or already gone): stop pruning
+                return
+            parent = parent.parent
+
+    async def delete(self, key: str) -> None:
+        await self._run(self._delete, self._path(key))
+
+    # -- listing ---------------------------------------------------------------------------------------
+
+    def _walk(self, prefix: str) -> Iterator[BlobInfo]:
+        directory, _, name_prefix = prefix.rpartition("/")
+        start_dir = self.root.joinpath(*directory.split("/")) if directory else self.root
+        key_base = f"{directory}/" if directory else ""
+        stack: list[tuple[str, str, str]] = [(str(start_dir), key_base, name_prefix)]
+        while stack:
+            path, key_prefix, name_filter = stack.pop()
+            try:
+                with os.scandir(path) as entries_iter:
+                    entries = list(entries_iter)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                if not entry.name.startswith(name_filter):
+                    continue
+                if not key_prefix and entry.name == TMP_DIR_NAME:
+                    continue
+                key = key_prefix + entry.name
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append((entry.path, key + "/", ""))
+                    elif entry.is_file(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        yield BlobInfo(
+                            key=key, size=st.st_size, modified=datetime.fromtimestamp(st.st_mtime, UTC)
+                        )
+                except FileNotFoundError:  # deleted while we were walking
+                    continue
+
+    async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
+        validate_prefix(prefix)
+        walker = self._walk(prefix)
+        while True:
+            batch = await self._run(_take, walker, LIST_BATCH_SIZE)
+            for info in batch:
+                yield info
+            if len(batch) < LIST_BATCH_SIZE:
+                return
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._executor.shutdown, wait=True)

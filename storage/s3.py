@@ -1,0 +1,343 @@
+"""Blob store on S3 (or an S3-compatible server) through aiobotocore.
+
+Atomicity comes from S3 itself: an object appears only when its single PutObject or its
+CompleteMultipartUpload succeeds. Streams larger than one part go up as a multipart upload, a few parts in
+flight at once, and any failure aborts the upload so no invisible parts keep costing storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator
+from datetime import UTC
+from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession, get_session
+from botocore.exceptions import ClientError
+
+from .base import (
+    READ_CHUNK_SIZE,
+    BlobInfo,
+    BlobNotFoundError,
+    BlobStore,
+    check_range,
+    validate_key,
+    validate_prefix,
+)
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+# Objects up to one part go up as a single PutObject; larger ones as parts of this size. 8 MiB keeps the
+# memory per upload small while staying well above S3's 5 MiB minimum part size.
+DEFAULT_PART_SIZE = 8 * MiB
+MIN_PART_SIZE = 5 * MiB
+# Parts uploaded concurrently per put(); bounds memory per upload at about (this + 1) * part size.
+DEFAULT_PART_CONCURRENCY = 4
+DEFAULT_REGION = "us-east-1"
+
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+_NO_BUCKET_CODES = frozenset({"NoSuchBucket", "NotFound", "404"})
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _is_not_found(exc: ClientError) -> bool:
+    return _error_code(exc) in _NOT_FOUND_CODES
+
+
+async def _parts_of_bytes(data: bytes, part_size: int) -> AsyncIterator[bytes]:
+    for offset in range(0, len(data), part_size):
+        yield data[offset : offset + part_size]
+
+
+async def _parts_of_stream(
+    head: bytearray, rest: AsyncIterator[bytes], part_size: int
+) -> AsyncIterator[bytes]:
+    """Re-chunk a source into parts of exactly part_size; the last one holds the (non-empty) remainder."""
+    buffer = head
+    while True:
+        while len(buffer) > part_size:
+            yield bytes(buffer[:part_size])
+            del buffer[:part_size]
+        try:
+            chunk = await anext(rest)
+        except StopAsyncIteration:
+            break
+        buffer += chunk
+    if buffer:
+        yield bytes(buffer)
+
+
+class S3BlobStore(BlobStore):
+    """Objects under `prefix` in one bucket; one aiobotocore client, created on first use, is shared."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        part_size: int = DEFAULT_PART_SIZE,
+        part_concurrency: int = DEFAULT_PART_CONCURRENCY,
+        max_pool_connections: int = 32,
+        list_page_size: int = 1000,
+        session: AioSession | None = None,
+        client: Any = None,
+    ) -> None:
+        """client: an already-open aiobotocore S3 client to share (the caller keeps ownership and closes it;
+        endpoint/credential/pool arguments are then ignored). Otherwise one is created on first use."""
+        if not bucket:
+            raise ValueError("S3 bucket name is required")
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (the S3 minimum)")
+        prefix = prefix.strip("/")
+        if prefix:
+            validate_key(prefix)
+        self.bucket = bucket
+        self.prefix = f"{prefix}/" if prefix else ""
+        self.endpoint_url = endpoint_url
+        self.region = region or DEFAULT_REGION
+        self._access_key = access_key
+        self._secret_key = secret_key
+        self._part_size = part_size
+        self._part_concurrency = max(1, part_concurrency)
+        self._list_page_size = list_page_size
+        self._config = AioConfig(
+            # S3-compatible servers (SeaweedFS, MinIO, ...) rarely have wildcard DNS for bucket subdomains.
+            s3={"addressing_style": "path"} if endpoint_url else None,
+            retries={"mode": "standard", "max_attempts": 3},
+            max_pool_connections=max_pool_connections,
+        )
+        self._session = session or get_session()
+        self._client: Any = client
+        self._exit_stack: contextlib.AsyncExitStack | None = None
+        self._client_lock = asyncio.Lock()
+        self._closed = False
+        # Abort tasks that outlived a cancelled put(); kept referenced so they are not garbage-collected.
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return (
+            f"S3BlobStore(bucket={self.bucket!r}, prefix={self.prefix!r}, endpoint_url={self.endpoint_url!r})"
+        )
+
+    async def _get_client(self) -> Any:
+        """The shared client, created once; credentials come from the arguments or botocore's chain."""
+        if self._client is not None:
+            return self._client
+        async with self._client_lock:
+            if self._closed:
+                raise RuntimeError("S3BlobStore is closed")
+            if self._client is None:
+                stack = contextlib.AsyncExitStack()
+                self._client = await stack.enter_async_context(
+                    self._session.create_client(
+                        "s3",
+                        endpoint_url=self.endpoint_url,
+                        region_name=self.region,
+                        aws_access_key_id=self._access_key,
+                        aws_secret_access_key=self._secret_key,
+                        config=self._config,
+                    )
+                )
+                self._exit_stack = stack
+        return self._client
+
+    def _full_key(self, key: str) -> str:
+        return self.prefix + validate_key(key)
+
+    async def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (tests and the embedded setup; production pre-creates)."""
+        client = await self._get_client()
+        try:
+            await client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            if _error_code(exc) not in _NO_BUCKET_CODES:
+                raise
+        kwargs: dict[str, Any] = {}
+        if self.region != DEFAULT_REGION:
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        try:
+            await client.create_bucket(Bucket=self.bucket, **kwargs)
+        except ClientError as exc:
+            if _error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+
+    # -- writing ---------------------------------------------------------------------------------------
+
+    async def put(self, key: str, data: bytes | AsyncIterable[bytes]) -> int:
+        full_key = self._full_key(key)
+        if isinstance(data, bytes | bytearray | memoryview):
+            body = bytes(data)
+            if len(body) <= self._part_size:
+                await self._put_single(full_key, body)
+                return len(body)
+            return await self._put_multipart(full_key, _parts_of_bytes(body, self._part_size))
+        # Buffer up to one part first: most objects are small and need only a single request.
+        source = aiter(data)
+        head = bytearray()
+        async for chunk in source:
+            head += chunk
+            if len(head) > self._part_size:
+                break
+        else:
+            await self._put_single(full_key, bytes(head))
+            return len(head)
+        return await self._put_multipart(full_key, _parts_of_stream(head, source, self._part_size))
+
+    async def _put_single(self, full_key: str, body: bytes) -> None:
+        client = await self._get_client()
+        await client.put_object(Bucket=self.bucket, Key=full_key, Body=body)
+
+    async def _upload_part(
+        self, client: Any, full_key: str, upload_id: str, number: int, body: bytes
+    ) -> dict[str, Any]:
+        response = await client.upload_part(
+            Bucket=self.bucket,
+            Key=full_key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=body,
+            ChecksumAlgorithm="CRC32",
+        )
+        part: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
+        if "ChecksumCRC32" in response:
+            part["ChecksumCRC32"] = response["ChecksumCRC32"]
+        return part
+
+    async def _put_multipart(self, full_key: str, parts: AsyncIterator[bytes]) -> int:
+        client = await self._get_client()
+        # CRC32 declared up front: current botocore checksums every part by default, and S3 then insists the
+        # upload was created with the same algorithm and that Complete lists each part's checksum.
+        created = await client.create_multipart_upload(
+            Bucket=self.bucket, Key=full_key, ChecksumAlgorithm="CRC32"
+        )
+        upload_id: str = created["UploadId"]
+        in_flight: deque[asyncio.Task[dict[str, Any]]] = deque()
+        finished: list[dict[str, Any]] = []
+        total = 0
+        try:
+            number = 0
+            async for body in parts:
+                number += 1
+                total += len(body)
+                if len(in_flight) >= self._part_concurrency:
+                    finished.append(await in_flight.popleft())
+                in_flight.append(
+                    asyncio.create_task(self._upload_part(client, full_key, upload_id, number, body))
+                )
+            while in_flight:
+                finished.append(await in_flight.popleft())
+            await client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=full_key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": finished},
+            )
+        except BaseException:
+            cleanup = asyncio.create_task(self._abort(client, full_key, upload_id, list(in_flight)))
+            self._cleanups.add(cleanup)
+            cleanup.add_done_callback(self._cleanups.discard)
+            # Shielded: if we are cancelled again while aborting, the abort still runs to completion.
+            await asyncio.shield(cleanup)
+            raise
+        return total
+
+    async def _abort(
+        self, client: Any, full_key: str, upload_id: str, tasks: list[asyncio.Task[dict[str, Any]]]
+    ) -> None:
+        """Stop part uploads still running, then abort so the server drops every stored part."""
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await client.abort_multipart_upload(Bucket=self.bucket, Key=full_key, UploadId=upload_id)
+        except Exception:  # the original failure matters more; a lifecycle rule reaps what is left
+            log.warning("could not abort multipart upload %s of %s", upload_id, full_key, exc_info=True)
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    async def stream(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        check_range(start, end)
+        full_key = self._full_key(key)
+        if end is not None and end == start:
+            await self.size(key)  # nothing to read, but a missing key must still raise
+            return
+        client = await self._get_client()
+        kwargs: dict[str, Any] = {}
+        if start or end is not None:
+            kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        try:
+            response = await client.get_object(Bucket=self.bucket, Key=full_key, **kwargs)
+        except ClientError as exc:
+            if _is_not_found(exc):
+                raise BlobNotFoundError(key) from None
+            if _error_code(exc) == "InvalidRange":  # start at or past the end: the clamped range is empty
+                return
+            raise
+        body = response["Body"]
+        try:
+            while chunk := await body.read(READ_CHUNK_SIZE):
+                yield chunk
+        finally:
+            # Releases the connection (or drops it, if the reader stopped early and bytes are still unread).
+            body.close()
+
+    async def size(self, key: str) -> int:
+        full_key = self._full_key(key)
+        client = await self._get_client()
+        try:
+            response = await client.head_object(Bucket=self.bucket, Key=full_key)
+        except ClientError as exc:
+            if _is_not_found(exc):
+                raise BlobNotFoundError(key) from None
+            raise
+        return int(response["ContentLength"])
+
+    async def delete(self, key: str) -> None:
+        full_key = self._full_key(key)
+        client = await self._get_client()
+        try:
+            await client.delete_object(Bucket=self.bucket, Key=full_key)
+        except ClientError as exc:
+            if not _is_not_found(exc):
+                raise
+
+    async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
+        validate_prefix(prefix)
+        client = await self._get_client()
+        paginator = client.get_paginator("list_objects_v2")
+        strip = len(self.prefix)
+        pages = paginator.paginate(
+            Bucket=self.bucket,
+            Prefix=self.prefix + prefix,
+            PaginationConfig={"PageSize": self._list_page_size},
+        )
+        async for page in pages:
+            for item in page.get("Contents", ()):
+                yield BlobInfo(
+                    key=item["Key"][strip:],
+                    size=int(item["Size"]),
+                    modified=item["LastModified"].astimezone(UTC),
+                )
+
+    async def close(self) -> None:
+        async with self._client_lock:
+            self._closed = True
+            if self._cleanups:
+                await asyncio.gather(*self._cleanups, return_exceptions=True)
+            self._client = None
+            if self._exit_stack is not None:
+                stack, self._exit_stack = self._exit_stack, None
+                await stack.aclose()
