@@ -26,6 +26,9 @@ from storage.base import BlobStore
 
 # Instances indexed per transaction: amortises commit cost without holding study rows locked for long.
 INDEX_BATCH = 32
+# Parts of one request in flight at once (parse in a thread, storage I/O): overlaps waiting on storage and
+# the database, and bounds memory to this many parts (larger ones are spooled to disk by the reader).
+IN_FLIGHT = 8
 _HASH_CHUNK = 1 << 20
 
 
@@ -86,9 +89,11 @@ def _prepare(fp: BinaryIO) -> _Prepared:
 
 def storage_key(partition_key: int, parsed: ParsedInstance) -> str:
     """A key unique to this upload of the instance (UIDs are validated, so they are safe path segments)."""
+    # One directory per series, not per instance: on the local store every new directory costs a mkdir
+    # and an fsync of its parent.
     return (
         f"p{partition_key}/{parsed.study_instance_uid}/{parsed.series_instance_uid}/"
-        f"{parsed.sop_instance_uid}/{uuid.uuid4().hex}.dcm"
+        f"{parsed.sop_instance_uid}.{uuid.uuid4().hex[:16]}.dcm"
     )
 
 
@@ -113,12 +118,42 @@ class Ingestor:
         self._partition_key = partition_key
         self._expected_study = expected_study
         self._pending: list[tuple[StoreOutcome, InstanceRecord]] = []
+        self._slots = asyncio.Semaphore(IN_FLIGHT)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._flush_lock = asyncio.Lock()
         self.outcomes: list[StoreOutcome] = []
 
     async def add(self, fp: BinaryIO) -> None:
-        """Take one uploaded object (a seekable file) through parse, validation and storage."""
+        """Accept one uploaded object (a seekable file, closed by the ingestor when done with it).
+
+        Returns once it is being processed; waits while IN_FLIGHT parts are, which pushes back on the
+        request body. Outcomes keep the order in which parts were added.
+        """
         outcome = StoreOutcome()
         self.outcomes.append(outcome)
+        await self._slots.acquire()
+        task = asyncio.create_task(self._process(fp, outcome))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def finish(self) -> list[StoreOutcome]:
+        """Wait for every part, index what remains; the outcomes, one per part."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks))
+        await self.flush()
+        return self.outcomes
+
+    async def _process(self, fp: BinaryIO, outcome: StoreOutcome) -> None:
+        try:
+            await self._store_one(fp, outcome)
+        except Exception as exc:  # a bug or an unexpected fault fails this part, never the request
+            outcome.failure = FailureReason.PROCESSING_FAILURE
+            outcome.message = f"processing failed: {exc.__class__.__name__}: {exc}"
+        finally:
+            fp.close()
+            self._slots.release()
+
+    async def _store_one(self, fp: BinaryIO, outcome: StoreOutcome) -> None:
         try:
             prepared = await asyncio.to_thread(_prepare, fp)
         except InvalidInstanceError as exc:
@@ -136,13 +171,7 @@ class Ingestor:
                 "in the request URL"
             )
             return
-        if await self._pool.fetchval(
-            "SELECT 1 FROM instance WHERE partition_key = $1 AND sop_instance_uid = $2",
-            self._partition_key,
-            parsed.sop_instance_uid,
-        ):
-            outcome.failure, outcome.message = FailureReason.ALREADY_STORED, "the instance is already stored"
-            return
+        # Duplicates (45070) are found when indexing the batch; their new copy is deleted again then.
         key = storage_key(self._partition_key, parsed)
         try:
             if prepared.data is None:
@@ -173,6 +202,10 @@ class Ingestor:
 
     async def flush(self) -> None:
         """Index what is stored but not yet indexed; remove the objects of instances that were refused."""
+        async with self._flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         if not self._pending:
             return
         batch, self._pending = self._pending, []

@@ -164,3 +164,19 @@ def multipart_body(files: list[bytes], boundary: str = "dicomweb-test-boundary")
         chunks.append(b"\r\n")
     chunks.append(f"--{boundary}--\r\n".encode())
     return b"".join(chunks), f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+_SOP_PLACEHOLDER = ROOT + "9.1000000000000"
+
+
+def instance_variants(spec: StudySpec, series_index: int, count: int, *, start: int = 0) -> list[bytes]:
+    """`count` distinct instances of one series, fast: one encoded template whose SOP Instance UID (a
+    fixed-length placeholder) is overwritten in place, so no re-encoding happens per instance."""
+    template = to_bytes(make_instance(spec, series_index, 1, sop_uid=_SOP_PLACEHOLDER))
+    placeholder = _SOP_PLACEHOLDER.encode()
+    assert template.count(placeholder) == 2  # file meta and dataset
+    out = []
+    for n in range(start, start + count):
+        value = f"{ROOT}9.1{n:012d}".encode()
+        out.append(template.replace(placeholder, value))
+    return out

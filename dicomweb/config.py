@@ -20,6 +20,8 @@ class Settings:
     storage_url: str | None = None
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
+    # scheme://host[:port] that clients reach this archive at, when a proxy rewrites it (URLs in responses)
+    public_url: str | None = None
     workers: int = 1
     db_pool_size: int = 20
     qido_default_limit: int = 100

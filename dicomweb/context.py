@@ -46,10 +46,30 @@ async def partition_key(request: Request, *, create: bool = False) -> int:
 
 
 def service_root(request: Request) -> str:
-    """The DICOMweb root this request came in under (e.g. http://host:8080/v2/partitions/x)."""
+    """The DICOMweb root this request came in under (e.g. http://host:8080/v2/partitions/x).
+
+    URLs in responses (RetrieveURL, BulkDataURI) start with it. DICOMWEB_PUBLIC_URL fixes the scheme and
+    host part when a proxy in front rewrites them. Otherwise it comes from the request; a Host header
+    without a port (dicomweb-client sends one) gets the port the server listens on when no proxy is
+    involved, so the URLs handed out resolve.
+    """
     # the mounted service root is in root_path (base_url holds only the app's own root path)
     root_path = request.scope.get("root_path", "")
-    return str(request.url.replace(path=root_path, query="", fragment="")).rstrip("/")
+    public = context(request).settings.public_url
+    if public:
+        return public.rstrip("/") + root_path
+    url = request.url
+    server = request.scope.get("server")
+    host_header = request.headers.get("host", "")
+    if (
+        server
+        and ":" not in host_header.rsplit("]", 1)[-1]
+        and "x-forwarded-host" not in request.headers
+        and "forwarded" not in request.headers
+        and server[1] not in (80, 443)
+    ):
+        url = url.replace(port=server[1])
+    return str(url.replace(path=root_path, query="", fragment="")).rstrip("/")
 
 
 def uid_param(request: Request, name: str) -> str:

@@ -195,12 +195,17 @@ async def test_metadata_bulkdata_and_range(client: httpx.AsyncClient) -> None:
         for d in (pydicom.dcmread(io.BytesIO(f)) for f in files)
         if d.SOPInstanceUID == metadata[0]["00080018"]["Value"][0]
     )
-    bulk = await client.get(pixel["BulkDataURI"])
+    octets = {"Accept": "application/octet-stream"}
+    bulk = await client.get(pixel["BulkDataURI"], headers=octets)
     assert bulk.status_code == 200 and bulk.content == ds.PixelData
-    ranged = await client.get(pixel["BulkDataURI"], headers={"Range": "bytes=100-199"})
+    # the default is multipart (PS3.18 8.7.3.3.2)
+    multipart = await client.get(pixel["BulkDataURI"])
+    assert multipart.headers["content-type"].startswith('multipart/related; type="application/octet-stream"')
+    assert [body for _, body in await parts_of(multipart)] == [ds.PixelData]
+    ranged = await client.get(pixel["BulkDataURI"], headers={"Range": "bytes=100-199", **octets})
     assert ranged.status_code == 206 and ranged.content == ds.PixelData[100:200]
     assert ranged.headers["content-range"] == f"bytes 100-199/{len(ds.PixelData)}"
-    bad = await client.get(pixel["BulkDataURI"], headers={"Range": f"bytes={len(ds.PixelData)}-"})
+    bad = await client.get(pixel["BulkDataURI"], headers={"Range": f"bytes={len(ds.PixelData)}-", **octets})
     assert bad.status_code == 416
     # study metadata holds all four
     response = await client.get(f"/studies/{spec.study_uid}/metadata")

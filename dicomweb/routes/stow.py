@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import AsyncIterator
 
 import orjson
@@ -12,7 +11,7 @@ from starlette.responses import Response
 from archive.ingest import FailureReason, Ingestor, StoreOutcome
 from dicomweb.context import context, partition_key, service_root, uid_param
 from dicomweb.errors import HTTPProblem
-from dicomweb.multipart import MultipartError, PartTooLargeError, iter_parts
+from dicomweb.multipart import MultipartError, PartTooLargeError, SpooledBody, iter_parts
 from dicomweb.negotiation import NegotiationError, UnsupportedMediaTypeError, parse_stow_content_type
 
 DICOM_JSON = "application/dicom+json"
@@ -29,6 +28,7 @@ async def store_instances(request: Request) -> Response:
     ctx = context(request)
     ingestor = Ingestor(ctx.pool, ctx.store, await partition_key(request, create=True), expected_study=study)
     body_error: str | None = None
+    too_large = False
     try:
         if kind.boundary is None:
             await _store_single(request, ingestor, ctx.settings.max_instance_size)
@@ -36,25 +36,26 @@ async def store_instances(request: Request) -> Response:
             async for part, body in iter_parts(
                 request.stream(), kind.boundary, max_part_size=ctx.settings.max_instance_size
             ):
-                with body:
-                    part_type = (part.content_type or kind.part_type).split(";", 1)[0].strip().lower()
-                    if part_type != "application/dicom":
-                        ingestor.outcomes.append(
-                            StoreOutcome(
-                                failure=FailureReason.INVALID_INSTANCE,
-                                message=f"part {part.index} has unsupported Content-Type {part_type!r}",
-                            )
+                part_type = (part.content_type or kind.part_type).split(";", 1)[0].strip().lower()
+                if part_type != "application/dicom":
+                    body.close()
+                    ingestor.outcomes.append(
+                        StoreOutcome(
+                            failure=FailureReason.INVALID_INSTANCE,
+                            message=f"part {part.index} has unsupported Content-Type {part_type!r}",
                         )
-                        continue
-                    await ingestor.add(body)
+                    )
+                    continue
+                await ingestor.add(body)  # the ingestor closes the body
     except PartTooLargeError as exc:
-        await ingestor.flush()
-        raise HTTPProblem(413, str(exc)) from exc
+        body_error, too_large = str(exc), True
     except MultipartError as exc:
         body_error = f"malformed multipart body: {exc}"
     finally:
-        await ingestor.flush()
-    outcomes = ingestor.outcomes
+        # whatever happened to the body, what was stored gets indexed (or its objects removed)
+        outcomes = await ingestor.finish()
+    if too_large:
+        raise HTTPProblem(413, body_error or "an instance is too large")
     if body_error is not None:
         if not any(o.failure is None for o in outcomes):
             raise HTTPProblem(400, body_error)
@@ -66,16 +67,19 @@ async def store_instances(request: Request) -> Response:
 
 async def _store_single(request: Request, ingestor: Ingestor, limit: int) -> None:
     """A single-part application/dicom body: spool it (bounded memory), then store it."""
-    with tempfile.SpooledTemporaryFile(max_size=1 << 20) as spool:
-        size = 0
+    spool = SpooledBody()
+    try:
         async for chunk in _chunks(request):
-            size += len(chunk)
-            if size > limit:
+            if spool.size + len(chunk) > limit:
                 raise HTTPProblem(413, f"the instance exceeds the maximum size of {limit} bytes")
             spool.write(chunk)
-        if size == 0:
+        if spool.size == 0:
             raise HTTPProblem(400, "the request body is empty")
-        await ingestor.add(spool)  # type: ignore[arg-type]
+    except BaseException:
+        spool.close()
+        raise
+    spool.rewind()
+    await ingestor.add(spool)  # the ingestor closes it
 
 
 async def _chunks(request: Request) -> AsyncIterator[bytes]:

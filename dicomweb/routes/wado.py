@@ -24,6 +24,11 @@ _MULTIPART_DICOM = Offer(
 )
 _SINGLE_DICOM = Offer("application/dicom", transfer_syntaxes=(ANY_TRANSFER_SYNTAX,))
 _METADATA_OFFERS = (Offer(DICOM_JSON), Offer("application/json"))
+# PS3.18 8.7.3.3.2: bulk data defaults to multipart; single part is what browsers and Range requests want
+_BULK_OFFERS = (
+    Offer("multipart/related", part_type="application/octet-stream"),
+    Offer("application/octet-stream"),
+)
 
 
 def _scope(request: Request) -> tuple[str, str | None, str | None]:
@@ -161,6 +166,18 @@ async def bulkdata(request: Request) -> Response:
             406,
             f"bulk data {path!r} is encapsulated or nested and cannot be served as application/octet-stream "
             "yet; retrieve the instance",
+        )
+    offer, _ = _select(request, _BULK_OFFERS)
+    if offer.media_type == "multipart/related":
+        boundary = new_boundary()
+
+        async def one_part() -> AsyncIterator[tuple[dict[str, str], AsyncIterator[bytes]]]:
+            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length)}
+            yield headers, ctx.store.stream(instance.storage_key, offset, offset + length)
+
+        return StreamingResponse(
+            write_multipart(one_part(), boundary),
+            media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}',
         )
     start, end = 0, length
     status = 200

@@ -1,0 +1,60 @@
+"""Helpers for benchmark scripts: an embedded archive to measure, percentiles, result printing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def embedded_archive(workers: int = 2, data_dir: Path | None = None) -> Iterator[str]:
+    """Run `dicomweb serve` on its embedded default in a scratch directory; yields the /v2 service root."""
+    port = free_port()
+    with contextlib.ExitStack() as stack:
+        if data_dir is None:
+            data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dicomweb-bench-")))
+        cmd = [
+            sys.executable, "-m", "dicomweb.cli", "serve", "--port", str(port),
+            "--data-dir", str(data_dir), "--workers", str(workers), "--log-level", "warning",
+        ]  # fmt: skip
+        proc = subprocess.Popen(cmd, start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the archive did not start")
+                time.sleep(0.2)
+            yield f"{url}/v2"
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[index]
