@@ -23,8 +23,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def embedded_archive(workers: int = 2, data_dir: Path | None = None) -> Iterator[str]:
-    """Run `dicomweb serve` on its embedded default in a scratch directory; yields the /v2 service root."""
+def embedded_archive(
+    workers: int = 2, data_dir: Path | None = None, database_url: str | None = None
+) -> Iterator[str]:
+    """Run `dicomweb serve` (embedded default unless database_url) in a scratch directory; yields /v2 root."""
     port = free_port()
     with contextlib.ExitStack() as stack:
         if data_dir is None:
@@ -33,6 +35,8 @@ def embedded_archive(workers: int = 2, data_dir: Path | None = None) -> Iterator
             sys.executable, "-m", "dicomweb.cli", "serve", "--port", str(port),
             "--data-dir", str(data_dir), "--workers", str(workers), "--log-level", "warning",
         ]  # fmt: skip
+        if database_url:
+            cmd += ["--database-url", database_url]
         proc = subprocess.Popen(cmd, start_new_session=True)
         try:
             url = f"http://127.0.0.1:{port}"

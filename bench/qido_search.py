@@ -1,0 +1,209 @@
+"""QIDO-RS latency at scale: load N studies (10 instances each) into an index, then time typical searches.
+
+    python -m bench.qido_search load --data-dir bench/out/qido --studies 100000
+    python -m bench.qido_search measure --data-dir bench/out/qido [--rounds 200]
+
+`load` writes the index directly through indexer.writes (the same code STOW uses, minus object storage), so
+that a million instances load in minutes; `measure` starts `dicomweb serve` on that data directory and times
+each query over HTTP (keep-alive, one client), printing p50/p95/max per query shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import hashlib
+import random
+import time
+from pathlib import Path
+
+import asyncpg
+import httpx
+import orjson
+
+from bench.common import embedded_archive, percentile
+from bench.synthetic import DESCRIPTIONS, FAMILY, GIVEN, make_instance, make_study, to_bytes, uid
+from dicomcore.parse import parse_instance
+from indexer.embedded import EmbeddedPostgres
+from indexer.migrate import migrate
+from indexer.writes import InstanceRecord, index_instances
+
+INSTANCES_PER_STUDY = 10
+SEED = 2024
+
+
+def _set(attrs: dict, key: str, vr: str, value: object) -> None:
+    attrs[key] = {"vr": vr, "Value": [value]}
+
+
+def study_records(rng: random.Random, template: dict, study_index: int) -> list[InstanceRecord]:
+    """One study of two series (CT + one other modality), INSTANCES_PER_STUDY instances."""
+    spec = make_study(rng, series_count=2)
+    records = []
+    for n in range(INSTANCES_PER_STUDY):
+        series_uid, modality, series_number = spec.series[n % 2]
+        attrs = copy.copy(template)
+        sop = f"{uid(rng)}.{n}"
+        _set(attrs, "00100010", "PN", {"Alphabetic": spec.patient_name})
+        _set(attrs, "00100020", "LO", spec.patient_id)
+        _set(attrs, "00100030", "DA", spec.birth_date)
+        _set(attrs, "00100040", "CS", spec.sex)
+        _set(attrs, "00080020", "DA", spec.study_date)
+        _set(attrs, "00080030", "TM", spec.study_time)
+        _set(attrs, "00080050", "SH", spec.accession)
+        _set(attrs, "00080090", "PN", {"Alphabetic": spec.referring})
+        _set(attrs, "00081030", "LO", spec.description)
+        _set(attrs, "00080060", "CS", modality)
+        _set(attrs, "0020000D", "UI", spec.study_uid)
+        _set(attrs, "0020000E", "UI", series_uid)
+        _set(attrs, "00080018", "UI", sop)
+        _set(attrs, "00200011", "IS", series_number)
+        _set(attrs, "00200013", "IS", n + 1)
+        metadata = orjson.dumps(attrs)
+        records.append(
+            InstanceRecord(
+                study_instance_uid=spec.study_uid,
+                series_instance_uid=series_uid,
+                sop_instance_uid=sop,
+                sop_class_uid=attrs["00080016"]["Value"][0],
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                attrs=attrs,
+                storage_key=f"bench/{study_index}/{sop}.dcm",
+                size=34_000,
+                sha256=hashlib.sha256(sop.encode()).digest(),
+                metadata=metadata,
+            )
+        )
+    return records
+
+
+async def load(dsn: str, studies: int, concurrency: int = 4) -> None:
+    rng = random.Random(SEED)
+    template_spec = make_study(rng, series_count=1)
+    template = parse_instance(to_bytes(make_instance(template_spec, 0, 1))).attrs
+    pool = await asyncpg.create_pool(dsn, min_size=concurrency, max_size=concurrency)
+    async with pool.acquire() as conn:
+        await migrate(conn)
+        existing = await conn.fetchval("SELECT count(*) FROM study")
+    queue: asyncio.Queue[list[InstanceRecord] | None] = asyncio.Queue(maxsize=concurrency * 2)
+    start = time.perf_counter()
+    done = 0
+
+    async def writer() -> None:
+        nonlocal done
+        while (batch := await queue.get()) is not None:
+            async with pool.acquire() as conn, conn.transaction():
+                await index_instances(conn, 1, batch)
+            done += len(batch)
+            if done % 50_000 < len(batch):
+                rate = done / (time.perf_counter() - start)
+                print(f"  {done} instances ({rate:.0f}/s)", flush=True)
+
+    writers = [asyncio.create_task(writer()) for _ in range(concurrency)]
+    batch: list[InstanceRecord] = []
+    for i in range(existing, studies):
+        batch.extend(study_records(rng, template, i))
+        if len(batch) >= 100:
+            await queue.put(batch)
+            batch = []
+    if batch:
+        await queue.put(batch)
+    for _ in writers:
+        await queue.put(None)
+    await asyncio.gather(*writers)
+    async with pool.acquire() as conn:
+        await conn.execute("VACUUM ANALYZE")
+        counts = await conn.fetchrow(
+            "SELECT (SELECT count(*) FROM study) s, (SELECT count(*) FROM series) se, "
+            "(SELECT count(*) FROM instance) i"
+        )
+    await pool.close()
+    elapsed = time.perf_counter() - start
+    print(
+        f"index holds {counts['s']} studies, {counts['se']} series, {counts['i']} instances ({elapsed:.0f} s)"
+    )
+
+
+def queries(rng: random.Random, sample: list[dict]) -> dict[str, str]:
+    """One concrete URL (relative to the service root) per query shape."""
+    row = rng.choice(sample)
+    year = rng.randint(2000, 2025)
+    month = rng.randint(1, 12)
+    return {
+        "PatientID exact": f"/studies?PatientID={row['patient_id']}",
+        "AccessionNumber exact": f"/studies?AccessionNumber={row['accession_number']}",
+        "StudyInstanceUID": f"/studies?StudyInstanceUID={row['study_instance_uid']}",
+        "PatientName prefix*": f"/studies?PatientName={rng.choice(FAMILY)[:3]}*&limit=100",
+        "PatientName fuzzy": (
+            f"/studies?PatientName={rng.choice(GIVEN)[:3].lower()}&fuzzymatching=true&limit=100"
+        ),
+        "StudyDate month range": f"/studies?StudyDate={year}{month:02d}01-{year}{month:02d}28&limit=100",
+        "ModalitiesInStudy + date": (
+            f"/studies?ModalitiesInStudy=MR&StudyDate={year}0101-{year}1231&limit=100"
+        ),
+        "StudyDescription* + date": (
+            f"/studies?StudyDescription={rng.choice(DESCRIPTIONS)[:4]}*&StudyDate={year}0101-&limit=50"
+        ),
+        "list page (offset 5000)": "/studies?limit=100&offset=5000",
+        "includefield=all by PatientID": f"/studies?PatientID={row['patient_id']}&includefield=all",
+        "series of a study": f"/studies/{row['study_instance_uid']}/series",
+        "instances of a study": f"/studies/{row['study_instance_uid']}/instances",
+    }
+
+
+async def measure(url: str, dsn: str, rounds: int) -> None:
+    conn = await asyncpg.connect(dsn)
+    sample = [
+        dict(r)
+        for r in await conn.fetch(
+            """SELECT patient_id, accession_number, study_instance_uid
+               FROM study TABLESAMPLE SYSTEM (1) LIMIT 2000"""
+        )
+    ]
+    await conn.close()
+    rng = random.Random(1)
+    timings: dict[str, list[float]] = {}
+    sizes: dict[str, int] = {}
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        for _ in range(5):  # warm-up: connections, plans, caches
+            for path in queries(rng, sample).values():
+                (await client.get(path)).raise_for_status()
+        for _ in range(rounds):
+            for name, path in queries(rng, sample).items():
+                t = time.perf_counter()
+                response = await client.get(path)
+                timings.setdefault(name, []).append((time.perf_counter() - t) * 1000)
+                response.raise_for_status()
+                sizes[name] = max(sizes.get(name, 0), len(response.json()))
+    print(f"{'query':34} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'max rows':>9}")
+    for name, values in timings.items():
+        print(
+            f"{name:34} {percentile(values, 50):8.1f} {percentile(values, 95):8.1f} "
+            f"{max(values):8.1f} {sizes[name]:9d}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("command", choices=["load", "measure"])
+    parser.add_argument("--data-dir", type=Path, default=Path("bench/out/qido"))
+    parser.add_argument("--studies", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=200)
+    args = parser.parse_args()
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    if args.command == "load":
+        with EmbeddedPostgres(args.data_dir.resolve() / "postgres") as pg:
+            asyncio.run(load(pg.dsn, args.studies))
+    else:
+        with (
+            EmbeddedPostgres(args.data_dir.resolve() / "postgres") as pg,
+            embedded_archive(workers=1, data_dir=args.data_dir.resolve(), database_url=pg.dsn) as url,
+        ):
+            asyncio.run(measure(url, pg.dsn, args.rounds))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""`dicomweb serve` on its embedded default, as a user runs it: a second start finds what was stored."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import httpx
+
+from bench.common import embedded_archive
+from bench.synthetic import instance_variants, make_study, multipart_body
+
+
+def test_embedded_default_keeps_data_across_restarts(tmp_path: Path) -> None:
+    spec = make_study(random.Random(11), series_count=1)
+    files = instance_variants(spec, 0, 3)
+    body, content_type = multipart_body(files)
+    data_dir = tmp_path / "data"
+    with embedded_archive(workers=1, data_dir=data_dir) as url:
+        r = httpx.post(f"{url}/studies", content=body, headers={"Content-Type": content_type}, timeout=60)
+        assert r.status_code == 200, r.text
+    assert (data_dir / "postgres").is_dir() and (data_dir / "blobs").is_dir()
+    with embedded_archive(workers=2, data_dir=data_dir) as url:
+        found = httpx.get(f"{url}/studies", params={"StudyInstanceUID": spec.study_uid}, timeout=60).json()
+        assert [s["00201208"]["Value"] for s in found] == [[3]]
+        accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+        r = httpx.get(f"{url}/studies/{spec.study_uid}", headers=accept, timeout=60)
+        assert r.status_code == 200
+        for data in files:
+            assert data in r.content
