@@ -28,7 +28,7 @@ from storage.base import BlobStore
 INDEX_BATCH = 32
 # Parts of one request in flight at once (parse in a thread, storage I/O): overlaps waiting on storage and
 # the database, and bounds memory to this many parts (larger ones are spooled to disk by the reader).
-IN_FLIGHT = 8
+IN_FLIGHT = 16
 _HASH_CHUNK = 1 << 20
 
 
