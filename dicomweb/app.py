@@ -58,7 +58,8 @@ def create_app(
     store: BlobStore | None = None,
     run_maintenance: bool = True,
 ) -> Starlette:
-    """An app bound to one database and blob store; opened and closed by its lifespan."""
+    """An app bound to one database and blob store; opened and closed by its lifespan (which also closes
+    a `store` handed in)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -82,8 +83,7 @@ def create_app(
             finally:
                 await maintenance.stop()
         finally:
-            if store is None:
-                await blob_store.close()
+            await blob_store.close()  # a store handed in is the app's from then on
             await pool.close()
 
     routes: list[BaseRoute] = [
