@@ -1,0 +1,87 @@
+"""Run Debian's Orthanc with its DICOMweb plugin on loopback, as a peer for the same benchmarks.
+
+    python -m bench.orthanc_peer stow [--instances 4000 --batch 50 --clients 4]
+
+Needs `apt-get install orthanc orthanc-dicomweb`. Orthanc gets a private config: 127.0.0.1 only, no
+authentication, its own storage directory, the DICOMweb root at /dicom-web.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from bench.common import free_port
+from bench.stow_ingest import run as stow_run
+
+PLUGINS = Path("/usr/share/orthanc/plugins")
+
+
+@contextlib.contextmanager
+def orthanc() -> Iterator[str]:
+    binary = shutil.which("Orthanc")
+    if binary is None:
+        raise SystemExit("Orthanc is not installed: apt-get install orthanc orthanc-dicomweb")
+    with tempfile.TemporaryDirectory(prefix="orthanc-bench-") as tmp:
+        port = free_port()
+        config = {
+            "Name": "bench",
+            "StorageDirectory": f"{tmp}/storage",
+            "IndexDirectory": f"{tmp}/index",
+            "HttpPort": port,
+            "DicomPort": free_port(),
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "HttpServerEnabled": True,
+            "DicomServerEnabled": False,
+            "Plugins": [str(PLUGINS / "libOrthancDicomWeb.so")],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "ConcurrentJobs": 2,
+            "HttpThreadsCount": 50,
+        }
+        (Path(tmp) / "orthanc.json").write_text(json.dumps(config))
+        log = open(Path(tmp) / "orthanc.log", "wb")
+        proc = subprocess.Popen([binary, str(Path(tmp) / "orthanc.json")], stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/system", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((Path(tmp) / "orthanc.log").read_text()[-3000:])
+                time.sleep(0.2)
+            yield f"http://127.0.0.1:{port}/dicom-web"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+            log.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("command", choices=["stow"])
+    parser.add_argument("--instances", type=int, default=4000)
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--clients", type=int, default=4)
+    args = parser.parse_args()
+    with orthanc() as url:
+        asyncio.run(stow_run(url, args.instances, args.batch, args.clients))
+
+
+if __name__ == "__main__":
+    main()
