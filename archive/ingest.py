@@ -176,9 +176,9 @@ class Ingestor:
         try:
             if prepared.data is None:
                 fp.seek(0)
-                await self._store.put(key, _object_chunks(fp))
+                await self._store.put(key, _object_chunks(fp), durable=False)
             else:
-                await self._store.put(key, prepared.data)
+                await self._store.put(key, prepared.data, durable=False)
         except Exception as exc:  # storage failures are per instance: the others may still succeed
             outcome.failure = FailureReason.PROCESSING_FAILURE
             outcome.message = f"could not store the object: {exc.__class__.__name__}"
@@ -211,6 +211,8 @@ class Ingestor:
         batch, self._pending = self._pending, []
         records = [record for _, record in batch]
         try:
+            # Objects were written without a flush each; one flush for the batch, before any row commits.
+            await self._store.make_durable([r.storage_key for r in records])
             async with self._pool.acquire() as conn, conn.transaction():
                 results = await index_instances(conn, self._partition_key, records)
         except Exception as exc:

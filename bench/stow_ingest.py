@@ -34,7 +34,8 @@ async def run(url: str, instances: int, batch: int, clients: int) -> None:
     latencies: list[float] = []
 
     async def worker() -> None:
-        async with httpx.AsyncClient(timeout=300) as client:
+        # a connection per request: keep-alive would pin each client to one server process
+        async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_keepalive_connections=0)) as client:
             while not queue.empty():
                 body, content_type = queue.get_nowait()
                 t = time.perf_counter()

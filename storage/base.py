@@ -76,12 +76,18 @@ class BlobStore(abc.ABC):
     """Async object store. Implementations must be safe to share between concurrent tasks."""
 
     @abc.abstractmethod
-    async def put(self, key: str, data: bytes | AsyncIterable[bytes]) -> int:
+    async def put(self, key: str, data: bytes | AsyncIterable[bytes], *, durable: bool = True) -> int:
         """Store an object atomically under key and return its size in bytes.
 
         Readers never see a partial object: either the old state (absent) or the whole new object.
-        A failure while consuming `data` leaves nothing behind under `key`.
+        A failure while consuming `data` leaves nothing behind under `key`. With durable=False the
+        object may not survive a crash until make_durable() covers it: batch writers call that once for
+        many objects instead of paying one flush per object.
         """
+
+    async def make_durable(self, keys: list[str]) -> None:  # noqa: B027 - stores durable on put need nothing
+        """Make objects written with durable=False survive a crash; the default is for stores whose puts are
+        always durable (S3)."""
 
     @abc.abstractmethod
     def stream(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:

@@ -176,7 +176,7 @@ class S3BlobStore(BlobStore):
 
     # -- writing ---------------------------------------------------------------------------------------
 
-    async def put(self, key: str, data: bytes | AsyncIterable[bytes]) -> int:
+    async def put(self, key: str, data: bytes | AsyncIterable[bytes], *, durable: bool = True) -> int:
         full_key = self._full_key(key)
         if isinstance(data, bytes | bytearray | memoryview):
             body = bytes(data)
