@@ -484,3 +484,14 @@ async def test_open_store_s3_uses_environment_credentials(
         assert [info.key async for info in store.list()] == ["k"]
     finally:
         await store.close()
+
+
+async def test_deferred_durability_round_trip(blob_store: BlobStore) -> None:
+    """Objects written with durable=False read back whole at once and stay after make_durable()."""
+    payloads = {f"batch/obj-{i}.dcm": os.urandom(1000 + i) for i in range(5)}
+    for key, data in payloads.items():
+        assert await blob_store.put(key, data, durable=False) == len(data)
+    await blob_store.make_durable(list(payloads))
+    for key, data in payloads.items():
+        assert await blob_store.read(key) == data
+    assert sorted([b.key async for b in blob_store.list("batch/")]) == sorted(payloads)
