@@ -271,3 +271,19 @@ async def test_partitions(client: httpx.AsyncClient, archive: RunningArchive) ->
     async with httpx.AsyncClient(base_url=f"{archive.base}/v1/partitions/nope", timeout=30) as missing:
         assert (await missing.get(f"/studies/{spec.study_uid}/metadata")).status_code == 404
     assert orjson.loads((await client.get(f"{archive.base}/health/ready")).content)["status"] == "ready"
+
+
+async def test_qido_paging_warns_of_more_results(client: httpx.AsyncClient) -> None:
+    spec, files = study_files(10, count=3)
+    assert (await stow(client, files)).status_code == 200
+    first = await client.get(f"/studies/{spec.study_uid}/instances", params={"limit": 2})
+    assert first.status_code == 200 and len(first.json()) == 2
+    assert "additional results" in first.headers["warning"]
+    rest = await client.get(f"/studies/{spec.study_uid}/instances", params={"limit": 2, "offset": 2})
+    assert len(rest.json()) == 1 and "warning" not in rest.headers
+    all_sops = {i["00080018"]["Value"][0] for i in first.json() + rest.json()}
+    assert len(all_sops) == 3
+    bad = await client.get("/studies", params={"limit": "-1"})
+    assert bad.status_code == 400 and "limit" in bad.json()["error"]["message"]
+    unknown = await client.get("/studies", params={"NotAnAttribute": "x"})
+    assert unknown.status_code == 400 and "NotAnAttribute" in unknown.json()["error"]["message"]

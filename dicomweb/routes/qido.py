@@ -10,7 +10,7 @@ from dicomweb.context import context, partition_key, service_root, uid_param
 from dicomweb.errors import HTTPProblem
 from dicomweb.negotiation import NegotiationError, Offer, negotiate
 from indexer.attributes import Level
-from indexer.qido import QueryError, parse_query, search
+from indexer.qido import QueryError, parse_query, search_page
 
 _OFFERS = (Offer("application/dicom+json"), Offer("application/json"))
 
@@ -38,8 +38,12 @@ async def _search(request: Request, level: Level) -> Response:
         raise HTTPProblem(400, str(exc)) from exc
     key = await partition_key(request)
     async with context(request).pool.acquire() as conn:
-        results = await search(conn, key, query, service_root(request))
-    return Response(orjson.dumps(results), media_type=selection.offer.media_type)
+        page = await search_page(conn, key, query, service_root(request))
+    headers = {}
+    if page.more:
+        # PS3.18 8.3.4.4: tell the client the page is not all there is
+        headers["Warning"] = '299 dicomweb "There are additional results that can be requested"'
+    return Response(orjson.dumps(page.results), media_type=selection.offer.media_type, headers=headers)
 
 
 async def search_studies(request: Request) -> Response:
