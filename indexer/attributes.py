@@ -110,8 +110,9 @@ COMPUTED = {
 
 
 def fold_case(text: str) -> str:
-    """Case-insensitive form used for literal PN matching."""
-    return text.casefold()
+    """Case-insensitive form used for literal PN matching; trailing empty components and padding are
+    dropped, since `Doe^John^^` and `Doe^John` are the same name (PS3.5 6.2, PN)."""
+    return text.rstrip("^ ").casefold()
 
 
 def fold_accents(text: str) -> str:

@@ -144,6 +144,9 @@ def stored_int(value: Any) -> int | None:
 
 
 def casefold_name(text: str) -> str:
+    # PS3.5 6.2: trailing empty name components (and padding) do not change the name
+    while text.endswith(("^", " ")):
+        text = text[:-1]
     return text.casefold()
 
 

@@ -770,3 +770,11 @@ async def test_search_agrees_with_reference(conn: asyncpg.Connection, data: st.D
                 assert r["00201208"]["Value"] == [entity.instance_count]
                 assert r["00201206"]["Value"] == [len(entity.children)]
                 assert r["00080061"].get("Value", []) == sorted(entity.modalities)
+
+
+def test_pn_trailing_empty_components_are_the_same_name() -> None:
+    from indexer.attributes import fold_case
+
+    assert fold_case("Doe^John^^") == fold_case("Doe^John") == "doe^john"
+    assert fold_case("Doe^John^^ ") == "doe^john"
+    assert fold_case("Doe^*") == "doe^*"
