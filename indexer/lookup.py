@@ -18,7 +18,9 @@ class StoredInstance:
     size: int
 
 
-def _scope_sql(study_uid: str, series_uid: str | None, sop_uid: str | None) -> tuple[str, list[object]]:
+def scope_sql(study_uid: str, series_uid: str | None, sop_uid: str | None) -> tuple[str, list[object]]:
+    """WHERE conditions (aliases st, se, i; parameters from $2, $1 being the partition) addressing a
+    study, series or instance, and their arguments."""
     conditions = ["st.study_instance_uid = $2"]
     args: list[object] = [study_uid]
     if series_uid is not None:
@@ -45,7 +47,7 @@ async def find_instances(
     sop_uid: str | None = None,
 ) -> list[StoredInstance]:
     """The stored objects of a study, series or instance, in series/instance-number order."""
-    where, args = _scope_sql(study_uid, series_uid, sop_uid)
+    where, args = scope_sql(study_uid, series_uid, sop_uid)
     rows = await conn.fetch(
         f"""SELECT st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.sop_class_uid,
                    i.transfer_syntax_uid, i.storage_key, i.size {_FROM}{where}{_ORDER}""",
@@ -64,7 +66,7 @@ async def find_metadata(
 ) -> list[tuple[str, str, str, bytes]]:
     """(study, series, SOP instance UID, stored DICOM JSON as orjson bytes) of each addressed instance,
     in find_instances order."""
-    where, args = _scope_sql(study_uid, series_uid, sop_uid)
+    where, args = scope_sql(study_uid, series_uid, sop_uid)
     rows = await conn.fetch(
         f"""SELECT st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.metadata
             {_FROM}{where}{_ORDER}""",
@@ -82,7 +84,7 @@ async def find_bulk_index(
     sop_uid: str,
 ) -> tuple[StoredInstance, bytes] | None:
     """The instance and its bulk-data index (orjson [[path, offset, length, vr], ...])."""
-    where, args = _scope_sql(study_uid, series_uid, sop_uid)
+    where, args = scope_sql(study_uid, series_uid, sop_uid)
     row = await conn.fetchrow(
         f"""SELECT st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.sop_class_uid,
                    i.transfer_syntax_uid, i.storage_key, i.size, i.bulk_index {_FROM}{where}""",

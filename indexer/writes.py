@@ -21,6 +21,7 @@ from indexer.attributes import (
     study_columns,
 )
 from indexer.levels import series_attrs, study_attrs
+from indexer.lookup import scope_sql
 
 
 @dataclass(slots=True)
@@ -265,21 +266,15 @@ async def remove_instances(
 
     Runs in the caller's transaction; returns what was removed (empty: nothing matched, i.e. 404).
     """
-    conditions = ["st.partition_key = $1", "st.study_instance_uid = $2"]
-    args: list[object] = [partition_key, study_uid]
-    if series_uid is not None:
-        args.append(series_uid)
-        conditions.append(f"se.series_instance_uid = ${len(args)}")
-    if sop_uid is not None:
-        args.append(sop_uid)
-        conditions.append(f"i.sop_instance_uid = ${len(args)}")
+    where, args = scope_sql(study_uid, series_uid, sop_uid)
     rows = await conn.fetch(
         f"""SELECT i.instance_key, i.study_key, i.series_key, i.sop_instance_uid, i.storage_key,
                    st.study_instance_uid, se.series_instance_uid
             FROM instance i JOIN series se USING (series_key) JOIN study st ON st.study_key = i.study_key
-            WHERE {" AND ".join(conditions)}
+            WHERE i.partition_key = $1 AND {where}
             ORDER BY i.instance_key
             FOR UPDATE OF i""",
+        partition_key,
         *args,
     )
     if not rows:
