@@ -40,20 +40,25 @@ def embedded_archive(
         proc = subprocess.Popen(cmd, start_new_session=True)
         try:
             url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the archive did not start")
-                time.sleep(0.2)
+            if not wait_ready(f"{url}/health/ready", proc, timeout=120):
+                raise RuntimeError("the archive did not start")
             yield f"{url}/v2"
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=60)
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], *, timeout: float) -> bool:
+    """Poll url until it answers 200; False if the process exits or the time runs out first."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -15,13 +15,10 @@ import json
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-
-from bench.common import free_port
+from bench.common import free_port, wait_ready
 from bench.stow_ingest import run as stow_run
 
 PLUGINS = Path("/usr/share/orthanc/plugins")
@@ -53,16 +50,8 @@ def orthanc() -> Iterator[str]:
         log = open(Path(tmp) / "orthanc.log", "wb")
         proc = subprocess.Popen([binary, str(Path(tmp) / "orthanc.json")], stdout=log, stderr=log)
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/system", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((Path(tmp) / "orthanc.log").read_text()[-3000:])
-                time.sleep(0.2)
+            if not wait_ready(f"http://127.0.0.1:{port}/system", proc, timeout=60):
+                raise RuntimeError((Path(tmp) / "orthanc.log").read_text()[-3000:])
             yield f"http://127.0.0.1:{port}/dicom-web"
         finally:
             proc.terminate()
