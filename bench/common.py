@@ -44,8 +44,13 @@ def embedded_archive(
                 raise RuntimeError("the archive did not start")
             yield f"{url}/v2"
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
+            # as an operator's `kill PID` would: the server must stop its workers and database itself
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], *, timeout: float) -> bool:

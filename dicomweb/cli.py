@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,6 +74,9 @@ def _serve(args: argparse.Namespace) -> int:
             f"storage: {settings.resolved_storage_url()})",
             flush=True,
         )
+        # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler that would kill
+        # the process before the embedded PostgreSQL is stopped below. Exit through Python instead.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         uvicorn.run(
             "dicomweb.app:app_from_env",
             factory=True,

@@ -28,3 +28,5 @@ def test_embedded_default_keeps_data_across_restarts(tmp_path: Path) -> None:
         assert r.status_code == 200
         for data in files:
             assert data in r.content
+    # stopping the server (SIGTERM) stops its private PostgreSQL too: a clean shutdown removes its pid file
+    assert not (data_dir / "postgres" / "data" / "postmaster.pid").exists()
