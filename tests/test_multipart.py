@@ -90,7 +90,9 @@ def decode(
 
 BCHARS = string.ascii_letters + string.digits + "'()+_,-./:=?"
 boundaries = st.one_of(
-    st.builds(new_boundary),
+    # new_boundary()'s shape, drawn by hypothesis: a call to new_boundary() here would make generation
+    # non-deterministic (secrets), which hypothesis reports as a flaky strategy on replay
+    st.text("0123456789abcdef", min_size=32, max_size=32),
     st.text(BCHARS, min_size=1, max_size=70),
     st.sampled_from(["a", "-", "--", "b d", "simple boundary"]),
 )
