@@ -7,6 +7,7 @@ Runs in a worker thread (pydicom is CPU-bound); reads headers and small values o
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -54,7 +55,7 @@ def parse_instance(fp: BinaryIO | bytes) -> ParsedInstance:
         ds = pydicom.dcmread(fp, defer_size=DEFER_SIZE)
     except InvalidDicomError as exc:
         raise InvalidInstanceError(f"not a DICOM PS3.10 file: {exc}") from exc
-    except (EOFError, OSError, ValueError, KeyError, TypeError, struct_error()) as exc:
+    except (EOFError, OSError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise InvalidInstanceError(f"cannot parse DICOM: {exc.__class__.__name__}: {exc}") from exc
     meta = getattr(ds, "file_meta", None)
     transfer_syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
@@ -111,9 +112,3 @@ def _check_complete(ds: pydicom.Dataset, fp: BinaryIO) -> None:
                 f"file is truncated: ({raw.tag.group:04X},{raw.tag.element:04X}) needs {length} bytes "
                 f"at offset {tell}, file ends at {end}"
             )
-
-
-def struct_error() -> type[Exception]:
-    import struct
-
-    return struct.error

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from dicomcore.dicomjson import first_value
+
 
 class Level(StrEnum):
     STUDY = "study"
@@ -187,23 +189,15 @@ def parse_is(value: Any) -> int | None:
 # --- column values of one level from an instance's DICOM JSON ---------------------------------------
 
 
-def _first(attrs: dict, key: str) -> Any:
-    entry = attrs.get(key)
-    if not entry:
-        return None
-    values = entry.get("Value")
-    return values[0] if values else None
-
-
 def _text(attrs: dict, key: str) -> str | None:
-    value = _first(attrs, key)
+    value = first_value(attrs, key)
     return None if value is None else str(value)
 
 
 def study_columns(attrs: dict) -> dict[str, Any]:
     """Column values of the study row (patient attributes included: they are matched at study level)."""
-    patient_name = _first(attrs, "00100010")
-    referring = _first(attrs, "00080090")
+    patient_name = first_value(attrs, "00100010")
+    referring = first_value(attrs, "00080090")
     pn_alpha = pn_alphabetic(patient_name)
     ref_alpha = pn_alphabetic(referring)
     return {
@@ -227,7 +221,7 @@ def study_columns(attrs: dict) -> dict[str, Any]:
 def series_columns(attrs: dict) -> dict[str, Any]:
     return {
         "modality": _text(attrs, "00080060"),
-        "series_number": parse_is(_first(attrs, "00200011")),
+        "series_number": parse_is(first_value(attrs, "00200011")),
         "series_description": _text(attrs, "0008103E"),
         "performed_procedure_step_start_date": parse_da(_text(attrs, "00400244") or ""),
         "performed_procedure_step_start_time": parse_tm(_text(attrs, "00400245") or ""),
@@ -237,11 +231,11 @@ def series_columns(attrs: dict) -> dict[str, Any]:
 
 def instance_columns(attrs: dict) -> dict[str, Any]:
     return {
-        "instance_number": parse_is(_first(attrs, "00200013")),
-        "rows": parse_is(_first(attrs, "00280010")),
-        "columns": parse_is(_first(attrs, "00280011")),
-        "bits_allocated": parse_is(_first(attrs, "00280100")),
-        "number_of_frames": parse_is(_first(attrs, "00280008")),
+        "instance_number": parse_is(first_value(attrs, "00200013")),
+        "rows": parse_is(first_value(attrs, "00280010")),
+        "columns": parse_is(first_value(attrs, "00280011")),
+        "bits_allocated": parse_is(first_value(attrs, "00280100")),
+        "number_of_frames": parse_is(first_value(attrs, "00280008")),
     }
 
 

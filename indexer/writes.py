@@ -68,6 +68,29 @@ _SERIES_COLUMNS = list(series_columns({}).keys())
 _INSTANCE_COLUMNS = list(instance_columns({}).keys())
 
 
+def _upsert_parts(columns: list[str], first_param: int) -> tuple[str, str, str]:
+    """Column list, $n placeholders and SET clause for the typed columns of an upsert."""
+    params = ", ".join(f"${n}" for n in range(first_param, first_param + len(columns)))
+    return ", ".join(columns), params, ", ".join(f"{c} = EXCLUDED.{c}" for c in columns)
+
+
+_cols, _params, _updates = _upsert_parts(_STUDY_COLUMNS, 5)
+_STUDY_UPSERT = f"""INSERT INTO study (partition_key, patient_key, study_instance_uid, attrs, {_cols})
+    VALUES ($1, $2, $3, $4, {_params})
+    ON CONFLICT (partition_key, study_instance_uid) DO UPDATE SET
+        patient_key = EXCLUDED.patient_key, attrs = EXCLUDED.attrs, updated_at = now(), {_updates}
+    RETURNING study_key"""
+_cols, _params, _updates = _upsert_parts(_SERIES_COLUMNS, 5)
+# The WHERE keeps a series bound to its study: a series UID reused under another study is refused.
+_SERIES_UPSERT = f"""INSERT INTO series (partition_key, study_key, series_instance_uid, attrs, {_cols})
+    VALUES ($1, $2, $3, $4, {_params})
+    ON CONFLICT (partition_key, series_instance_uid) DO UPDATE SET
+        attrs = EXCLUDED.attrs, updated_at = now(), {_updates}
+        WHERE series.study_key = EXCLUDED.study_key
+    RETURNING series_key"""
+del _cols, _params, _updates
+
+
 async def index_instances(
     conn: asyncpg.Connection, partition_key: int, records: Sequence[InstanceRecord]
 ) -> list[IndexResult]:
@@ -122,46 +145,23 @@ async def _insert(
         )
 
     study_keys: dict[str, int] = {}
-    new_studies: set[int] = set()
-    cols = ", ".join(_STUDY_COLUMNS)
-    params = ", ".join(f"${n}" for n in range(5, 5 + len(_STUDY_COLUMNS)))
-    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _STUDY_COLUMNS)
-    study_sql = f"""INSERT INTO study (partition_key, patient_key, study_instance_uid, attrs, {cols})
-        VALUES ($1, $2, $3, $4, {params})
-        ON CONFLICT (partition_key, study_instance_uid) DO UPDATE SET
-            patient_key = EXCLUDED.patient_key, attrs = EXCLUDED.attrs, updated_at = now(), {updates}
-        RETURNING study_key, (xmax = 0) AS inserted"""
     for uid in sorted(study_rep):
         r = study_rep[uid]
-        values = study_columns(r.attrs)
-        row = await conn.fetchrow(
-            study_sql,
+        study_keys[uid] = await conn.fetchval(
+            _STUDY_UPSERT,
             partition_key,
             patient_keys[patient_identity(r.attrs)],
             uid,
             orjson.dumps(study_attrs(r.attrs)),
-            *values.values(),
+            *study_columns(r.attrs).values(),
         )
-        study_keys[uid] = row["study_key"]
-        if row["inserted"]:
-            new_studies.add(row["study_key"])
 
     series_keys: dict[str, int] = {}
     conflicting_series: dict[str, str] = {}
-    cols = ", ".join(_SERIES_COLUMNS)
-    params = ", ".join(f"${n}" for n in range(5, 5 + len(_SERIES_COLUMNS)))
-    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _SERIES_COLUMNS)
-    # The WHERE keeps a series bound to its study: a series UID reused under another study is refused.
-    series_sql = f"""INSERT INTO series (partition_key, study_key, series_instance_uid, attrs, {cols})
-        VALUES ($1, $2, $3, $4, {params})
-        ON CONFLICT (partition_key, series_instance_uid) DO UPDATE SET
-            attrs = EXCLUDED.attrs, updated_at = now(), {updates}
-            WHERE series.study_key = EXCLUDED.study_key
-        RETURNING series_key"""
     for uid in sorted(series_rep):
         r = series_rep[uid]
         key = await conn.fetchval(
-            series_sql,
+            _SERIES_UPSERT,
             partition_key,
             study_keys[r.study_instance_uid],
             uid,
