@@ -20,6 +20,7 @@ from typing import BinaryIO
 import asyncpg
 import orjson
 
+from changefeed.log import Action, Change, append
 from dicomcore.parse import InvalidInstanceError, ParsedInstance, parse_instance
 from indexer.writes import IndexResult, InstanceRecord, Outcome, index_instances
 from storage.base import BlobStore
@@ -95,6 +96,20 @@ def storage_key(partition_key: int, parsed: ParsedInstance) -> str:
         f"p{partition_key}/{parsed.study_instance_uid}/{parsed.series_instance_uid}/"
         f"{parsed.sop_instance_uid}.{uuid.uuid4().hex[:16]}.dcm"
     )
+
+
+def _created(records: list[InstanceRecord], results: list[IndexResult]) -> list[Change]:
+    return [
+        Change(
+            r.study_instance_uid,
+            r.series_instance_uid,
+            r.sop_instance_uid,
+            result.instance_key,
+            Action.CREATE,
+        )
+        for r, result in zip(records, results, strict=True)
+        if result.outcome is Outcome.CREATED and result.instance_key is not None
+    ]
 
 
 async def _object_chunks(fp: BinaryIO) -> AsyncIterator[bytes]:
@@ -215,6 +230,8 @@ class Ingestor:
             await self._store.make_durable([r.storage_key for r in records])
             async with self._pool.acquire() as conn, conn.transaction():
                 results = await index_instances(conn, self._partition_key, records)
+                # the feed entries commit with the rows they describe; append is the last statement
+                await append(conn, self._partition_key, _created(records, results))
         except Exception as exc:
             results = [
                 IndexResult(Outcome.CONFLICT, reason=f"index write failed: {exc.__class__.__name__}")

@@ -11,10 +11,11 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Mount, Route
 
 from archive.maintenance import Maintenance
+from changefeed.notify import FeedNotifier
 from dicomweb.config import Settings
 from dicomweb.context import ArchiveContext
 from dicomweb.errors import HTTPProblem, handle_problem
-from dicomweb.routes import delete, health, qido, stow, wado
+from dicomweb.routes import changefeed, delete, health, qido, stow, wado
 from indexer.migrate import migrate
 from storage import open_store
 from storage.base import BlobStore
@@ -48,6 +49,8 @@ def dicomweb_routes() -> list[BaseRoute]:
         Route(instance, delete.delete, methods=["DELETE"]),
         Route(instance + "/metadata", wado.metadata, methods=["GET"]),
         Route(instance + "/bulkdata/{path:path}", wado.bulkdata, methods=["GET"]),
+        Route("/changefeed", changefeed.read_feed, methods=["GET"]),
+        Route("/changefeed/latest", changefeed.latest, methods=["GET"]),
     ]
 
 
@@ -77,10 +80,13 @@ def create_app(
             maintenance = Maintenance(pool, blob_store)
             if run_maintenance:
                 maintenance.start()
-            app.state.archive = ArchiveContext(pool, blob_store, settings, maintenance)
+            notifier = FeedNotifier(database_url)
+            notifier.start()
+            app.state.archive = ArchiveContext(pool, blob_store, settings, maintenance, notifier)
             try:
                 yield
             finally:
+                await notifier.stop()
                 await maintenance.stop()
         finally:
             await blob_store.close()  # a store handed in is the app's from then on

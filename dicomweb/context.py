@@ -8,6 +8,7 @@ import asyncpg
 from starlette.requests import Request
 
 from archive.maintenance import Maintenance
+from changefeed.notify import FeedNotifier
 from dicomcore.uids import is_valid_uid
 from dicomweb.config import DEFAULT_PARTITION, Settings
 from dicomweb.errors import HTTPProblem
@@ -21,6 +22,7 @@ class ArchiveContext:
     store: BlobStore
     settings: Settings
     maintenance: Maintenance
+    notifier: FeedNotifier
     # name -> key; partitions are never renamed or re-keyed, so caching the mapping is always safe
     partitions: dict[str, int] = field(default_factory=dict)
 
@@ -43,6 +45,11 @@ async def partition_key(request: Request, *, create: bool = False) -> int:
         raise HTTPProblem(404, f"partition {name!r} does not exist")
     ctx.partitions[name] = key
     return key
+
+
+def api_version(request: Request) -> str:
+    """'v1' or 'v2': the version segment of the service root the request came in under."""
+    return request.scope.get("root_path", "").split("/")[1]
 
 
 def service_root(request: Request) -> str:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
+from archive.removal import delete_instances
 from dicomweb.context import context, partition_key, uid_param
 from dicomweb.errors import HTTPProblem
-from indexer.writes import remove_instances
 
 
 async def delete(request: Request) -> Response:
@@ -16,8 +16,7 @@ async def delete(request: Request) -> Response:
     sop = uid_param(request, "instance") if "instance" in request.path_params else None
     ctx = context(request)
     key = await partition_key(request)
-    async with ctx.pool.acquire() as conn, conn.transaction():
-        removed = await remove_instances(conn, key, study, series, sop)
+    removed = await delete_instances(ctx.pool, key, study, series, sop)
     if not removed:
         what = f"instance {sop}" if sop else f"series {series}" if series else f"study {study}"
         raise HTTPProblem(404, f"{what} not found")
