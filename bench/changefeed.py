@@ -1,0 +1,123 @@
+"""Change feed: read throughput with and without metadata, and commit-to-consumer latency.
+
+    python -m bench.changefeed [--url http://host:port] [--entries 20000] [--page 1000] [--probes 200]
+
+Without --url it starts `dicomweb serve` on its embedded default (2 workers) in a scratch directory and
+fills the feed with STOW first (small synthetic instances, 100 per request). Latency is measured from the
+entry's Timestamp (taken in the writer's transaction, just before its commit) to the moment a consumer
+long-polling with `wait` has the entry parsed, so it includes the commit itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import random
+import time
+
+import httpx
+
+from bench.common import embedded_archive, percentile
+from bench.synthetic import instance_variants, make_study, multipart_body
+
+
+async def fill(base: str, entries: int) -> None:
+    rng = random.Random(11)
+    made = 0
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        while made < entries:
+            spec = make_study(rng, series_count=1, modalities=["CT"])
+            files = instance_variants(spec, 0, min(100, entries - made), start=made)
+            body, content_type = multipart_body(files)
+            r = await client.post(f"{base}/v2/studies", content=body, headers={"Content-Type": content_type})
+            r.raise_for_status()
+            made += len(files)
+
+
+async def read_all(base: str, page: int, metadata: bool) -> tuple[int, float]:
+    offset, count = 0, 0
+    async with httpx.AsyncClient(timeout=300) as client:
+        start = time.perf_counter()
+        while True:
+            r = await client.get(
+                f"{base}/v1/changefeed",
+                params={"offset": offset, "limit": page, "includemetadata": str(metadata).lower()},
+            )
+            entries = r.json()
+            if not entries:
+                break
+            count += len(entries)
+            offset = entries[-1]["Sequence"]
+        return count, time.perf_counter() - start
+
+
+async def latency(base: str, probes: int) -> list[float]:
+    rng = random.Random(12)
+    async with httpx.AsyncClient(timeout=120) as client:
+        offset = (await client.get(f"{base}/v1/changefeed/latest")).json()["Sequence"]
+        delays: list[float] = []
+
+        async def consumer() -> None:
+            nonlocal offset
+            while len(delays) < probes:
+                r = await client.get(
+                    f"{base}/v1/changefeed",
+                    params={"offset": offset, "limit": 100, "includemetadata": "false", "wait": 30},
+                )
+                now = dt.datetime.now(dt.UTC)
+                for entry in r.json():
+                    stamp = dt.datetime.fromisoformat(entry["Timestamp"])
+                    delays.append((now - stamp).total_seconds())
+                    offset = entry["Sequence"]
+
+        async def producer() -> None:
+            async with httpx.AsyncClient(timeout=60) as writer:
+                for n in range(probes):
+                    spec = make_study(rng, series_count=1, modalities=["CT"])
+                    body, content_type = multipart_body(instance_variants(spec, 0, 1, start=10_000_000 + n))
+                    r = await writer.post(
+                        f"{base}/v2/studies", content=body, headers={"Content-Type": content_type}
+                    )
+                    r.raise_for_status()
+                    await asyncio.sleep(rng.uniform(0.02, 0.1))  # commits arrive while the consumer waits
+
+        await asyncio.gather(consumer(), producer())
+        return delays
+
+
+async def run(base: str, entries: int, page: int, probes: int, fill_first: bool) -> None:
+    if fill_first:
+        t = time.perf_counter()
+        await fill(base, entries)
+        print(f"filled the feed with {entries} entries by STOW in {time.perf_counter() - t:.1f} s")
+    for metadata in (False, True):
+        count, elapsed = await read_all(base, page, metadata)
+        print(
+            f"read {count} entries {'with' if metadata else 'without'} metadata, {page} per page: "
+            f"{elapsed:.2f} s, {count / elapsed:,.0f} entries/s"
+        )
+    delays = await latency(base, probes)
+    print(
+        f"commit-to-consumer latency over {len(delays)} entries: p50 {percentile(delays, 50) * 1000:.1f} ms, "
+        f"p95 {percentile(delays, 95) * 1000:.1f} ms, max {max(delays) * 1000:.1f} ms"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--url", help="archive base URL (http://host:port); default: start one")
+    parser.add_argument("--entries", type=int, default=20_000)
+    parser.add_argument("--page", type=int, default=1000)
+    parser.add_argument("--probes", type=int, default=200)
+    args = parser.parse_args()
+    if args.url:
+        asyncio.run(run(args.url.rstrip("/"), args.entries, args.page, args.probes, fill_first=False))
+        return
+    with embedded_archive(workers=2) as root:
+        base = root.removesuffix("/v2")
+        asyncio.run(run(base, args.entries, args.page, args.probes, fill_first=True))
+
+
+if __name__ == "__main__":
+    main()
