@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount, Route
 
 from archive.maintenance import Maintenance
@@ -15,6 +16,7 @@ from changefeed.notify import FeedNotifier
 from dicomweb.config import Settings
 from dicomweb.context import ArchiveContext
 from dicomweb.errors import HTTPProblem, handle_problem
+from dicomweb.metrics import MetricsMiddleware, metrics
 from dicomweb.routes import changefeed, delete, health, qido, stow, wado
 from indexer.migrate import migrate
 from storage import open_store
@@ -95,13 +97,19 @@ def create_app(
     routes: list[BaseRoute] = [
         Route("/health/live", health.live, methods=["GET"]),
         Route("/health/ready", health.ready, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ]
     # partition roots first: the plain /vN mount would otherwise claim /vN/partitions/... and 404
     for version in API_VERSIONS:
         routes.append(Mount(f"/{version}/partitions/{{partition}}", routes=dicomweb_routes()))
     for version in API_VERSIONS:
         routes.append(Mount(f"/{version}", routes=dicomweb_routes()))
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPProblem: handle_problem})
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPProblem: handle_problem},
+        middleware=[Middleware(MetricsMiddleware)],
+    )
 
 
 def app_from_env() -> Starlette:

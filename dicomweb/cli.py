@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -77,15 +79,24 @@ def _serve(args: argparse.Namespace) -> int:
         # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler that would kill
         # the process before the embedded PostgreSQL is stopped below. Exit through Python instead.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-        uvicorn.run(
-            "dicomweb.app:app_from_env",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=settings.workers if settings.workers > 1 else None,
-            log_level=settings.log_level,
-            access_log=False,
-        )
+        metrics_dir = None
+        if settings.workers > 1:
+            # each worker writes its counters here, so /metrics on any worker reports all of them
+            metrics_dir = tempfile.mkdtemp(prefix="dicomweb-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        try:
+            uvicorn.run(
+                "dicomweb.app:app_from_env",
+                factory=True,
+                host=settings.host,
+                port=settings.port,
+                workers=settings.workers if settings.workers > 1 else None,
+                log_level=settings.log_level,
+                access_log=False,
+            )
+        finally:
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

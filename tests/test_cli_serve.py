@@ -28,5 +28,13 @@ def test_embedded_default_keeps_data_across_restarts(tmp_path: Path) -> None:
         assert r.status_code == 200
         for data in files:
             assert data in r.content
+        # metrics: whichever worker answers the scrape reports the requests of both
+        for _ in range(5):
+            httpx.get(f"{url}/studies", timeout=60)
+        base = url.removesuffix("/v2")
+        for _ in range(3):
+            scrape = httpx.get(f"{base}/metrics", timeout=60).text
+            assert 'handler="qido.search_studies",method="GET",status="200"} 6.0' in scrape, scrape
+            assert "dicomweb_instances 3.0" in scrape
     # stopping the server (SIGTERM) stops its private PostgreSQL too: a clean shutdown removes its pid file
     assert not (data_dir / "postgres" / "data" / "postmaster.pid").exists()

@@ -11,6 +11,7 @@ from starlette.responses import Response
 from archive.ingest import FailureReason, Ingestor, StoreOutcome
 from dicomweb.context import context, partition_key, service_root, uid_param
 from dicomweb.errors import HTTPProblem
+from dicomweb.metrics import count_stored
 from dicomweb.multipart import MultipartError, PartTooLargeError, SpooledBody, iter_parts
 from dicomweb.negotiation import NegotiationError, UnsupportedMediaTypeError, parse_stow_content_type
 
@@ -54,6 +55,7 @@ async def store_instances(request: Request) -> Response:
     finally:
         # whatever happened to the body, what was stored gets indexed (or its objects removed)
         outcomes = await ingestor.finish()
+        count_stored(outcomes)
     if too_large:
         raise HTTPProblem(413, body_error or "an instance is too large")
     if body_error is not None:
