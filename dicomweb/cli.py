@@ -113,10 +113,31 @@ async def _migrate(dsn: str) -> list[str]:
 
 
 def _migrate_cmd(args: argparse.Namespace) -> int:
-    with database(_settings(args)) as dsn:
+    settings = _settings(args)
+    with database(settings) as dsn:
         applied = asyncio.run(_migrate(dsn))
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    if settings.storage_url and settings.storage_url.startswith("s3://"):
+        # a fresh deployment's one preparation step: the bucket too (a no-op when it exists)
+        asyncio.run(_ensure_bucket(settings))
+        print(f"bucket ready: {settings.storage_url}")
     return 0
+
+
+async def _ensure_bucket(settings: Settings) -> None:
+    from storage import open_store
+    from storage.s3 import S3BlobStore
+
+    store = open_store(
+        settings.resolved_storage_url(),
+        s3_endpoint_url=settings.s3_endpoint_url,
+        s3_region=settings.s3_region,
+    )
+    try:
+        assert isinstance(store, S3BlobStore)
+        await store.ensure_bucket()
+    finally:
+        await store.close()
 
 
 def _sweep_cmd(args: argparse.Namespace) -> int:
