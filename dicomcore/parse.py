@@ -14,7 +14,14 @@ from typing import BinaryIO
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from dicomcore.dicomjson import BulkRef, encode_dataset
+from dicomcore.dicomjson import UNDEFINED_LENGTH, BulkRef, encode_dataset
+from dicomcore.frames import (
+    PIXEL_DATA_PATHS,
+    PixelDescription,
+    encapsulated_frame_table,
+    frame_rows,
+    native_frame_table,
+)
 from dicomcore.uids import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, is_valid_uid
 
 # Values larger than this are not read at parse time (pydicom's defer_size).
@@ -23,6 +30,17 @@ DEFER_SIZE = 1024
 
 class InvalidInstanceError(ValueError):
     """The object is not a DICOM instance this archive can accept; the message says why."""
+
+
+# The bulk data index (ParsedInstance.bulk, stored as instance.bulk_index: orjson [[path, offset, length,
+# vr], ...]) holds one row per bulk value, addressed by the relative BulkDataURI path ("7FE00010",
+# "00540016/0/00181072"; offset None when the bytes are not addressable in the stored object: nested or
+# deflated). Since the WADO-RS frames work it also holds the frame table, migration-free, as extra rows
+# whose path is the pixel data path, "#" and the 1-based frame number: ["7FE00010#3", offset, length, vr]
+# is one piece of frame 3 - the whole native frame, or the bytes of one fragment (item header excluded),
+# several rows in order when a frame spans fragments. "#" never occurs in a BulkDataURI path, so readers
+# that look values up by path are unaffected; rows indexed before have no "#" rows and readers fall back to
+# cutting frames from the object (dicomcore/frames.py frames_from_index returns None).
 
 
 @dataclass(slots=True)
@@ -76,6 +94,8 @@ def parse_instance(fp: BinaryIO | bytes) -> ParsedInstance:
     if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         # offsets refer to the inflated stream, not the stored bytes
         bulk = [BulkRef(b.path, None, b.length, b.vr) for b in bulk]
+    else:
+        bulk.extend(_frame_refs(ds, attrs, bulk, fp))
     uids = {}
     for name, key in REQUIRED_UIDS:
         entry = attrs.get(key) or {}
@@ -112,3 +132,29 @@ def _check_complete(ds: pydicom.Dataset, fp: BinaryIO) -> None:
                 f"file is truncated: ({raw.tag.group:04X},{raw.tag.element:04X}) needs {length} bytes "
                 f"at offset {tell}, file ends at {end}"
             )
+
+
+def _frame_refs(ds: pydicom.Dataset, attrs: dict, bulk: list[BulkRef], fp: BinaryIO) -> list[BulkRef]:
+    """The frame table of the top-level pixel data as extra bulk index rows (format above); [] when
+    there is no pixel data or its frames cannot be located unambiguously (they are served by parsing then).
+    Never raises: a frame table is an optimisation, not a reason to refuse an instance."""
+    ref = next((b for b in bulk if b.path in PIXEL_DATA_PATHS and b.offset is not None), None)
+    pixel = PixelDescription.from_json(attrs)
+    if ref is None or ref.offset is None or pixel is None:
+        return []
+    try:
+        raw = ds._dict.get(pydicom.tag.Tag(int(ref.path, 16)))
+        if getattr(raw, "length", None) != UNDEFINED_LENGTH and ref.length != UNDEFINED_LENGTH:
+            table = native_frame_table(pixel, ref.offset, ref.length)
+        elif isinstance(value := getattr(raw, "value", None), bytes):
+            # pydicom read the encapsulated value whole: walk it in memory, then shift to file offsets
+            table = encapsulated_frame_table(io.BytesIO(value), 0, pixel.number_of_frames)
+            if table is not None:
+                table = [[(offset + ref.offset, length) for offset, length in frame] for frame in table]
+        else:
+            table = encapsulated_frame_table(fp, ref.offset, pixel.number_of_frames)
+    except Exception:  # malformed items, I/O on a spooled body: no table, frames get cut by parsing
+        return []
+    if table is None:
+        return []
+    return [BulkRef(*row) for row in frame_rows(ref.path, table, ref.vr)]

@@ -15,9 +15,10 @@ from archive.maintenance import Maintenance
 from changefeed.notify import FeedNotifier
 from dicomweb.config import Settings
 from dicomweb.context import ArchiveContext
+from dicomweb.cors import cors_middleware
 from dicomweb.errors import HTTPProblem, handle_problem
 from dicomweb.metrics import MetricsMiddleware, metrics
-from dicomweb.routes import changefeed, delete, health, qido, stow, wado
+from dicomweb.routes import changefeed, delete, frames, health, qido, rendered, stow, wado
 from indexer.migrate import migrate
 from storage import open_store
 from storage.base import BlobStore
@@ -51,6 +52,15 @@ def dicomweb_routes() -> list[BaseRoute]:
         Route(instance, delete.delete, methods=["DELETE"]),
         Route(instance + "/metadata", wado.metadata, methods=["GET"]),
         Route(instance + "/bulkdata/{path:path}", wado.bulkdata, methods=["GET"]),
+        Route(instance + "/frames/{frames}", frames.retrieve_frames, methods=["GET"]),
+        Route(study + "/rendered", rendered.rendered, methods=["GET"]),
+        Route(series + "/rendered", rendered.rendered, methods=["GET"]),
+        Route(instance + "/rendered", rendered.rendered, methods=["GET"]),
+        Route(instance + "/frames/{frames}/rendered", rendered.rendered, methods=["GET"]),
+        Route(study + "/thumbnail", rendered.thumbnail, methods=["GET"]),
+        Route(series + "/thumbnail", rendered.thumbnail, methods=["GET"]),
+        Route(instance + "/thumbnail", rendered.thumbnail, methods=["GET"]),
+        Route(instance + "/frames/{frames}/thumbnail", rendered.thumbnail, methods=["GET"]),
         Route("/changefeed", changefeed.read_feed, methods=["GET"]),
         Route("/changefeed/latest", changefeed.latest, methods=["GET"]),
     ]
@@ -108,7 +118,8 @@ def create_app(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={HTTPProblem: handle_problem},
-        middleware=[Middleware(MetricsMiddleware)],
+        # metrics outermost: it times what the client sees, CORS preflights included
+        middleware=[Middleware(MetricsMiddleware), *cors_middleware(settings)],
     )
 
 

@@ -22,6 +22,9 @@ class Settings:
     s3_region: str | None = None
     # scheme://host[:port] that clients reach this archive at, when a proxy rewrites it (URLs in responses)
     public_url: str | None = None
+    # origins a browser viewer may call from ("https://viewer.example.org,http://localhost:3000" or "*");
+    # None: no CORS headers, so only same-origin pages can read responses
+    cors_origins: str | None = None
     workers: int = 1
     db_pool_size: int = 20
     qido_default_limit: int = 100

@@ -35,6 +35,7 @@ from dicomweb.multipart import MultipartError, check_boundary
 
 __all__ = [
     "ANY_TRANSFER_SYNTAX",
+    "COMPRESSED_MEDIA_TYPES",
     "DEFAULT_TRANSFER_SYNTAXES",
     "EXPLICIT_VR_LITTLE_ENDIAN",
     "MediaType",
@@ -43,12 +44,14 @@ __all__ = [
     "Selection",
     "StowContentType",
     "UnsupportedMediaTypeError",
+    "compressed_media_type",
     "default_transfer_syntax",
     "negotiate",
     "parse_accept",
     "parse_boundary",
     "parse_media_type",
     "parse_stow_content_type",
+    "rank",
 ]
 
 
@@ -73,6 +76,7 @@ DEFAULT_TRANSFER_SYNTAXES: Final[Mapping[str, str]] = MappingProxyType(
         "application/octet-stream": EXPLICIT_VR_LITTLE_ENDIAN,
         "image/jpeg": "1.2.840.10008.1.2.4.70",
         "image/dicom-rle": "1.2.840.10008.1.2.5",
+        "image/x-dicom-rle": "1.2.840.10008.1.2.5",  # the name before PS3.18 2019
         "image/jls": "1.2.840.10008.1.2.4.80",
         "image/jp2": "1.2.840.10008.1.2.4.90",
         "image/jpx": "1.2.840.10008.1.2.4.92",
@@ -82,6 +86,37 @@ DEFAULT_TRANSFER_SYNTAXES: Final[Mapping[str, str]] = MappingProxyType(
         "video/mp4": "1.2.840.10008.1.2.4.102",
     }
 )
+
+# PS3.18 Table 8.7.3-5: the transfer syntaxes each compressed pixel data media type may carry, its
+# default (the DEFAULT_TRANSFER_SYNTAXES entry) first.
+COMPRESSED_MEDIA_TYPES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {
+        "image/jpeg": (
+            "1.2.840.10008.1.2.4.70",
+            "1.2.840.10008.1.2.4.50",
+            "1.2.840.10008.1.2.4.51",
+            "1.2.840.10008.1.2.4.57",
+        ),
+        "image/dicom-rle": ("1.2.840.10008.1.2.5",),
+        "image/x-dicom-rle": ("1.2.840.10008.1.2.5",),
+        "image/jls": ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"),
+        "image/jp2": ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"),
+        "image/jpx": ("1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93"),
+        "image/jphc": ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"),
+        "image/jxl": ("1.2.840.10008.1.2.4.110", "1.2.840.10008.1.2.4.111", "1.2.840.10008.1.2.4.112"),
+        "video/mpeg": ("1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.4.101"),
+        "video/mp4": tuple(f"1.2.840.10008.1.2.4.{n}" for n in (102, 103, 104, 105, 106, 107, 108)),
+    }
+)
+
+
+def compressed_media_type(transfer_syntax: str) -> str | None:
+    """The PS3.18 media type of compressed pixel data in this transfer syntax (current names), or None."""
+    for media_type, syntaxes in COMPRESSED_MEDIA_TYPES.items():
+        if transfer_syntax in syntaxes and media_type != "image/x-dicom-rle":
+            return media_type
+    return None
+
 
 _TCHAR: Final = r"!#$%&'*+\-.^_`|~0-9A-Za-z"
 _TOKEN_RE: Final = re.compile(f"[{_TCHAR}]+")
@@ -420,14 +455,15 @@ def _covers_transfer_syntax(r: MediaType, offer: Offer, ts: str | None) -> bool:
     return ts == asked
 
 
-def negotiate(accept: Sequence[MediaType] | str | None, offers: Sequence[Offer]) -> Selection | None:
-    """Pick the best offer for the Accept ranges, or None if nothing is acceptable (answer 406).
+def rank(accept: Sequence[MediaType] | str | None, offers: Sequence[Offer]) -> list[Selection]:
+    """Every acceptable (offer, transfer syntax) pair, best first, each once; [] means 406.
 
-    Each range proposes candidates (offer, transfer syntax) it matches. A candidate's weight is the q
-    of the most specific range covering it (RFC 9110 §12.5.1), so ``image/*, image/png;q=0`` excludes
-    PNG. Among candidates with weight > 0 the winner has the highest weight, then was proposed by the
-    most specific range, then by the range listed first, then is the earliest offer (server
-    preference, which also makes ``*/*`` select the default representation, PS3.18 §8.7.8.1 step 4).
+    The order is :func:`negotiate`'s: a candidate's weight is the q of the most specific range covering it
+    (RFC 9110 §12.5.1), so ``image/*, image/png;q=0`` excludes PNG. Among candidates with weight > 0 the
+    better has the higher weight, then was proposed by the more specific range, then by the range listed
+    first, then is the earlier offer (server preference, which also makes ``*/*`` select the default
+    representation, PS3.18 §8.7.8.1 step 4). Handlers that may fail to produce the first choice for a
+    given instance (transcoding) walk this list to the next acceptable one before answering 406.
 
     Specificity counts ``type/subtype`` over ``type/*`` over ``*/*``, then the matched parameters
     (multipart ``type``, a concrete ``transfer-syntax``, declared offer parameters).
@@ -449,7 +485,7 @@ def negotiate(accept: Sequence[MediaType] | str | None, offers: Sequence[Offer])
                 best_q = max(best_q, r.q)
         return best_q
 
-    best: tuple[tuple[float, tuple[int, int], int, int], Selection] | None = None
+    best: dict[tuple[int, str | None], tuple[tuple[float, tuple[int, int], int, int], Selection]] = {}
     for ri, (r, row) in enumerate(zip(ranges, matches, strict=True)):
         if r.q <= 0.0:
             continue
@@ -464,9 +500,16 @@ def negotiate(accept: Sequence[MediaType] | str | None, offers: Sequence[Offer])
             if q <= 0.0:
                 continue
             key = (q, spec, -ri, -oi)
-            if best is None or key > best[0]:
-                best = (key, Selection(offer, ts, q, r))
-    return None if best is None else best[1]
+            known = best.get((oi, ts))
+            if known is None or key > known[0]:
+                best[(oi, ts)] = (key, Selection(offer, ts, q, r))
+    return [selection for _, selection in sorted(best.values(), key=lambda kv: kv[0], reverse=True)]
+
+
+def negotiate(accept: Sequence[MediaType] | str | None, offers: Sequence[Offer]) -> Selection | None:
+    """Pick the best offer for the Accept ranges (the first of :func:`rank`), or None: answer 406."""
+    ranked = rank(accept, offers)
+    return ranked[0] if ranked else None
 
 
 class StowContentType(NamedTuple):

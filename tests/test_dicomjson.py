@@ -250,9 +250,11 @@ def test_parse_instance_implicit_vr_pixel_data_is_addressable() -> None:
     """Implicit VR pixel data ("OB or OW" in the dictionary) is referenced by offset without being read."""
     data = (DATA_DIR / "test_files" / "MR_small_implicit.dcm").read_bytes()
     parsed = parse_instance(data)
-    (ref,) = parsed.bulk
+    ref, frame = parsed.bulk
     assert (ref.path, ref.vr) == ("7FE00010", "OW")
     assert data[ref.offset : ref.offset + ref.length] == pydicom.dcmread(io.BytesIO(data)).PixelData
+    # the frame table row of its single frame (format in dicomcore/parse.py)
+    assert (frame.path, frame.offset, frame.length) == ("7FE00010#1", ref.offset, ref.length)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,18 +11,21 @@ from hypothesis import strategies as st
 from dicomweb.multipart import MultipartError
 from dicomweb.negotiation import (
     ANY_TRANSFER_SYNTAX,
+    COMPRESSED_MEDIA_TYPES,
     EXPLICIT_VR_LITTLE_ENDIAN,
     MediaType,
     NegotiationError,
     Offer,
     StowContentType,
     UnsupportedMediaTypeError,
+    compressed_media_type,
     default_transfer_syntax,
     negotiate,
     parse_accept,
     parse_boundary,
     parse_media_type,
     parse_stow_content_type,
+    rank,
 )
 
 ELE = EXPLICIT_VR_LITTLE_ENDIAN
@@ -330,6 +333,57 @@ def test_selection_content_types() -> None:
     assert frames.part_content_type() == f"image/jpeg; transfer-syntax={JPEG_LOSSLESS_SV1}"
     meta = negotiate(None, JSON_UTF8)
     assert meta is not None and meta.content_type() == "application/dicom+json; charset=utf-8"
+
+
+OPEN_DICOM = (
+    Offer("multipart/related", "application/dicom", (ANY_TRANSFER_SYNTAX,)),
+    Offer("application/dicom", transfer_syntaxes=(ANY_TRANSFER_SYNTAX,)),
+)
+
+
+def test_rank_orders_every_acceptable_choice() -> None:
+    """rank() lists what negotiate() would pick first, then the fallbacks a transcoding handler tries."""
+    accept = (
+        f"application/dicom; transfer-syntax={JPEG_BASELINE}, "
+        f"application/dicom; transfer-syntax={J2K}; q=0.5, "
+        'multipart/related; type="application/dicom"; transfer-syntax=*; q=0.2'
+    )
+    ranked = rank(accept, OPEN_DICOM)
+    assert [(s.media_type, s.transfer_syntax, s.q) for s in ranked] == [
+        ("application/dicom", JPEG_BASELINE, 1.0),
+        ("application/dicom", J2K, 0.5),
+        ("multipart/related", ANY_TRANSFER_SYNTAX, 0.2),
+    ]
+    assert negotiate(accept, OPEN_DICOM) == ranked[0]
+    # a wildcard proposes each offer's default once; an excluded choice is not listed
+    ranked = rank(f'*/*, multipart/related; type="application/dicom"; transfer-syntax={ELE}; q=0', OPEN_DICOM)
+    assert [(s.media_type, s.transfer_syntax) for s in ranked] == [("application/dicom", ELE)]
+    assert rank("text/html", OPEN_DICOM) == []
+    with pytest.raises(NegotiationError):
+        rank("application/dicom; q=2", OPEN_DICOM)
+
+
+@given(st.permutations([1.0, 0.9, 0.5, 0.3, 0.1]))
+def test_rank_follows_q_values(qs: list[float]) -> None:
+    syntaxes = [ELE, J2K, JPEG_BASELINE, JPEG_LOSSLESS_SV1, "1.2.840.10008.1.2.5"]
+    accept = ", ".join(
+        f"application/dicom; transfer-syntax={ts}; q={q}" for ts, q in zip(syntaxes, qs, strict=True)
+    )
+    ranked = rank(accept, OPEN_DICOM)
+    assert [s.q for s in ranked] == sorted(qs, reverse=True)
+    by_q = dict(zip(qs, syntaxes, strict=True))
+    assert [s.transfer_syntax for s in ranked] == [by_q[q] for q in sorted(qs, reverse=True)]
+
+
+def test_compressed_media_types() -> None:
+    assert compressed_media_type("1.2.840.10008.1.2.5") == "image/dicom-rle"
+    assert compressed_media_type(JPEG_BASELINE) == "image/jpeg"
+    assert compressed_media_type(J2K) == "image/jp2"
+    assert compressed_media_type(ELE) is None
+    # every media type's default (Table 8.7.3-5 "D" rows) is the first of its syntaxes
+    for media_type, syntaxes in COMPRESSED_MEDIA_TYPES.items():
+        assert default_transfer_syntax(media_type) == syntaxes[0], media_type
+    assert default_transfer_syntax("image/x-dicom-rle") == "1.2.840.10008.1.2.5"
 
 
 def test_default_transfer_syntaxes() -> None:

@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from dicomcore.bulk import bulk_value
+from dicomcore.dicomjson import UNDEFINED_LENGTH
+from dicomcore.frames import FRAME_PATH_SEPARATOR, PIXEL_DATA_PATHS
+from dicomcore.transcode import (
+    MAX_TRANSCODE_SIZE,
+    TARGETS,
+    PixelDataError,
+    TranscodeError,
+    can_decode,
+    is_encapsulated,
+    transcode_instance,
+)
+from dicomcore.uids import EXPLICIT_VR_BIG_ENDIAN
+from dicomweb.caching import cache_headers, matches_if_none_match, not_modified, scope_etag
 from dicomweb.context import context, partition_key, service_root, uid_param
 from dicomweb.errors import HTTPProblem
 from dicomweb.multipart import new_boundary, write_multipart
-from dicomweb.negotiation import ANY_TRANSFER_SYNTAX, NegotiationError, Offer, negotiate
+from dicomweb.negotiation import ANY_TRANSFER_SYNTAX, NegotiationError, Offer, Selection, negotiate, rank
+from dicomweb.ranges import parse_range
+from dicomweb.routes import frames
 from indexer.lookup import StoredInstance, find_bulk_index, find_instances, find_metadata
 from storage.base import BlobNotFoundError, BlobStore
 
 DICOM_JSON = "application/dicom+json"
+log = logging.getLogger(__name__)
 
-# Until transcoding exists (WADO-RS issue), an instance is delivered in the syntax it is stored in; an
-# Accept that names another syntax gets 406.
+# Instances are delivered in any transfer syntax the client accepts that can be produced: as stored
+# (transfer-syntax=*), or transcoded (dicomcore/transcode.py), one instance at a time in a worker thread.
 _MULTIPART_DICOM = Offer(
     "multipart/related", part_type="application/dicom", transfer_syntaxes=(ANY_TRANSFER_SYNTAX,)
 )
@@ -60,53 +79,168 @@ def _select(request: Request, offers: tuple[Offer, ...]) -> tuple[Offer, str | N
     return selection.offer, selection.transfer_syntax
 
 
-def _check_syntax(requested: str | None, instance: StoredInstance) -> None:
-    if requested in (None, ANY_TRANSFER_SYNTAX) or requested == instance.transfer_syntax_uid:
-        return
-    raise HTTPProblem(
-        406,
-        f"instance {instance.sop_instance_uid} is stored as {instance.transfer_syntax_uid}; "
-        f"transcoding to {requested} is not available (ask for transfer-syntax=*)",
-    )
+def _rank(request: Request, offers: tuple[Offer, ...]) -> list[Selection]:
+    try:
+        ranked = rank(request.headers.get("accept"), offers)
+    except NegotiationError as exc:
+        raise HTTPProblem(400, f"malformed Accept header: {exc}") from exc
+    if not ranked:
+        produced = ", ".join(
+            o.media_type + (f'; type="{o.part_type}"' if o.part_type else "") for o in offers
+        )
+        raise HTTPProblem(
+            406,
+            f"cannot produce any media type the Accept header allows; available: {produced} with "
+            f"transfer-syntax=* (as stored) or one of {', '.join(sorted(TARGETS))}",
+        )
+    return ranked
+
+
+def _syntax_possible(stored: str, target: str | None) -> bool:
+    """Whether `target` can be produced from `stored` as far as syntaxes alone tell (pixel data may still
+    rule it out: then the next acceptable syntax is tried)."""
+    if target in (None, ANY_TRANSFER_SYNTAX, stored):
+        return True
+    return target in TARGETS and can_decode(stored)
+
+
+class _Undeliverable(Exception):
+    def __init__(self, instance: StoredInstance, reasons: list[str]) -> None:
+        super().__init__("; ".join(reasons))
+        self.instance = instance
+        self.reasons = reasons
+
+    def problem(self) -> HTTPProblem:
+        return HTTPProblem(
+            406,
+            f"instance {self.instance.sop_instance_uid} (stored as {self.instance.transfer_syntax_uid}) "
+            f"cannot be delivered in any accepted transfer syntax: {'; '.join(self.reasons)}",
+        )
+
+
+def _transcode_first(data: bytes, stored: str, targets: list[str]) -> tuple[bytes, str, list[str]]:
+    """The object in the first of `targets` that can be produced; reasons for those that could not."""
+    reasons = []
+    for target in targets:
+        if target in (ANY_TRANSFER_SYNTAX, stored):
+            return data, stored, reasons
+        try:
+            return transcode_instance(data, target), target, reasons
+        except TranscodeError as exc:
+            reasons.append(f"{target}: {exc}")
+        except PixelDataError as exc:
+            reasons.append(f"{target}: {exc} (transfer-syntax=* delivers it as stored)")
+    raise ValueError("; ".join(reasons))
+
+
+async def _deliver(
+    store: BlobStore, instance: StoredInstance, targets: list[str]
+) -> tuple[str, int, AsyncIterator[bytes] | bytes]:
+    """(transfer syntax, length, body) of one instance in the first producible of `targets`."""
+    stored = instance.transfer_syntax_uid
+    usable = [t for t in targets if _syntax_possible(stored, t)]
+    if not usable:
+        raise _Undeliverable(instance, [f"no decoder for {stored} or no encoder for {', '.join(targets)}"])
+    if usable[0] in (ANY_TRANSFER_SYNTAX, stored):
+        return stored, instance.size, _object(store, instance)
+    if instance.size > MAX_TRANSCODE_SIZE:
+        reason = f"it is {instance.size} bytes, over the {MAX_TRANSCODE_SIZE}-byte transcoding limit"
+        raise _Undeliverable(instance, [reason + "; ask for its frames, or transfer-syntax=*"])
+    try:
+        data = await store.read(instance.storage_key)
+    except BlobNotFoundError as exc:
+        raise HTTPProblem(404, f"instance {instance.sop_instance_uid} was deleted while it was read") from exc
+    try:
+        body, syntax, _ = await asyncio.to_thread(_transcode_first, data, stored, usable)
+    except ValueError as exc:
+        raise _Undeliverable(instance, [str(exc)]) from exc
+    return syntax, len(body), body
 
 
 async def retrieve(request: Request) -> Response:
-    """Study, series or instance as multipart/related application/dicom (or one application/dicom)."""
+    """Study, series or instance as multipart/related application/dicom (or one application/dicom), each
+    instance in the best accepted transfer syntax it can be delivered in."""
     study, series, sop = _scope(request)
     offers = (_MULTIPART_DICOM, _SINGLE_DICOM) if sop else (_MULTIPART_DICOM,)
-    offer, syntax = _select(request, offers)
+    ranked = _rank(request, offers)
     ctx = context(request)
     instances = await find_instances(ctx.pool, await partition_key(request), study, series, sop)
     if not instances:
         raise _not_found(study, series, sop)
-    # A request without transfer-syntax means the PS3.18 default (Explicit VR Little Endian); objects
-    # stored otherwise are delivered as stored until transcoding lands, rather than refused.
-    if (
-        syntax is not None
-        and syntax != ANY_TRANSFER_SYNTAX
-        and syntax != offer.effective_default_transfer_syntax
-    ):
-        for instance in instances:
-            _check_syntax(syntax, instance)
-    if offer is _SINGLE_DICOM:
+    if sop:
+        # one instance: walk every accepted (media type, syntax) pair, single or multipart, in order
         instance = instances[0]
-        return StreamingResponse(
-            _object(ctx.store, instance),
-            media_type=f"application/dicom; transfer-syntax={instance.transfer_syntax_uid}",
-            headers={"Content-Length": str(instance.size)},
-        )
+        last = _Undeliverable(instance, ["nothing acceptable"])
+        for media_type in dict.fromkeys(s.offer.media_type for s in ranked):
+            targets = _targets([s for s in ranked if s.offer.media_type == media_type])
+            try:
+                syntax, length, body = await _deliver(ctx.store, instance, targets)
+            except _Undeliverable as exc:
+                last = exc
+                continue
+            if media_type == "application/dicom":
+                return _single(syntax, length, body)
+            return _multipart(request, ctx.store, [(instance, (syntax, length, body))], [], [])
+        raise last.problem()
+    targets = _targets(ranked)
+    for instance in instances:
+        if not any(_syntax_possible(instance.transfer_syntax_uid, t) for t in targets):
+            reason = f"no installed decoder for it or no encoder for {', '.join(targets)}"
+            raise _Undeliverable(instance, [reason]).problem()
+    # the first instance is produced before answering, so that a refusal is a clear 406, not a cut body
+    try:
+        first = await _deliver(ctx.store, instances[0], targets)
+    except _Undeliverable as exc:
+        raise exc.problem() from exc
+    return _multipart(request, ctx.store, [(instances[0], first)], instances[1:], targets)
+
+
+def _targets(selections: list[Selection]) -> list[str]:
+    """Transfer syntaxes to try, best first. A range that names no syntax asks for the PS3.18 default
+    (Explicit VR Little Endian) but states no preference, so an instance that cannot be decoded is then
+    sent as stored rather than refused (as this archive did before it could transcode)."""
+    targets = [selection.transfer_syntax or ANY_TRANSFER_SYNTAX for selection in selections]
+    if any("transfer-syntax" not in selection.media_range.params for selection in selections):
+        targets.append(ANY_TRANSFER_SYNTAX)  # last: after every syntax the client did name
+    return list(dict.fromkeys(targets))
+
+
+def _single(syntax: str, length: int, body: AsyncIterator[bytes] | bytes) -> Response:
+    media_type = f"application/dicom; transfer-syntax={syntax}"
+    if isinstance(body, bytes):
+        return Response(body, media_type=media_type)
+    return StreamingResponse(body, media_type=media_type, headers={"Content-Length": str(length)})
+
+
+def _multipart(
+    request: Request,
+    store: BlobStore,
+    ready: list[tuple[StoredInstance, tuple[str, int, AsyncIterator[bytes] | bytes]]],
+    rest: list[StoredInstance],
+    targets: list[str],
+) -> Response:
     boundary = new_boundary()
     root = service_root(request)
 
-    async def parts() -> AsyncIterator[tuple[dict[str, str], AsyncIterator[bytes]]]:
-        for instance in instances:
-            headers = {
-                "Content-Type": f"application/dicom; transfer-syntax={instance.transfer_syntax_uid}",
-                "Content-Length": str(instance.size),
-                "Content-Location": f"{root}/studies/{instance.study_instance_uid}/series/"
-                f"{instance.series_instance_uid}/instances/{instance.sop_instance_uid}",
-            }
-            yield headers, _object(ctx.store, instance)
+    def headers(instance: StoredInstance, syntax: str, length: int) -> dict[str, str]:
+        return {
+            "Content-Type": f"application/dicom; transfer-syntax={syntax}",
+            "Content-Length": str(length),
+            "Content-Location": f"{root}/studies/{instance.study_instance_uid}/series/"
+            f"{instance.series_instance_uid}/instances/{instance.sop_instance_uid}",
+        }
+
+    async def parts() -> AsyncIterator[tuple[dict[str, str], AsyncIterator[bytes] | bytes]]:
+        for instance, (syntax, length, body) in ready:
+            yield headers(instance, syntax, length), body
+        for instance in rest:
+            try:
+                syntax, length, body = await _deliver(store, instance, targets)
+            except (_Undeliverable, HTTPProblem) as exc:
+                # the response is under way: leave this instance out rather than break the others
+                log.warning("retrieve: instance %s left out: %s", instance.sop_instance_uid, exc)
+                continue
+            yield headers(instance, syntax, length), body
 
     return StreamingResponse(
         write_multipart(parts(), boundary),
@@ -128,7 +262,13 @@ async def metadata(request: Request) -> Response:
     study, series, sop = _scope(request)
     offer, _ = _select(request, _METADATA_OFFERS)
     ctx = context(request)
-    rows = await find_metadata(ctx.pool, await partition_key(request), study, series, sop)
+    partition = await partition_key(request)
+    etag = await scope_etag(
+        ctx.pool, partition, (study, series, sop), service_root(request), offer.media_type
+    )
+    if etag is not None and matches_if_none_match(request, etag):
+        return not_modified(etag)
+    rows = await find_metadata(ctx.pool, partition, study, series, sop)
     if not rows:
         raise _not_found(study, series, sop)
     root = service_root(request).encode()
@@ -145,35 +285,51 @@ async def metadata(request: Request) -> Response:
             blob = blob.replace(marker, prefix)
         parts.append(blob)
     body = b"[" + b",".join(parts) + b"]"
-    return Response(body, media_type=offer.media_type)
+    return Response(body, media_type=offer.media_type, headers=cache_headers(etag) if etag else None)
 
 
 async def bulkdata(request: Request) -> Response:
-    """One bulk data value of an instance, by the path its BulkDataURI names; supports Range."""
+    """One bulk data value of an instance, by the path its BulkDataURI names; supports Range.
+
+    Encapsulated pixel data is served as its frames (the media types of the frames resource); values that
+    are not a byte range of the stored object (nested in sequences, deflated objects) by parsing it.
+    """
     study, series, sop = _scope(request)
     path = request.path_params["path"].strip("/")
     ctx = context(request)
-    found = await find_bulk_index(ctx.pool, await partition_key(request), study, series or "", sop or "")
+    partition = await partition_key(request)
+    found = await find_bulk_index(ctx.pool, partition, study, series or "", sop or "")
     if found is None:
         raise _not_found(study, series, sop)
     instance, index = found
     entry = next((e for e in orjson.loads(index) if e[0] == path), None)
-    if entry is None:
+    if entry is None or FRAME_PATH_SEPARATOR in path:
         raise HTTPProblem(404, f"instance {sop} has no bulk data at {path!r}")
-    _, offset, length, _vr = entry
-    if offset is None or length == 0xFFFFFFFF:
-        raise HTTPProblem(
-            406,
-            f"bulk data {path!r} is encapsulated or nested and cannot be served as application/octet-stream "
-            "yet; retrieve the instance",
+    offset, length = entry[1], entry[2]
+    if path in PIXEL_DATA_PATHS and is_encapsulated(instance.transfer_syntax_uid):
+        source = await frames.load_source(ctx.pool, partition, instance, index)
+        ranked = frames.rank_frames(request, single=source.frame_count == 1)
+        numbers = range(1, source.frame_count + 1)
+        return await frames.frames_response(
+            ctx.pool, partition, ctx.store, source, numbers, ranked, request.headers.get("range")
         )
     offer, _ = _select(request, _BULK_OFFERS)
+    value: bytes | None = None
+    if offset is None or length == UNDEFINED_LENGTH or instance.transfer_syntax_uid == EXPLICIT_VR_BIG_ENDIAN:
+        value = await _parsed_value(ctx.store, instance, path)
+        offset, length = 0, len(value)
+
+    def body(start: int, end: int) -> AsyncIterator[bytes] | bytes:
+        if value is not None:
+            return value[start:end]
+        return ctx.store.stream(instance.storage_key, offset + start, offset + end)
+
     if offer.media_type == "multipart/related":
         boundary = new_boundary()
 
-        async def one_part() -> AsyncIterator[tuple[dict[str, str], AsyncIterator[bytes]]]:
+        async def one_part() -> AsyncIterator[tuple[dict[str, str], AsyncIterator[bytes] | bytes]]:
             headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length)}
-            yield headers, ctx.store.stream(instance.storage_key, offset, offset + length)
+            yield headers, body(0, length)
 
         return StreamingResponse(
             write_multipart(one_part(), boundary),
@@ -184,38 +340,24 @@ async def bulkdata(request: Request) -> Response:
     headers = {"Accept-Ranges": "bytes"}
     range_header = request.headers.get("range")
     if range_header:
-        start, end = _parse_range(range_header, length)
+        start, end = parse_range(range_header, length)
         status = 206
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{length}"
+    content = body(start, end)
+    if isinstance(content, bytes):
+        return Response(content, status_code=status, media_type="application/octet-stream", headers=headers)
     headers["Content-Length"] = str(end - start)
     return StreamingResponse(
-        ctx.store.stream(instance.storage_key, offset + start, offset + end),
-        status_code=status,
-        media_type="application/octet-stream",
-        headers=headers,
+        content, status_code=status, media_type="application/octet-stream", headers=headers
     )
 
 
-def _parse_range(header: str, length: int) -> tuple[int, int]:
-    """A single byte range (RFC 9110 14.1.2) as [start, end); 416 when unsatisfiable."""
-    unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
-        raise HTTPProblem(
-            416, "only a single bytes range is supported", headers={"Content-Range": f"bytes */{length}"}
-        )
-    first, _, last = spec.strip().partition("-")
+async def _parsed_value(store: BlobStore, instance: StoredInstance, path: str) -> bytes:
     try:
-        if first == "":
-            suffix = int(last)
-            start, end = max(length - suffix, 0), length
-        else:
-            start = int(first)
-            end = int(last) + 1 if last else length
-    except ValueError as exc:
-        raise HTTPProblem(400, f"malformed Range header {header!r}") from exc
-    end = min(end, length)
-    if start >= length or start >= end:
-        raise HTTPProblem(
-            416, f"range {header!r} is outside 0-{length}", headers={"Content-Range": f"bytes */{length}"}
-        )
-    return start, end
+        data = await store.read(instance.storage_key)
+    except BlobNotFoundError as exc:
+        raise HTTPProblem(404, f"instance {instance.sop_instance_uid} was deleted while it was read") from exc
+    try:
+        return await asyncio.to_thread(bulk_value, data, path)
+    except (KeyError, ValueError) as exc:
+        raise HTTPProblem(404, f"bulk data {path!r} cannot be found in the stored object: {exc}") from exc
