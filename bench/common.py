@@ -34,6 +34,7 @@ def embedded_archive(
         cmd = [
             sys.executable, "-m", "dicomweb.cli", "serve", "--port", str(port),
             "--data-dir", str(data_dir), "--workers", str(workers), "--log-level", "warning",
+            "--insecure-open",  # benches measure the archive; bench/auth.py measures access control
         ]  # fmt: skip
         if database_url:
             cmd += ["--database-url", database_url]

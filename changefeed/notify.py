@@ -24,16 +24,20 @@ _RECONNECT_MAX = 10.0
 
 
 class FeedNotifier:
-    """One LISTEN connection per process; readers await the next commit through it."""
+    """One LISTEN connection per process; readers await the next commit through it.
 
-    def __init__(self, database_url: str) -> None:
+    `channel` defaults to the change feed's; the worklist's event delivery listens on its own.
+    """
+
+    def __init__(self, database_url: str, channel: str = CHANNEL) -> None:
         self._database_url = database_url
+        self._channel = channel
         self._future: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="changefeed-listener")
+        self._task = asyncio.create_task(self._run(), name=f"{self._channel}-listener")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -64,16 +68,16 @@ class FeedNotifier:
             try:
                 conn = await asyncpg.connect(self._database_url)
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, self._wake)
+                await conn.add_listener(self._channel, self._wake)
                 self._connected.set()
                 self._wake()  # entries may have committed while nobody listened
                 delay = 0.1
                 await lost.wait()
-                log.warning("change feed listener lost its connection; reconnecting")
+                log.warning("%s listener lost its connection; reconnecting", self._channel)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("change feed listener cannot connect (%s); retrying in %.1fs", exc, delay)
+                log.warning("%s listener cannot connect (%s); retrying in %.1fs", self._channel, exc, delay)
             finally:
                 self._connected.clear()
                 if conn is not None and not conn.is_closed():

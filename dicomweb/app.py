@@ -9,19 +9,29 @@ from collections.abc import AsyncIterator
 import asyncpg
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
+from access.service import AccessControl
 from archive.maintenance import Maintenance
 from changefeed.notify import FeedNotifier
+from deid.export import ExportHandler, export_settings
+from dicomweb.auth import AccessMiddleware, jwt_config
 from dicomweb.config import Settings
 from dicomweb.context import ArchiveContext
 from dicomweb.cors import cors_middleware
 from dicomweb.errors import HTTPProblem, handle_problem
 from dicomweb.metrics import MetricsMiddleware, metrics
-from dicomweb.routes import changefeed, delete, frames, health, qido, rendered, stow, wado
+from dicomweb.routes import changefeed, delete, frames, health, qido, rendered, stow, wado, workitems, ws
+from dicomweb.routes import export as export_routes
+from dicomweb.routes import extended_query_tags as eqt
+from dicomweb.routes import operations as operations_routes
+from dicomweb.routes.access import access_routes
 from indexer.migrate import migrate
+from indexer.operations import OperationRunner
+from indexer.reindex import ReindexHandler
 from storage import open_store
 from storage.base import BlobStore
+from worklist.events import CHANNEL as WORKLIST_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +73,34 @@ def dicomweb_routes() -> list[BaseRoute]:
         Route(instance + "/frames/{frames}/thumbnail", rendered.thumbnail, methods=["GET"]),
         Route("/changefeed", changefeed.read_feed, methods=["GET"]),
         Route("/changefeed/latest", changefeed.latest, methods=["GET"]),
+        # extended query tags are global: every service root shows the same ones (as in Azure)
+        Route("/extendedquerytags", eqt.add, methods=["POST"]),
+        Route("/extendedquerytags", eqt.list_all, methods=["GET"]),
+        Route("/extendedquerytags/{tag}", eqt.get, methods=["GET"]),
+        Route("/extendedquerytags/{tag}", eqt.update, methods=["PATCH"]),
+        Route("/extendedquerytags/{tag}", eqt.delete, methods=["DELETE"]),
+        Route("/extendedquerytags/{tag}/errors", eqt.errors, methods=["GET"]),
+        Route("/operations/{operation}", operations_routes.get, methods=["GET"]),
+        Route("/export", export_routes.export, methods=["POST"]),
+        *worklist_routes(),
+    ]
+
+
+def worklist_routes() -> list[BaseRoute]:
+    """UPS-RS (PS3.18 11) and its Notification Connection, which PS3.18 8.10.4 puts at the service root."""
+    item = "/workitems/{workitem}"
+    subscriber = item + "/subscribers/{aetitle}"
+    return [
+        Route("/workitems", workitems.create, methods=["POST"]),
+        Route("/workitems", workitems.search_workitems, methods=["GET"]),
+        Route(item, workitems.retrieve, methods=["GET"]),
+        Route(item, workitems.update, methods=["POST"]),
+        Route(item + "/state", workitems.change_state, methods=["PUT"]),
+        Route(item + "/cancelrequest", workitems.cancel_request, methods=["POST"]),
+        Route(subscriber, workitems.subscribe, methods=["POST"]),
+        Route(subscriber, workitems.unsubscribe, methods=["DELETE"]),
+        Route(subscriber + "/suspend", workitems.suspend, methods=["POST"]),
+        WebSocketRoute("/ws/subscribers/{aetitle}", ws.subscriber_channel),
     ]
 
 
@@ -94,11 +132,33 @@ def create_app(
                 maintenance.start()
             notifier = FeedNotifier(database_url)
             notifier.start()
+            # wakes the UPS-RS WebSocket senders of this process when work item events commit
+            app.state.worklist_notifier = FeedNotifier(database_url, WORKLIST_CHANNEL)
+            app.state.worklist_notifier.start()
             app.state.archive = ArchiveContext(pool, blob_store, settings, maintenance, notifier)
+            # authentication caches (invalidated by LISTEN) and the audit writer (docs/security.md)
+            app.state.access = AccessControl.create(
+                pool, database_url, insecure_open=settings.insecure_open, jwt_config=jwt_config(settings),
+                trusted_proxies=settings.trusted_proxies,
+            )  # fmt: skip
+            app.state.access.start()
+            # background operations (re-index) that any process may claim, resumed after crashes
+            app.state.operations = OperationRunner(
+                pool,
+                {
+                    "reindex": ReindexHandler(),
+                    "export": ExportHandler(pool, blob_store, export_settings(settings)),  # deid/export.py
+                },
+            )
+            if run_maintenance:
+                app.state.operations.start()
             try:
                 yield
             finally:
+                await app.state.operations.stop()
+                await app.state.access.stop()  # after the last request: writes the audit buffer
                 await notifier.stop()
+                await app.state.worklist_notifier.stop()
                 await maintenance.stop()
         finally:
             await blob_store.close()  # a store handed in is the app's from then on
@@ -108,6 +168,7 @@ def create_app(
         Route("/health/live", health.live, methods=["GET"]),
         Route("/health/ready", health.ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *access_routes(),
     ]
     # partition roots first: the plain /vN mount would otherwise claim /vN/partitions/... and 404
     for version in API_VERSIONS:
@@ -119,7 +180,8 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={HTTPProblem: handle_problem},
         # metrics outermost: it times what the client sees, CORS preflights included
-        middleware=[Middleware(MetricsMiddleware), *cors_middleware(settings)],
+        # access control innermost: refusals get CORS headers too, and are counted and timed
+        middleware=[Middleware(MetricsMiddleware), *cors_middleware(settings), Middleware(AccessMiddleware)],
     )
 
 

@@ -1,4 +1,4 @@
-"""The `dicomweb` command: serve, migrate, sweep."""
+"""The `dicomweb` command: serve, migrate, sweep, changefeed (tail, fhir-sync), deidentify."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         port=getattr(args, "port", None),
         workers=getattr(args, "workers", None),
         log_level=getattr(args, "log_level", None),
+        insecure_open=getattr(args, "insecure_open", None) or None,
     )
 
 
@@ -65,6 +66,8 @@ def _serve(args: argparse.Namespace) -> int:
     with database(settings) as dsn:
         # Run migrations once before workers start, so they never race at first start.
         asyncio.run(_migrate(dsn))
+        if not settings.database_url:
+            _owner_token(dsn, settings)
         if settings.storage_url is None:
             (settings.data_dir / "blobs").mkdir(parents=True, exist_ok=True)
         os.environ.update(settings.to_env())
@@ -98,6 +101,20 @@ def _serve(args: argparse.Namespace) -> int:
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _owner_token(dsn: str, settings: Settings) -> None:
+    """The embedded default's first start creates an owner token in a 0600 file; its path, never the
+    token, is printed."""
+    from access.commands import bootstrap_owner_token
+
+    path = bootstrap_owner_token(dsn, settings.data_dir)
+    if settings.insecure_open:
+        print("WARNING: --insecure-open: every route is open to anyone who can connect", flush=True)
+    elif path is not None:
+        print(f"owner API token in {path} (send it as 'Authorization: Bearer <token>')", flush=True)
+    else:
+        print("the owner token file was removed; create tokens with 'dicomweb token create'", flush=True)
 
 
 async def _migrate(dsn: str) -> list[str]:
@@ -169,6 +186,102 @@ def _sweep_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _changefeed_cmd(args: argparse.Namespace) -> int:
+    from changefeed import commands
+    from changefeed.checkpoint import CheckpointError
+    from changefeed.consumer import ChangeFeedError, CheckpointAheadError
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request on stderr
+    try:
+        token = _token(args.token_file, "DICOMWEB_TOKEN")
+        if args.changefeed_command == "tail":
+            if args.start is not None and args.start != "latest" and not args.start.isdigit():
+                print(f"--from takes a sequence number or 'latest', not {args.start!r}", file=sys.stderr)
+                return 2
+            asyncio.run(
+                commands.tail(
+                    args.url, sys.stdout.buffer, start=args.start, checkpoint=args.checkpoint,
+                    follow=args.follow, limit=args.limit, metadata=not args.no_metadata, token=token,
+                )
+            )  # fmt: skip
+        else:
+            stats = asyncio.run(
+                commands.fhir_sync(
+                    args.url, args.fhir_url, checkpoint=args.checkpoint, dicomweb_url=args.dicomweb_url,
+                    patient_system=args.patient_system, follow=not args.once, token=token,
+                    fhir_token=_token(args.fhir_token_file, "DICOMWEB_FHIR_TOKEN"),
+                )
+            )  # fmt: skip
+            print(f"ImagingStudy: {stats['updated']} written, {stats['unchanged']} unchanged, "
+                  f"{stats['deleted']} deleted")  # fmt: skip
+    except commands.OutputClosed:
+        # the reader went away (`| head`): exit quietly, and let the flush at exit find nowhere to fail
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except CheckpointAheadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except (ChangeFeedError, CheckpointError, OSError) as exc:  # OSError: checkpoint file or database
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _token(path: Path | None, variable: str) -> str | None:
+    """A bearer token from a file (as the embedded default writes its owner token) or the environment;
+    never from the command line, where other users could read it."""
+    if path is not None:
+        return path.read_text(encoding="utf-8").strip() or None
+    return os.environ.get(variable) or None
+
+
+def _feed_limit(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 10_000:
+        raise argparse.ArgumentTypeError(f"must be within 1..10000, not {text!r}")
+    return int(text)
+
+
+def _add_changefeed(sub: argparse._SubParsersAction) -> None:
+    from changefeed.commands import DEFAULT_FEED_URL
+    from changefeed.fhir import DEFAULT_PATIENT_SYSTEM
+
+    checkpoint_help = "resume from FILE (or postgresql://.../db#name) and advance it"
+    token_help = "bearer token for the archive, a reader's (DICOMWEB_TOKEN)"
+    feed = sub.add_parser("changefeed", help="read the change feed: tail it, or sync it to FHIR")
+    commands = feed.add_subparsers(dest="changefeed_command", required=True)
+    tail = commands.add_parser("tail", help="print change feed entries as JSON lines")
+    tail.add_argument(
+        "--url", default=DEFAULT_FEED_URL, help=f"v1 root or partition root ({DEFAULT_FEED_URL})"
+    )
+    start = tail.add_mutually_exclusive_group()
+    start.add_argument("--from", dest="start", metavar="SEQ", help="print entries after SEQ (or 'latest')")
+    start.add_argument("--checkpoint", metavar="FILE", help=checkpoint_help)
+    tail.add_argument("--follow", action="store_true", help="keep waiting for new entries (long-poll)")
+    tail.add_argument(
+        "--limit", type=_feed_limit, default=100, metavar="N", help="entries per request, 1..10000 (100)"
+    )
+    tail.add_argument("--no-metadata", action="store_true", help="leave out each entry's DICOM JSON")
+    tail.add_argument("--token-file", type=Path, metavar="FILE", help=token_help)
+    tail.set_defaults(func=_changefeed_cmd)
+    fhir = commands.add_parser("fhir-sync", help="keep FHIR ImagingStudy resources in step with the archive")
+    fhir.add_argument("--fhir-url", required=True, help="FHIR R4 server base, e.g. http://fhir:8080/fhir")
+    fhir.add_argument("--url", default=DEFAULT_FEED_URL, help=f"change feed root ({DEFAULT_FEED_URL})")
+    fhir.add_argument("--checkpoint", metavar="FILE", help=checkpoint_help)
+    fhir.add_argument("--dicomweb-url", help="v2 root for QIDO and the Endpoint (derived from --url)")
+    fhir.add_argument("--patient-system", default=DEFAULT_PATIENT_SYSTEM, help="Patient.identifier system")
+    fhir.add_argument("--once", action="store_true", help="stop when caught up instead of following")
+    fhir.add_argument("--token-file", type=Path, metavar="FILE", help=token_help)
+    fhir.add_argument(
+        "--fhir-token-file",
+        type=Path,
+        metavar="FILE",
+        help="bearer token for the FHIR server (DICOMWEB_FHIR_TOKEN)",
+    )
+    fhir.set_defaults(func=_changefeed_cmd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicomweb", description="DICOMweb research archive")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (8080)")
     serve.add_argument("--workers", type=int, help="worker processes (1)")
     serve.add_argument("--log-level", help="uvicorn log level (info)")
+    serve.add_argument(
+        "--insecure-open", action="store_true", help="no authentication on any route: local play only"
+    )
     serve.set_defaults(func=_serve)
     mig = sub.add_parser("migrate", help="apply database migrations and exit")
     _add_common(mig)
@@ -186,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(sweep)
     sweep.add_argument("--grace-minutes", type=float, default=60.0, help="spare objects younger than this")
     sweep.set_defaults(func=_sweep_cmd)
+    _add_changefeed(sub)
+    from dicomweb.access_cli import add_access_commands
+
+    add_access_commands(sub, _add_common)
+    from deid.files import add_deidentify_command
+
+    add_deidentify_command(sub)  # de-identification of files on disk (deid/files.py)
     return parser
 
 

@@ -31,6 +31,17 @@ class Settings:
     qido_max_limit: int = 1000
     max_instance_size: int = 4 << 30  # one uploaded object; larger parts get 413
     log_level: str = "info"
+    # access control (access/, docs/security.md): every route needs a credential unless this is set
+    insecure_open: bool = False
+    jwt_issuer: str | None = None  # bearer JWTs: required iss and aud, and an HS256 secret and/or a JWKS URL
+    jwt_audience: str | None = None
+    jwt_secret: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_roles_claim: str = "roles"
+    # proxies (addresses or CIDRs, comma-separated) whose X-Forwarded-For names the client in the audit log
+    trusted_proxies: str | None = None
+    # where "directory" destinations of exports live (their paths are relative to it); None: DATA_DIR/exports
+    export_dir: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -45,6 +56,8 @@ class Settings:
                 values[f.name] = int(raw)
             elif f.type in ("Path", Path):
                 values[f.name] = Path(raw)
+            elif f.type in ("bool", bool):
+                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
             else:
                 values[f.name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})

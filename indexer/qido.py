@@ -41,6 +41,12 @@ Choices where the standard leaves room (the tests pin each of them):
   lower level than the result's comes from the latest stored instance of the study/series (as dcm4chee).
 * Sequence paths (`00400275.00401001`) are rejected (400): no sequence matching yet.
 * A UID in the path and a contradicting UID matching key are ANDed (empty result), not an error.
+* Extended query tags (indexer.extended_tags) are matching keys like the standard ones once Ready and
+  Enabled (otherwise 400), at their level and below: strings with wildcards, UIs, PN (literal and fuzzy),
+  DA/TM/DT single values and ranges (DT at its precision, like TM), integers and floats by equality. Each is
+  an EXISTS over its typed value table (migration 0005), i.e. a semijoin on the level's row key. Queries
+  naming a tag that has indexing errors report it in `QidoQuery.erroneous` (the HTTP layer's
+  `erroneous-dicom-attributes` header).
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -69,6 +75,8 @@ from indexer.attributes import (
     parse_da,
     parse_tm,
 )
+from indexer.extended_tags import ExtendedTag
+from indexer.extended_values import INT_RANGE, dt_bounds, float32
 from indexer.levels import COMMON, SERIES_LEVEL, STUDY_LEVEL
 
 
@@ -95,9 +103,9 @@ Include = frozenset[int] | Literal[_All.ALL]
 
 @dataclass(frozen=True, slots=True)
 class Exact:
-    """Single value matching (UIDs, strings, case-folded PN, integers)."""
+    """Single value matching (UIDs, strings, case-folded PN, integers, floats)."""
 
-    value: str | int
+    value: str | int | float
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +117,10 @@ class Wildcard:
 
 @dataclass(frozen=True, slots=True)
 class Range:
-    """Inclusive DA or TM range; an open end is None. A single DA value is a range with equal ends."""
+    """Inclusive DA, TM or DT range; an open end is None. A single DA value is a range with equal ends."""
 
-    low: dt.date | dt.time | None
-    high: dt.date | dt.time | None
+    low: dt.date | dt.time | dt.datetime | None
+    high: dt.date | dt.time | dt.datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +131,30 @@ class Words:
 
 
 Term = Exact | Wildcard | Range | Words
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendedAttribute(Attribute):
+    """An extended query tag as a matching key: `column` names its value table."""
+
+    tag_key: int = 0
+
+
+_EXTENDED_MATCH = {
+    **dict.fromkeys(("AE", "AS", "CS", "LO", "SH"), Match.STRING),
+    "UI": Match.UID,
+    "PN": Match.PN,
+    "DA": Match.DATE,
+    "TM": Match.TIME,
+    "DT": Match.TIME,  # ranges; bounds come from _datetime_bounds
+    **dict.fromkeys(("IS", "SL", "SS", "UL", "US", "DS", "FD", "FL"), Match.INT),  # equality
+}
+
+
+def extended_attribute(tag: ExtendedTag) -> ExtendedAttribute:
+    return ExtendedAttribute(
+        tag.keyword, tag.tag, tag.vr, tag.level, tag.table, _EXTENDED_MATCH[tag.vr], tag_key=tag.tag_key
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +178,8 @@ class QidoQuery:
     offset: int
     # tags of all matching keys, universal ones included: PS3.18 returns them with each result
     match_tags: frozenset[int] = field(default_factory=frozenset)
+    # extended query tags among the matching keys that have indexing errors (results may be incomplete)
+    erroneous: tuple[str, ...] = ()
 
     @property
     def scope(self) -> tuple[str | None, str | None]:
@@ -214,8 +248,12 @@ def parse_query(
     series_uid: str | None = None,
     default_limit: int = 100,
     max_limit: int = 1000,
+    extended: Mapping[int, ExtendedTag] | None = None,
 ) -> QidoQuery:
-    """Validate the query pairs of a search at `level` within the path's scope; QueryError when malformed."""
+    """Validate the query pairs of a search at `level` within the path's scope; QueryError when malformed.
+
+    `extended` holds the defined extended query tags by tag number (indexer.extended_tags.query_tags).
+    """
     if series_uid is not None and (study_uid is None or level is not Level.INSTANCE):
         raise ValueError("a series scope needs a study scope and an instance-level search")
     if study_uid is not None and level is Level.STUDY:
@@ -224,6 +262,7 @@ def parse_query(
     seen_tags: dict[int, str] = {}
     pending: list[tuple[str, Attribute, str]] = []
     match_tags: set[int] = set()
+    erroneous: list[str] = []
     include: set[int] = set()
     include_all = False
     fuzzy_raw: tuple[str, str] | None = None
@@ -257,8 +296,10 @@ def parse_query(
         if tag in seen_tags:
             raise QueryError(name, f"matching key given more than once (also as {seen_tags[tag]!r})")
         seen_tags[tag] = name
-        attribute = _searchable(level, name, tag)
+        attribute = _searchable(level, name, tag, extended or {})
         match_tags.add(attribute.tag)
+        if isinstance(attribute, ExtendedAttribute) and extended and extended[tag].error_count:
+            erroneous.append(extended[tag].keyword)
         # fuzzymatching may come after the keys it affects: values are parsed once it is known
         pending.append((name, attribute, value))
     fuzzy = False
@@ -282,7 +323,22 @@ def parse_query(
         limit=limit,
         offset=offset,
         match_tags=frozenset(match_tags),
+        erroneous=tuple(erroneous),
     )
+
+
+def names_extended_tags(params: Sequence[tuple[str, str]]) -> bool:
+    """Whether some matching key is not a standard one (so extended query tag definitions are needed);
+    standard searches then skip loading them."""
+    for name, _ in params:
+        if name.lower() in _RESERVED:
+            continue
+        try:
+            if parse_tag(name) not in BY_TAG:
+                return True
+        except UnknownAttributeError:
+            continue
+    return False
 
 
 def _parse_attribute_id(param: str, text: str) -> int:
@@ -300,13 +356,30 @@ def _parse_attribute_id(param: str, text: str) -> int:
         raise QueryError(param, f"unknown attribute {text!r}: not a DICOM keyword or GGGGEEEE tag") from None
 
 
-def _searchable(level: Level, param: str, tag: int) -> Attribute:
+def _searchable(level: Level, param: str, tag: int, extended: Mapping[int, ExtendedTag]) -> Attribute:
     attribute = BY_TAG.get(tag)
+    if attribute is None and tag in extended:
+        ext = extended[tag]
+        if ext.status != "Ready":
+            raise QueryError(
+                param, f"extended query tag {ext.path} is not ready for queries (status {ext.status})"
+            )
+        if ext.query_status != "Enabled":
+            raise QueryError(
+                param,
+                f"extended query tag {ext.path} is disabled (QueryStatus Disabled after indexing errors;"
+                " PATCH its QueryStatus to Enabled to query it anyway)",
+            )
+        attribute = extended_attribute(ext)
     if level is Level.STUDY and attribute is _MODALITY:
         return _MODALITIES_IN_STUDY  # "studies with a series of this modality", a common client habit
     if attribute is None or _RANK[attribute.level] > _RANK[level]:
         searchable = ", ".join(a.keyword for a in ATTRIBUTES if _RANK[a.level] <= _RANK[level])
-        raise QueryError(param, f"not a matching key of {level.value} searches (use one of: {searchable})")
+        raise QueryError(
+            param,
+            f"not a matching key of {level.value} searches (use one of: {searchable},"
+            f" or an extended query tag of this level or above)",
+        )
     return attribute
 
 
@@ -322,7 +395,7 @@ def _parse_count(param: str, value: str, *, minimum: int) -> int:
 
 def _split(attribute: Attribute, raw: str) -> list[str]:
     """The values of a value list; `,` separates only where a value cannot contain one (UI, CS, IS)."""
-    if attribute.vr in ("UI", "CS", "IS"):
+    if attribute.vr in ("UI", "CS", "IS", "SL", "SS", "UL", "US"):
         return re.split(r"[\\,]", raw)
     return raw.split("\\")
 
@@ -332,7 +405,7 @@ def _parse_value(param: str, attribute: Attribute, raw: str, fuzzy: bool) -> tup
     values = []
     for item in _split(attribute, raw):
         # trailing spaces are padding (PS3.5 6.2); CS leading spaces too
-        item = item.strip() if attribute.vr in ("CS", "UI", "DA", "TM", "IS") else item.rstrip(" ")
+        item = item.strip() if attribute.vr in _LEADING_PAD else item.rstrip(" ")
         if not item:
             continue
         if item.strip("*") == "":
@@ -349,7 +422,22 @@ def _parse_value(param: str, attribute: Attribute, raw: str, fuzzy: bool) -> tup
     return tuple(dict.fromkeys(terms))
 
 
+_LEADING_PAD = frozenset("CS UI DA TM IS AE AS DS DT FD FL SL SS UL US".split())
+
+
 def _parse_item(param: str, attribute: Attribute, item: str, fuzzy: bool) -> Term | None:
+    if isinstance(attribute, ExtendedAttribute):
+        if attribute.vr == "DT":
+            return _parse_range(param, item, _datetime_bounds)
+        if attribute.vr in ("DS", "FD", "FL"):
+            return Exact(_parse_float(param, attribute.vr, item))
+        if attribute.vr in INT_RANGE:
+            if re.fullmatch(r"[+-]?[0-9]+", item) is None:
+                raise QueryError(param, f"{item!r} is not an integer ({attribute.vr})")
+            low, high = INT_RANGE[attribute.vr]
+            if not low <= int(item) <= high:
+                raise QueryError(param, f"{item!r} is out of the range of {attribute.vr}")
+            return Exact(int(item))
     match attribute.match:
         case Match.UID:
             if not is_valid_uid(item):
@@ -380,6 +468,22 @@ def _parse_item(param: str, attribute: Attribute, item: str, fuzzy: bool) -> Ter
         case Match.TIME:
             return _parse_range(param, item, _time_bounds)
     raise AssertionError(attribute.match)  # pragma: no cover
+
+
+def _parse_float(param: str, vr: str, item: str) -> float:
+    if re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", item) is None:
+        raise QueryError(param, f"{item!r} is not a number ({vr})")
+    value = float(item)
+    if value in (float("inf"), float("-inf")):
+        raise QueryError(param, f"{item!r} is out of the range of {vr}")
+    return float32(value) if vr == "FL" else value
+
+
+def _datetime_bounds(param: str, text: str) -> tuple[dt.datetime, dt.datetime]:
+    bounds = dt_bounds(text) if "-" not in text and "+" not in text else None
+    if bounds is None:
+        raise QueryError(param, f"{text!r} is not a date-time (YYYY[MM[DD[HH[MM[SS[.F]]]]]]) or range")
+    return bounds
 
 
 def _has_wildcard(text: str) -> bool:
@@ -488,8 +592,42 @@ def _column(f: Filter, fuzzy: bool = False) -> str:
     return f"{_ALIAS[f.attribute.level]}.{column}"
 
 
+_ROW_KEY = {Level.STUDY: "study_key", Level.SERIES: "series_key", Level.INSTANCE: "instance_key"}
+_ARRAY_TYPE = {"ext_long": "int8[]", "ext_double": "float8[]"}
+
+
+def _extended_sql(f: Filter, attribute: ExtendedAttribute, args: _Args) -> str:
+    """An extended query tag as a semijoin: EXISTS a value row of the tag for the level's row that matches.
+
+    The value tables' (tag_key, value, row_key) indexes find the matching rows; (row_key, tag_key) checks
+    a given row (the planner picks whichever the estimates favour).
+    """
+    value = "x.value_ci" if attribute.vr == "PN" else "x.value"
+    parts: list[str] = []
+    exact = [t.value for t in f.terms if isinstance(t, Exact)]
+    if len(exact) == 1:
+        parts.append(f"{value} = {args.add(exact[0])}")
+    elif exact:
+        parts.append(f"{value} = ANY({args.add(exact)}::{_ARRAY_TYPE.get(attribute.column, 'text[]')})")
+    for t in f.terms:
+        if isinstance(t, Wildcard):
+            parts.append(_wildcard_sql(value, t.pattern, args))
+        elif isinstance(t, Range):
+            parts.append(_range_sql(value, t, args))
+        elif isinstance(t, Words):
+            parts.append(f"x.value_prefixes @> {args.add(list(t.words))}::text[]")
+    condition = parts[0] if len(parts) == 1 else "(" + " OR ".join(f"({p})" for p in parts) + ")"
+    row = f"{_ALIAS[attribute.level]}.{_ROW_KEY[attribute.level]}"
+    return (
+        f"EXISTS (SELECT FROM {attribute.column} x WHERE x.tag_key = {args.add(attribute.tag_key)}"
+        f" AND x.row_key = {row} AND {condition})"
+    )
+
+
 def _filter_sql(f: Filter, args: _Args) -> str:
     """One matching key as a SQL condition: the OR of its terms, exact values folded into one `= ANY`."""
+    if isinstance(f.attribute, ExtendedAttribute):
+        return _extended_sql(f, f.attribute, args)
     kind = f.attribute.match
     parts: list[str] = []
     exact = [t.value for t in f.terms if isinstance(t, Exact)]
@@ -563,7 +701,8 @@ def _plan(query: QidoQuery) -> _Plan:
     keys |= explicit
     extra: set[str] = set()
     if level is not Level.INSTANCE:
-        for key in explicit - _COMPUTED:
+        # includefield keys, and matching keys of extended query tags not kept in the level's attrs blob
+        for key in (explicit | {tag_hex(t) for t in query.match_tags}) - _COMPUTED:
             owner = _tag_level(key)
             if owner is not None and _RANK[owner] > _RANK[level]:
                 extra.add(key)
@@ -585,10 +724,19 @@ def _plan(query: QidoQuery) -> _Plan:
     )
 
 
+_STUDY_COLUMNS = "st.study_key, st.study_instance_uid, st.modalities, st.series_count, st.instance_count"
+_INSTANCE_SELECT = (
+    f"{_STUDY_COLUMNS}, se.series_key, se.series_instance_uid, se.instance_count AS series_instances,"
+    " i.sop_instance_uid, i.metadata"
+)
+
+
 def _compile(query: QidoQuery, partition_key: int, plan: _Plan) -> tuple[str, list[object]]:
     """One SELECT for the page (limit + 1 rows, to tell whether more follow)."""
-    args = _Args(partition_key)
     level = query.level
+    if level is Level.INSTANCE and any(isinstance(f.attribute, ExtendedAttribute) for f in query.filters):
+        return _compile_instance_page(query, partition_key)
+    args = _Args(partition_key)
     # every joined table is constrained: the (partition_key, column) indexes then apply to all of them
     where = [f"{_ALIAS[lvl]}.partition_key = $1" for lvl in Level if _RANK[lvl] <= _RANK[level]]
     if query.study_uid is not None:
@@ -596,7 +744,7 @@ def _compile(query: QidoQuery, partition_key: int, plan: _Plan) -> tuple[str, li
     if query.series_uid is not None:
         where.append(f"se.series_instance_uid = {args.add(query.series_uid)}")
     where.extend(_filter_sql(f, args) for f in query.filters)
-    study_cols = "st.study_key, st.study_instance_uid, st.modalities, st.series_count, st.instance_count"
+    study_cols = _STUDY_COLUMNS
     if level is Level.STUDY:
         select = f"{study_cols}, st.attrs AS study_attrs"
         source = "study st"
@@ -609,10 +757,7 @@ def _compile(query: QidoQuery, partition_key: int, plan: _Plan) -> tuple[str, li
         source = "series se JOIN study st ON st.study_key = se.study_key"
         order = "se.study_key, se.series_number, se.series_key"
     else:
-        select = (
-            f"{study_cols}, se.series_key, se.series_instance_uid, se.instance_count AS series_instances,"
-            " i.sop_instance_uid, i.metadata"
-        )
+        select = _INSTANCE_SELECT
         source = (
             "instance i JOIN series se ON se.series_key = i.series_key"
             " JOIN study st ON st.study_key = i.study_key"
@@ -621,6 +766,44 @@ def _compile(query: QidoQuery, partition_key: int, plan: _Plan) -> tuple[str, li
     sql = (
         f"SELECT {select} FROM {source} WHERE {' AND '.join(where)} ORDER BY {order}"
         f" LIMIT {args.add(query.limit + 1)} OFFSET {args.add(query.offset)}"
+    )
+    return sql, args.values
+
+
+def _compile_instance_page(query: QidoQuery, partition_key: int) -> tuple[str, list[object]]:
+    """Instance search with extended query tags: the page's keys first, then its rows.
+
+    An extended tag can match thousands of instances, and all of them must be ordered before the page is
+    cut. Ordering needs only (partition_key, series_key, instance_number) per instance, which the covering
+    index instance_page (migration 0005) gives without touching the heap; the page's 101 rows are then read
+    in full. Fetching every candidate's row first costs one random heap read each (10x slower at 3,000).
+    """
+    args = _Args(partition_key)
+    levels = {f.attribute.level for f in query.filters}
+    if query.study_uid is not None:
+        levels.add(Level.STUDY)
+    if query.series_uid is not None:
+        levels.add(Level.SERIES)
+    joins, where = [], ["i.partition_key = $1"]
+    if Level.SERIES in levels:
+        joins.append("JOIN series se ON se.series_key = i.series_key")
+        where.append("se.partition_key = $1")
+    if Level.STUDY in levels:
+        joins.append("JOIN study st ON st.study_key = i.study_key")
+        where.append("st.partition_key = $1")
+    if query.study_uid is not None:
+        where.append(f"st.study_instance_uid = {args.add(query.study_uid)}")
+    if query.series_uid is not None:
+        where.append(f"se.series_instance_uid = {args.add(query.series_uid)}")
+    where.extend(_filter_sql(f, args) for f in query.filters)
+    sql = (
+        "WITH page AS MATERIALIZED (SELECT i.instance_key, i.series_key, i.instance_number"
+        f" FROM instance i {' '.join(joins)} WHERE {' AND '.join(where)}"
+        " ORDER BY i.series_key, i.instance_number, i.instance_key"
+        f" LIMIT {args.add(query.limit + 1)} OFFSET {args.add(query.offset)})"
+        f" SELECT {_INSTANCE_SELECT} FROM page p JOIN instance i ON i.instance_key = p.instance_key"
+        " JOIN series se ON se.series_key = i.series_key JOIN study st ON st.study_key = i.study_key"
+        " ORDER BY p.series_key, p.instance_number, p.instance_key"
     )
     return sql, args.values
 
@@ -787,6 +970,8 @@ def _result(
         for attrs, bulk_prefix in sources:
             element = attrs.get(key)
             if element is not None:
-                out[key] = element if bulk_prefix is None else _absolute_bulk(element, bulk_prefix)
+                # only bulk data references and sequences (which may hold them) need rewriting
+                plain = bulk_prefix is None or ("BulkDataURI" not in element and element.get("vr") != "SQ")
+                out[key] = element if plain else _absolute_bulk(element, bulk_prefix)
                 break
     return out

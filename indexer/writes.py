@@ -3,6 +3,10 @@
 Callers own the transaction (so that the change feed entry and the blob-deletion queue commit with the index
 change); these functions run inside it. Rows are locked in UID order so that concurrent batches touching
 the same studies cannot deadlock.
+
+New instances get the values of every extended query tag that is Adding or Ready in the same transaction
+(study and series values are replaced from the batch's latest instance of each, like their attrs blobs).
+The shared INGEST_LOCK taken first orders each batch against tag additions (see indexer.extended_tags).
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ import asyncpg
 import orjson
 
 from indexer.attributes import (
+    Level,
     instance_columns,
     patient_identity,
     series_columns,
     study_columns,
 )
+from indexer.extended_tags import INGEST_LOCK, ExtendedTag, indexing_tags
+from indexer.extended_values import Source, collect, delete_values, insert_errors, insert_values
 from indexer.levels import series_attrs, study_attrs
 from indexer.lookup import scope_sql
 
@@ -95,6 +102,7 @@ async def index_instances(
     conn: asyncpg.Connection, partition_key: int, records: Sequence[InstanceRecord]
 ) -> list[IndexResult]:
     """Index a batch of instances in the caller's transaction; one result per record, in order."""
+    await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", INGEST_LOCK)
     results: list[IndexResult | None] = [None] * len(records)
     sop_uids = [r.sop_instance_uid for r in records]
     existing = {
@@ -218,9 +226,57 @@ async def _insert(
                 results[i] = IndexResult(Outcome.ALREADY_STORED, reason="the instance is already stored")
             else:
                 results[i] = IndexResult(Outcome.CREATED, instance_key=key)
+        tags = await indexing_tags(conn)
+        if tags:
+            instances = [
+                Source(key, key, records[row[0]].attrs)
+                for row in rows
+                if (key := keys.get(records[row[0]].sop_instance_uid)) is not None
+            ]
+            await _index_extended(conn, tags, instances, keys, study_rep, study_keys, series_rep, series_keys)
     touched_series = sorted(set(series_keys.values()))
     touched_studies = sorted(set(study_keys.values()))
     await refresh_counters(conn, touched_studies, touched_series)
+
+
+async def _index_extended(
+    conn: asyncpg.Connection,
+    tags: list[ExtendedTag],
+    instances: list[Source],
+    created: dict[str, int],
+    study_rep: dict[str, InstanceRecord],
+    study_keys: dict[str, int],
+    series_rep: dict[str, InstanceRecord],
+    series_keys: dict[str, int],
+) -> None:
+    """Values of the extended query tags for the batch's new instances and the studies/series they touched.
+
+    Values that do not fit the VR are recorded as the tag's errors (the instance is stored all the same).
+    """
+    instance_tags = [t for t in tags if t.level is Level.INSTANCE]
+    study_tags = [t for t in tags if t.level is Level.STUDY]
+    series_tags = [t for t in tags if t.level is Level.SERIES]
+    sources: list[tuple[list[ExtendedTag], list[Source]]] = []
+    if instance_tags:
+        sources.append((instance_tags, instances))
+    if study_tags:
+        studies = [
+            Source(study_keys[uid], created.get(r.sop_instance_uid), r.attrs) for uid, r in study_rep.items()
+        ]
+        await delete_values(conn, study_tags, [s.row_key for s in studies])
+        sources.append((study_tags, studies))
+    if series_tags:
+        series = [
+            Source(series_keys[uid], created.get(r.sop_instance_uid), r.attrs)
+            for uid, r in series_rep.items()
+            if uid in series_keys
+        ]
+        await delete_values(conn, series_tags, [s.row_key for s in series])
+        sources.append((series_tags, series))
+    for level_tags, level_sources in sources:
+        collected = collect(level_tags, level_sources)
+        await insert_values(conn, collected.rows)
+        await insert_errors(conn, collected.errors)
 
 
 async def refresh_counters(conn: asyncpg.Connection, study_keys: list[int], series_keys: list[int]) -> None:

@@ -9,7 +9,9 @@ stored instances (a study's or series' attributes are those of its most recently
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
+import struct
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,7 +186,11 @@ class Key:
 
 
 def parse(
-    level: str, params: list[tuple[str, str]], default_limit: int, max_limit: int
+    level: str,
+    params: list[tuple[str, str]],
+    default_limit: int,
+    max_limit: int,
+    extended: dict[str, tuple[str, str, str]] | None = None,
 ) -> tuple[list[Key], bool, int, int]:
     keys: list[Key] = []
     seen: set[str] = set()
@@ -211,10 +217,12 @@ def parse(
                 else:
                     offset = int(text)
             continue
-        keyword = BY_HEX.get(name.upper(), name)
-        if keyword not in KEYS:
+        keys_here = {**KEYS, **(extended or {})}
+        by_hex = {**BY_HEX, **{h: k for k, (h, _, _) in (extended or {}).items()}}
+        keyword = by_hex.get(name.upper(), name)
+        if keyword not in keys_here:
             raise ReferenceQueryError(name)
-        hex_key, vr, key_level = KEYS[keyword]
+        hex_key, vr, key_level = keys_here[keyword]
         if level == "study" and keyword == "Modality":
             keyword, (hex_key, vr, key_level) = "ModalitiesInStudy", KEYS["ModalitiesInStudy"]
             hex_key = "00080060"  # for the repeat check only: Modality and ModalitiesInStudy may both come
@@ -230,10 +238,10 @@ def parse(
 
 
 def _values(name: str, vr: str, raw: str) -> list[str]:
-    pieces = re.split(r"[\\,]", raw) if vr in ("UI", "CS", "IS") else raw.split("\\")
+    pieces = re.split(r"[\\,]", raw) if vr in ("UI", "CS", "IS", "SL", "SS", "UL", "US") else raw.split("\\")
     out = []
     for piece in pieces:
-        piece = piece.strip(" ") if vr in ("UI", "CS", "DA", "TM", "IS") else piece.rstrip(" ")
+        piece = piece.strip(" ") if vr in _STRIPPED else piece.rstrip(" ")
         if not piece:
             continue
         if set(piece) == {"*"}:
@@ -242,8 +250,24 @@ def _values(name: str, vr: str, raw: str) -> list[str]:
     return out
 
 
+_STRIPPED = ("UI", "CS", "DA", "TM", "IS", "AE", "AS", "DS", "DT", "FD", "FL", "SL", "SS", "UL", "US")
+
+
 def _validate(key: Key, fuzzy: bool) -> None:
     for value in key.values:
+        if key.vr in EXT_INT_RANGE:
+            low, high = EXT_INT_RANGE[key.vr]
+            if key.vr != "IS" and not (re.fullmatch(r"[+-]?[0-9]+", value) and low <= int(value) <= high):
+                raise ReferenceQueryError(key.keyword)
+        if key.vr in ("DS", "FD", "FL"):
+            if not re.fullmatch(r"[+-]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?", value):
+                raise ReferenceQueryError(key.keyword)
+            if math.isinf(float(value)):
+                raise ReferenceQueryError(key.keyword)
+        if key.vr == "DT":
+            low, high = _dt_range(key, value)
+            if low is not None and high is not None and low > high:
+                raise ReferenceQueryError(key.keyword)
         if key.vr == "UI" and not (len(value) <= 64 and _UID.fullmatch(value)):
             raise ReferenceQueryError(key.keyword)
         if key.vr == "IS" and not (re.fullmatch(r"[+-]?[0-9]+", value) and -(2**31) <= int(value) < 2**31):
@@ -278,6 +302,8 @@ def _range(key: Key, value: str) -> tuple[str | None, str | None]:
 def _key_matches(key: Key, entity: Entity, fuzzy: bool) -> bool:
     if not key.values:
         return True
+    if key.keyword not in KEYS:
+        return _extended_matches(key, entity, fuzzy)
     if key.keyword == "ModalitiesInStudy":
         return any(string_matches(v, m) for v in key.values for m in entity.modalities)
     stored = first(entity.attrs, key.hex_key)
@@ -327,9 +353,13 @@ def search(
     *,
     default_limit: int = 100,
     max_limit: int = 1000,
+    extended: dict[str, tuple[str, str, str]] | None = None,
 ) -> list[str]:
-    """UIDs of the matching entities of `level`, in the archive's documented order, paged."""
-    keys, fuzzy, limit, offset = parse(level, params, default_limit, max_limit)
+    """UIDs of the matching entities of `level`, in the archive's documented order, paged.
+
+    `extended`: extended query tags (Ready, Enabled) as keyword -> (hex key, VR, level), like KEYS.
+    """
+    keys, fuzzy, limit, offset = parse(level, params, default_limit, max_limit, extended)
     studies, series, instances_ = build(instances)
     candidates: list[Entity]
     if level == "study":
@@ -362,3 +392,144 @@ def search(
 def _number_key(value: Any) -> tuple[int, int]:
     number = stored_int(value) if value is not None else None
     return (1, 0) if number is None else (0, number)
+
+
+# --- extended query tags ----------------------------------------------------------------------------------
+# Every value of the attribute is indexed when all of them fit the VR; an attribute with a value that does
+# not fit is not indexed at all for that entity (it is an indexing error), so it never matches.
+
+EXT_INT_RANGE = {
+    "IS": (-(2**31), 2**31 - 1),
+    "SL": (-(2**31), 2**31 - 1),
+    "SS": (-(2**15), 2**15 - 1),
+    "UL": (0, 2**32 - 1),
+    "US": (0, 2**16 - 1),
+}
+_EXT_MAX = {"AE": 16, "AS": 4, "CS": 16, "LO": 64, "SH": 16, "UI": 64}
+_DT_RE = re.compile(r"([0-9]{4})((?:[0-9]{2}){0,5})(?:[.]([0-9]{1,6}))?([+-][0-9]{4})?")
+
+
+def _f32(value: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+def dt_bounds(text: str) -> tuple[str, str] | None:
+    """First and last instant of a DT value as 20-digit strings YYYYMMDDHHMMSSFFFFFF; None when malformed."""
+    m = _DT_RE.fullmatch(text)
+    if not m or (m.group(3) is not None and len(m.group(2)) != 10):
+        return None
+    year, rest, frac = m.group(1), m.group(2), m.group(3)
+    parts = [rest[i : i + 2] for i in range(0, len(rest), 2)]
+    if len(parts) >= 5 and parts[4] == "60":  # a leap second: the last second of its minute
+        parts[4] = "59"
+    low = year + "".join(parts + ["01", "01", "00", "00", "00"][len(parts) :]) + (frac or "").ljust(6, "0")
+    try:
+        dt.datetime(int(year), int(low[4:6]), int(low[6:8]), int(low[8:10]), int(low[10:12]), int(low[12:14]))
+    except ValueError:
+        return None
+    if not parts:
+        high = year + "1231"
+    elif len(parts) == 1:
+        month = int(parts[0])
+        days = (
+            (dt.date(int(year) + month // 12, month % 12 + 1, 1) - dt.timedelta(days=1)).day
+            if (int(year) < 9999 or month < 12)
+            else 31
+        )
+        high = year + parts[0] + f"{days:02d}"
+    else:
+        high = year + "".join(parts)
+    high = high + "235959"[len(high) - 8 :] + (frac or "").ljust(6, "9")
+    return low, high
+
+
+def _ext_stored(vr: str, value: Any) -> Any:
+    """The comparable form of one stored value, or raise ValueError when it does not fit the VR."""
+    if vr in _EXT_MAX:
+        if not isinstance(value, str) or len(value) > _EXT_MAX[vr]:
+            raise ValueError(value)
+        if vr == "UI" and not _UID.fullmatch(value):
+            raise ValueError(value)
+        if vr == "AS" and not re.fullmatch(r"[0-9]{3}[DWMY]", value):
+            raise ValueError(value)
+        return value
+    if vr in EXT_INT_RANGE:
+        if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value.strip()):
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(value)
+        low, high = EXT_INT_RANGE[vr]
+        if not low <= value <= high:
+            raise ValueError(value)
+        return value
+    if vr in ("DS", "FD", "FL"):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(value)
+        return _f32(float(value)) if vr == "FL" else float(value)
+    if vr == "DA":
+        if not isinstance(value, str) or stored_date(value) is None:
+            raise ValueError(value)
+        return value
+    if vr == "TM":
+        if not isinstance(value, str) or stored_time(value) is None:
+            raise ValueError(value)
+        return stored_time(value)
+    if vr == "DT":
+        bounds = dt_bounds(value) if isinstance(value, str) else None
+        if bounds is None:
+            raise ValueError(value)
+        return bounds[0]
+    if vr == "PN":
+        return value
+    raise AssertionError(vr)
+
+
+def _dt_range(key: Key, value: str) -> tuple[str | None, str | None]:
+    def bounds(text: str) -> tuple[str, str]:
+        found = dt_bounds(text) if "+" not in text else None
+        if found is None:
+            raise ReferenceQueryError(key.keyword)
+        return found
+
+    if "-" in value:
+        a, b = (part.strip() for part in value.split("-", 1))
+        if not a and not b:
+            raise ReferenceQueryError(key.keyword)
+        return (bounds(a)[0] if a else None), (bounds(b)[1] if b else None)
+    return bounds(value)
+
+
+def _extended_matches(key: Key, entity: Entity, fuzzy: bool) -> bool:
+    raw = [v for v in (entity.attrs.get(key.hex_key) or {}).get("Value") or [] if v is not None and v != ""]
+    try:
+        stored = [_ext_stored(key.vr, v) for v in raw]
+    except ValueError:
+        return False
+    for value in key.values:
+        for have in stored:
+            if key.vr == "PN":
+                ok = _key_matches(
+                    Key("PatientName", key.hex_key, "PN", key.level, [value]),
+                    Entity("", {key.hex_key: {"vr": "PN", "Value": [have]}}, 0),
+                    fuzzy,
+                )
+            elif key.vr in EXT_INT_RANGE:
+                ok = have == int(value)
+            elif key.vr in ("DS", "FD", "FL"):
+                ok = have == (_f32(float(value)) if key.vr == "FL" else float(value))
+            elif key.vr == "DA":
+                low, high = _range(key, value)
+                ok = (low is None or low <= have) and (high is None or have <= high)
+            elif key.vr == "TM":
+                low, high = _range(key, value)
+                ok = (low is None or low <= have) and (high is None or have <= high)
+            elif key.vr == "DT":
+                low, high = _dt_range(key, value)
+                ok = (low is None or low <= have) and (high is None or have <= high)
+            elif key.vr == "UI":
+                ok = have == value
+            else:
+                ok = string_matches(value, have)
+            if ok:
+                return True
+    return False

@@ -10,7 +10,8 @@ from dicomweb.context import context, partition_key, service_root, uid_param
 from dicomweb.errors import HTTPProblem
 from dicomweb.negotiation import NegotiationError, Offer, negotiate
 from indexer.attributes import Level
-from indexer.qido import QueryError, parse_query, search_page
+from indexer.extended_tags import query_tags
+from indexer.qido import QueryError, names_extended_tags, parse_query, search_page
 
 _OFFERS = (Offer("application/dicom+json"), Offer("application/json"))
 
@@ -25,14 +26,20 @@ async def _search(request: Request, level: Level) -> Response:
     if selection is None:
         raise HTTPProblem(406, "QIDO-RS results are available as application/dicom+json only")
     settings = context(request).settings
+    params = list(request.query_params.multi_items())
+    extended = {}
+    if names_extended_tags(params):
+        async with context(request).pool.acquire() as conn:
+            extended = await query_tags(conn)  # a few rows, read each time: other processes change them
     try:
         query = parse_query(
             level,
-            list(request.query_params.multi_items()),
+            params,
             study_uid=study,
             series_uid=series,
             default_limit=settings.qido_default_limit,
             max_limit=settings.qido_max_limit,
+            extended=extended,
         )
     except QueryError as exc:
         raise HTTPProblem(400, str(exc)) from exc
@@ -40,6 +47,9 @@ async def _search(request: Request, level: Level) -> Response:
     async with context(request).pool.acquire() as conn:
         page = await search_page(conn, key, query, service_root(request))
     headers = {}
+    if query.erroneous:
+        # Azure's header: extended query tags used here whose indexing had errors (results may be incomplete)
+        headers["erroneous-dicom-attributes"] = ",".join(query.erroneous)
     if page.more:
         # PS3.18 8.3.4.4: tell the client the page is not all there is
         headers["Warning"] = '299 dicomweb "There are additional results that can be requested"'

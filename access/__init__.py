@@ -1,0 +1,1 @@
+"""Access control: authentication (JWTs, API tokens), roles per data partition, audit log, data requests."""

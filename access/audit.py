@@ -1,0 +1,155 @@
+"""The audit log: one record per request (IHE ATNA's who, what, when, from where, outcome), append-only.
+
+Requests never wait for the database: a record goes into an in-process buffer, and a background task
+writes the buffer with one COPY every FLUSH_SECONDS, and once more at shutdown. The cost of that is a
+window: if the process is killed (SIGKILL, power loss), the records of at most the last FLUSH_SECONDS of
+requests are lost; a graceful stop (SIGTERM) loses nothing. If PostgreSQL is unavailable the buffer is kept
+and retried, up to MAX_BUFFERED records; beyond that the oldest are dropped and the count logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import astuple, dataclass, fields
+from datetime import datetime
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 0.1
+MAX_BUFFERED = 100_000
+
+
+@dataclass(slots=True)
+class AuditEvent:
+    event_time: datetime
+    subject: str
+    auth: str
+    token_id: str | None
+    token_name: str | None
+    roles: list[str]
+    client_address: str | None
+    user_agent: str | None
+    method: str
+    path: str
+    query: str | None
+    action: str
+    action_code: str
+    partition_name: str | None
+    study_uid: str | None
+    series_uid: str | None
+    instance_uid: str | None
+    status: int
+    outcome: int
+    detail: str | None
+    duration_ms: float
+
+
+COLUMNS = [f.name for f in fields(AuditEvent)]
+
+
+def outcome_of(status: int) -> int:
+    """ATNA EventOutcomeIndicator: 0 success, 4 minor failure (refused, bad request), 8 serious failure."""
+    return 0 if status < 400 else 4 if status < 500 else 8
+
+
+class AuditLog:
+    def __init__(self, pool: asyncpg.Pool, flush_seconds: float = FLUSH_SECONDS) -> None:
+        self.pool = pool
+        self.flush_seconds = flush_seconds
+        self._buffer: list[tuple[object, ...]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Lock()
+
+    def record(self, event: AuditEvent) -> None:
+        """Queue a record (no I/O: safe to call at the end of any request)."""
+        self._buffer.append(astuple(event))
+        if len(self._buffer) > MAX_BUFFERED:
+            dropped = len(self._buffer) - MAX_BUFFERED
+            del self._buffer[:dropped]
+            log.error("audit buffer full: %d records dropped", dropped)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="audit-writer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(Exception):
+            await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_seconds)
+            try:
+                await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("audit records not written yet (%s); retrying", exc)
+
+    async def flush(self) -> int:
+        async with self._flushing:
+            batch, self._buffer = self._buffer, []
+            if not batch:
+                return 0
+            try:
+                async with self.pool.acquire() as conn:
+                    await conn.copy_records_to_table("audit_event", records=batch, columns=COLUMNS)
+            except BaseException:
+                self._buffer[:0] = batch  # keep them, in order, for the next attempt
+                raise
+            return len(batch)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    subject: str | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    action: str | None = None
+    limit: int | None = 100
+    offset: int = 0
+
+    def sql(self) -> tuple[str, list[object]]:
+        conditions, args = [], []
+        for column, op, value in (
+            ("subject", "=", self.subject), ("event_time", ">=", self.start),
+            ("event_time", "<", self.end), ("action", "=", self.action),
+        ):  # fmt: skip
+            if value is not None:
+                args.append(value)
+                conditions.append(f"{column} {op} ${len(args)}")
+        where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
+        sql = f"SELECT event_id, {', '.join(COLUMNS)} FROM audit_event{where} ORDER BY event_id"
+        if self.limit is not None:
+            sql += f" LIMIT {int(self.limit)}"
+        if self.offset:
+            sql += f" OFFSET {int(self.offset)}"
+        return sql, args
+
+
+def as_json(row: asyncpg.Record) -> dict[str, object]:
+    out = dict(row)
+    out["event_time"] = row["event_time"].isoformat()
+    return out
+
+
+async def query(pool: asyncpg.Pool, q: AuditQuery) -> list[dict[str, object]]:
+    sql, args = q.sql()
+    return [as_json(r) for r in await pool.fetch(sql, *args)]
+
+
+async def stream(conn: asyncpg.Connection, q: AuditQuery) -> AsyncIterator[dict[str, object]]:
+    """Every matching record through a server-side cursor (exports of any size in constant memory)."""
+    sql, args = q.sql()
+    async with conn.transaction(readonly=True):
+        async for row in conn.cursor(sql, *args, prefetch=500):
+            yield as_json(row)

@@ -1,0 +1,129 @@
+"""Where de-identified instances go: a blob store (S3 bucket/prefix or a local directory) or another data
+partition of this archive (through archive.ingest, so the index and the change feed are right).
+
+Output keys are derived from the de-identified UIDs, which are derived from the originals: re-exporting an
+instance (a step replayed after a crash) writes the same bytes to the same key, or finds the instance
+already stored in the partition. That is what makes a resumed export free of duplicates.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Protocol
+
+import asyncpg
+
+from archive.ingest import FailureReason, Ingestor
+from deid.engine import Deidentified, output_key
+from storage import LocalBlobStore, S3BlobStore
+from storage.base import BlobStore, validate_key
+
+
+class Sink(Protocol):
+    async def add(self, result: Deidentified) -> int:
+        """Store (or start storing) one instance; returns its ticket, an index into finish()'s list."""
+        ...
+
+    async def written(self, result: Deidentified) -> int:
+        """Record an instance a worker wrote itself under local_directory(); returns its ticket."""
+        ...
+
+    def local_directory(self) -> str | None:
+        """The directory outputs go to when workers may write them directly (local stores), else None."""
+        ...
+
+    async def finish(self) -> list[str | None]:
+        """One entry per added instance, by ticket: None when stored, else why it failed."""
+        ...
+
+
+class BlobSink:
+    """Writes `{operation}/results/{study}/{series}/{sop}.dcm` below the store's prefix."""
+
+    def __init__(self, store: BlobStore, operation: str) -> None:
+        self.store = store
+        self.operation = operation
+        self._outcomes: list[str | None] = []
+        self._written: list[str] = []
+
+    async def add(self, result: Deidentified) -> int:
+        key = f"{self.operation}/{output_key(result)}"
+        ticket = len(self._outcomes)
+        self._outcomes.append(None)
+        try:
+            # made durable for the whole batch in finish(), before the step's checkpoint commits
+            await self.store.put(key, result.data, durable=False)
+        except Exception as exc:
+            self._outcomes[ticket] = f"could not write the object: {exc.__class__.__name__}: {exc}"
+        else:
+            self._written.append(key)
+        return ticket
+
+    def local_directory(self) -> str | None:
+        if isinstance(self.store, LocalBlobStore):
+            return str(Path(self.store.root) / validate_key(self.operation))
+        return None
+
+    async def written(self, result: Deidentified) -> int:
+        self._outcomes.append(None)
+        self._written.append(f"{self.operation}/{output_key(result)}")
+        return len(self._outcomes) - 1
+
+    async def finish(self) -> list[str | None]:
+        await self.store.make_durable(self._written)
+        outcomes, self._outcomes, self._written = self._outcomes, [], []
+        return outcomes
+
+
+class PartitionSink:
+    """Stores into a data partition of this archive, as a STOW of the de-identified copies would."""
+
+    def __init__(self, pool: asyncpg.Pool, store: BlobStore, partition_key: int) -> None:
+        self._ingestor = Ingestor(pool, store, partition_key)
+
+    async def add(self, result: Deidentified) -> int:
+        ticket = len(self._ingestor.outcomes)  # add() appends its outcome before it first awaits
+        await self._ingestor.add(io.BytesIO(result.data))
+        return ticket
+
+    def local_directory(self) -> str | None:
+        return None  # stored through the ingest path, which indexes them
+
+    async def written(self, result: Deidentified) -> int:
+        raise NotImplementedError("partition outputs are never written by workers")
+
+    async def finish(self) -> list[str | None]:
+        outcomes = await self._ingestor.finish()
+        # already stored: an earlier (replayed) step stored exactly this de-identified instance
+        return [
+            None if o.failure in (None, FailureReason.ALREADY_STORED) else f"{o.failure.name}: {o.message}"
+            for o in outcomes
+        ]
+
+
+def destination_store(
+    destination: dict[str, Any],
+    *,
+    export_dir: Path,
+    s3_endpoint_url: str | None,
+    s3_region: str | None,
+    session: Any = None,
+) -> BlobStore:
+    """The blob store of an s3 or directory destination (validated by deid.export_request)."""
+    settings = destination["settings"]
+    if destination["type"] == "s3":
+        return S3BlobStore(
+            settings["bucket"], settings["prefix"], endpoint_url=s3_endpoint_url, region=s3_region,
+            session=session,
+        )  # fmt: skip
+    return LocalBlobStore(export_dir / settings["path"])
+
+
+def describe(destination: dict[str, Any], operation: str, name: str) -> str:
+    """Where an output object of the operation is, for humans and errorHref."""
+    settings = destination["settings"]
+    if destination["type"] == "s3":
+        prefix = f"{settings['prefix']}/" if settings["prefix"] else ""
+        return f"s3://{settings['bucket']}/{prefix}{operation}/{name}"
+    return f"{settings['path']}/{operation}/{name}"

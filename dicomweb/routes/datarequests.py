@@ -1,0 +1,239 @@
+"""Research data requests over HTTP: submit, list, read, approve (starts the de-identified export), reject,
+revoke. The workflow and its tables are access.requests; the export is deid's `export` operation, created
+here with the same parameters POST /export writes (dicomweb.routes.export), into the request's own research
+partition and pseudonym project (so pseudonyms cannot be linked across requests).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from access import requests as workflow
+from access.authn import Principal
+from access.policy import Role
+from deid.cohort import resolve_query
+from deid.export_request import ExportRequestError, normalize_identifiers
+from deid.profile import Options, ProfileError
+from dicomweb.auth import principal_of
+from dicomweb.config import DEFAULT_PARTITION
+from dicomweb.context import context, service_root
+from dicomweb.errors import HTTPProblem
+from dicomweb.routes.export import EXPORT
+from indexer.lookup import partition_key as lookup_partition_key
+from indexer.operations import cancel_operation, create_operation
+
+MAX_TEXT = 10_000
+DENIED = HTTPProblem(403, "not permitted")
+
+
+def _json(value: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(value), status_code=status, media_type="application/json")
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise HTTPProblem(415, "the body must be application/json")
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise HTTPProblem(400, f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise HTTPProblem(400, "the body must be a JSON object")
+    return body
+
+
+def _caller(request: Request) -> Principal:
+    principal = principal_of(request.scope)
+    assert principal is not None  # the access middleware ran
+    return principal
+
+
+def _sees_all(principal: Principal) -> bool:
+    """Reviewers, auditors and owners see every request; a researcher only their own."""
+    overseers = (Role.OWNER, Role.REVIEWER, Role.AUDITOR)
+    return any(g.partition is None and g.role in overseers for g in principal.grants)
+
+
+def _text(body: dict[str, Any], name: str, *, required: bool = True) -> str | None:
+    value = body.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_TEXT:
+        raise HTTPProblem(400, f"{name} must be a non-empty string of at most {MAX_TEXT} characters")
+    return value.strip()
+
+
+def parse_submission(body: dict[str, Any]) -> workflow.Submission:
+    title, purpose = _text(body, "title"), _text(body, "purpose")
+    partition = body.get("partition", DEFAULT_PARTITION)
+    if not isinstance(partition, str) or not partition or partition.startswith(workflow.RESEARCH_PREFIX):
+        raise HTTPProblem(400, "partition must name a data partition (not a research partition)")
+    cohort = body.get("cohort")
+    if not isinstance(cohort, dict) or len(cohort) != 1 or not ({"studies", "query"} & set(cohort)):
+        raise HTTPProblem(400, 'cohort must be {"studies": [identifiers]} or {"query": "QIDO parameters"}')
+    try:
+        if "studies" in cohort:
+            studies = cohort["studies"]
+            if not isinstance(studies, list) or not studies or not all(isinstance(s, str) for s in studies):
+                raise HTTPProblem(400, "cohort.studies must be a non-empty list of study[/series[/instance]]")
+            cohort = {"studies": normalize_identifiers(studies)}
+        elif not isinstance(cohort["query"], str) or not cohort["query"].strip("?"):
+            raise HTTPProblem(400, "cohort.query must be a QIDO-RS query string")
+        else:
+            cohort = {"query": cohort["query"].lstrip("?")}
+        deid = body.get("deidentification") or {}
+        names = deid.get("options", []) if isinstance(deid, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise HTTPProblem(400, "deidentification.options must be a list of option names")
+        options = Options.from_names(names).enabled
+    except (ExportRequestError, ProfileError) as exc:
+        raise HTTPProblem(400, str(exc)) from exc
+    days = body.get("durationDays")
+    if not isinstance(days, int) or isinstance(days, bool) or not 1 <= days <= workflow.MAX_DURATION_DAYS:
+        raise HTTPProblem(400, f"durationDays must be an integer within 1..{workflow.MAX_DURATION_DAYS}")
+    return workflow.Submission(title, purpose, partition, cohort, options, days * 86400)  # type: ignore[arg-type]
+
+
+async def submit(request: Request) -> Response:
+    """POST /datarequests (researchers): 201 with the request, state submitted."""
+    sub = parse_submission(await _body(request))
+    now = request.app.state.access.clock.now()
+    async with context(request).pool.acquire() as conn:
+        created = await workflow.submit(conn, _caller(request).subject, sub, now)
+    return _json(created, 201)
+
+
+async def list_all(request: Request) -> Response:
+    """GET /datarequests[?state=]: every request for reviewers/auditors/owners, one's own for researchers."""
+    state = request.query_params.get("state")
+    if state is not None and state not in workflow.STATES:
+        raise HTTPProblem(400, f"state must be one of {', '.join(workflow.STATES)}")
+    caller = _caller(request)
+    mine = None if _sees_all(caller) else caller.subject
+    async with context(request).pool.acquire() as conn:
+        await workflow.refresh(conn, request.app.state.access.clock.now(), mine)
+        return _json(await workflow.list_requests(conn, researcher=mine, state=state))
+
+
+def _request_id(request: Request, caller: Principal) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.path_params["request"])
+    except ValueError:
+        if not _sees_all(caller):
+            raise DENIED from None
+        raise HTTPProblem(404, "no such data request") from None
+
+
+async def get(request: Request) -> Response:
+    """GET /datarequests/{id}: the request and its transitions. A researcher asking for someone else's gets
+    the same 403 as for one that does not exist."""
+    caller = _caller(request)
+    request_id = _request_id(request, caller)
+    async with context(request).pool.acquire() as conn:
+        await workflow.refresh(conn, request.app.state.access.clock.now())
+        found = await workflow.get(conn, request_id)
+    if found is None or (not _sees_all(caller) and found["researcher"] != caller.subject):
+        if not _sees_all(caller):
+            raise DENIED
+        raise HTTPProblem(404, "no such data request")
+    return _json(found)
+
+
+async def _decide(request: Request, action: str) -> Response:
+    caller = _caller(request)
+    request_id = _request_id(request, caller)
+    body = await _body(request) if request.headers.get("content-length", "0") != "0" else {}
+    comment = _text(body, "comment", required=action == "reject")
+    ctx = context(request)
+    now = request.app.state.access.clock.now()
+    async with ctx.pool.acquire() as conn:
+        current = await workflow.get(conn, request_id)
+        if current is None:
+            raise HTTPProblem(404, "no such data request")
+        if current["researcher"] == caller.subject and caller.auth != "open":
+            raise DENIED  # nobody reviews their own request
+        try:
+            if action == "approve":
+                row = await _approve(request, conn, current, caller, comment, now)
+            elif action == "reject":
+                async with conn.transaction():
+                    row = await workflow.transition(
+                        conn, request_id, ("submitted",), "rejected", actor=caller.subject, now=now,
+                        comment=comment, decided_by=caller.subject, decided_at=now, decision_comment=comment,
+                    )  # fmt: skip
+            else:
+                async with conn.transaction():
+                    row = await workflow.transition(
+                        conn, request_id, ("approved", "active"), "revoked", actor=caller.subject, now=now,
+                        comment=comment,
+                    )  # fmt: skip
+                    if row["operation_id"] is not None:
+                        await cancel_operation(conn, row["operation_id"], "the data request was revoked")
+        except workflow.RequestError as exc:
+            raise HTTPProblem(exc.status, str(exc)) from exc
+    # this process at once (the researcher's next request may come here before the NOTIFY does)
+    request.app.state.access.authenticator.invalidate("grants:" + row["researcher"])
+    return _json(workflow.as_json(row))
+
+
+async def _approve(
+    request: Request, conn: Any, current: dict[str, Any], caller: Principal, comment: str | None, now: Any
+) -> Any:
+    """Approve and start the de-identified export into the request's research partition, in one
+    transaction (an approval never exists without its export, nor an export without its approval)."""
+    if current["state"] != "submitted":
+        raise workflow.RequestError(f"the request is {current['state']}; this needs submitted", 409)
+    source = await lookup_partition_key(conn, current["source_partition"], create=False)
+    if source is None:
+        name = current["source_partition"]
+        raise workflow.RequestError(f"the source partition {name!r} does not exist", 409)
+    cohort = current["cohort"]
+    if "studies" in cohort:
+        identifiers = cohort["studies"]
+    else:
+        try:
+            identifiers = await resolve_query(conn, source, cohort["query"], service_root(request))
+        except ExportRequestError as exc:
+            raise workflow.RequestError(str(exc), 409) from exc
+        if not identifiers:
+            raise workflow.RequestError("the cohort query matches no study", 409)
+    request_id = uuid.UUID(current["request_id"])
+    partition = workflow.research_partition(request_id)
+    async with conn.transaction():
+        target = await lookup_partition_key(conn, partition, create=True)
+        params = {
+            "partition": source,
+            "identifiers": identifiers,
+            "destination": {"type": "partition", "settings": {"name": partition}},
+            "project": partition,
+            "options": current["deid_options"],
+            "pixelRules": [],
+            "destinationPartition": target,
+        }
+        op = await create_operation(conn, EXPORT, params, [])
+        row = await workflow.transition(
+            conn, request_id, ("submitted",), "approved", actor=caller.subject, now=now, comment=comment,
+            decided_by=caller.subject, decided_at=now, decision_comment=comment, research_partition=partition,
+            operation_id=op.id,
+        )  # fmt: skip
+    runner = getattr(request.app.state, "operations", None)
+    if runner is not None:
+        runner.poke()
+    return row
+
+
+async def approve(request: Request) -> Response:
+    return await _decide(request, "approve")
+
+
+async def reject(request: Request) -> Response:
+    return await _decide(request, "reject")
+
+
+async def revoke(request: Request) -> Response:
+    return await _decide(request, "revoke")

@@ -1,0 +1,65 @@
+"""POST /export: start a de-identified export operation (Azure's request shape plus `deidentification`).
+
+202 with {id, href} and a Location header naming the operation; progress at GET /operations/{id}.
+"""
+
+from __future__ import annotations
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from deid.cohort import resolve_query
+from deid.export_request import ExportRequestError, parse_export_request
+from dicomweb.context import context, partition_key, service_root
+from dicomweb.errors import HTTPProblem
+from indexer.lookup import partition_key as lookup_partition_key
+from indexer.operations import create_operation
+
+EXPORT = "export"
+
+
+async def export(request: Request) -> Response:
+    ctx = context(request)
+    source = await partition_key(request)
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise HTTPProblem(415, "the body must be application/json")
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise HTTPProblem(400, f"the body is not valid JSON: {exc}") from exc
+    try:
+        req = parse_export_request(body)
+        identifiers = req.identifiers
+        if identifiers is None:
+            async with ctx.pool.acquire() as conn:
+                identifiers = await resolve_query(conn, source, req.query or "", service_root(request))
+            if not identifiers:
+                raise ExportRequestError("source.settings.query matches no study")
+    except ExportRequestError as exc:
+        raise HTTPProblem(400, str(exc)) from exc
+    params = {
+        "partition": source,
+        "identifiers": identifiers,
+        "destination": req.destination,
+        "project": req.project,
+        "options": req.options,
+        "pixelRules": req.pixel_rules,
+    }
+    if req.destination["type"] == "partition":
+        target = await lookup_partition_key(ctx.pool, req.destination["settings"]["name"], create=True)
+        if target == source:
+            raise HTTPProblem(400, "the destination partition must not be the source partition")
+        params["destinationPartition"] = target
+    async with ctx.pool.acquire() as conn:
+        op = await create_operation(conn, EXPORT, params, [])
+    runner = getattr(request.app.state, "operations", None)
+    if runner is not None:
+        runner.poke()
+    href = f"{service_root(request)}/operations/{op.id_hex}"
+    return Response(
+        orjson.dumps({"id": op.id_hex, "href": href}),
+        status_code=202,
+        media_type="application/json",
+        headers={"Location": href},
+    )

@@ -1,0 +1,39 @@
+"""GET /operations/{id}: a background operation's state (Azure DICOM service's long-running operations).
+
+200 once it has finished (succeeded, failed, canceled), 202 while it has not, as Azure answers.
+"""
+
+from __future__ import annotations
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from dicomweb.context import context, service_root
+from dicomweb.errors import HTTPProblem
+from dicomweb.routes.extended_query_tags import iso_time
+from indexer.operations import FINISHED, get_operation, parse_operation_id
+
+
+async def get(request: Request) -> Response:
+    raw = request.path_params["operation"]
+    operation_id = parse_operation_id(raw)
+    if operation_id is None:
+        raise HTTPProblem(400, f"{raw!r} is not an operation id (a GUID)")
+    async with context(request).pool.acquire() as conn:
+        op = await get_operation(conn, operation_id)
+    if op is None:
+        raise HTTPProblem(404, f"operation {raw} not found")
+    root = service_root(request)
+    body = {
+        "id": op.id_hex,
+        "type": op.type,
+        "createdTime": iso_time(op.created_at),
+        "lastUpdatedTime": iso_time(op.updated_at),
+        "status": op.status,
+        "percentComplete": op.percent_complete,
+        "resources": [f"{root}/{path}" for path in op.resources],
+        "results": op.results,
+    }
+    status = 200 if op.status in FINISHED else 202
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")

@@ -1,0 +1,294 @@
+"""Background operations: rows in PostgreSQL that any dicomweb process claims, runs in steps and resumes.
+
+An operation is claimed with FOR UPDATE SKIP LOCKED and a lease (a token naming the claim and a deadline).
+The work is done in steps; each step runs in one transaction that first re-locks the operation row and
+checks that the lease token is still the worker's own, and commits the step's effects together with the new
+checkpoint, progress and a renewed lease (the heartbeat). So:
+
+* a worker that dies (process killed, task cancelled) loses at most its uncommitted step, and when its lease
+  runs out any process claims the operation again and resumes from the last checkpoint;
+* a worker that was too slow and lost its lease to another cannot commit anything more: the operation never
+  runs twice at once, even for a moment;
+* canceling is an UPDATE of the row, which waits for a running step to commit; the next step sees it.
+
+The runner is generic: handlers registered by operation type do the work (re-index of extended query tags
+now; exports later). Steps must be much shorter than the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import asyncpg
+import orjson
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("notStarted", "running", "succeeded", "failed", "canceled")
+FINISHED = frozenset({"succeeded", "failed", "canceled"})
+MAX_FAILURES = 3
+
+
+@dataclass(slots=True)
+class Operation:
+    id: uuid.UUID
+    type: str
+    status: str
+    params: dict[str, Any]
+    checkpoint: dict[str, Any] | None
+    percent_complete: int
+    resources: list[str]  # paths relative to a service root
+    results: dict[str, Any]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    attempts: int = 0
+
+    @property
+    def id_hex(self) -> str:
+        """Azure's form of operation ids: a GUID without dashes."""
+        return self.id.hex
+
+
+def _operation(row: asyncpg.Record) -> Operation:
+    return Operation(
+        id=row["operation_id"],
+        type=row["type"],
+        status=row["status"],
+        params=orjson.loads(row["params"]),
+        checkpoint=orjson.loads(row["checkpoint"]) if row["checkpoint"] is not None else None,
+        percent_complete=row["percent_complete"],
+        resources=orjson.loads(row["resources"]),
+        results=orjson.loads(row["results"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        attempts=row["attempts"],
+    )
+
+
+def parse_operation_id(text: str) -> uuid.UUID | None:
+    """An operation id as clients send it (with or without dashes); None when malformed."""
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        return None
+
+
+async def create_operation(
+    conn: asyncpg.Connection, type_: str, params: dict[str, Any], resources: list[str]
+) -> Operation:
+    """A new notStarted operation, committed with the caller's transaction."""
+    row = await conn.fetchrow(
+        """INSERT INTO operation (operation_id, type, params, resources)
+           VALUES ($1, $2, $3::jsonb, $4::jsonb) RETURNING *""",
+        uuid.uuid4(),
+        type_,
+        orjson.dumps(params).decode(),
+        orjson.dumps(resources).decode(),
+    )
+    return _operation(row)
+
+
+async def get_operation(conn: asyncpg.Connection, operation_id: uuid.UUID) -> Operation | None:
+    row = await conn.fetchrow("SELECT * FROM operation WHERE operation_id = $1", operation_id)
+    return _operation(row) if row is not None else None
+
+
+async def cancel_operation(conn: asyncpg.Connection, operation_id: uuid.UUID, reason: str) -> bool:
+    """Mark an unfinished operation canceled (waits for a running step to commit); False if finished."""
+    status = await conn.fetchval(
+        """UPDATE operation SET status = 'canceled', finished_at = clock_timestamp(),
+               updated_at = clock_timestamp(), lease_token = NULL, leased_by = NULL, leased_until = NULL,
+               results = results || jsonb_build_object('reason', $2::text)
+           WHERE operation_id = $1 AND status IN ('notStarted', 'running') RETURNING status""",
+        operation_id,
+        reason,
+    )
+    return status is not None
+
+
+@dataclass(slots=True)
+class Step:
+    """What a handler's step achieved: committed with the step's own effects."""
+
+    checkpoint: dict[str, Any]
+    percent: int
+    done: bool = False
+    results: dict[str, Any] = field(default_factory=dict)  # merged into the operation's results
+
+
+class OperationHandler(Protocol):
+    async def step(self, conn: asyncpg.Connection, op: Operation) -> Step:
+        """Do one short piece of work in the caller's transaction (the operation row is locked)."""
+        ...
+
+
+class LeaseLost(Exception):
+    """The operation was canceled, finished or taken over by another worker since the last step."""
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class OperationRunner:
+    """Claims operations from PostgreSQL and runs them, one at a time, until stopped."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        handlers: Mapping[str, OperationHandler],
+        *,
+        worker: str | None = None,
+        lease_seconds: float = 30.0,
+        poll_interval: float = 2.0,
+    ) -> None:
+        self._pool = pool
+        self._handlers = dict(handlers)
+        self.worker = worker or worker_name()
+        self._lease = lease_seconds
+        self._poll = poll_interval
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._token: uuid.UUID | None = None  # the lease currently held
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="operation-runner")
+
+    def poke(self) -> None:
+        """Look for work now (called after creating an operation in this process)."""
+        self._wakeup.set()
+
+    async def stop(self) -> None:
+        """Stop; the current step is rolled back and the lease released, so another process resumes now."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._token is not None:
+            with contextlib.suppress(Exception):
+                await self._pool.execute(
+                    "UPDATE operation SET lease_token = NULL, leased_by = NULL, leased_until = NULL"
+                    " WHERE lease_token = $1",
+                    self._token,
+                )
+            self._token = None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                worked = await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("operation runner")
+                worked = False
+            if not worked:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), self._poll)
+                self._wakeup.clear()
+
+    async def claim(self) -> Operation | None:
+        """Take the oldest runnable operation (unleased or with an expired lease) and lease it."""
+        token = uuid.uuid4()
+        row = await self._pool.fetchrow(
+            """UPDATE operation o SET status = 'running', lease_token = $1, leased_by = $2,
+                   leased_until = clock_timestamp() + make_interval(secs => $3), attempts = o.attempts + 1,
+                   updated_at = clock_timestamp()
+               WHERE o.operation_id = (
+                   SELECT operation_id FROM operation
+                   WHERE status IN ('notStarted', 'running') AND type = ANY($4::text[])
+                     AND (leased_until IS NULL OR leased_until < clock_timestamp())
+                   ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+               RETURNING o.*""",
+            token,
+            self.worker,
+            self._lease,
+            list(self._handlers),
+        )
+        if row is None:
+            return None
+        self._token = token
+        return _operation(row)
+
+    async def run_once(self) -> bool:
+        """Claim one operation and run it until it finishes or the lease is lost; False if none waited."""
+        op = await self.claim()
+        if op is None:
+            return False
+        token = self._token
+        assert token is not None
+        log.info("operation %s (%s) claimed by %s, attempt %d", op.id_hex, op.type, self.worker, op.attempts)
+        try:
+            while await self.run_step(op.id, token):
+                pass
+        except LeaseLost:
+            log.info("operation %s: lease lost, canceled or finished elsewhere", op.id_hex)
+        # not when cancelled: stop() releases the lease still held
+        self._token = None
+        return True
+
+    async def run_step(self, operation_id: uuid.UUID, token: uuid.UUID) -> bool:
+        """One step under the lease; True while more steps are needed."""
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    """SELECT * FROM operation WHERE operation_id = $1 AND lease_token = $2
+                       AND status = 'running' FOR UPDATE""",
+                    operation_id,
+                    token,
+                )
+                if row is None:
+                    raise LeaseLost
+                op = _operation(row)
+                step = await self._handlers[op.type].step(conn, op)
+                percent = 100 if step.done else max(0, min(99, step.percent))
+                await conn.execute(
+                    """UPDATE operation SET checkpoint = $2::jsonb, percent_complete = $3,
+                           results = results || $4::jsonb, updated_at = clock_timestamp(),
+                           status = CASE WHEN $5 THEN 'succeeded' ELSE status END,
+                           finished_at = CASE WHEN $5 THEN clock_timestamp() END,
+                           lease_token = CASE WHEN $5 THEN NULL ELSE lease_token END,
+                           leased_until = CASE WHEN $5 THEN NULL
+                                          ELSE clock_timestamp() + make_interval(secs => $6) END
+                       WHERE operation_id = $1""",
+                    operation_id,
+                    orjson.dumps(step.checkpoint).decode(),
+                    percent,
+                    orjson.dumps(step.results).decode(),
+                    step.done,
+                    self._lease,
+                )
+                return not step.done
+        except (LeaseLost, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.exception("operation %s: step failed", operation_id.hex)
+            await self._record_failure(operation_id, token, exc)
+            raise LeaseLost from exc
+
+    async def _record_failure(self, operation_id: uuid.UUID, token: uuid.UUID, exc: Exception) -> None:
+        """Retry later (lease released after a pause) or, after MAX_FAILURES, fail the operation."""
+        message = f"{type(exc).__name__}: {exc}"
+        await self._pool.execute(
+            """UPDATE operation SET failures = failures + 1, updated_at = clock_timestamp(),
+                   status = CASE WHEN failures + 1 >= $3 THEN 'failed' ELSE status END,
+                   finished_at = CASE WHEN failures + 1 >= $3 THEN clock_timestamp() END,
+                   results = results || jsonb_build_object('error', $4::text),
+                   lease_token = NULL, leased_by = NULL,
+                   leased_until = clock_timestamp() + make_interval(secs => 2 ^ failures)
+               WHERE operation_id = $1 AND lease_token = $2""",
+            operation_id,
+            token,
+            MAX_FAILURES,
+            message,
+        )

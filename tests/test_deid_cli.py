@@ -1,0 +1,106 @@
+"""`dicomweb deidentify IN OUT --project P`: files on disk through the same engine as exports."""
+
+from __future__ import annotations
+
+import io
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pydicom
+
+from deid.engine import Deidentifier
+from deid.keys import ProjectKeys, read_secret_file
+from deid.profile import Options, build_plan
+from tests.deid_data import Canaries, base_instance, leaked, nested, to_file
+
+
+def write_inputs(root: Path) -> tuple[list[Path], Canaries]:
+    canaries = Canaries(random.Random(21))
+    study, series = canaries.uid(), canaries.uid()
+    paths = []
+    for n in range(5):
+        ds = base_instance(canaries, study=study, series=series, sop=canaries.uid(), patient="P-21")
+        ds.StudyDescription = canaries.text()
+        ds.AcquisitionContextSequence = [nested(canaries, 3)]
+        path = root / "in" / f"sub{n % 2}" / f"{n}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(to_file(ds, canaries))
+        paths.append(path)
+    us = base_instance(canaries, study=study, series=series, sop=canaries.uid(), patient="P-21")
+    us.Modality = "SC"
+    (root / "in" / "screen.dcm").write_bytes(to_file(us, canaries))
+    (root / "in" / "notes.txt").write_text("not DICOM")
+    return paths, canaries
+
+
+def deidentify(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dicomweb.cli", "deidentify", *map(str, args)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_deidentify_files(tmp_path: Path) -> None:
+    paths, canaries = write_inputs(tmp_path)
+    secret = tmp_path / "p.secret"
+    mapping = tmp_path / "mapping.jsonl"
+    out = tmp_path / "out"
+    args = [
+        "--project",
+        "cli-p",
+        "--secret-file",
+        secret,
+        "--option",
+        "clean_descriptors",
+        "--mapping",
+        mapping,
+        "--errors",
+        tmp_path / "errors.jsonl",
+    ]
+    done = deidentify(tmp_path / "in", out, *args)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "exported 5, skipped 2, failed 0"
+    assert "created a new secret for project 'cli-p'" in done.stderr
+    outputs = sorted(out.rglob("*.dcm"))
+    assert len(outputs) == 5
+    engine = Deidentifier(
+        build_plan(Options(clean_descriptors=True)), ProjectKeys("cli-p", read_secret_file(secret))
+    )
+    expected = {}
+    for path in paths:
+        result = engine(path.read_bytes())
+        expected[out / result.new.study / result.new.series / f"{result.new.sop}.dcm"] = result.data
+    assert {p: p.read_bytes() for p in outputs} == expected  # the same engine, byte for byte
+    for data in expected.values():
+        assert leaked(canaries.made, data) == []
+        assert pydicom.dcmread(io.BytesIO(data)).PatientIdentityRemoved == "YES"
+    # skips are reported outside OUT: they name source paths, which may identify patients
+    assert sorted(p.suffix for p in out.rglob("*") if p.is_file()) == [".dcm"] * 5
+    errors = [orjson.loads(line) for line in (tmp_path / "errors.jsonl").read_bytes().splitlines()]
+    assert sorted((Path(e["Identifier"]).name, e["Kind"]) for e in errors) == [
+        ("notes.txt", "skipped"), ("screen.dcm", "skipped")]  # fmt: skip
+    rows = [orjson.loads(line) for line in mapping.read_bytes().splitlines()]
+    assert sorted(r["kind"] for r in rows) == ["instance"] * 5 + ["patient", "series", "study"]
+    assert {r["original"] for r in rows if r["kind"] == "patient"} == {"P-21"}
+    # the mapping never lands beside the data
+    assert b"P-21" not in b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    # again with the same secret: the same files
+    again = deidentify(tmp_path / "in", tmp_path / "again", "--project", "cli-p", "--secret-file", secret,
+                       "--option", "clean_descriptors", "--jobs", "1")  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert '"Kind":"skipped"' in again.stderr  # without --errors: JSON lines on stderr
+    assert sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*.dcm")) == sorted(
+        p.relative_to(out) for p in outputs
+    )
+
+
+def test_deidentify_rejects_bad_arguments(tmp_path: Path) -> None:
+    done = deidentify(tmp_path / "missing", tmp_path / "out", "--project", "p")
+    assert done.returncode == 2 and "does not exist" in done.stderr
+    (tmp_path / "in").mkdir()
+    done = deidentify(tmp_path / "in", tmp_path / "out", "--project", "p", "--option", "retainAll",
+                      "--secret-file", tmp_path / "s")  # fmt: skip
+    assert done.returncode == 2 and "unknown de-identification option 'retainAll'" in done.stderr

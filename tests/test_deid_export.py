@@ -1,0 +1,426 @@
+"""De-identified export end to end: POST /export against a running archive, the operation's progress,
+outputs in a local directory, an S3 bucket and a research partition, and a crash (runner canceled
+mid-export) followed by a resume that neither duplicates nor misses an instance."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import random
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+import pydicom
+import pytest
+from pydicom.sequence import Sequence
+
+from bench.synthetic import multipart_body
+from deid import mapping
+from deid.export import ExportHandler, ExportSettings
+from deid.keys import ProjectKeys
+from dicomweb.app import create_app
+from dicomweb.config import Settings
+from indexer.operations import OperationRunner
+from storage import LocalBlobStore
+from tests.deid_data import Canaries, base_instance, leaked, nested, to_file, uids_in
+from tests.fixtures.s3 import S3Server, make_s3_store
+from tests.fixtures.server import RunningArchive, ServerThread
+
+STUDIES, SERIES, PER_SERIES = 2, 2, 4
+
+
+@dataclasses.dataclass
+class Cohort:
+    files: list[bytes]
+    canaries: Canaries
+    studies: list[str]
+    series: list[tuple[str, str]]
+    burned_in: str  # study/series/sop of the ultrasound without BurnedInAnnotation
+
+
+def make_cohort(seed: int = 11) -> Cohort:
+    canaries = Canaries(random.Random(seed))
+    files, studies, series_list = [], [], []
+    for s in range(STUDIES):
+        study = canaries.uid()
+        studies.append(study)
+        patient = canaries.text()
+        for _ in range(SERIES):
+            series = canaries.uid()
+            series_list.append((study, series))
+            previous = None
+            for _ in range(PER_SERIES):
+                sop = canaries.uid()
+                ds = base_instance(canaries, study=study, series=series, sop=sop, patient=patient)
+                ds.StudyDate = f"2021030{s + 1}"
+                ds.StudyDescription = canaries.text()
+                ds.InstitutionName = canaries.text()
+                ds.add_new(0x00090010, "LO", canaries.text())
+                ds.add_new(0x00091001, "LO", canaries.text())
+                ds.RadiopharmaceuticalInformationSequence = Sequence([nested(canaries, 3)])
+                if previous is not None:
+                    ref = pydicom.Dataset()
+                    ref.ReferencedSOPClassUID = ds.SOPClassUID
+                    ref.ReferencedSOPInstanceUID = previous
+                    ds.ReferencedImageSequence = Sequence([ref])
+                previous = sop
+                files.append(to_file(ds, canaries))
+    # one ultrasound without BurnedInAnnotation: skipped, with its reason in the errors log
+    study, series = series_list[0]
+    sop = canaries.uid()
+    us = base_instance(canaries, study=study, series=series, sop=sop, patient="US")
+    us.Modality = "US"
+    us.StudyDate = "20210301"  # study attributes come from the latest stored instance
+    files.append(to_file(us, canaries))
+    return Cohort(files, canaries, studies, series_list, f"{study}/{series}/{sop}")
+
+
+async def stow(url: str, files: list[bytes], partition_root: str | None = None) -> None:
+    body, content_type = multipart_body(files)
+    async with httpx.AsyncClient(timeout=60) as client:
+        response = await client.post(
+            f"{partition_root or url}/studies", content=body, headers={"Content-Type": content_type}
+        )
+    assert response.status_code == 200, response.text
+
+
+async def post_export(url: str, body: dict[str, Any]) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=60) as client:
+        return await client.post(
+            f"{url}/export", content=orjson.dumps(body), headers={"Content-Type": "application/json"}
+        )
+
+
+async def wait_done(url: str, op_id: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        deadline = asyncio.get_running_loop().time() + 120
+        while True:
+            response = await client.get(f"{url}/operations/{op_id}")
+            body = response.json()
+            if response.status_code == 200:
+                return body
+            assert response.status_code == 202
+            assert asyncio.get_running_loop().time() < deadline, body
+            await asyncio.sleep(0.2)
+
+
+def request_body(cohort: Cohort, destination: dict[str, Any], project: str = "cohort-a") -> dict[str, Any]:
+    study0 = cohort.studies[0]
+    return {
+        "source": {"type": "identifiers", "settings": {"values": [
+            study0, f"{study0}/{cohort.series[0][1]}",  # inside the study: dropped, exported once
+            cohort.series[2][0] + "/" + cohort.series[2][1], cohort.series[3][0] + "/" + cohort.series[3][1],
+            "1.2.3.4.5.6.7",  # not stored: failed, logged
+        ]}},
+        "destination": destination,
+        "deidentification": {"project": project, "options": ["retainLongModifiedDates", "cleanDescriptors"]},
+    }  # fmt: skip
+
+
+EXPECTED = STUDIES * SERIES * PER_SERIES  # the ultrasound is skipped
+
+
+def directory(path: str) -> dict[str, Any]:
+    return {"type": "directory", "settings": {"path": path}}
+
+
+def counts(done: dict[str, Any]) -> tuple[int, int, int]:
+    return done["results"]["exported"], done["results"]["skipped"], done["results"]["failed"]
+
+
+def check_outputs(cohort: Cohort, outputs: dict[str, bytes]) -> set[str]:
+    """Every output valid, free of canaries and original UIDs, references resolving; the SOP UIDs."""
+    assert len(outputs) == EXPECTED
+    originals = set().union(*(uids_in(f) for f in cohort.files)) - {"1.2.840.10008.5.1.4.1.1.2",
+                                                                    "1.2.840.10008.1.2.1"}  # fmt: skip
+    sops = set()
+    for key, data in outputs.items():
+        assert leaked(cohort.canaries.made, data) == []
+        assert uids_in(data) & originals == set()
+        ds = pydicom.dcmread(io.BytesIO(data))
+        assert key.endswith(f"results/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm")
+        assert ds.PatientIdentityRemoved == "YES"
+        assert ds.LongitudinalTemporalInformationModified == "MODIFIED"
+        sops.add(str(ds.SOPInstanceUID))
+    for data in outputs.values():
+        ds = pydicom.dcmread(io.BytesIO(data))
+        for item in ds.get("ReferencedImageSequence") or []:
+            assert item.ReferencedSOPInstanceUID in sops
+    return sops
+
+
+def read_dir(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*.dcm")}
+
+
+async def test_export_to_a_directory(local_archive: RunningArchive, tmp_path: Path) -> None:
+    cohort = make_cohort()
+    await stow(local_archive.url, cohort.files)
+    response = await post_export(
+        local_archive.url, request_body(cohort, {"type": "directory", "settings": {"path": "a"}})
+    )
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert response.headers["location"] == body["href"] == f"{local_archive.url}/operations/{body['id']}"
+    done = await wait_done(local_archive.url, body["id"])
+    assert done["status"] == "succeeded" and done["percentComplete"] == 100
+    assert done["type"] == "export"
+    results = done["results"]
+    assert (results["exported"], results["skipped"], results["failed"]) == (EXPECTED, 1, 1)
+    root = tmp_path / "exports" / "a"
+    outputs = read_dir(root / body["id"])
+    sops = check_outputs(cohort, outputs)
+    errors_log = (root / body["id"] / "errors.log").read_bytes()
+    lines = [orjson.loads(line) for line in errors_log.splitlines()]
+    assert results["errorHref"] == f"a/{body['id']}/errors.log"
+    assert any("modality US without BurnedInAnnotation" in line["Error"] for line in lines)
+    # the log beside the data names instances by de-identified UIDs only
+    assert uids_in(errors_log) & set().union(*(uids_in(f) for f in cohort.files)) == set()
+    # the mapping table holds each pseudonym once, with its original
+    conn = await asyncpg.connect(local_archive.database_url)
+    try:
+        rows = await conn.fetch("SELECT kind, count(*) FROM deid_mapping GROUP BY kind ORDER BY kind")
+        assert {r[0]: r[1] for r in rows} == {"instance": EXPECTED, "patient": 2, "series": 4, "study": 2}
+        secret = bytes(await conn.fetchval("SELECT secret FROM deid_project WHERE project = 'cohort-a'"))
+        first = pydicom.dcmread(io.BytesIO(cohort.files[0]))
+        pseudonym = ProjectKeys("cohort-a", secret).patient_pseudonym(str(first.PatientID), "")
+        found = await mapping.reidentify(conn, "cohort-a", "patient", pseudonym)
+        assert found is not None and found.original == first.PatientID
+        assert await mapping.reidentify(conn, "cohort-b", "patient", pseudonym) is None
+        keys = ProjectKeys("cohort-a", secret)
+        expected = [("/".join(map(keys.uid, cohort.burned_in.split("/"))), "skipped"),
+                    (keys.uid("1.2.3.4.5.6.7"), "failed")]  # fmt: skip
+        assert sorted((line["Identifier"], line["Kind"]) for line in lines) == sorted(expected)
+    finally:
+        await conn.close()
+    assert {ProjectKeys("cohort-a", secret).uid(pydicom.dcmread(io.BytesIO(f)).SOPInstanceUID)
+            for f in cohort.files[:-1]} == sops  # fmt: skip
+    # same project again: identical UIDs; another project: none in common
+    again = (
+        await post_export(
+            local_archive.url, request_body(cohort, {"type": "directory", "settings": {"path": "b"}})
+        )
+    ).json()
+    other = (
+        await post_export(
+            local_archive.url,
+            request_body(cohort, {"type": "directory", "settings": {"path": "c"}}, "cohort-b"),
+        )
+    ).json()
+    await wait_done(local_archive.url, again["id"])
+    await wait_done(local_archive.url, other["id"])
+    again_out = read_dir(tmp_path / "exports" / "b" / again["id"])
+    assert sorted(again_out) == sorted(outputs) and again_out == outputs
+    other_sops = check_outputs(cohort, read_dir(tmp_path / "exports" / "c" / other["id"]))
+    assert other_sops.isdisjoint(sops)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"source": {"type": "identifiers", "settings": {"values": ["1.2"]}},
+          "destination": {"type": "directory", "settings": {"path": "x"}}}, "deidentification is required"),
+        ({"source": {"type": "identifiers", "settings": {"values": ["1.2"]}},
+          "destination": {"type": "directory", "settings": {"path": "../x"}},
+          "deidentification": {"project": "p"}}, "relative to the server's export directory"),
+        ({"source": {"type": "identifiers", "settings": {"values": ["1.02"]}},
+          "destination": {"type": "directory", "settings": {"path": "x"}},
+          "deidentification": {"project": "p"}}, "is not study[/series[/instance]]"),
+        ({"source": {"type": "identifiers", "settings": {"values": ["1.2"]}},
+          "destination": {"type": "directory", "settings": {"path": "x"}},
+          "deidentification": {"project": "p",
+                               "options": ["retainLongFullDates", "retainLongModifiedDates"]}},
+         "exclude each other"),
+        ({"source": {"type": "query", "settings": {"query": "PatientID=nobody"}},
+          "destination": {"type": "directory", "settings": {"path": "x"}},
+          "deidentification": {"project": "p"}}, "matches no study"),
+        ({"source": {"type": "identifiers", "settings": {"values": ["1.2"]}},
+          "destination": {"type": "partition", "settings": {"name": "Microsoft.Default"}},
+          "deidentification": {"project": "p"}}, "must not be the source partition"),
+    ],
+)  # fmt: skip
+async def test_bad_export_requests(local_archive: RunningArchive, body: dict[str, Any], message: str) -> None:
+    response = await post_export(local_archive.url, body)
+    assert response.status_code == 400
+    assert message in response.json()["error"]["message"]
+
+
+async def test_export_by_query_to_a_research_partition(local_archive: RunningArchive) -> None:
+    cohort = make_cohort(12)
+    await stow(local_archive.url, cohort.files)
+    study_date = "20210301"  # the first study only
+    body = {
+        "source": {"type": "query", "settings": {"query": f"StudyDate={study_date}"}},
+        "destination": {"type": "partition", "settings": {"name": "research"}},
+        "deidentification": {"project": "cohort-q"},
+    }
+    response = await post_export(local_archive.url, body)
+    assert response.status_code == 202, response.text
+    done = await wait_done(local_archive.url, response.json()["id"])
+    per_study = SERIES * PER_SERIES
+    assert (done["results"]["exported"], done["results"]["skipped"]) == (per_study, 1)
+    research = f"{local_archive.base}/v2/partitions/research"
+    async with httpx.AsyncClient(timeout=30) as client:
+        studies = (await client.get(f"{research}/studies")).json()
+        assert len(studies) == 1
+        study = studies[0]["0020000D"]["Value"][0]
+        assert study.startswith("2.25.") and study != cohort.studies[0]
+        instances = (await client.get(f"{research}/instances")).json()
+        assert len(instances) == per_study
+        feed = (await client.get(f"{local_archive.base}/v1/partitions/research/changefeed?limit=100")).json()
+        assert len(feed) == per_study
+        sop = instances[0]["00080018"]["Value"][0]
+        series = instances[0]["0020000E"]["Value"][0]
+        accept = {"Accept": 'multipart/related; type="application/dicom"'}
+        got = await client.get(f"{research}/studies/{study}/series/{series}/instances/{sop}", headers=accept)
+        assert got.status_code == 200
+        assert leaked(cohort.canaries.made, got.content) == []
+
+
+@pytest.fixture
+def quiet_archive(database_url: str, tmp_path: Path) -> Iterator[RunningArchive]:
+    """An archive whose own operation runner is off: the test runs (and crashes) runners itself."""
+    settings = Settings(data_dir=tmp_path, max_instance_size=64 << 20, insecure_open=True)
+    app = create_app(settings, database_url=database_url, store=LocalBlobStore(tmp_path / "blobs"),
+                     run_maintenance=False)  # fmt: skip
+    thread = ServerThread(app)
+    port = thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        yield RunningArchive(f"{base}/v2", base, database_url, LocalBlobStore(tmp_path / "blobs"))
+    finally:
+        thread.stop()
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def progress(pool: asyncpg.Pool, op_id: str) -> dict[str, Any]:
+    row = await pool.fetchrow(
+        "SELECT status, checkpoint FROM operation WHERE operation_id = $1", uuid.UUID(op_id)
+    )
+    return {"status": row["status"], **(orjson.loads(row["checkpoint"]) if row["checkpoint"] else {})}
+
+
+async def until_exported(pool: asyncpg.Pool, op_id: str, count: int) -> None:
+    """Poll the operation's committed checkpoint (another task's progress; no event to wait on)."""
+    async with asyncio.timeout(60):
+        while (await progress(pool, op_id)).get("exported", 0) < count:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def test_crash_mid_export_and_resume_to_a_partition(
+    quiet_archive: RunningArchive, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    cohort = make_cohort(13)
+    await stow(quiet_archive.url, cohort.files)
+    body = request_body(cohort, {"type": "partition", "settings": {"name": "research"}})
+    op_id = (await post_export(quiet_archive.url, body)).json()["id"]
+    store = LocalBlobStore(tmp_path / "blobs")
+    settings = ExportSettings(tmp_path / "exports", workers=0)
+    first = OperationRunner(pool, {"export": ExportHandler(pool, store, settings, batch=3)}, lease_seconds=5)
+    first.start()
+    await until_exported(pool, op_id, 6)
+    await first.stop()  # the crash: the running step is canceled and rolled back
+    state = await progress(pool, op_id)
+    assert state["status"] == "running" and 6 <= state["exported"] < EXPECTED
+    second = OperationRunner(pool, {"export": ExportHandler(pool, store, settings, batch=5)}, lease_seconds=5)
+    second.start()
+    try:
+        done = await wait_done(quiet_archive.url, op_id)
+    finally:
+        await second.stop()
+    assert (done["results"]["exported"], done["results"]["skipped"], done["results"]["failed"]) == (
+        EXPECTED,
+        1,
+        1,
+    )
+    research = await pool.fetchval("SELECT partition_key FROM partition WHERE name = 'research'")
+    assert await pool.fetchval("SELECT count(*) FROM instance WHERE partition_key = $1", research) == EXPECTED
+    assert (
+        await pool.fetchval("SELECT count(*) FROM changefeed WHERE partition_key = $1", research) == EXPECTED
+    )
+    assert await pool.fetchval("SELECT count(*) FROM deid_mapping WHERE kind = 'instance'") == EXPECTED
+    errors = await pool.fetch("SELECT identifier, kind FROM deid_export_error ORDER BY identifier")
+    assert sorted((r[0], r[1]) for r in errors) == sorted(
+        [(cohort.burned_in, "skipped"), ("1.2.3.4.5.6.7", "failed")]
+    )
+    outputs = {}
+    for row in await pool.fetch("SELECT storage_key FROM instance WHERE partition_key = $1", research):
+        data = await store.read(row[0])
+        ds = pydicom.dcmread(io.BytesIO(data))
+        outputs[f"results/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"] = data
+    check_outputs(cohort, outputs)
+    await store.close()
+
+
+async def test_export_to_s3_with_a_crash(
+    quiet_archive: RunningArchive, pool: asyncpg.Pool, tmp_path: Path, s3_server: S3Server, s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    cohort = make_cohort(14)
+    await stow(quiet_archive.url, cohort.files)
+    prefix = f"export-{uuid.uuid4().hex}"
+    body = request_body(cohort, {"type": "s3", "settings": {"bucket": s3_bucket, "prefix": prefix}})
+    op_id = (await post_export(quiet_archive.url, body)).json()["id"]
+    store = LocalBlobStore(tmp_path / "blobs")
+    settings = ExportSettings(tmp_path / "exports", s3_server.endpoint_url, s3_server.region, workers=2)
+    first = OperationRunner(pool, {"export": ExportHandler(pool, store, settings, batch=4)}, lease_seconds=5)
+    first.start()
+    await until_exported(pool, op_id, 4)
+    await first.stop()
+    second = OperationRunner(pool, {"export": ExportHandler(pool, store, settings)}, lease_seconds=5)
+    second.start()
+    try:
+        done = await wait_done(quiet_archive.url, op_id)
+    finally:
+        await second.stop()
+    assert (done["results"]["exported"], done["results"]["skipped"], done["results"]["failed"]) == (
+        EXPECTED,
+        1,
+        1,
+    )
+    assert done["results"]["errorHref"] == f"s3://{s3_bucket}/{prefix}/{op_id}/errors.log"
+    bucket = make_s3_store(s3_server, s3_bucket, prefix)
+    try:
+        keys = [info.key async for info in bucket.list(f"{op_id}/")]
+        outputs = {key: await bucket.read(key) for key in keys if key.endswith(".dcm")}
+        assert sorted(keys) == sorted([*outputs, f"{op_id}/errors.log"])
+        check_outputs(cohort, outputs)
+    finally:
+        await bucket.close()
+        await store.close()
+
+
+async def test_export_from_either_archive_store(archive: RunningArchive, tmp_path: Path) -> None:
+    """The archive's own store local or S3: objects are read by the parent and handed to the workers."""
+    cohort = make_cohort(15)
+    await stow(archive.url, cohort.files)
+    body = {
+        "source": {"type": "identifiers", "settings": {"values": [cohort.studies[1]]}},
+        "destination": directory("e"),
+        "deidentification": {"project": "cohort-e", "options": ["retainLongModifiedDates"]},
+    }
+    response = await post_export(archive.url, body)
+    assert response.status_code == 202, response.text
+    done = await wait_done(archive.url, response.json()["id"])
+    assert counts(done) == (SERIES * PER_SERIES, 0, 0)
+    outputs = read_dir(tmp_path / "exports" / "e" / response.json()["id"])
+    assert len(outputs) == SERIES * PER_SERIES
+    for data in outputs.values():
+        assert leaked(cohort.canaries.made, data) == []
+        assert pydicom.dcmread(io.BytesIO(data)).PatientIdentityRemoved == "YES"

@@ -1,0 +1,287 @@
+"""Work items in PostgreSQL: each UPS-RS transaction is one database transaction that locks the work item,
+decides with worklist.states / worklist.validate, writes it and queues its events (worklist.events) before
+commit. A request that fails raises `UpsError` before anything is written, so it changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+
+from worklist import events
+from worklist.columns import COLUMNS, columns
+from worklist.search import Args, parse_filter_list, where_sql
+from worklist.states import Outcome, State, Status, change_state, may_update, request_cancel
+from worklist.validate import (
+    PROCEDURE_STEP_STATE,
+    DatasetError,
+    final_state_missing,
+    name,
+    now_dt,
+    prepare_update,
+    values,
+)
+
+INCONSISTENT = "The submitted request is inconsistent with the state of the UPS Instance."
+NOT_CLAIMED = "The target URI did not reference a claimed Workitem."
+TUID_INCORRECT = "The Transaction UID is incorrect."
+ALREADY = {
+    Status.ALREADY_CANCELED: "The UPS is already in the requested state of CANCELED.",
+    Status.ALREADY_COMPLETED: "The UPS is already in the requested state of COMPLETED.",
+}
+
+
+class UpsError(Exception):
+    """A refused request: HTTP status, a clear message, and the PS3.18 Warning text when it names one."""
+
+    def __init__(self, status: int, message: str, warning: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.warning = warning
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    key: int
+    state: State
+    tuid: str | None
+    attrs: dict[str, Any]
+
+
+async def lock_workitem(conn: asyncpg.Connection, partition_key: int, uid: str) -> _Row:
+    row = await conn.fetchrow(
+        """SELECT workitem_key, state, transaction_uid, body FROM ups_workitem
+           WHERE partition_key = $1 AND sop_instance_uid = $2 FOR UPDATE""",
+        partition_key,
+        uid,
+    )
+    if row is None:
+        raise UpsError(404, f"workitem {uid} does not exist")
+    return _Row(row[0], State(row[1]), row[2], orjson.loads(row[3]))
+
+
+# The subscribers of the item, read by the statement that writes it: that statement starts after the row
+# lock was granted, so its snapshot sees every subscription committed before (subscribing locks the row
+# too), and no event of this change can miss a subscriber. Saves a round trip on every write.
+_SUBSCRIBERS = "ARRAY(SELECT s.ae_title FROM ups_subscription s WHERE s.workitem_key = $1)"
+
+
+async def _write(
+    conn: asyncpg.Connection, row: _Row, attrs: dict[str, Any], state: State, tuid: str | None
+) -> list[str]:
+    """Store the item's new data set and state; returns its subscribers (see _SUBSCRIBERS)."""
+    cols = columns(attrs)
+    body = orjson.dumps(attrs)
+    sets = ", ".join(f"{c} = ${n}" for n, c in enumerate(COLUMNS, start=6))
+    return await conn.fetchval(
+        f"""UPDATE ups_workitem SET attrs = $2::jsonb, body = $5, state = $3, transaction_uid = $4, {sets},
+               updated_at = now() WHERE workitem_key = $1 RETURNING {_SUBSCRIBERS}""",
+        row.key,
+        body.decode(),
+        int(state),
+        tuid,
+        body,
+        *(cols[c] for c in COLUMNS),
+    )
+
+
+def partition_lock(partition_key: int) -> int:
+    """Advisory lock key: creates hold it shared, global subscriptions exclusively (see subscribe)."""
+    return 0x55505357_00000000 + partition_key
+
+
+# --- the UPS-RS transactions ----------------------------------------------------------------------------
+
+
+async def create(pool: asyncpg.Pool, partition_key: int, uid: str, attrs: dict[str, Any]) -> None:
+    cols = columns(attrs)
+    names = ", ".join(COLUMNS)
+    params = ", ".join(f"${n}" for n in range(6, 6 + len(COLUMNS)))
+    body = orjson.dumps(attrs)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", partition_lock(partition_key))
+        key = await conn.fetchval(
+            f"""INSERT INTO ups_workitem (partition_key, sop_instance_uid, state, attrs, body, {names})
+                VALUES ($1, $2, $3, $4::jsonb, $5, {params})
+                ON CONFLICT (partition_key, sop_instance_uid) DO NOTHING RETURNING workitem_key""",
+            partition_key,
+            uid,
+            int(State.SCHEDULED),
+            body.decode(),
+            body,
+            *(cols[c] for c in COLUMNS),
+        )
+        if key is None:
+            raise UpsError(409, f"workitem {uid} already exists")
+        titles = await _subscribe_new(conn, partition_key, key)
+        if titles:
+            created = [events.state_report(uid, attrs)]
+            if any(values(attrs, k) for k in events.ASSIGNMENT_KEYS):
+                created.append(events.from_workitem(uid, events.EventType.ASSIGNED, attrs))
+            await events.emit(conn, partition_key, events.fan_out(titles, created))
+
+
+async def _subscribe_new(conn: asyncpg.Connection, partition_key: int, key: int) -> list[str]:
+    """Work item subscriptions of a new item for the global subscriptions that take it."""
+    globals_ = await conn.fetch(
+        """SELECT ae_title, filter, deletion_lock FROM ups_global_subscription WHERE partition_key = $1
+           ORDER BY ae_title, filtered""",
+        partition_key,
+    )
+    titles: list[str] = []
+    for g in globals_:
+        if g["ae_title"] in titles:
+            continue
+        if g["filter"] is not None:
+            args = Args([key])
+            where = where_sql(parse_filter_list(g["filter"]), args)
+            if not await conn.fetchval(
+                f"SELECT EXISTS (SELECT 1 FROM ups_workitem w WHERE w.workitem_key = $1 AND {where})",
+                *args.values,
+            ):
+                continue
+        titles.append(g["ae_title"])
+        await conn.execute(
+            """INSERT INTO ups_subscription (workitem_key, partition_key, ae_title, deletion_lock)
+               VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING""",
+            key,
+            partition_key,
+            g["ae_title"],
+            g["deletion_lock"],
+        )
+    return titles
+
+
+async def retrieve(pool: asyncpg.Pool, partition_key: int, uid: str) -> bytes | None:
+    return await pool.fetchval(
+        "SELECT body FROM ups_workitem WHERE partition_key = $1 AND sop_instance_uid = $2",
+        partition_key,
+        uid,
+    )
+
+
+async def update(
+    pool: asyncpg.Pool, partition_key: int, uid: str, tuid: str | None, ds: dict[str, Any]
+) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        row = await lock_workitem(conn, partition_key, uid)
+        status = may_update(row.state, row.tuid, tuid)
+        if status is Status.MAY_NO_LONGER_BE_UPDATED:
+            raise UpsError(
+                409, f"workitem {uid} is {row.state.code} and may no longer be updated", INCONSISTENT
+            )
+        if status is Status.WRONG_TRANSACTION_UID:
+            what = "requires its Transaction UID" if tuid is None else "was given a wrong Transaction UID"
+            raise UpsError(409, f"workitem {uid} is IN PROGRESS and {what}", NOT_CLAIMED)
+        try:
+            attrs = prepare_update(ds, row.attrs)
+        except DatasetError as exc:
+            raise UpsError(400, str(exc)) from exc
+        titles = await _write(conn, row, attrs, row.state, row.tuid)
+        changed = [
+            (
+                events.EventType.PROGRESS_REPORT,
+                row.attrs.get(events.PROGRESS_KEY) != attrs.get(events.PROGRESS_KEY),
+            ),
+            (
+                events.EventType.ASSIGNED,
+                any(row.attrs.get(k) != attrs.get(k) for k in events.ASSIGNMENT_KEYS),
+            ),
+            (
+                events.EventType.STATE_REPORT,
+                row.attrs.get(events.READINESS_KEY) != attrs.get(events.READINESS_KEY),
+            ),
+        ]
+        kinds = [kind for kind, yes in changed if yes]
+        if kinds and titles:
+            emitted = [events.from_workitem(uid, kind, attrs) for kind in kinds]
+            await events.emit(conn, partition_key, events.fan_out(titles, emitted))
+
+
+async def set_state(
+    pool: asyncpg.Pool, partition_key: int, uid: str, requested: State, tuid: str
+) -> str | None:
+    """Change Workitem State; returns the Warning text of a success with warning (already in that state)."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await lock_workitem(conn, partition_key, uid)
+        missing = final_state_missing(row.attrs, requested) if requested.final else []
+        outcome = change_state(row.state, row.tuid, requested, tuid, not missing)
+        _raise_for(outcome, row, requested, missing, uid)
+        if outcome.new_state is None:
+            return ALREADY.get(outcome.status)
+        attrs = dict(row.attrs)
+        attrs[PROCEDURE_STEP_STATE] = {"vr": "CS", "Value": [outcome.new_state.code]}
+        attrs["00404010"] = {"vr": "DT", "Value": [now_dt()]}
+        titles = await _write(conn, row, attrs, outcome.new_state, tuid)
+        if titles:
+            await events.emit(conn, partition_key, events.fan_out(titles, [events.state_report(uid, attrs)]))
+    return None
+
+
+def _raise_for(outcome: Outcome, row: _Row, requested: State, missing: list[str], uid: str) -> None:
+    if not outcome.failed:
+        return
+    code = outcome.status.value
+    if outcome.status is Status.WRONG_TRANSACTION_UID:
+        raise UpsError(
+            409, f"workitem {uid}: the Transaction UID is not the owner's ({code})", TUID_INCORRECT
+        )
+    if outcome.status is Status.FINAL_STATE_NOT_MET:
+        raise UpsError(
+            409,
+            f"workitem {uid} cannot become {requested.code}: final state requirements not met ({code}); "
+            f"missing: {'; '.join(missing)}",
+            INCONSISTENT,
+        )
+    reasons = {
+        Status.ALREADY_IN_PROGRESS: "is already IN PROGRESS",
+        Status.ONLY_VIA_CREATE: "can become SCHEDULED only when created",
+        Status.NOT_IN_PROGRESS: "is not IN PROGRESS yet (claim it first)",
+        Status.MAY_NO_LONGER_BE_UPDATED: f"is {row.state.code}, a final state",
+    }
+    raise UpsError(409, f"workitem {uid} {reasons.get(outcome.status, 'refused')} ({code})", INCONSISTENT)
+
+
+CANCEL_INFO_KEYS = frozenset({"00741238", "0074100E", "0074100A", "0074100C", "00741236"})
+
+
+async def cancel(pool: asyncpg.Pool, partition_key: int, uid: str, info: dict[str, Any]) -> str | None:
+    """Request Cancellation; returns the Warning text when the item was already CANCELED."""
+    extra = set(info) - CANCEL_INFO_KEYS
+    if extra:
+        raise UpsError(400, f"a cancellation request takes no {', '.join(name(k) for k in sorted(extra))}")
+    async with pool.acquire() as conn, conn.transaction():
+        row = await lock_workitem(conn, partition_key, uid)
+        outcome = request_cancel(row.state)
+        if outcome.status is Status.ALREADY_COMPLETED_CANCEL:
+            raise UpsError(409, f"workitem {uid} is COMPLETED and cannot be canceled (C311)", INCONSISTENT)
+        if outcome.status is Status.ALREADY_CANCELED:
+            return ALREADY[Status.ALREADY_CANCELED]
+        if outcome.cancel_requested:
+            titles = await conn.fetchval(
+                "UPDATE ups_workitem SET cancel_requested = true WHERE workitem_key = $1 "
+                f"RETURNING {_SUBSCRIBERS}",
+                row.key,
+            )
+            queued = [events.cancel_requested(uid, info)]
+        else:  # SCHEDULED: the archive cancels it, reporting IN PROGRESS then CANCELED (Table CC.1.1-2)
+            attrs = dict(row.attrs)
+            items = values(attrs, "00741002")
+            progress = dict(items[0]) if items and isinstance(items[0], dict) else {}
+            progress["00404052"] = {"vr": "DT", "Value": [now_dt()]}  # ProcedureStepCancellationDateTime
+            progress.update({k: v for k, v in info.items() if k != "00741236"})
+            attrs["00741002"] = {"vr": "SQ", "Value": [progress]}
+            attrs[PROCEDURE_STEP_STATE] = {"vr": "CS", "Value": [State.CANCELED.code]}
+            attrs["00404010"] = {"vr": "DT", "Value": [now_dt()]}
+            titles = await _write(conn, row, attrs, State.CANCELED, None)
+            queued = [
+                events.state_report(uid, attrs, State.IN_PROGRESS.code),
+                events.state_report(uid, attrs),
+            ]
+        if titles:
+            await events.emit(conn, partition_key, events.fan_out(titles, queued))
+    return None
