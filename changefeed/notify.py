@@ -9,18 +9,12 @@ readers also re-check on a slow timer (`RECHECK`): a lost notification costs lat
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-
-import asyncpg
 
 from changefeed.log import CHANNEL
-
-log = logging.getLogger(__name__)
+from indexer.listen import Listener
 
 # longest a waiting reader goes without re-querying, whatever the notifications say
 RECHECK = 5.0
-_RECONNECT_MAX = 10.0
 
 
 class FeedNotifier:
@@ -30,21 +24,14 @@ class FeedNotifier:
     """
 
     def __init__(self, database_url: str, channel: str = CHANNEL) -> None:
-        self._database_url = database_url
-        self._channel = channel
         self._future: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._connected = asyncio.Event()
+        self._listener = Listener(database_url, channel, self._wake, self._wake)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"{self._channel}-listener")
+        self._listener.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._listener.stop()
 
     def next_change(self) -> asyncio.Future[None]:
         """A future resolved by the next notification (or reconnect) after this call."""
@@ -54,34 +41,8 @@ class FeedNotifier:
 
     async def wait_connected(self) -> None:
         """Until the listener is up (tests, and readers that must not miss the first commit)."""
-        await self._connected.wait()
+        await self._listener.connected.wait()
 
     def _wake(self, *_: object) -> None:
         if self._future is not None and not self._future.done():
             self._future.set_result(None)
-
-    async def _run(self) -> None:
-        delay = 0.1
-        while True:
-            conn: asyncpg.Connection | None = None
-            lost = asyncio.Event()
-            try:
-                conn = await asyncpg.connect(self._database_url)
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(self._channel, self._wake)
-                self._connected.set()
-                self._wake()  # entries may have committed while nobody listened
-                delay = 0.1
-                await lost.wait()
-                log.warning("%s listener lost its connection; reconnecting", self._channel)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("%s listener cannot connect (%s); retrying in %.1fs", self._channel, exc, delay)
-            finally:
-                self._connected.clear()
-                if conn is not None and not conn.is_closed():
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(conn.close(timeout=2))
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _RECONNECT_MAX)
