@@ -311,6 +311,45 @@ async def refresh_counters(conn: asyncpg.Connection, study_keys: list[int], seri
         )
 
 
+def _update_sql(table: str, key: str, columns: list[str]) -> str:
+    sets = ", ".join(f"{c} = ${n}" for n, c in enumerate(columns, start=3))
+    return f"UPDATE {table} SET attrs = $2, updated_at = now(), {sets} WHERE {key} = $1"
+
+
+_STUDY_REFRESH = _update_sql("study", "study_key", _STUDY_COLUMNS)
+_SERIES_REFRESH = _update_sql("series", "series_key", _SERIES_COLUMNS)
+
+
+async def _refresh_level_attrs(
+    conn: asyncpg.Connection, study_keys: list[int], series_keys: list[int]
+) -> None:
+    """Give studies and series that lost instances their attributes from the latest instance left.
+
+    At ingest the latest stored instance supplies a level's attributes; after a delete that instance may be
+    gone, and QIDO must not keep answering with the values of a deleted instance. Rows left without
+    instances were already removed by refresh_counters.
+    """
+    for level_key, keys, update_sql, level_attrs, columns in (
+        ("series_key", series_keys, _SERIES_REFRESH, series_attrs, series_columns),
+        ("study_key", study_keys, _STUDY_REFRESH, study_attrs, study_columns),
+    ):
+        if not keys:
+            continue
+        latest = await conn.fetch(
+            f"""SELECT DISTINCT ON ({level_key}) {level_key} AS key, metadata FROM instance
+                WHERE {level_key} = ANY($1::bigint[]) ORDER BY {level_key}, instance_key DESC""",
+            keys,
+        )
+        await conn.executemany(
+            update_sql,
+            [
+                (row["key"], orjson.dumps(level_attrs(attrs)), *columns(attrs).values())
+                for row in latest
+                for attrs in (orjson.loads(row["metadata"]),)
+            ],
+        )
+
+
 async def remove_instances(
     conn: asyncpg.Connection,
     partition_key: int,
@@ -341,9 +380,9 @@ async def remove_instances(
         "INSERT INTO blob_deletion (storage_key) VALUES ($1) ON CONFLICT DO NOTHING",
         [(r["storage_key"],) for r in rows],
     )
-    await refresh_counters(
-        conn, sorted({r["study_key"] for r in rows}), sorted({r["series_key"] for r in rows})
-    )
+    study_keys, series_keys = sorted({r["study_key"] for r in rows}), sorted({r["series_key"] for r in rows})
+    await refresh_counters(conn, study_keys, series_keys)
+    await _refresh_level_attrs(conn, study_keys, series_keys)
     return [
         RemovedInstance(
             r["study_instance_uid"],

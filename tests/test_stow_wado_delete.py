@@ -256,6 +256,40 @@ async def test_delete_levels(client: httpx.AsyncClient, archive: RunningArchive)
     assert (await stow(client, files)).status_code == 200
 
 
+async def test_delete_gives_levels_the_attributes_of_what_is_left(
+    client: httpx.AsyncClient, archive: RunningArchive
+) -> None:
+    """Study and series attributes come from the latest stored instance; deleting it must not leave its
+    values in QIDO results."""
+    rng = random.Random(12)
+    spec = make_study(rng, series_count=1)
+    first, second = (make_instance(spec, 0, n, rng=rng) for n in (1, 2))
+    for ds, label in ((first, "FIRST"), (second, "SECOND")):
+        ds.StudyDescription = f"STUDY {label}"
+        ds.SeriesDescription = f"SERIES {label}"
+    assert (await stow(client, [to_bytes(first)])).status_code == 200
+    assert (await stow(client, [to_bytes(second)])).status_code == 200
+
+    async def descriptions() -> tuple[list, list]:
+        study = (
+            await client.get(
+                "/studies", params={"StudyInstanceUID": spec.study_uid, "includefield": "StudyDescription"}
+            )
+        ).json()
+        series = (await client.get(f"/studies/{spec.study_uid}/series",
+                                   params={"includefield": "SeriesDescription"})).json()  # fmt: skip
+        return [s["00081030"]["Value"][0] for s in study], [s["0008103E"]["Value"][0] for s in series]
+
+    assert await descriptions() == (["STUDY SECOND"], ["SERIES SECOND"])
+    url = f"/studies/{spec.study_uid}/series/{second.SeriesInstanceUID}/instances/{second.SOPInstanceUID}"
+    assert (await client.delete(url)).status_code == 204
+    assert await descriptions() == (["STUDY FIRST"], ["SERIES FIRST"])
+    # the typed match columns follow too
+    found = (await client.get("/studies", params={"StudyDescription": "STUDY FIRST"})).json()
+    assert [s["0020000D"]["Value"][0] for s in found] == [spec.study_uid]
+    assert (await client.get("/studies", params={"StudyDescription": "STUDY SECOND"})).json() == []
+
+
 async def test_partitions(client: httpx.AsyncClient, archive: RunningArchive) -> None:
     spec, files = study_files(9, count=1)
     async with httpx.AsyncClient(base_url=f"{archive.base}/v2/partitions/research", timeout=30) as research:
