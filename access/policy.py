@@ -43,6 +43,7 @@ class Family(StrEnum):
     AUDIT = "audit"
     METRICS = "metrics"
     TOKENS = "tokens"
+    REIDENTIFY = "reidentify"
     REQUEST_SUBMIT = "datarequests.submit"
     REQUEST_READ = "datarequests.read"
     REQUEST_REVIEW = "datarequests.review"
@@ -70,6 +71,8 @@ POLICY: dict[Family, frozenset[Role]] = {
     Family.AUDIT: frozenset({OWN, AUD}),
     Family.METRICS: frozenset({OWN, AUD}),
     Family.TOKENS: frozenset({OWN}),
+    # the pseudonym -> original lookup: a deliberate act of an owner, audited like everything else
+    Family.REIDENTIFY: frozenset({OWN}),
     Family.REQUEST_SUBMIT: frozenset({RS}),
     Family.REQUEST_READ: frozenset({OWN, RS, RV, AUD}),
     Family.REQUEST_REVIEW: frozenset({OWN, RV}),
@@ -85,7 +88,7 @@ NEEDS_NAMED_PARTITION = frozenset({Role.RESEARCHER})
 # ATNA EventActionCode per family (C create, R read, U update, D delete, E execute)
 ACTION_CODES: dict[Family, str] = {
     Family.STOW: "C", Family.DELETE: "D", Family.EQT_WRITE: "U", Family.EXPORT: "E",
-    Family.REQUEST_SUBMIT: "C", Family.REQUEST_REVIEW: "U",
+    Family.REQUEST_SUBMIT: "C", Family.REQUEST_REVIEW: "U", Family.REIDENTIFY: "E",
 }  # fmt: skip
 
 
@@ -192,6 +195,9 @@ def classify(method: str, path: str) -> Target:
         return Target(Family.AUDIT, method=method) if method == "GET" else Target(Family.UNKNOWN)
     if path == "/tokens" or (path.startswith("/tokens/") and path.count("/") == 2):
         return Target(Family.TOKENS, method=method)
+    if path.startswith("/reidentify/"):
+        shape_ok = method == "GET" and path.count("/") == 4
+        return Target(Family.REIDENTIFY if shape_ok else Family.UNKNOWN, method=method)
     if path in ("/datarequests/page", "/datarequests/page.js"):
         return Target(Family.PAGE, method=method)
     if path == "/datarequests":

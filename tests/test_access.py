@@ -354,6 +354,40 @@ async def test_audit_holds_exactly_one_record_per_request(
     assert all(r["client_address"] == "127.0.0.1" for r in rows)
 
 
+async def test_reidentification_is_for_owners_and_audited(
+    secure: SecureArchive, client: httpx.AsyncClient
+) -> None:
+    from deid.mapping import Mapping, project_secret, record
+
+    conn = await asyncpg.connect(secure.running.database_url)
+    try:
+        await project_secret(conn, "cohort-1")  # the project exists once an export has used it
+        await record(conn, "cohort-1", [Mapping("patient", "PSEUDO-7", "MRN-12345", "HOSP")])
+    finally:
+        await conn.close()
+    owner, _ = await make_token(secure.running.database_url, "owner", name="dpo")
+    auditor, _ = await make_token(secure.running.database_url, "auditor")
+    url = "/reidentify/cohort-1/patient/PSEUDO-7"
+    r = await client.get(url, headers=bearer(owner))
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+    assert r.json() == {
+        "project": "cohort-1", "kind": "patient", "pseudonym": "PSEUDO-7", "original": "MRN-12345",
+        "issuer": "HOSP",
+    }  # fmt: skip
+    assert (await client.get(url, headers=bearer(auditor))).json() == DENIED
+    assert (await client.get("/reidentify/cohort-1/patient/NOPE", headers=bearer(owner))).status_code == 404
+    assert (await client.get("/reidentify/cohort-1/nurse/PSEUDO-7", headers=bearer(owner))).status_code == 400
+    rows = await audit_rows(secure)
+    assert [(r["action"], r["action_code"], r["path"], r["status"]) for r in rows] == [
+        ("reidentify", "E", url, 200),
+        ("reidentify", "E", url, 403),
+        ("reidentify", "E", "/reidentify/cohort-1/patient/NOPE", 404),
+        ("reidentify", "E", "/reidentify/cohort-1/nurse/PSEUDO-7", 400),
+    ]
+    # who looked up which pseudonym is recorded; the original never is
+    assert "MRN-12345" not in json.dumps([dict(r) for r in rows], default=str)
+
+
 async def test_audit_is_append_only(secure: SecureArchive, client: httpx.AsyncClient) -> None:
     await client.get("/v2/studies")
     assert len(await audit_rows(secure)) == 1

@@ -41,6 +41,7 @@ EXPECTED: dict[str, set[str]] = {
     "audit": {"owner", "auditor"},
     "metrics": {"owner", "auditor"},
     "tokens": {"owner"},
+    "reidentify": {"owner"},
     "datarequests-submit": {"researcher"},
     "datarequests-read": {"owner", "researcher", "reviewer", "auditor"},
     # a researcher gets 403 for any request not their own, existing or not (tests/test_access_requests.py)
@@ -94,6 +95,7 @@ ROUTES: list[tuple[str, str, str]] = [
     ("tokens", "GET", "/tokens"),
     ("tokens", "POST", "/tokens"),
     ("tokens", "DELETE", "/tokens/no-such-token"),
+    ("reidentify", "GET", "/reidentify/project-a/patient/PSEUDONYM"),
     ("datarequests-submit", "POST", "/datarequests"),
     ("datarequests-read", "GET", "/datarequests"),
     ("datarequests-read-one", "GET", "/datarequests/00000000-0000-0000-0000-000000000000"),

@@ -15,7 +15,7 @@ from access.commands import parse_expiry
 from access.policy import Family
 from dicomweb.context import context
 from dicomweb.errors import HTTPProblem
-from dicomweb.routes import datarequests, datarequests_page
+from dicomweb.routes import datarequests, datarequests_page, reidentify
 
 NDJSON = "application/x-ndjson"
 _AUDIT_PARAMS = {"subject", "from", "to", "action", "limit", "offset"}
@@ -131,6 +131,7 @@ def access_routes() -> list[BaseRoute]:
         Route("/tokens", create_token, methods=["POST"]),
         Route("/tokens", list_tokens, methods=["GET"]),
         Route("/tokens/{token}", revoke_token, methods=["DELETE"]),
+        Route("/reidentify/{project}/{kind}/{pseudonym}", reidentify.lookup, methods=["GET"]),
         Route("/datarequests/page", datarequests_page.page, methods=["GET"]),
         Route("/datarequests", datarequests.submit, methods=["POST"]),
         Route("/datarequests", datarequests.list_all, methods=["GET"]),
