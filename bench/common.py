@@ -24,7 +24,11 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def embedded_archive(
-    workers: int = 2, data_dir: Path | None = None, database_url: str | None = None
+    workers: int = 2,
+    data_dir: Path | None = None,
+    database_url: str | None = None,
+    *,
+    insecure_open: bool = True,
 ) -> Iterator[str]:
     """Run `dicomweb serve` (embedded default unless database_url) in a scratch directory; yields /v2 root."""
     port = free_port()
@@ -34,8 +38,9 @@ def embedded_archive(
         cmd = [
             sys.executable, "-m", "dicomweb.cli", "serve", "--port", str(port),
             "--data-dir", str(data_dir), "--workers", str(workers), "--log-level", "warning",
-            "--insecure-open",  # benches measure the archive; bench/auth.py measures access control
         ]  # fmt: skip
+        if insecure_open:  # benches measure the archive; bench/auth.py and --auth runs measure access control
+            cmd.append("--insecure-open")
         if database_url:
             cmd += ["--database-url", database_url]
         proc = subprocess.Popen(cmd, start_new_session=True)

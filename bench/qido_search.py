@@ -1,11 +1,12 @@
 """QIDO-RS latency at scale: load N studies (10 instances each) into an index, then time typical searches.
 
     python -m bench.qido_search load --data-dir bench/out/qido --studies 100000
-    python -m bench.qido_search measure --data-dir bench/out/qido [--rounds 200]
+    python -m bench.qido_search measure --data-dir bench/out/qido [--rounds 200] [--auth]
 
 `load` writes the index directly through indexer.writes (the same code STOW uses, minus object storage), so
 that a million instances load in minutes; `measure` starts `dicomweb serve` on that data directory and times
-each query over HTTP (keep-alive, one client), printing p50/p95/max per query shape.
+each query over HTTP (keep-alive, one client), printing p50/p95/max per query shape. `--auth` runs the server
+with access control on and sends a reader's API token (every request authenticated, authorized, audited).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import asyncpg
 import httpx
 import orjson
 
+from access import tokens
+from access.clock import Clock
 from bench.common import embedded_archive, percentile
 from bench.synthetic import DESCRIPTIONS, FAMILY, GIVEN, make_instance, make_study, to_bytes, uid
 from dicomcore.parse import parse_instance
@@ -152,8 +155,12 @@ def queries(rng: random.Random, sample: list[dict]) -> dict[str, str]:
     }
 
 
-async def measure(url: str, dsn: str, rounds: int) -> None:
+async def measure(url: str, dsn: str, rounds: int, *, auth: bool = False) -> None:
     conn = await asyncpg.connect(dsn)
+    headers = {}
+    if auth:  # a reader's API token, as a client of an archive with access control on would send
+        token, _ = await tokens.create(conn, "reader", now=Clock().now(), name="qido-bench")
+        headers = {"Authorization": f"Bearer {token}"}
     sample = [
         dict(r)
         for r in await conn.fetch(
@@ -165,7 +172,7 @@ async def measure(url: str, dsn: str, rounds: int) -> None:
     rng = random.Random(1)
     timings: dict[str, list[float]] = {}
     sizes: dict[str, int] = {}
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=headers) as client:
         for _ in range(5):  # warm-up: connections, plans, caches
             for path in queries(rng, sample).values():
                 (await client.get(path)).raise_for_status()
@@ -192,6 +199,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("bench/out/qido"))
     parser.add_argument("--studies", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--auth", action="store_true", help="measure with access control on (reader token)")
     args = parser.parse_args()
     args.data_dir.mkdir(parents=True, exist_ok=True)
     if args.command == "load":
@@ -200,9 +208,14 @@ def main() -> None:
     else:
         with (
             EmbeddedPostgres(args.data_dir.resolve() / "postgres") as pg,
-            embedded_archive(workers=1, data_dir=args.data_dir.resolve(), database_url=pg.dsn) as url,
+            embedded_archive(
+                workers=1,
+                data_dir=args.data_dir.resolve(),
+                database_url=pg.dsn,
+                insecure_open=not args.auth,
+            ) as url,
         ):
-            asyncio.run(measure(url, pg.dsn, args.rounds))
+            asyncio.run(measure(url, pg.dsn, args.rounds, auth=args.auth))
 
 
 if __name__ == "__main__":
