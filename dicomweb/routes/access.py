@@ -15,6 +15,7 @@ from access.commands import parse_expiry
 from access.policy import Family
 from dicomweb.context import context
 from dicomweb.errors import HTTPProblem
+from dicomweb.jsonbody import json_body
 from dicomweb.routes import datarequests, datarequests_page, reidentify
 
 NDJSON = "application/x-ndjson"
@@ -82,12 +83,7 @@ def _token_json(stored: tokens.StoredToken) -> dict[str, object]:
 async def create_token(request: Request) -> Response:
     """POST /tokens (owners) {"role", "partition"?, "name"?, "expires"?: "30d" | ISO}: 201 with the token,
     shown this once (what `dicomweb token create` does, for a server whose database only it can reach)."""
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-        raise HTTPProblem(415, "the body must be application/json")
-    try:
-        body = orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise HTTPProblem(400, f"the body is not valid JSON: {exc}") from exc
+    body = await json_body(request)
     if not isinstance(body, dict) or not all(
         isinstance(body.get(k), str) or body.get(k) is None for k in ("role", "partition", "name", "expires")
     ):

@@ -23,6 +23,7 @@ from dicomweb.auth import principal_of
 from dicomweb.config import DEFAULT_PARTITION
 from dicomweb.context import context, service_root
 from dicomweb.errors import HTTPProblem
+from dicomweb.jsonbody import json_object
 from dicomweb.routes.export import EXPORT
 from indexer.lookup import partition_key as lookup_partition_key
 from indexer.operations import cancel_operation, create_operation
@@ -33,18 +34,6 @@ DENIED = HTTPProblem(403, "not permitted")
 
 def _json(value: object, status: int = 200) -> Response:
     return Response(orjson.dumps(value), status_code=status, media_type="application/json")
-
-
-async def _body(request: Request) -> dict[str, Any]:
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-        raise HTTPProblem(415, "the body must be application/json")
-    try:
-        body = orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise HTTPProblem(400, f"the body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise HTTPProblem(400, "the body must be a JSON object")
-    return body
 
 
 def _caller(request: Request) -> Principal:
@@ -101,7 +90,7 @@ def parse_submission(body: dict[str, Any]) -> workflow.Submission:
 
 async def submit(request: Request) -> Response:
     """POST /datarequests (researchers): 201 with the request, state submitted."""
-    sub = parse_submission(await _body(request))
+    sub = parse_submission(await json_object(request))
     now = request.app.state.access.clock.now()
     async with context(request).pool.acquire() as conn:
         created = await workflow.submit(conn, _caller(request).subject, sub, now)
@@ -147,7 +136,7 @@ async def get(request: Request) -> Response:
 async def _decide(request: Request, action: str) -> Response:
     caller = _caller(request)
     request_id = _request_id(request, caller)
-    body = await _body(request) if request.headers.get("content-length", "0") != "0" else {}
+    body = await json_object(request) if request.headers.get("content-length", "0") != "0" else {}
     comment = _text(body, "comment", required=action == "reject")
     ctx = context(request)
     now = request.app.state.access.clock.now()

@@ -13,6 +13,7 @@ from deid.cohort import resolve_query
 from deid.export_request import ExportRequestError, parse_export_request
 from dicomweb.context import context, partition_key, service_root
 from dicomweb.errors import HTTPProblem
+from dicomweb.jsonbody import json_body
 from indexer.lookup import partition_key as lookup_partition_key
 from indexer.operations import create_operation
 
@@ -22,12 +23,7 @@ EXPORT = "export"
 async def export(request: Request) -> Response:
     ctx = context(request)
     source = await partition_key(request)
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-        raise HTTPProblem(415, "the body must be application/json")
-    try:
-        body = orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise HTTPProblem(400, f"the body is not valid JSON: {exc}") from exc
+    body = await json_body(request)
     try:
         req = parse_export_request(body)
         identifiers = req.identifiers

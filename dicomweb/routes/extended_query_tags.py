@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from dicomweb.context import context, service_root
 from dicomweb.errors import HTTPProblem
+from dicomweb.jsonbody import json_body
 from indexer.extended_tags import (
     LEVEL_NAMES,
     ExtendedTag,
@@ -53,16 +54,6 @@ def _problem(exc: TagError) -> HTTPProblem:
     return HTTPProblem(exc.status, exc.message)
 
 
-async def _json_body(request: Request) -> Any:
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "application/json":
-        raise HTTPProblem(415, "the body must be application/json")
-    try:
-        return orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise HTTPProblem(400, f"the body is not valid JSON: {exc}") from exc
-
-
 def paging(request: Request) -> tuple[int, int]:
     """limit (1..MAX_LIMIT, default DEFAULT_LIMIT) and offset (>= 0) of a list request."""
     values = []
@@ -86,7 +77,7 @@ def _path_tag(request: Request) -> int:
 
 async def add(request: Request) -> Response:
     """POST: define tags and start their re-index; 202 with a reference to the operation."""
-    body = await _json_body(request)
+    body = await json_body(request)
     try:
         new = validate_new_tags(body)
         async with context(request).pool.acquire() as conn, conn.transaction():
@@ -120,7 +111,7 @@ async def get(request: Request) -> Response:
 async def update(request: Request) -> Response:
     """PATCH {"QueryStatus": "Enabled" | "Disabled"}."""
     tag = _path_tag(request)
-    body = await _json_body(request)
+    body = await json_body(request)
     if not isinstance(body, dict) or [k.lower() for k in body] != ["querystatus"]:
         raise HTTPProblem(400, 'the body must be {"QueryStatus": "Enabled" | "Disabled"}')
     status = next(iter(body.values()))
