@@ -17,11 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import random
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,7 +31,7 @@ from access import tokens
 from access.authn import Authenticator, JWTConfig
 from access.clock import Clock
 from access.policy import allows, classify
-from bench.common import free_port, percentile, wait_ready
+from bench.common import embedded_archive, percentile
 from bench.synthetic import instance_variants, make_study, multipart_body
 from indexer.embedded import EmbeddedPostgres
 from indexer.migrate import migrate
@@ -46,26 +42,20 @@ QUERY = "/v2/studies?limit=10&ModalitiesInStudy=CT"
 
 @contextlib.contextmanager
 def serve(dsn: str, blobs: Path, *, open_: bool) -> Iterator[str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "dicomweb.cli", "serve", "--port", str(port), "--database-url", dsn,
-           "--storage-url", blobs.as_uri(), "--workers", "1", "--log-level", "warning"]  # fmt: skip
-    env = dict(os.environ)
-    if open_:
-        cmd.append("--insecure-open")
-    else:
-        env.update(DICOMWEB_JWT_ISSUER=ISSUER, DICOMWEB_JWT_AUDIENCE=AUDIENCE, DICOMWEB_JWT_SECRET=SECRET)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    try:
-        if not wait_ready(f"http://127.0.0.1:{port}/health/ready", proc, timeout=120):
-            raise RuntimeError("the archive did not start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+    """One `dicomweb serve` on the shared database and blobs; its base URL."""
+    jwt_env = {
+        "DICOMWEB_JWT_ISSUER": ISSUER,
+        "DICOMWEB_JWT_AUDIENCE": AUDIENCE,
+        "DICOMWEB_JWT_SECRET": SECRET,
+    }
+    with embedded_archive(
+        workers=1,
+        database_url=dsn,
+        insecure_open=open_,
+        extra_args=["--storage-url", blobs.as_uri()],
+        env=None if open_ else jwt_env,
+    ) as root:
+        yield root.removesuffix("/v2")
 
 
 async def prepare(dsn: str) -> tuple[str, str]:

@@ -29,6 +29,8 @@ def embedded_archive(
     database_url: str | None = None,
     *,
     insecure_open: bool = True,
+    extra_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """Run `dicomweb serve` (embedded default unless database_url) in a scratch directory; yields /v2 root."""
     port = free_port()
@@ -41,9 +43,10 @@ def embedded_archive(
         ]  # fmt: skip
         if insecure_open:  # benches measure the archive; bench/auth.py and --auth runs measure access control
             cmd.append("--insecure-open")
+        cmd += extra_args or []
         if database_url:
             cmd += ["--database-url", database_url]
-        proc = subprocess.Popen(cmd, start_new_session=True)
+        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True)
         try:
             url = f"http://127.0.0.1:{port}"
             if not wait_ready(f"{url}/health/ready", proc, timeout=120):
