@@ -154,12 +154,15 @@ async def export(
     params = {"partition": 1, "identifiers": studies, "destination": destination, "project": "bench",
               "options": ["retain_long_modified_dates"], "pixelRules": []}  # fmt: skip
     runner = OperationRunner(pool, {"export": ExportHandler(pool, store, settings)}, poll_interval=0.05)
-    # warm the process pool (spawn and imports) outside the timed part, as a running server has it warm
-    warm = ExportHandler(pool, store, settings)
+    # warm the process pool (spawn and imports) outside the timed part, as a running server has it warm:
+    # every worker (a spawn pool starts a worker per submit only while none is idle, so the tasks are
+    # submitted together), each with the engine's modules imported
     from deid.export import process_pool
 
-    await asyncio.get_running_loop().run_in_executor(process_pool(settings.workers), os.getpid)
-    del warm
+    executor = process_pool(settings.workers)
+    loop = asyncio.get_running_loop()
+    pids = await asyncio.gather(*(loop.run_in_executor(executor, _warm) for _ in range(settings.workers)))
+    assert len(set(pids)) == len(executor._processes) == settings.workers, pids
     async with pool.acquire() as conn:
         op = await create_operation(conn, "export", params, [])
     workers = [p.pid for p in process_pool(settings.workers)._processes.values()]
@@ -181,6 +184,14 @@ async def export(
     if current.status != "succeeded":
         raise SystemExit(f"export {current.status}: {current.results}")
     return elapsed, {**current.results, "cpu_seconds": round(cpu, 2)}
+
+
+def _warm() -> int:
+    """In a pool worker: import what de-identifying imports; its pid."""
+    import deid.export  # noqa: F401
+
+    time.sleep(0.2)  # hold this worker so the next task starts (and warms) the other
+    return os.getpid()
 
 
 def cpu_seconds(pids: list[int]) -> float:

@@ -9,6 +9,14 @@ nothing after the last commit is missed.
 Within a step, instances stream through: read from the archive's store, de-identified in a process pool
 (both cores; pydicom holds the GIL), written to the destination, a few in flight at a time, so memory is
 bounded by the in-flight instances, never a study.
+
+Steps overlap (blob destinations): a step starts the next batch's work as soon as its own is queued, so
+the pool keeps working through the step's closing flush (make_durable), its commit and the next step's
+queries, instead of idling at a barrier every batch. The next step takes that work over only when its
+checkpoint is exactly where the work began; otherwise (a failed step, a lost lease) it is cancelled and
+redone. Work done ahead is harmless: its objects are written under the same derived keys a replay writes,
+nothing of it is recorded before its own step, and that step makes them durable before its checkpoint
+commits.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 128  # instances per step: well under a second of work at the measured rate, far below the lease
 CHUNK = 8  # instances per task of the process pool
-IN_FLIGHT = 3  # tasks (chunks) in flight at once within a step: keeps both workers busy
+IN_FLIGHT = 4  # tasks (chunks) in flight at once, across a step and the batch started ahead of it
 MAX_OBJECT_SIZE = 512 << 20  # larger objects fail with a clear error rather than exhausting memory
 _START = {"index": 0, "after": 0, "exported": 0, "skipped": 0, "failed": 0, "total": None}
 
@@ -74,12 +82,33 @@ def process_pool(workers: int) -> ProcessPoolExecutor:
 _worker_engines: dict[bytes, Deidentifier] = {}
 
 
-def reset_process_pool() -> None:
-    """Drop a pool whose worker died (it refuses all work from then on); the next use starts a new one."""
+def reset_process_pool(broken: Executor | None = None) -> None:
+    """Drop a pool whose worker died (it refuses all work from then on); the next use starts a new one.
+    With `broken`, only if that is still the current pool (not one started since)."""
     global _executor
+    if broken is not None and broken is not _executor:
+        return
     if _executor is not None:
         _executor.shutdown(wait=False, cancel_futures=True)
     _executor = None
+
+
+@dataclass(slots=True)
+class _Batch:
+    """One step's instances, from checkpoint position `start`, and their export (a task, started early)."""
+
+    start: tuple[int, int]
+    rows: list[asyncpg.Record]
+    missing: list[str]
+    position: tuple[int, int]  # the checkpoint after this batch
+    task: asyncio.Task[list[tuple[str, Deidentified | str | None]]] | None = None
+
+    def cancel(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        if self.task is not None:
+            # nobody awaits a dropped batch: retrieve its outcome so no "never retrieved" warning is logged
+            self.task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 def _run(
@@ -139,6 +168,8 @@ class ExportHandler:
         self._engines: dict[uuid.UUID, Deidentifier] = {}
         self._stores: dict[uuid.UUID, BlobStore] = {}
         self._session: AioSession | None = None
+        self._ahead: dict[uuid.UUID, _Batch] = {}  # the batch started ahead of an operation's next step
+        self._slots: asyncio.Semaphore | None = None  # chunks in flight, shared by a step and the next
 
     async def step(self, conn: asyncpg.Connection, op: Operation) -> Step:
         checkpoint: dict[str, Any] = {**_START, **(op.checkpoint or {})}
@@ -150,13 +181,25 @@ class ExportHandler:
         if checkpoint["index"] >= len(identifiers):
             return await self._finish(conn, op, checkpoint)
         engine = await self._engine(conn, op)
-        batch, missing, position = await self._next_batch(conn, params["partition"], identifiers, checkpoint)
+        start = (int(checkpoint["index"]), int(checkpoint["after"]))
+        current = self._take_ahead(op.id, start)
+        try:
+            if current is None:
+                current = await self._begin(conn, op, engine, start)
+            if current.position[0] < len(identifiers) and op.params["destination"]["type"] != "partition":
+                # the next batch's work, queued behind this one's: see the module docstring
+                self._ahead[op.id] = await self._begin(conn, op, engine, current.position)
+            outcomes = await current.task if current.task is not None else []
+        except BaseException:
+            if current is not None:
+                current.cancel()
+            self._drop_ahead(op.id)
+            raise
+        batch, missing, position = current.rows, current.missing, current.position
         errors = [(identifier, "failed", "not found in the source partition") for identifier in missing]
         checkpoint["failed"] += len(missing)
         exported: list[Deidentified] = []
         if batch:
-            async with self._sink(op) as sink:
-                outcomes = await self._export(engine, batch, sink)
             for row, (kind, detail) in zip(batch, outcomes, strict=True):
                 checkpoint[kind] += 1
                 if isinstance(detail, str):
@@ -174,6 +217,42 @@ class ExportHandler:
         total = checkpoint["total"] or 1
         done = checkpoint["exported"] + checkpoint["skipped"] + checkpoint["failed"]
         return Step(checkpoint, min(99, 100 * done // total), results=_counts(checkpoint))
+
+    def _take_ahead(self, operation_id: uuid.UUID, start: tuple[int, int]) -> _Batch | None:
+        """The batch started ahead for this step, if it starts exactly at its checkpoint; any other
+        (another operation's, or one from before a failed step) is cancelled."""
+        for other in [k for k in self._ahead if k != operation_id]:
+            self._drop_ahead(other)
+        ahead = self._ahead.pop(operation_id, None)
+        if ahead is not None and ahead.start != start:
+            ahead.cancel()
+            ahead = None
+        return ahead
+
+    def _drop_ahead(self, operation_id: uuid.UUID) -> None:
+        ahead = self._ahead.pop(operation_id, None)
+        if ahead is not None:
+            ahead.cancel()
+
+    async def _begin(
+        self, conn: asyncpg.Connection, op: Operation, engine: Deidentifier, start: tuple[int, int]
+    ) -> _Batch:
+        """The batch from checkpoint position `start`, its export started (queued for the pool)."""
+        index, after = start
+        rows, missing, position = await self._next_batch(
+            conn, op.params["partition"], op.params["identifiers"], {"index": index, "after": after}
+        )
+        batch = _Batch(start, rows, missing, position)
+        if rows:
+            batch.task = asyncio.create_task(self._export_to_sink(op, engine, rows))
+            await asyncio.sleep(0)  # let it queue its chunks now, ahead of any batch started after it
+        return batch
+
+    async def _export_to_sink(
+        self, op: Operation, engine: Deidentifier, batch: list[asyncpg.Record]
+    ) -> list[tuple[str, Deidentified | str | None]]:
+        async with self._sink(op) as sink:
+            return await self._export(engine, batch, sink)
 
     async def _engine(self, conn: asyncpg.Connection, op: Operation) -> Deidentifier:
         engine = self._engines.get(op.id)
@@ -246,7 +325,9 @@ class ExportHandler:
         """(exported|skipped|failed, the result or the reason) per instance, in batch order."""
         loop = asyncio.get_running_loop()
         executor: Executor | None = process_pool(self.settings.workers) if self.settings.workers else None
-        slots = asyncio.Semaphore(IN_FLIGHT)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(IN_FLIGHT)
+        slots = self._slots
         pickled = pickle.dumps(engine)
         digest = hashlib.sha256(pickled).digest()
         tickets: list[int | None] = [None] * len(batch)
@@ -287,12 +368,13 @@ class ExportHandler:
                     results[position] = (kind, detail)
                     if kind == "exported" and not isinstance(detail, str):
                         tickets[position] = await (sink.written(detail) if out_dir else sink.add(detail))
+                        detail.data = b""  # stored: the step keeps only the UIDs (memory: see above)
 
         positions = list(range(len(batch)))
         try:
             await asyncio.gather(*(chunk(positions[i : i + CHUNK]) for i in range(0, len(batch), CHUNK)))
         except BrokenProcessPool:
-            reset_process_pool()
+            reset_process_pool(executor)
             raise
         stored = await sink.finish()
         for position, ticket in enumerate(tickets):
@@ -320,6 +402,7 @@ class ExportHandler:
             await (await self._destination_store(op)).put(f"{op.id_hex}/errors.log", log)
             results["errorHref"] = describe(destination, op.id_hex, "errors.log")
         self._engines.pop(op.id, None)
+        self._drop_ahead(op.id)
         await self._close_store(op.id)
         return Step(checkpoint, 100, done=True, results=results)
 
