@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 from collections.abc import AsyncIterator
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime
 
 import asyncpg
@@ -50,6 +51,8 @@ class AuditEvent:
 
 
 COLUMNS = [f.name for f in fields(AuditEvent)]
+# a shallow row in column order: dataclasses.astuple deep-copies every field, ~0.1 ms a request
+_ROW = operator.attrgetter(*COLUMNS)
 
 
 def outcome_of(status: int) -> int:
@@ -67,7 +70,7 @@ class AuditLog:
 
     def record(self, event: AuditEvent) -> None:
         """Queue a record (no I/O: safe to call at the end of any request)."""
-        self._buffer.append(astuple(event))
+        self._buffer.append(_ROW(event))
         if len(self._buffer) > MAX_BUFFERED:
             dropped = len(self._buffer) - MAX_BUFFERED
             del self._buffer[:dropped]
