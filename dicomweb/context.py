@@ -85,3 +85,17 @@ def uid_param(request: Request, name: str) -> str:
     if not is_valid_uid(value):
         raise HTTPProblem(400, f"{name} {value!r} is not a valid UID")
     return value
+
+
+def resource_uids(request: Request) -> tuple[str, str | None, str | None]:
+    """Study, series and SOP instance UIDs of a WADO/DELETE path (those it has), validated."""
+    study = uid_param(request, "study")
+    series = uid_param(request, "series") if "series" in request.path_params else None
+    sop = uid_param(request, "instance") if "instance" in request.path_params else None
+    return study, series, sop
+
+
+def not_found(study: str, series: str | None, sop: str | None) -> HTTPProblem:
+    """404 naming the most specific resource addressed."""
+    what = f"instance {sop}" if sop else f"series {series}" if series else f"study {study}"
+    return HTTPProblem(404, f"{what} not found")

@@ -6,19 +6,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from archive.removal import delete_instances
-from dicomweb.context import context, partition_key, uid_param
-from dicomweb.errors import HTTPProblem
+from dicomweb.context import context, not_found, partition_key, resource_uids
 
 
 async def delete(request: Request) -> Response:
-    study = uid_param(request, "study")
-    series = uid_param(request, "series") if "series" in request.path_params else None
-    sop = uid_param(request, "instance") if "instance" in request.path_params else None
+    study, series, sop = resource_uids(request)
     ctx = context(request)
-    key = await partition_key(request)
-    removed = await delete_instances(ctx.pool, key, study, series, sop)
+    removed = await delete_instances(ctx.pool, await partition_key(request), study, series, sop)
     if not removed:
-        what = f"instance {sop}" if sop else f"series {series}" if series else f"study {study}"
-        raise HTTPProblem(404, f"{what} not found")
+        raise not_found(study, series, sop)
     ctx.maintenance.poke()  # the objects are queued for deletion; remove them promptly
     return Response(status_code=204)

@@ -34,7 +34,7 @@ from dicomcore.render import (
     render,
 )
 from dicomweb.caching import cache_headers, make_etag, matches_if_none_match, not_modified
-from dicomweb.context import context, partition_key, service_root, uid_param
+from dicomweb.context import context, not_found, partition_key, resource_uids, service_root
 from dicomweb.errors import HTTPProblem
 from dicomweb.multipart import new_boundary, write_multipart
 from dicomweb.negotiation import NegotiationError, Offer, negotiate, parse_accept
@@ -51,18 +51,6 @@ _SINGLE_OFFERS = tuple(Offer(t) for t in MEDIA_TYPES)
 _MULTIPART_OFFERS = tuple(Offer("multipart/related", part_type=t) for t in MEDIA_TYPES)
 _RENDERED_PARAMS = {"window", "viewport", "quality", "annotation", "accept", "charset"}
 _THUMBNAIL_PARAMS = {"viewport", "quality", "accept", "charset"}
-
-
-def _scope(request: Request) -> tuple[str, str | None, str | None]:
-    study = uid_param(request, "study")
-    series = uid_param(request, "series") if "series" in request.path_params else None
-    sop = uid_param(request, "instance") if "instance" in request.path_params else None
-    return study, series, sop
-
-
-def _not_found(study: str, series: str | None, sop: str | None) -> HTTPProblem:
-    what = f"instance {sop}" if sop else f"series {series}" if series else f"study {study}"
-    return HTTPProblem(404, f"{what} not found")
 
 
 def _select(request: Request, offers: tuple[Offer, ...]) -> Offer:
@@ -155,7 +143,7 @@ def _variant(frames: list[int] | None, options: RenderOptions) -> str:
 
 async def rendered(request: Request) -> Response:
     """.../rendered at study, series, instance level and .../frames/{list}/rendered."""
-    study, series, sop = _scope(request)
+    study, series, sop = resource_uids(request)
     frames: list[int] | None = None
     if "frames" in request.path_params:
         try:
@@ -170,7 +158,7 @@ async def rendered(request: Request) -> Response:
     options = _options(request, offer.media_type, _RENDERED_PARAMS)
     found = await find_image(ctx.pool, partition, study, series or "", sop)
     if found is None:
-        raise _not_found(study, series, sop)
+        raise not_found(study, series, sop)
     instance, _, _ = found
     etag = make_etag(instance.storage_key, _variant(frames, options))
     if matches_if_none_match(request, etag):
@@ -188,13 +176,13 @@ async def _rendered_many(request: Request, partition: int, study: str, series: s
     ctx = context(request)
     version = await scope_version(ctx.pool, partition, study, series)
     if version is None:
-        raise _not_found(study, series, None)
+        raise not_found(study, series, None)
     etag = make_etag(version, _variant(None, options), service_root(request))
     if matches_if_none_match(request, etag):
         return not_modified(etag)
     instances = await find_instances(ctx.pool, partition, study, series)
     if not instances:
-        raise _not_found(study, series, None)
+        raise not_found(study, series, None)
     root = service_root(request)
     boundary = new_boundary()
     single = RenderOptions(part_type, options.window, options.viewport, options.quality, options.annotations)
@@ -227,7 +215,7 @@ async def _once(body: bytes) -> AsyncIterator[bytes]:
 async def thumbnail(request: Request) -> Response:
     """.../thumbnail at study, series, instance and frame level: a 128x128 (or `viewport`) image of the
     representative frame, rendered once and then served from the thumbnail table."""
-    study, series, sop = _scope(request)
+    study, series, sop = resource_uids(request)
     frames: list[int] | None = None
     if "frames" in request.path_params:
         try:
@@ -247,7 +235,7 @@ async def thumbnail(request: Request) -> Response:
     else:
         found = await find_image(ctx.pool, partition, study, series or "", sop)
     if found is None:
-        raise _not_found(study, series, sop)
+        raise not_found(study, series, sop)
     instance, instance_key, number_of_frames = found
     frame = frames[0] if frames else (number_of_frames + 1) // 2  # the middle frame of a multi-frame image
     variant = _variant([frame], options)

@@ -24,7 +24,7 @@ from dicomcore.transcode import (
 )
 from dicomcore.uids import EXPLICIT_VR_BIG_ENDIAN
 from dicomweb.caching import cache_headers, matches_if_none_match, not_modified, scope_etag
-from dicomweb.context import context, partition_key, service_root, uid_param
+from dicomweb.context import context, not_found, partition_key, resource_uids, service_root
 from dicomweb.errors import HTTPProblem
 from dicomweb.multipart import new_boundary, write_multipart
 from dicomweb.negotiation import ANY_TRANSFER_SYNTAX, NegotiationError, Offer, Selection, negotiate, rank
@@ -48,18 +48,6 @@ _BULK_OFFERS = (
     Offer("multipart/related", part_type="application/octet-stream"),
     Offer("application/octet-stream"),
 )
-
-
-def _scope(request: Request) -> tuple[str, str | None, str | None]:
-    study = uid_param(request, "study")
-    series = uid_param(request, "series") if "series" in request.path_params else None
-    sop = uid_param(request, "instance") if "instance" in request.path_params else None
-    return study, series, sop
-
-
-def _not_found(study: str, series: str | None, sop: str | None) -> HTTPProblem:
-    what = f"instance {sop}" if sop else f"series {series}" if series else f"study {study}"
-    return HTTPProblem(404, f"{what} not found")
 
 
 def _select(request: Request, offers: tuple[Offer, ...]) -> tuple[Offer, str | None]:
@@ -160,13 +148,13 @@ async def _deliver(
 async def retrieve(request: Request) -> Response:
     """Study, series or instance as multipart/related application/dicom (or one application/dicom), each
     instance in the best accepted transfer syntax it can be delivered in."""
-    study, series, sop = _scope(request)
+    study, series, sop = resource_uids(request)
     offers = (_MULTIPART_DICOM, _SINGLE_DICOM) if sop else (_MULTIPART_DICOM,)
     ranked = _rank(request, offers)
     ctx = context(request)
     instances = await find_instances(ctx.pool, await partition_key(request), study, series, sop)
     if not instances:
-        raise _not_found(study, series, sop)
+        raise not_found(study, series, sop)
     if sop:
         # one instance: walk every accepted (media type, syntax) pair, single or multipart, in order
         instance = instances[0]
@@ -259,7 +247,7 @@ async def _object(store: BlobStore, instance: StoredInstance) -> AsyncIterator[b
 
 async def metadata(request: Request) -> Response:
     """DICOM JSON of every addressed instance, from the index (no stored object is read)."""
-    study, series, sop = _scope(request)
+    study, series, sop = resource_uids(request)
     offer, _ = _select(request, _METADATA_OFFERS)
     ctx = context(request)
     partition = await partition_key(request)
@@ -270,7 +258,7 @@ async def metadata(request: Request) -> Response:
         return not_modified(etag)
     rows = await find_metadata(ctx.pool, partition, study, series, sop)
     if not rows:
-        raise _not_found(study, series, sop)
+        raise not_found(study, series, sop)
     root = service_root(request).encode()
     marker = b'"BulkDataURI":"bulkdata/'
     parts = []
@@ -294,13 +282,13 @@ async def bulkdata(request: Request) -> Response:
     Encapsulated pixel data is served as its frames (the media types of the frames resource); values that
     are not a byte range of the stored object (nested in sequences, deflated objects) by parsing it.
     """
-    study, series, sop = _scope(request)
+    study, series, sop = resource_uids(request)
     path = request.path_params["path"].strip("/")
     ctx = context(request)
     partition = await partition_key(request)
     found = await find_bulk_index(ctx.pool, partition, study, series or "", sop or "")
     if found is None:
-        raise _not_found(study, series, sop)
+        raise not_found(study, series, sop)
     instance, index = found
     entry = next((e for e in orjson.loads(index) if e[0] == path), None)
     if entry is None or FRAME_PATH_SEPARATOR in path:
