@@ -38,9 +38,10 @@ from bench.qido_search import queries as standard_queries
 from dicomcore.tags import parse_tag
 from indexer.attributes import Level
 from indexer.embedded import EmbeddedPostgres
-from indexer.extended_tags import delete_tag, query_tags
+from indexer.extended_tags import query_tags
 from indexer.migrate import migrate
 from indexer.qido import _compile, _plan, parse_query
+from indexer.tag_deletion import delete_now
 
 MEASURED = [
     {"Path": "AcquisitionNumber", "Level": "Instance"},  # IS: equality
@@ -144,7 +145,7 @@ async def measure(url: str, dsn: str, rounds: int, reuse: bool) -> None:
         reuse = reuse and len(ready) == len(MEASURED + OTHERS)
         for item in [] if reuse else MEASURED + OTHERS:
             async with conn.transaction():
-                await delete_tag(conn, parse_tag(item["Path"]))
+                await delete_now(conn, parse_tag(item["Path"]))
         instances = await conn.fetchval("SELECT count(*) FROM instance")
         sample = [
             dict(r)

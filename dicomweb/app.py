@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 from collections.abc import AsyncIterator
 
@@ -29,9 +30,12 @@ from dicomweb.routes.access import access_routes
 from indexer.migrate import migrate
 from indexer.operations import OperationRunner
 from indexer.reindex import ReindexHandler
+from indexer.tag_deletion import TagDeletionHandler
 from storage import open_store
 from storage.base import BlobStore
 from worklist.events import CHANNEL as WORKLIST_CHANNEL
+from worklist.retention import EventPruner
+from worklist.scp_status import ScpStatus
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +151,25 @@ def create_app(
                 pool,
                 {
                     "reindex": ReindexHandler(),
+                    "deleteExtendedQueryTag": TagDeletionHandler(),  # DELETE /extendedquerytags/{tag}
                     "export": ExportHandler(pool, blob_store, export_settings(settings)),  # deid/export.py
                 },
             )
             if run_maintenance:
                 app.state.operations.start()
+            # UPS-RS: the bound on unacknowledged event queues, and SCP Status Change reports
+            pruner = EventPruner(
+                pool, settings.ups_event_queue_max, dt.timedelta(hours=settings.ups_event_retention_hours)
+            )
+            if run_maintenance:
+                pruner.start()
+            scp_status = ScpStatus(database_url)
+            await scp_status.start()  # RESTARTED when the archive was down
             try:
                 yield
             finally:
+                await scp_status.stop()  # GOING DOWN when this is the last process
+                await pruner.stop()
                 await app.state.operations.stop()
                 await app.state.access.stop()  # after the last request: writes the audit buffer
                 await notifier.stop()

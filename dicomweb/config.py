@@ -42,6 +42,10 @@ class Settings:
     trusted_proxies: str | None = None
     # where "directory" destinations of exports live (their paths are relative to it); None: DATA_DIR/exports
     export_dir: Path | None = None
+    # UPS-RS event queues (worklist.retention): unacknowledged events beyond this many per subscriber, or
+    # older than this many hours, are dropped, and the subscriber is told on its next connection
+    ups_event_queue_max: int = 10_000
+    ups_event_retention_hours: int = 168
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

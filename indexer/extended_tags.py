@@ -10,8 +10,12 @@ Tags are global: one definition serves every data partition, as in Azure.
 Adding or deleting a tag takes INGEST_LOCK exclusively, which every index write takes shared (see
 indexer.writes). So when a tag is added, every instance is either committed before (its key is at most the
 bound recorded with the operation, and the re-index fills it) or indexed after, by a write that sees the
-tag and fills it itself: none is missed and none is filled twice. Likewise no write can still be adding
-values of a tag once its DELETE has committed.
+tag and fills it itself: none is missed and none is filled twice.
+
+A DELETE only marks the tag Deleting (under the same lock, so no write can still be adding its values once
+it has committed) and queues a deleteExtendedQueryTag operation (indexer.tag_deletion) that removes the
+values in batches and then the tag. From that commit on, QIDO refuses the tag (it is not Ready) and new
+writes skip it (indexing_tags), so a tag with a million values never blocks stores for long.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ SUPPORTED_VRS = frozenset("AE AS CS DA DS DT FD FL IS LO PN SH SL SS TM UI UL US
 MAX_TAGS = 128
 _SUPPORTED_LIST = ", ".join(sorted(SUPPORTED_VRS))
 REINDEX = "reindex"
+DELETE_TAG = "deleteExtendedQueryTag"  # Azure's operation type name
 
 # value table of each VR (migration 0005)
 FAMILY = {
@@ -250,7 +255,16 @@ async def add_tags(conn: asyncpg.Connection, new: list[NewTag]) -> tuple[Operati
         if standard is not None:
             raise TagError(409, f"{t.path} ({standard.keyword}) is a standard matching key already")
     await conn.execute("SELECT pg_advisory_xact_lock($1)", INGEST_LOCK)
-    existing = {r["path"] for r in await conn.fetch("SELECT path FROM extended_query_tag")}
+    existing = {
+        r["path"]: r["status"] for r in await conn.fetch("SELECT path, status FROM extended_query_tag")
+    }
+    deleting = sorted(t.path for t in new if existing.get(t.path) == "Deleting")
+    if deleting:
+        raise TagError(
+            409,
+            f"extended query tag(s) still being deleted: {', '.join(deleting)};"
+            " add them again once the deletion has finished (GET the tag until it is 404)",
+        )
     taken = sorted(t.path for t in new if t.path in existing)
     if taken:
         raise TagError(409, f"extended query tag(s) already defined: {', '.join(taken)}")
@@ -315,48 +329,87 @@ async def indexing_tags(conn: asyncpg.Connection) -> list[ExtendedTag]:
 
 
 async def set_query_status(conn: asyncpg.Connection, tag: int, status: str) -> ExtendedTag | None:
-    updated = await conn.fetchval(
+    """Enable or disable matching on a tag; None when it does not exist, TagError 409 while Deleting."""
+    updated = await conn.fetchrow(
         """UPDATE extended_query_tag SET query_status = $2, updated_at = now()
-           WHERE path = $1 RETURNING tag_key""",
+           WHERE path = $1 RETURNING tag_key, status = 'Deleting' AS deleting""",
         tag_hex(tag),
         status,
     )
+    if updated is not None and updated["deleting"]:
+        raise TagError(409, f"extended query tag {tag_hex(tag)} is being deleted")
     return None if updated is None else await get_tag(conn, tag)
 
 
-async def delete_tag(conn: asyncpg.Connection, tag: int) -> bool:
-    """Remove a tag, its values and errors in the caller's transaction; False when it does not exist.
+async def delete_tag(conn: asyncpg.Connection, tag: int) -> Operation | None:
+    """Mark a tag Deleting and queue the operation that removes it (indexer.tag_deletion), in the caller's
+    transaction; None when the tag does not exist, TagError 409 while its deletion is under way.
 
-    A re-index still running for it drops the tag from its work, and is canceled when no tag is left. The
-    operation row is locked first (as a re-index step does), which waits for a running step to commit.
+    A re-index still running for the tag drops it from its work, and is canceled when no tag is left. Locks
+    are taken in the order a re-index step takes them (operation row, then tag row), so the two cannot
+    deadlock. The operation row lock waits for a running step to commit; INGEST_LOCK comes after it, so
+    stores wait only for this short transaction, not for the step.
     """
+    path = tag_hex(tag)
+    first = await conn.fetchrow("SELECT status, operation_id FROM extended_query_tag WHERE path = $1", path)
+    operation_id = first["operation_id"] if first is not None else None
+    previous = None
+    if first is not None and first["status"] == "Deleting":
+        await _refuse_while_deleting(conn, path, operation_id)
+    elif operation_id is not None:
+        previous = await conn.fetchrow(
+            "SELECT type, status, params FROM operation WHERE operation_id = $1 FOR UPDATE", operation_id
+        )
     await conn.execute("SELECT pg_advisory_xact_lock($1)", INGEST_LOCK)
+    # FOR NO KEY UPDATE: stores insert error rows (a foreign key share lock) without waiting for us
     row = await conn.fetchrow(
-        "SELECT tag_key, operation_id FROM extended_query_tag WHERE path = $1", tag_hex(tag)
+        "SELECT tag_key, vr, status, operation_id FROM extended_query_tag WHERE path = $1 FOR NO KEY UPDATE",
+        path,
     )
     if row is None:
-        return False
-    tag_key, operation_id = row["tag_key"], row["operation_id"]
-    if operation_id is not None:
-        op = await conn.fetchrow(
-            "SELECT status, params FROM operation WHERE operation_id = $1 FOR UPDATE", operation_id
-        )
-        if op is not None and op["status"] in ("notStarted", "running"):
-            params = orjson.loads(op["params"])
-            params["tags"] = [k for k in params.get("tags", []) if k != tag_key]
-            if params["tags"]:
-                await conn.execute(
-                    "UPDATE operation SET params = $2::jsonb WHERE operation_id = $1",
-                    operation_id,
-                    orjson.dumps(params).decode(),
-                )
-            else:
-                await cancel_operation(conn, operation_id, "its extended query tags were deleted")
-    vr = await conn.fetchval("DELETE FROM extended_query_tag WHERE tag_key = $1 RETURNING vr", tag_key)
-    if vr is None:
-        return False
-    await conn.execute(f"DELETE FROM {FAMILY[vr]} WHERE tag_key = $1", tag_key)
-    return True
+        return None
+    tag_key = row["tag_key"]
+    if row["operation_id"] != operation_id:  # another DELETE (or DELETE and POST) between our reads
+        await _refuse_while_deleting(conn, path, row["operation_id"])
+        raise TagError(409, f"extended query tag {path} changed while it was being deleted; try again")
+    # a tag still Deleting here had its deletion fail or canceled (_refuse_while_deleting): it is queued again
+    if (
+        previous is not None
+        and previous["type"] == REINDEX
+        and previous["status"] in ("notStarted", "running")
+    ):
+        params = orjson.loads(previous["params"])
+        params["tags"] = [k for k in params.get("tags", []) if k != tag_key]
+        if params["tags"]:
+            await conn.execute(
+                "UPDATE operation SET params = $2::jsonb WHERE operation_id = $1",
+                operation_id,
+                orjson.dumps(params).decode(),
+            )
+        else:
+            await cancel_operation(conn, operation_id, "its extended query tags were deleted")
+    op = await create_operation(
+        conn,
+        DELETE_TAG,
+        {"tag": tag_key, "path": path, "table": FAMILY[row["vr"]]},
+        [f"extendedquerytags/{path}"],
+    )
+    await conn.execute(
+        """UPDATE extended_query_tag SET status = 'Deleting', operation_id = $2, updated_at = now()
+           WHERE tag_key = $1""",
+        tag_key,
+        op.id,
+    )
+    return op
+
+
+async def _refuse_while_deleting(conn: asyncpg.Connection, path: str, operation_id: uuid.UUID | None) -> None:
+    """TagError 409 when the tag's deletion operation is still to run; no lock, so no wait for its step."""
+    running = await conn.fetchval(
+        "SELECT status IN ('notStarted', 'running') FROM operation WHERE operation_id = $1", operation_id
+    )
+    if running:
+        raise TagError(409, f"extended query tag {path} is being deleted already")
 
 
 async def list_errors(

@@ -20,6 +20,7 @@ from bench.synthetic import make_instance, make_study, multipart_body, to_bytes
 from dicomcore.tags import parse_tag, tag_hex
 from indexer.attributes import Level
 from indexer.extended_tags import (
+    DELETE_TAG,
     MAX_TAGS,
     NewTag,
     TagError,
@@ -31,9 +32,10 @@ from indexer.extended_tags import (
 )
 from indexer.extended_values import BadValue, convert
 from indexer.migrate import migrate
-from indexer.operations import LeaseLost, OperationRunner, get_operation
+from indexer.operations import LeaseLost, Operation, OperationRunner, get_operation
 from indexer.qido import QidoQuery, QueryError, names_extended_tags, parse_query, search
 from indexer.reindex import ReindexHandler
+from indexer.tag_deletion import TagDeletionHandler
 from indexer.writes import InstanceRecord, index_instances
 from tests import qido_reference as ref
 from tests.fixtures.server import RunningArchive
@@ -203,6 +205,18 @@ async def define(pool: asyncpg.Pool, *items: dict) -> Any:
 
 async def reindex(pool: asyncpg.Pool, batch_size: int = 100) -> None:
     runner = OperationRunner(pool, {"reindex": ReindexHandler(batch_size)})
+    while await runner.run_once():
+        pass
+
+
+async def delete(pool: asyncpg.Pool, name: str) -> Operation | None:
+    """DELETE as the API does it: the tag is marked Deleting and its deletion operation queued."""
+    async with pool.acquire() as conn, conn.transaction():
+        return await delete_tag(conn, parse_tag(name))
+
+
+async def run_deletions(pool: asyncpg.Pool, batch_size: int = 100) -> None:
+    runner = OperationRunner(pool, {DELETE_TAG: TagDeletionHandler(batch_size)})
     while await runner.run_once():
         pass
 
@@ -452,28 +466,42 @@ async def test_deleting_a_tag_while_its_reindex_runs(pool: asyncpg.Pool) -> None
     await runner.claim()
     token = runner._token
     assert token is not None and await runner.run_step(op.id, token)
-    # one of two tags: the operation goes on without it
-    async with pool.acquire() as conn, conn.transaction():
-        assert await delete_tag(conn, parse_tag("StationName")) is True
-    assert await pool.fetchval("SELECT count(*) FROM ext_string WHERE tag_key = 1") == 0
+    station_key = await pool.fetchval("SELECT tag_key FROM extended_query_tag WHERE path = '00081010'")
+    assert await pool.fetchval("SELECT count(*) FROM ext_string WHERE tag_key = $1", station_key) == 10
+    # one of two tags: the operation goes on without it; its values stay until the deletion runs
+    assert await delete(pool, "StationName") is not None
+    async with pool.acquire() as conn:
+        reindexing = await get_operation(conn, op.id)
+    assert reindexing is not None and reindexing.status == "running"
+    assert reindexing.params["tags"] == [station_key + 1]
     assert await runner.run_step(op.id, token)
-    # the last one: the operation is canceled, its values and the tag are gone
-    async with pool.acquire() as conn, conn.transaction():
-        assert await delete_tag(conn, parse_tag("ProtocolName")) is True
-        assert await delete_tag(conn, parse_tag("ProtocolName")) is False
+    assert await pool.fetchval("SELECT count(*) FROM ext_string WHERE tag_key = $1", station_key) == 10
+    # the last one: the re-index is canceled
+    assert await delete(pool, "ProtocolName") is not None
+    with pytest.raises(TagError, match="being deleted already"):
+        await delete(pool, "ProtocolName")
     with pytest.raises(LeaseLost):
         await runner.run_step(op.id, token)
     async with pool.acquire() as conn:
         canceled = await get_operation(conn, op.id)
-        assert await query_tags(conn) == {}
+        assert {t.path: t.status for t in (await query_tags(conn)).values()} == {
+            "00081010": "Deleting",
+            "00181030": "Deleting",
+        }
     assert canceled is not None and canceled.status == "canceled"
+    assert canceled.results == {"reason": "its extended query tags were deleted"}
+    with pytest.raises(QueryError, match="not ready for queries \\(status Deleting\\)"):
+        await find(pool, Level.INSTANCE, [("ProtocolName", "B")])
+    await run_deletions(pool)
     assert await pool.fetchval("SELECT count(*) FROM ext_string") == 0
+    async with pool.acquire() as conn:
+        assert await query_tags(conn) == {}
     with pytest.raises(QueryError, match="not a matching key"):
         await find(pool, Level.INSTANCE, [("ProtocolName", "B")])
 
 
 async def test_deleting_while_a_step_runs_waits_for_it(pool: asyncpg.Pool) -> None:
-    """A DELETE during a re-index step waits for the step's commit, then removes what it wrote too."""
+    """A DELETE during a re-index step waits for the step's commit; the deletion removes what it wrote too."""
     instances = [dataset(f"1.8.{n}", f"1.8.{n}.1", f"1.8.{n}.1.1", StationName={"vr": "SH", "Value": ["A"]})
                  for n in range(40)]  # fmt: skip
     await store(pool, instances)
@@ -488,11 +516,131 @@ async def test_deleting_while_a_step_runs_waits_for_it(pool: asyncpg.Pool) -> No
     runner = OperationRunner(pool, {"reindex": Slow(10)})
     task = asyncio.create_task(runner.run_once())
     await asyncio.sleep(0.2)
-    async with pool.acquire() as conn, conn.transaction():
-        assert await delete_tag(conn, parse_tag("StationName"))
+    assert await delete(pool, "StationName") is not None
     await task
+    assert await pool.fetchval("SELECT count(*) FROM ext_string") == 10  # the step's commit
+    assert await pool.fetchval("SELECT status FROM operation WHERE type = 'reindex'") == "canceled"
+    await run_deletions(pool)
     assert await pool.fetchval("SELECT count(*) FROM ext_string") == 0
-    assert await pool.fetchval("SELECT status FROM operation") == "canceled"
+
+
+async def test_killed_deletion_resumes_on_another_worker(pool: asyncpg.Pool) -> None:
+    """Values, then errors, go in batches; a worker killed mid-way leaves the rest to the next claimant."""
+    instances = [
+        dataset(
+            f"1.9.{n // 10}",
+            f"1.9.{n // 10}.1",
+            f"1.9.{n // 10}.1.{n % 10}",
+            StationName={"vr": "SH", "Value": [f"S{n}", f"T{n}"] if n < 20 else ["x" * 17]},  # SH <= 16
+        )
+        for n in range(95)
+    ]
+    await store(pool, instances)
+    await define(pool, {"Path": "StationName", "Level": "Instance"})
+    await reindex(pool)
+    assert await pool.fetchval("SELECT count(*) FROM ext_string") == 40
+    assert await pool.fetchval("SELECT count(*) FROM extended_query_tag_error") == 75
+    op = await delete(pool, "StationName")
+    assert op is not None and op.type == DELETE_TAG and op.status == "notStarted"
+    assert await tag_state(pool, "StationName") == ("Deleting", "Disabled", 75)
+    dying = OperationRunner(pool, {DELETE_TAG: TagDeletionHandler(15)}, worker="dying", lease_seconds=0.3)
+    assert await dying.claim() is not None
+    token = dying._token
+    assert token is not None
+    for _ in range(4):  # 15 + 15 + 10 values, then 15 errors
+        assert await dying.run_step(op.id, token)
+    assert await pool.fetchval("SELECT count(*) FROM ext_string") == 0
+    assert await pool.fetchval("SELECT count(*) FROM extended_query_tag_error") == 60
+    # killed: the lease is left to expire; another process resumes
+    await asyncio.sleep(0.4)
+    survivor = OperationRunner(pool, {DELETE_TAG: TagDeletionHandler(15)}, worker="survivor")
+    resumed = await survivor.claim()
+    assert resumed is not None and resumed.checkpoint == {"total": 115, "values": 40, "errors": 15}
+    assert resumed.percent_complete == 47  # 55 of 115
+    assert survivor._token is not None
+    while await survivor.run_step(op.id, survivor._token):
+        pass
+    with pytest.raises(LeaseLost):
+        await dying.run_step(op.id, token)
+    async with pool.acquire() as conn:
+        done = await get_operation(conn, op.id)
+        assert await get_tag(conn, parse_tag("StationName")) is None
+    assert done is not None and done.status == "succeeded" and done.attempts == 2
+    assert done.results == {"tag": "00081010", "deletedValues": 40, "deletedErrors": 75}
+    assert await pool.fetchval("SELECT count(*) FROM extended_query_tag_error") == 0
+
+
+async def test_stores_during_a_deletion_skip_the_tag(pool: asyncpg.Pool) -> None:
+    """Once DELETE has committed, stores write no values or errors of the tag, nor wait for the deletion's
+    steps; the path can be added again only when the deletion has finished."""
+
+    def inst(n: int, station: str) -> dict:
+        age = "4Y" if n % 2 else "045Y"  # malformed in odd studies
+        station_name, patient_age = {"vr": "SH", "Value": [station]}, {"vr": "AS", "Value": [age]}
+        return dataset(
+            f"1.10.{n}", f"1.10.{n}.1", f"1.10.{n}.1.1", StationName=station_name, PatientAge=patient_age
+        )
+
+    await store(pool, [inst(n, "OLD") for n in range(30)])
+    await define(pool, {"Path": "StationName", "Level": "Instance"}, {"Path": "PatientAge", "Level": "Study"})
+    await reindex(pool)
+    assert await delete(pool, "StationName") is not None
+    assert await delete(pool, "PatientAge") is not None
+    counts = "SELECT (SELECT count(*) FROM ext_string), (SELECT count(*) FROM extended_query_tag_error)"
+    assert tuple(await pool.fetchrow(counts)) == (45, 15)  # AS values are strings too
+
+    release = asyncio.Event()
+    stepping = asyncio.Event()
+
+    class Held(TagDeletionHandler):
+        """Keeps its first step's transaction open (values deleted, not committed) until released."""
+
+        async def step(self, conn: asyncpg.Connection, op: Any) -> Any:
+            result = await super().step(conn, op)
+            if not stepping.is_set():
+                stepping.set()
+                await release.wait()
+            return result
+
+    runner = OperationRunner(pool, {DELETE_TAG: Held(10)})
+    task = asyncio.create_task(run_all(runner))
+    await asyncio.wait_for(stepping.wait(), 10)
+    # a store while the step is open neither waits for it nor writes values or errors of the tags
+    await asyncio.wait_for(store(pool, [inst(n, "NEW") for n in range(30, 40)]), 10)
+    assert tuple(await pool.fetchrow(counts)) == (45, 15)  # AS values are strings too
+    with pytest.raises(TagError, match="still being deleted: 00081010"):
+        await define(pool, {"Path": "StationName", "Level": "Instance"})
+    with pytest.raises(QueryError, match="status Deleting"):
+        await find(pool, Level.INSTANCE, [("StationName", "NEW")])
+    release.set()
+    await asyncio.wait_for(task, 30)
+    assert tuple(await pool.fetchrow(counts)) == (0, 0)
+    assert await pool.fetchval("SELECT count(*) FROM extended_query_tag") == 0
+    # added again: a new re-index fills it for everything, the stores made during the deletion included
+    await define(pool, {"Path": "StationName", "Level": "Instance"})
+    await reindex(pool)
+    assert len(await find(pool, Level.INSTANCE, [("StationName", "NEW")])) == 10
+    assert len(await find(pool, Level.INSTANCE, [("StationName", "OLD")])) == 30
+
+
+async def test_a_failed_deletion_is_queued_again_by_delete(pool: asyncpg.Pool) -> None:
+    await store(pool, [dataset("1.11.1", "1.11.1.1", "1.11.1.1.1", StationName={"vr": "SH", "Value": ["A"]})])
+    await define(pool, {"Path": "StationName", "Level": "Instance"})
+    await reindex(pool)
+    first = await delete(pool, "StationName")
+    assert first is not None
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE operation SET status = 'failed' WHERE operation_id = $1", first.id)
+    second = await delete(pool, "StationName")
+    assert second is not None and second.id != first.id
+    await run_deletions(pool)
+    assert await pool.fetchval("SELECT count(*) FROM extended_query_tag") == 0
+    assert await pool.fetchval("SELECT count(*) FROM ext_string") == 0
+
+
+async def run_all(runner: OperationRunner) -> None:
+    while await runner.run_once():
+        pass
 
 
 # --- hypothesis: matching compared with the reference ------------------------------------------------------
@@ -764,10 +912,53 @@ async def test_http_api(client: httpx.AsyncClient, local_archive: RunningArchive
     assert (await post("/extendedquerytags", content=b"[", headers=json_type)).status_code == 400
     assert (await post("/extendedquerytags", content=b"[]", headers=text_type)).status_code == 415
 
-    # delete: values go, queries using the tag get 400
-    assert (await client.delete("/extendedquerytags/SliceLocation")).status_code == 204
+    # delete: 204 at once with the tag Deleting; its values go in the background. A transaction holding
+    # the values' row locks keeps the deletion operation waiting so that the Deleting state can be seen.
+    blocker = await asyncpg.connect(local_archive.database_url)
+    try:
+        blocking = blocker.transaction()
+        await blocking.start()
+        held = await blocker.fetch(
+            """SELECT 1 FROM ext_double
+               WHERE tag_key = (SELECT tag_key FROM extended_query_tag WHERE path = '00201041') FOR UPDATE"""
+        )
+        assert len(held) == 9  # three instances of each of three studies
+        assert (await client.delete("/extendedquerytags/SliceLocation")).status_code == 204
+        deleting = (await client.get("/extendedquerytags/SliceLocation")).json()
+        operation_id = deleting["operation"]["id"]
+        assert deleting == {
+            "path": "00201041", "vr": "DS", "level": "Instance", "status": "Deleting",
+            "queryStatus": "Enabled",
+            "operation": {"id": operation_id, "href": f"{local_archive.url}/operations/{operation_id}"},
+        }  # fmt: skip
+        assert (await client.get("/extendedquerytags")).json()[2] == deleting
+        refused = await client.get("/instances", params={"SliceLocation": "-2.5"})
+        assert refused.status_code == 400
+        assert "not ready for queries (status Deleting)" in refused.json()["error"]["message"]
+        again = await client.delete("/extendedquerytags/SliceLocation")
+        assert again.status_code == 409 and "being deleted already" in again.json()["error"]["message"]
+        readd = await client.post("/extendedquerytags", json=[{"Path": "SliceLocation", "Level": "Instance"}])
+        assert readd.status_code == 409, readd.text
+        assert "still being deleted: 00201041" in readd.json()["error"]["message"]
+        patch = await client.patch("/extendedquerytags/SliceLocation", json={"QueryStatus": "Disabled"})
+        assert patch.status_code == 409 and "is being deleted" in patch.json()["error"]["message"]
+        pending = await client.get(deleting["operation"]["href"])
+        assert pending.status_code == 202 and pending.json()["type"] == "deleteExtendedQueryTag"
+    finally:
+        await blocker.close()  # rolls back: the deletion goes on
+    deleted = await wait_done(client, deleting["operation"]["href"])
+    assert deleted["status"] == "succeeded" and deleted["percentComplete"] == 100
+    assert deleted["results"] == {"tag": "00201041", "deletedValues": 9, "deletedErrors": 0}
+    assert deleted["resources"] == [f"{local_archive.url}/extendedquerytags/00201041"]
+    assert (await client.get("/extendedquerytags/SliceLocation")).status_code == 404
     assert (await client.delete("/extendedquerytags/SliceLocation")).status_code == 404
     gone = await client.get("/instances", params={"SliceLocation": "-2.5"})
-    assert gone.status_code == 400
+    assert gone.status_code == 400 and "not a matching key" in gone.json()["error"]["message"]
+    readd = await client.post("/extendedquerytags", json=[{"Path": "SliceLocation", "Level": "Instance"}])
+    assert readd.status_code == 202
+    assert (await wait_done(client, readd.json()["href"]))["status"] == "succeeded"
+    found = await client.get("/instances", params={"SliceLocation": "-2.5"})
+    expected_studies = [spec.study_uid, spec2.study_uid, later.study_uid]  # the later store too
+    assert [r["0020000D"]["Value"][0] for r in found.json()] == expected_studies
     assert (await client.get("/operations/0123")).status_code == 400
     assert (await client.get("/operations/" + "0" * 32)).status_code == 404

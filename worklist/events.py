@@ -24,6 +24,12 @@ CHANNEL = "dicomweb_worklist"
 PRIVATE_CREATOR_KEY = "00770010"
 PRIVATE_CREATOR = "DICOMWEB ARCHIVE UPS"
 SEQUENCE_KEY = "00771001"
+# the gap notice (see gap_notice): first and last sequence dropped, and a sentence saying so
+DROPPED_FIRST_KEY, DROPPED_LAST_KEY, DROPPED_TEXT_KEY = "00771002", "00771003", "00771004"
+
+# SCP Status Change reports concern the SCP, not a work item: they name the well-known UPS Global
+# Subscription instance as their Affected SOP Instance UID
+GLOBAL_SUBSCRIPTION_UID = "1.2.840.10008.5.1.4.34.5"
 
 
 class EventType(enum.IntEnum):
@@ -78,6 +84,32 @@ def state_report(uid: str, attrs: dict[str, Any], state_code: str | None = None)
 
 def cancel_requested(uid: str, info: dict[str, Any]) -> Event:
     return Event(uid, EventType.CANCEL_REQUESTED, info)
+
+
+def scp_status_change(status: str) -> Event:
+    """SCP Status Change (Table CC.2.4-1): "GOING DOWN", or "RESTARTED" with both lists WARM START, since
+    subscriptions and work items live in PostgreSQL and survive any restart of the archive."""
+    info = {"00741242": {"vr": "CS", "Value": [status]}}  # SCPStatus
+    if status == "RESTARTED":
+        info["00741244"] = {"vr": "CS", "Value": ["WARM START"]}  # SubscriptionListStatus
+        info["00741246"] = {"vr": "CS", "Value": ["WARM START"]}  # UnifiedProcedureStepListStatus
+    return Event(GLOBAL_SUBSCRIPTION_UID, EventType.SCP_STATUS_CHANGE, info)
+
+
+def gap_notice(first: int, last: int) -> bytes:
+    """What a subscriber gets instead of events first..last that were dropped unacknowledged
+    (worklist.retention): our private elements only, and no sequence element, so that it is no event."""
+    text = (
+        f"UPS events {first}-{last} were dropped unacknowledged (queue bound or retention); "
+        "search the worklist to catch up"
+    )
+    body = {
+        PRIVATE_CREATOR_KEY: {"vr": "LO", "Value": [PRIVATE_CREATOR]},
+        DROPPED_FIRST_KEY: {"vr": "UV", "Value": [first]},
+        DROPPED_LAST_KEY: {"vr": "UV", "Value": [last]},
+        DROPPED_TEXT_KEY: {"vr": "LT", "Value": [text]},
+    }
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
 
 
 def with_sequence(payload: bytes, sequence: int) -> bytes:

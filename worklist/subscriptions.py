@@ -4,8 +4,10 @@ A subscriber is an AE title within a partition. Subscribing to a work item sends
 report. A Worklist (or Filtered Worklist) subscription subscribes the AE to every non-final work item it
 matches now, with an initial state report each, and to every matching item created later; creates hold the
 partition's advisory lock shared and global subscribes hold it exclusively, so no item falls between the
-two. Unsubscribing from the worklist removes the global subscription and every work item subscription of
-the AE; suspending removes only the global one (the AE keeps what it has, gets no new items).
+two. A filter is evaluated then and only then, never on Update: PS3.4 Table CC.2.3-2 changes an AE's
+subscription to an item on subscription actions and on creation only. Unsubscribing from the worklist
+removes the global subscription and every work item subscription of the AE; suspending removes only the
+global one (the AE keeps what it has, gets no new items).
 """
 
 from __future__ import annotations
@@ -184,10 +186,13 @@ async def ack(pool: asyncpg.Pool, partition_key: int, ae_title: str, sequence: i
         return acked_to
 
 
-async def acked(pool: asyncpg.Pool, partition_key: int, ae_title: str) -> int | None:
-    """Where a subscriber's delivery resumes; None for an AE that never subscribed."""
-    return await pool.fetchval(
-        "SELECT acked_sequence FROM ups_subscriber WHERE partition_key = $1 AND ae_title = $2",
+async def position(pool: asyncpg.Pool, partition_key: int, ae_title: str) -> tuple[int, int] | None:
+    """(acknowledged, dropped): the subscriber has every event up to the first, and events up to the second
+    that it had not acknowledged were dropped (worklist.retention); None for an AE that never subscribed."""
+    row = await pool.fetchrow(
+        """SELECT acked_sequence, dropped_sequence FROM ups_subscriber
+           WHERE partition_key = $1 AND ae_title = $2""",
         partition_key,
         ae_title,
     )
+    return None if row is None else (row[0], row[1])

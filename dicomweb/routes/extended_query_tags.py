@@ -44,7 +44,7 @@ def tag_json(tag: ExtendedTag, root: str) -> dict[str, Any]:
     out.update(level=LEVEL_NAMES[tag.level], status=tag.status, queryStatus=tag.query_status)
     if tag.error_count:
         out["errors"] = {"count": tag.error_count, "href": f"{root}/extendedquerytags/{tag.path}/errors"}
-    if tag.operation_id is not None and tag.status == "Adding":
+    if tag.operation_id is not None and tag.status in ("Adding", "Deleting"):
         op = tag.operation_id.hex
         out["operation"] = {"id": op, "href": f"{root}/operations/{op}"}
     return out
@@ -119,20 +119,32 @@ async def update(request: Request) -> Response:
     wanted = choices.get(status.lower()) if isinstance(status, str) else None
     if wanted is None:
         raise HTTPProblem(400, f"QueryStatus must be Enabled or Disabled, not {status!r}")
-    async with context(request).pool.acquire() as conn:
-        found = await set_query_status(conn, tag, wanted)
+    try:
+        async with context(request).pool.acquire() as conn:
+            found = await set_query_status(conn, tag, wanted)
+    except TagError as exc:
+        raise _problem(exc) from None
     if found is None:
         raise HTTPProblem(404, f"extended query tag {request.path_params['tag']} not found")
     return _json(tag_json(found, service_root(request)))
 
 
 async def delete(request: Request) -> Response:
-    """DELETE: the tag, its values and errors; a re-index still running for it stops (204)."""
+    """DELETE: mark the tag Deleting and queue the removal of its values (204 at once, as Azure answers).
+
+    A re-index still running for it stops; queries using the tag get 400 from now on.
+    """
     tag = _path_tag(request)
-    async with context(request).pool.acquire() as conn, conn.transaction():
-        deleted = await delete_tag(conn, tag)
-    if not deleted:
+    try:
+        async with context(request).pool.acquire() as conn, conn.transaction():
+            op = await delete_tag(conn, tag)
+    except TagError as exc:
+        raise _problem(exc) from None
+    if op is None:
         raise HTTPProblem(404, f"extended query tag {request.path_params['tag']} not found")
+    runner = getattr(request.app.state, "operations", None)
+    if runner is not None:
+        runner.poke()
     return Response(status_code=204)
 
 

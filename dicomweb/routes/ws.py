@@ -7,7 +7,9 @@ Message ID (0000,0110), which wraps at 65535, and our private element (0077,1001
 
 Exactly once across reconnects, our extension: the client acknowledges with a text message
 `{"ack": N}` (everything up to N), and a new connection resumes after the last acknowledged sequence, or
-after `?after=N` when the client keeps its own record. Events queue while nobody is connected.
+after `?after=N` when the client keeps its own record. Events queue while nobody is connected, within a
+bound (worklist.retention); where unacknowledged events were dropped, the client gets one gap notice
+(worklist.events.gap_notice) naming them, then the events that follow.
 
 Any process sharing the database may hold the connection: commits NOTIFY the worklist channel, which one
 LISTEN connection per process turns into a wake-up of its senders (changefeed.notify.FeedNotifier on its
@@ -27,7 +29,7 @@ from changefeed.notify import RECHECK, FeedNotifier
 from dicomweb.context import context, partition_key
 from dicomweb.errors import HTTPProblem
 from worklist import subscriptions
-from worklist.events import read_after
+from worklist.events import gap_notice, read_after
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +52,23 @@ async def subscriber_channel(ws: WebSocket) -> None:
         return
     pool = context(ws).pool  # type: ignore[arg-type]
     after_text = ws.query_params.get("after")
-    if after_text is not None:
-        if not after_text.isdigit():
-            await ws.close(code=1008, reason="after must be a sequence number")
-            return
-        cursor = int(after_text)
-    else:
-        cursor = await subscriptions.acked(pool, key, ae) or 0
+    if after_text is not None and not after_text.isdigit():
+        await ws.close(code=1008, reason="after must be a sequence number")
+        return
+    acked, dropped = await subscriptions.position(pool, key, ae) or (0, 0)
+    # events up to `acked` are gone because the client acknowledged them: nothing to tell
+    cursor = max(int(after_text), acked) if after_text is not None else acked
     notifier: FeedNotifier = ws.app.state.worklist_notifier
     reader = asyncio.create_task(_read_acks(ws, pool, key, ae))
     try:
+        if cursor < dropped:
+            await ws.send_text(gap_notice(cursor + 1, dropped).decode())
+            cursor = dropped
         while not reader.done():
             wake = notifier.next_change()
             batch = await read_after(pool, key, ae, cursor)
+            if batch and batch[0].sequence > cursor + 1:  # dropped while we were sending
+                await ws.send_text(gap_notice(cursor + 1, batch[0].sequence - 1).decode())
             for event in batch:
                 await ws.send_text(event.payload.decode())
                 cursor = event.sequence

@@ -1,0 +1,105 @@
+"""SCP Status Change events (PS3.4 CC.2.4, Event Type 4): RESTARTED when the archive starts, GOING DOWN when
+it stops gracefully, each once, to every subscriber, through the outbox like any other event.
+
+"The archive" is every process sharing the database, so a process that starts while others run is no
+restart, and one that stops while others run is no shutdown. Each process holds a session-level advisory lock
+shared on a connection of its own for as long as it lives:
+
+* starting, it first tries the lock exclusively. That succeeds only when no other process holds it, i.e. the
+  archive was down (stopped or crashed): this process reports RESTARTED, then takes the lock shared before it
+  lets go of the exclusive one. A process starting meanwhile waits for the shared lock until then.
+* stopping, it lets go of its shared lock and tries the lock exclusively. Only the last process succeeds,
+  and reports GOING DOWN, recording it in ups_scp_state (migration 0011).
+* a process that starts while the last one is reporting GOING DOWN fails the exclusive try, waits for the
+  shared lock, and then finds `down` set: it reports RESTARTED all the same. The row lock on ups_scp_state
+  makes sure that only one of several such processes does.
+
+A process that dies loses its lock with its connection and reports nothing, which is right: a crash is not
+a graceful shutdown. Subscriptions and work items live in PostgreSQL, so a restart is a WARM START of both
+lists.
+
+With one process left, GOING DOWN cannot reach a connected WebSocket before the server closes it; it waits in
+the queue and is delivered, in order before RESTARTED, when the subscriber reconnects.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import asyncpg
+
+from worklist import events
+
+log = logging.getLogger(__name__)
+
+ALIVE_LOCK = 0x55505357_414C4956 & 0x7FFFFFFFFFFFFFFF  # held shared by every live archive process
+RESTARTED, GOING_DOWN = "RESTARTED", "GOING DOWN"
+
+
+async def announce(conn: asyncpg.Connection, status: str) -> int:
+    """Queue an SCP Status Change for every AE with a subscription (global or to a work item), in one
+    transaction; returns how many."""
+    async with conn.transaction():
+        rows = await conn.fetch(
+            """SELECT s.partition_key, s.ae_title FROM ups_subscriber s
+               WHERE EXISTS (SELECT FROM ups_global_subscription g
+                             WHERE g.partition_key = s.partition_key AND g.ae_title = s.ae_title)
+                  OR EXISTS (SELECT FROM ups_subscription u
+                             WHERE u.partition_key = s.partition_key AND u.ae_title = s.ae_title)
+               ORDER BY s.partition_key, s.ae_title"""
+        )
+        event = events.scp_status_change(status)
+        count = 0
+        for partition_key, group in itertools.groupby(rows, key=lambda r: r["partition_key"]):
+            count += await events.emit(conn, partition_key, [(r["ae_title"], event) for r in group])
+        return count
+
+
+class ScpStatus:
+    """One per process: reports RESTARTED at start when it is the first, GOING DOWN at stop when the last."""
+
+    def __init__(self, database_url: str) -> None:
+        self._dsn = database_url
+        self._conn: asyncpg.Connection | None = None
+
+    async def start(self) -> bool:
+        """Join the live processes; True when the archive was down and this process reported RESTARTED."""
+        self._conn = conn = await asyncpg.connect(self._dsn)
+        first = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", ALIVE_LOCK))
+        await conn.execute("SELECT pg_advisory_lock_shared($1)", ALIVE_LOCK)
+        try:
+            async with conn.transaction():
+                down = await conn.fetchval("SELECT down FROM ups_scp_state FOR UPDATE")
+                restart = first or bool(down)
+                if restart:
+                    count = await announce(conn, RESTARTED)
+                    await conn.execute("UPDATE ups_scp_state SET down = false")
+                    log.info("UPS SCP status RESTARTED reported to %d subscribers", count)
+            return restart
+        except Exception:
+            log.exception("UPS SCP status RESTARTED could not be reported")
+            return False
+        finally:
+            if first:
+                await conn.execute("SELECT pg_advisory_unlock($1)", ALIVE_LOCK)
+
+    async def stop(self) -> bool:
+        """Leave; True when this was the last live process and reported GOING DOWN."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return False
+        try:
+            await conn.execute("SELECT pg_advisory_unlock_shared($1)", ALIVE_LOCK)
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", ALIVE_LOCK):
+                return False
+            async with conn.transaction():
+                count = await announce(conn, GOING_DOWN)
+                await conn.execute("UPDATE ups_scp_state SET down = true")
+            log.info("UPS SCP status GOING DOWN reported to %d subscribers", count)
+            return True
+        except Exception:
+            log.exception("UPS SCP status GOING DOWN could not be reported")
+            return False
+        finally:
+            await conn.close()  # ends the session, and with it any lock still held
