@@ -8,12 +8,12 @@ before deleting (an upload younger than the grace period may still be on its way
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
+from indexer.background import Periodic
 from indexer.lookup import is_indexed
 from storage.base import BlobStore
 
@@ -87,8 +87,9 @@ async def sweep_orphans(
     return removed
 
 
-class Maintenance:
-    """Runs the deletion drain often and the orphan sweep rarely, until stopped."""
+class Maintenance(Periodic):
+    """Runs the deletion drain often and the orphan sweep rarely, until stopped; `poke()` drains now (called
+    after a DELETE so that objects go promptly)."""
 
     def __init__(
         self,
@@ -99,45 +100,30 @@ class Maintenance:
         sweep_interval: float = 3600.0,
         grace: timedelta = timedelta(hours=1),
     ) -> None:
+        super().__init__(
+            "blob-maintenance",
+            self._drain_and_sweep,
+            drain_interval,
+            lambda _exc: log.exception("blob maintenance failed; retrying"),
+        )
         self._pool, self._store = pool, store
-        self._drain_interval, self._sweep_interval, self._grace = drain_interval, sweep_interval, grace
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._sweep_interval, self._grace = sweep_interval, grace
+        self._next_sweep: float | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="blob-maintenance")
-
-    def poke(self) -> None:
-        """Drain now (called after a DELETE so that objects go promptly)."""
-        self._wakeup.set()
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
+    async def _drain_and_sweep(self) -> None:
         loop = asyncio.get_running_loop()
-        next_sweep = loop.time() + 60.0  # not at start-up: let the process settle first
-        while True:
-            try:
-                await drain_deletions(self._pool, self._store)
-                if loop.time() >= next_sweep:
-                    next_sweep = loop.time() + self._sweep_interval
-                    async with self._pool.acquire() as conn:
-                        # one sweeper at a time across processes
-                        if await conn.fetchval("SELECT pg_try_advisory_lock(4404)"):
-                            try:
-                                removed = await sweep_orphans(self._pool, self._store, grace=self._grace)
-                                if removed:
-                                    log.info("orphan sweep removed %d objects", removed)
-                            finally:
-                                await conn.execute("SELECT pg_advisory_unlock(4404)")
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("blob maintenance failed; retrying")
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self._drain_interval)
+        if self._next_sweep is None:
+            self._next_sweep = loop.time() + 60.0  # not at start-up: let the process settle first
+        await drain_deletions(self._pool, self._store)
+        if loop.time() < self._next_sweep:
+            return
+        self._next_sweep = loop.time() + self._sweep_interval
+        async with self._pool.acquire() as conn:
+            # one sweeper at a time across processes
+            if await conn.fetchval("SELECT pg_try_advisory_lock(4404)"):
+                try:
+                    removed = await sweep_orphans(self._pool, self._store, grace=self._grace)
+                    if removed:
+                        log.info("orphan sweep removed %d objects", removed)
+                finally:
+                    await conn.execute("SELECT pg_advisory_unlock(4404)")

@@ -18,8 +18,8 @@ DICOMweb rules encoded here (PS3.18 2024 editions):
 * §8.7.3.4: when only lossy (or too-large-for-native) pixel data is available the server may answer in
   the stored syntax instead of the default; a handler expresses that by giving the :class:`Offer` a
   ``default_transfer_syntax`` override.
-* §8.7.8.1 also gives an ``accept`` query parameter priority over the header: call :func:`negotiate`
-  with the query parameter's ranges first and fall back to the header's when that returns None.
+* §8.7.8.1 also gives an ``accept`` query parameter priority over the header: :func:`select` takes the
+  query parameter's values first and falls back to the header's when none of them selects anything.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, NamedTuple
 
+from dicomweb.errors import HTTPProblem
 from dicomweb.multipart import MultipartError, check_boundary
 
 __all__ = [
@@ -46,12 +47,14 @@ __all__ = [
     "UnsupportedMediaTypeError",
     "compressed_media_type",
     "default_transfer_syntax",
+    "describe",
     "negotiate",
     "parse_accept",
     "parse_boundary",
     "parse_media_type",
     "parse_stow_content_type",
     "rank",
+    "select",
 ]
 
 
@@ -510,6 +513,44 @@ def negotiate(accept: Sequence[MediaType] | str | None, offers: Sequence[Offer])
     """Pick the best offer for the Accept ranges (the first of :func:`rank`), or None: answer 406."""
     ranked = rank(accept, offers)
     return ranked[0] if ranked else None
+
+
+def describe(offers: Sequence[Offer]) -> str:
+    """The offers as a 406 message lists them, e.g. ``multipart/related; type="image/jpeg", image/png``."""
+    return ", ".join(o.media_type + (f'; type="{o.part_type}"' if o.part_type else "") for o in offers)
+
+
+def select(
+    offers: Sequence[Offer],
+    header: str | None,
+    params: Sequence[str] = (),
+    *,
+    available: str | None = None,
+) -> list[Selection]:
+    """A request's :func:`rank` of `offers`: by the first of its ``accept`` query parameter values that
+    selects anything (`params`), else by its Accept `header` (PS3.18 §8.7.8.1).
+
+    Raises HTTPProblem 400 for a malformed value and 406 when nothing is acceptable; the 406 message names
+    what is `available` (by default :func:`describe` of the offers).
+    """
+    for value in params:
+        try:
+            ranked = rank(value, offers)
+        except NegotiationError as exc:
+            raise HTTPProblem(400, f"malformed accept query parameter: {exc}") from exc
+        if ranked:
+            return ranked
+    try:
+        ranked = rank(header, offers)
+    except NegotiationError as exc:
+        raise HTTPProblem(400, f"malformed Accept header: {exc}") from exc
+    if not ranked:
+        raise HTTPProblem(
+            406,
+            "cannot produce any media type the Accept header allows; "
+            f"available: {describe(offers) if available is None else available}",
+        )
+    return ranked
 
 
 class StowContentType(NamedTuple):

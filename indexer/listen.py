@@ -15,14 +15,16 @@ from collections.abc import Callable
 
 import asyncpg
 
+from indexer.background import BackgroundTask
+
 log = logging.getLogger(__name__)
 
 _RECONNECT_MAX = 10.0
 
 
-class Listener:
-    """LISTEN on `channel`: `on_notify(payload)` per notification, `on_reset(connected)` when the
-    connection comes up (True) or goes down (False)."""
+class Listener(BackgroundTask):
+    """LISTEN on `channel` from `start()` to `stop()`: `on_notify(payload)` per notification,
+    `on_reset(connected)` when the connection comes up (True) or goes down (False)."""
 
     def __init__(
         self,
@@ -31,27 +33,17 @@ class Listener:
         on_notify: Callable[[str], None],
         on_reset: Callable[[bool], None],
     ) -> None:
+        super().__init__(f"{channel}-listener", self._listen)
         self._database_url = database_url
         self.channel = channel
         self._on_notify = on_notify
         self._on_reset = on_reset
-        self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"{self.channel}-listener")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self._on_notify(payload)
 
-    async def _run(self) -> None:
+    async def _listen(self) -> None:
         delay = 0.1
         while True:
             conn: asyncpg.Connection | None = None

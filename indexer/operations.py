@@ -31,6 +31,8 @@ from typing import Any, Protocol
 import asyncpg
 import orjson
 
+from indexer.background import Periodic
+
 log = logging.getLogger(__name__)
 
 STATUSES = ("notStarted", "running", "succeeded", "failed", "canceled")
@@ -139,8 +141,9 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-class OperationRunner:
-    """Claims operations from PostgreSQL and runs them, one at a time, until stopped."""
+class OperationRunner(Periodic):
+    """Claims operations from PostgreSQL and runs them, one at a time, until stopped; `poke()` looks for work
+    now (called after creating an operation in this process)."""
 
     def __init__(
         self,
@@ -151,29 +154,18 @@ class OperationRunner:
         lease_seconds: float = 30.0,
         poll_interval: float = 2.0,
     ) -> None:
+        super().__init__(
+            "operation-runner", self.run_once, poll_interval, lambda _exc: log.exception("operation runner")
+        )
         self._pool = pool
         self._handlers = dict(handlers)
         self.worker = worker or worker_name()
         self._lease = lease_seconds
-        self._poll = poll_interval
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._token: uuid.UUID | None = None  # the lease currently held
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="operation-runner")
-
-    def poke(self) -> None:
-        """Look for work now (called after creating an operation in this process)."""
-        self._wakeup.set()
 
     async def stop(self) -> None:
         """Stop; the current step is rolled back and the lease released, so another process resumes now."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await super().stop()
         if self._token is not None:
             with contextlib.suppress(Exception):
                 await self._pool.execute(
@@ -182,20 +174,6 @@ class OperationRunner:
                     self._token,
                 )
             self._token = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                worked = await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("operation runner")
-                worked = False
-            if not worked:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), self._poll)
-                self._wakeup.clear()
 
     async def claim(self) -> Operation | None:
         """Take the oldest runnable operation (unleased or with an expired lease) and lease it."""

@@ -6,9 +6,7 @@ import asyncio
 import json
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,7 +20,7 @@ from access.clock import Clock
 from access.service import AccessControl
 from dicomweb.config import Settings
 from storage import LocalBlobStore
-from tests.fixtures.postgres import TEST_DATABASE_PREFIX, _quote_ident, with_database
+from tests.fixtures.postgres import fresh_database as fresh_database  # for module-scoped archives
 from tests.fixtures.server import RunningArchive, ServerThread, start_archive
 
 ISSUER = "https://idp.example.org"
@@ -48,28 +46,6 @@ class SecureArchive:
         loop = self.thread.loop
         assert loop is not None
         await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.access.audit.flush(), loop))
-
-
-@asynccontextmanager
-async def fresh_database(postgres_server: str) -> AsyncIterator[str]:
-    """A database of its own (for module-scoped archives; `database_url` is per test)."""
-    name = f"{TEST_DATABASE_PREFIX}{uuid.uuid4().hex[:16]}"
-    admin = await asyncpg.connect(postgres_server)
-    try:
-        await admin.execute(
-            f"CREATE DATABASE {_quote_ident(name)} TEMPLATE template0 "
-            "ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'"
-        )
-    finally:
-        await admin.close()
-    try:
-        yield with_database(postgres_server, name)
-    finally:
-        admin = await asyncpg.connect(postgres_server)
-        try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {_quote_ident(name)} WITH (FORCE)")
-        finally:
-            await admin.close()
 
 
 def start_secure(database_url: str, tmp_path: Path, **settings: object) -> SecureArchive:

@@ -16,12 +16,12 @@ deletes events, so the prune can deadlock with neither. Every process runs it; t
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime as dt
 import logging
 
 import asyncpg
+
+from indexer.background import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -73,32 +73,17 @@ async def prune(conn: asyncpg.Connection, max_queue: int, retention: dt.timedelt
         return sum(r["n"] for r in dropped)
 
 
-class EventPruner:
+class EventPruner(Periodic):
     """Runs `prune` every PRUNE_INTERVAL seconds in the app's lifespan."""
 
     def __init__(self, pool: asyncpg.Pool, max_queue: int, retention: dt.timedelta) -> None:
+        super().__init__(
+            "ups-event-pruner", self._prune, PRUNE_INTERVAL, lambda _exc: log.exception("UPS event prune")
+        )
         self._pool, self._max_queue, self._retention = pool, max_queue, retention
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="ups-event-pruner")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                async with self._pool.acquire() as conn:
-                    dropped = await prune(conn, self._max_queue, self._retention)
-                if dropped:
-                    log.warning("dropped %d unacknowledged UPS events (queue bound or retention)", dropped)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("UPS event prune")
-            await asyncio.sleep(PRUNE_INTERVAL)
+    async def _prune(self) -> None:
+        async with self._pool.acquire() as conn:
+            dropped = await prune(conn, self._max_queue, self._retention)
+        if dropped:
+            log.warning("dropped %d unacknowledged UPS events (queue bound or retention)", dropped)

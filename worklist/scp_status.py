@@ -56,6 +56,13 @@ async def announce(conn: asyncpg.Connection, status: str) -> int:
         return count
 
 
+async def _report(conn: asyncpg.Connection, status: str, *, down: bool) -> None:
+    """Announce `status` and record whether the archive is now down, in the caller's transaction."""
+    count = await announce(conn, status)
+    await conn.execute("UPDATE ups_scp_state SET down = $1", down)
+    log.info("UPS SCP status %s reported to %d subscribers", status, count)
+
+
 class ScpStatus:
     """One per process: reports RESTARTED at start when it is the first, GOING DOWN at stop when the last."""
 
@@ -73,9 +80,7 @@ class ScpStatus:
                 down = await conn.fetchval("SELECT down FROM ups_scp_state FOR UPDATE")
                 restart = first or bool(down)
                 if restart:
-                    count = await announce(conn, RESTARTED)
-                    await conn.execute("UPDATE ups_scp_state SET down = false")
-                    log.info("UPS SCP status RESTARTED reported to %d subscribers", count)
+                    await _report(conn, RESTARTED, down=False)
             return restart
         except Exception:
             log.exception("UPS SCP status RESTARTED could not be reported")
@@ -94,9 +99,7 @@ class ScpStatus:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", ALIVE_LOCK):
                 return False
             async with conn.transaction():
-                count = await announce(conn, GOING_DOWN)
-                await conn.execute("UPDATE ups_scp_state SET down = true")
-            log.info("UPS SCP status GOING DOWN reported to %d subscribers", count)
+                await _report(conn, GOING_DOWN, down=True)
             return True
         except Exception:
             log.exception("UPS SCP status GOING DOWN could not be reported")

@@ -37,7 +37,7 @@ from dicomweb.caching import cache_headers, make_etag, matches_if_none_match, no
 from dicomweb.context import context, not_found, partition_key, resource_uids, service_root
 from dicomweb.errors import HTTPProblem
 from dicomweb.multipart import new_boundary, write_multipart
-from dicomweb.negotiation import NegotiationError, Offer, negotiate, parse_accept
+from dicomweb.negotiation import Offer, select
 from indexer.lookup import StoredInstance, find_instances
 from indexer.thumbnails import cached_thumbnail, find_image, representative, store_thumbnail
 from indexer.versions import scope_version
@@ -55,24 +55,17 @@ _THUMBNAIL_PARAMS = {"viewport", "quality", "accept", "charset"}
 
 def _select(request: Request, offers: tuple[Offer, ...]) -> Offer:
     """PS3.18 8.7.8.1: the `accept` query parameter first, then the Accept header."""
+    return select(offers, request.headers.get("accept"), request.query_params.getlist("accept"))[0].offer
+
+
+def _frames(request: Request) -> list[int] | None:
+    """The frame list of a .../frames/{list}/... path, None for other paths."""
+    if "frames" not in request.path_params:
+        return None
     try:
-        selection = None
-        for value in request.query_params.getlist("accept"):
-            selection = negotiate(parse_accept(value), offers)
-            if selection is not None:
-                break
-        if selection is None:
-            selection = negotiate(request.headers.get("accept"), offers)
-    except NegotiationError as exc:
-        raise HTTPProblem(400, f"malformed Accept: {exc}") from exc
-    if selection is None:
-        produced = ", ".join(
-            o.media_type + (f'; type="{o.part_type}"' if o.part_type else "") for o in offers
-        )
-        raise HTTPProblem(
-            406, f"cannot produce any media type the Accept header allows; available: {produced}"
-        )
-    return selection.offer
+        return parse_frame_list(request.path_params["frames"])
+    except FrameListError as exc:
+        raise HTTPProblem(400, str(exc)) from exc
 
 
 def _options(request: Request, media_type: str, allowed: set[str]) -> RenderOptions:
@@ -144,12 +137,7 @@ def _variant(frames: list[int] | None, options: RenderOptions) -> str:
 async def rendered(request: Request) -> Response:
     """.../rendered at study, series, instance level and .../frames/{list}/rendered."""
     study, series, sop = resource_uids(request)
-    frames: list[int] | None = None
-    if "frames" in request.path_params:
-        try:
-            frames = parse_frame_list(request.path_params["frames"])
-        except FrameListError as exc:
-            raise HTTPProblem(400, str(exc)) from exc
+    frames = _frames(request)
     ctx = context(request)
     partition = await partition_key(request)
     if sop is None:
@@ -216,14 +204,9 @@ async def thumbnail(request: Request) -> Response:
     """.../thumbnail at study, series, instance and frame level: a 128x128 (or `viewport`) image of the
     representative frame, rendered once and then served from the thumbnail table."""
     study, series, sop = resource_uids(request)
-    frames: list[int] | None = None
-    if "frames" in request.path_params:
-        try:
-            frames = parse_frame_list(request.path_params["frames"])
-        except FrameListError as exc:
-            raise HTTPProblem(400, str(exc)) from exc
-        if len(frames) != 1:
-            raise HTTPProblem(400, "a thumbnail stands for one frame; name exactly one")
+    frames = _frames(request)
+    if frames is not None and len(frames) != 1:
+        raise HTTPProblem(400, "a thumbnail stands for one frame; name exactly one")
     offer = _select(request, _SINGLE_OFFERS)
     options = _options(request, offer.media_type, _THUMBNAIL_PARAMS)
     if options.viewport is None:

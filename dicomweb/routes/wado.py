@@ -27,7 +27,7 @@ from dicomweb.caching import cache_headers, matches_if_none_match, not_modified,
 from dicomweb.context import context, not_found, partition_key, resource_uids, service_root
 from dicomweb.errors import HTTPProblem
 from dicomweb.multipart import new_boundary, write_multipart
-from dicomweb.negotiation import ANY_TRANSFER_SYNTAX, NegotiationError, Offer, Selection, negotiate, rank
+from dicomweb.negotiation import ANY_TRANSFER_SYNTAX, Offer, Selection, describe, select
 from dicomweb.ranges import parse_range
 from dicomweb.routes import frames
 from indexer.lookup import StoredInstance, find_bulk_index, find_instances, find_metadata
@@ -51,37 +51,21 @@ _BULK_OFFERS = (
 
 
 def _select(request: Request, offers: tuple[Offer, ...]) -> tuple[Offer, str | None]:
-    try:
-        selection = negotiate(request.headers.get("accept"), offers)
-    except NegotiationError as exc:
-        raise HTTPProblem(400, f"malformed Accept header: {exc}") from exc
-    if selection is None:
-        produced = ", ".join(
-            o.media_type + (f'; type="{o.part_type}"' if o.part_type else "") for o in offers
-        )
-        raise HTTPProblem(
-            406,
-            f"cannot produce any media type the Accept header allows; available: {produced} "
-            "in the stored transfer syntax (transfer-syntax=*)",
-        )
+    selection = select(
+        offers,
+        request.headers.get("accept"),
+        available=f"{describe(offers)} in the stored transfer syntax (transfer-syntax=*)",
+    )[0]
     return selection.offer, selection.transfer_syntax
 
 
 def _rank(request: Request, offers: tuple[Offer, ...]) -> list[Selection]:
-    try:
-        ranked = rank(request.headers.get("accept"), offers)
-    except NegotiationError as exc:
-        raise HTTPProblem(400, f"malformed Accept header: {exc}") from exc
-    if not ranked:
-        produced = ", ".join(
-            o.media_type + (f'; type="{o.part_type}"' if o.part_type else "") for o in offers
-        )
-        raise HTTPProblem(
-            406,
-            f"cannot produce any media type the Accept header allows; available: {produced} with "
-            f"transfer-syntax=* (as stored) or one of {', '.join(sorted(TARGETS))}",
-        )
-    return ranked
+    return select(
+        offers,
+        request.headers.get("accept"),
+        available=f"{describe(offers)} with transfer-syntax=* (as stored) or one of "
+        f"{', '.join(sorted(TARGETS))}",
+    )
 
 
 def _syntax_possible(stored: str, target: str | None) -> bool:
