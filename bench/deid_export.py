@@ -2,6 +2,7 @@
 and to S3.
 
     python -m bench.deid_export [--count 2000] [--size 512] [--database-url URL] [--no-s3]
+    python -m bench.deid_export --in-process 500 [--size 512]
 
 Stores --count CT-like instances (--size x --size, 16 bit: 512 KiB of pixels each, ~110 attributes with
 sequences and a private block, as scanners write them) into a scratch archive (embedded PostgreSQL unless
@@ -9,6 +10,10 @@ sequences and a private block, as scanners write them) into a scratch archive (e
 with the real runner and handler (deid/export.py: process pool of 2, the table's basic profile plus the
 Retain Longitudinal Modified Dates option) and reports instances/s from creating the operation to its
 success. The S3 destination is a SeaweedFS `weed mini` on loopback (the test suite's server).
+
+--in-process N: no archive, no pool; CPU µs per instance of the parts in this process, on N variants of the
+same template: reading the source (dicomcore.framing.read_file, and pydicom.dcmread for comparison) and the
+whole de-identification (dicomcore.deidentify.deidentify with the same profile as the export).
 """
 
 from __future__ import annotations
@@ -238,6 +243,32 @@ async def main_async(args: argparse.Namespace) -> None:
         await pool.close()
 
 
+def in_process(count: int, size: int) -> None:
+    """CPU µs per instance of reading and de-identifying, in this process (see the module docstring)."""
+    import pydicom
+
+    from deid.keys import ProjectKeys
+    from deid.profile import Options, build_plan
+    from dicomcore.deidentify import DEFER_SIZE, deidentify
+    from dicomcore.framing import read_file
+
+    plan = build_plan(Options.from_names(["retain_long_modified_dates"]))
+    keys = ProjectKeys("bench", b"\x01" * 32)
+    sources = list(variants(ct_template(size), count))
+    parts = {
+        "pydicom.dcmread": lambda data: pydicom.dcmread(io.BytesIO(data), defer_size=DEFER_SIZE),
+        "framing.read_file": lambda data: read_file(data, DEFER_SIZE),
+        "deidentify": lambda data: deidentify(data, plan, keys),
+    }
+    for name, part in parts.items():
+        for data in sources[:20]:  # warm caches (the plan's resolved tags, dictionaries)
+            part(data)
+        start = time.process_time()
+        for data in sources:
+            part(data)
+        print(f"{name:20} {1e6 * (time.process_time() - start) / count:8.1f} µs CPU per instance")
+
+
 def report(name: str, count: int, elapsed: float, results: dict, size: int) -> None:
     rate = count / elapsed
     cpu_ms = 1000 * results["cpu_seconds"] / count
@@ -257,7 +288,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="de-identifying processes (2)")
     parser.add_argument("--database-url")
     parser.add_argument("--no-s3", action="store_true")
-    asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument(
+        "--in-process", type=int, metavar="N", help="time the parts in-process on N instances"
+    )
+    args = parser.parse_args()
+    if args.in_process:
+        in_process(args.in_process, args.size)
+        return
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

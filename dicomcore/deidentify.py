@@ -20,6 +20,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from struct import Struct
 from typing import BinaryIO, Protocol
 
 import pydicom
@@ -30,6 +31,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
+
+from dicomcore.framing import convert_sequence, read_file, transfer_syntax_uid
 
 DEFER_SIZE = 4096  # values larger than this are not read when parsing (copied from the source instead)
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -256,7 +259,7 @@ class _Walk:
             if action == EMPTY:
                 ds[key].value = DicomSequence()
             else:  # K, D, C, U on a sequence: keep its items, de-identified like the rest (PS3.15 E.1.1)
-                self.items(ds[key])
+                self.items(convert_sequence(ds, key))
             return
         if action == KEEP:
             return
@@ -397,11 +400,11 @@ def deidentify(source: bytes | BinaryIO, plan: Plan, keys: Keys) -> Deidentified
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
     try:
         # large values stay unread: kept ones are copied from the source by _encode, never decoded
-        ds = pydicom.dcmread(fp, defer_size=DEFER_SIZE)
+        ds = read_file(fp, DEFER_SIZE)
     except Exception as exc:
         # the reason names the error only: parser messages may quote the data, and reasons reach error logs
         raise Skipped(f"cannot parse DICOM ({exc.__class__.__name__})") from exc
-    transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+    transfer_syntax = transfer_syntax_uid(ds)
     if not transfer_syntax:
         raise Skipped("file meta lacks TransferSyntaxUID")
     patient_id, issuer = _text(ds, PATIENT_ID), _text(ds, ISSUER_OF_PATIENT_ID)
@@ -489,19 +492,26 @@ def _encode(
     Elements still raw (never decoded) are written from their raw bytes, values that were deferred at read
     time (pixel data) are copied from the source, replaced values from their new bytes, sequences item by
     item; only elements pydicom decoded go through its writer. Several times faster than re-encoding every
-    element with pydicom, which matters at hundreds of instances per second."""
+    element with pydicom, which matters at hundreds of instances per second. The pieces are joined once at
+    the end; deferred values of an in-memory source are views of it, so the pixel data is copied once."""
     implicit, little = encoding
-    out = DicomBytesIO()
-    out.is_implicit_VR, out.is_little_endian = implicit, little
-    out.write(b"\x00" * 128 + b"DICM" + meta)
-    _write_dataset(out, ds, source, marks, implicit, "<" if little else ">")
-    return out.getvalue()
+    parts: list[bytes | memoryview] = [b"\x00" * 128 + b"DICM" + meta]
+    # BytesIO.getvalue shares the buffer (no copy); getbuffer would unshare (copy) it
+    whole = memoryview(source.getvalue()) if isinstance(source, io.BytesIO) else None
+    _write_dataset(parts, ds, source, whole, marks, implicit, "<" if little else ">")
+    return b"".join(parts)
+
+
+_STRUCTS = {
+    endian: (Struct(endian + "HHL"), Struct(endian + "HH2sHL"), Struct(endian + "HH2sH")) for endian in "<>"
+}
 
 
 def _write_dataset(
-    out: DicomBytesIO,
+    parts: list[bytes | memoryview],
     ds: Dataset,
     source: BinaryIO | None,
+    whole: memoryview | None,
     marks: dict[int, bytes],
     implicit: bool,
     endian: str,
@@ -510,41 +520,66 @@ def _write_dataset(
     ordered = sorted(
         [(int(key), key) for key in elements] + [(tag, None) for tag in marks if tag not in elements]
     )
+    append = parts.append
+    short, long, explicit = (s.pack for s in _STRUCTS[endian])
+    long_vrs = _LONG_HEADER_VRS
     for tag, key in ordered:
         mark = marks.get(tag)
         if mark is not None:
-            out.write(mark)
+            append(mark)
             continue
         elem = elements[key]
-        if isinstance(elem, RawDataElement):
+        if type(elem) is RawDataElement:
             if elem.length == UNDEFINED_LENGTH:
-                write_data_element(out, elem)  # written with its delimiter by pydicom
+                append(_pydicom_encoded(elem, None, implicit, endian))  # with its delimiter
                 continue
             value = elem.value
             if value is None:  # deferred: in the source at value_tell (top level only)
-                assert source is not None
-                source.seek(elem.value_tell)
-                value = source.read(elem.length)
-            _header(out, tag, elem.VR, len(value), implicit, endian)
-            out.write(value)
+                if whole is not None:
+                    value = whole[elem.value_tell : elem.value_tell + elem.length]
+                else:
+                    assert source is not None
+                    source.seek(elem.value_tell)
+                    value = source.read(elem.length)
+            vr = elem.VR
+            if implicit or vr is None:
+                append(short(tag >> 16, tag & 0xFFFF, len(value)))
+            elif vr in long_vrs:
+                append(long(tag >> 16, tag & 0xFFFF, vr.encode(), 0, len(value)))
+            else:
+                append(explicit(tag >> 16, tag & 0xFFFF, vr.encode(), len(value)))
+            append(value)
         elif elem.VR == "SQ":
-            _header(out, tag, "SQ", UNDEFINED_LENGTH, implicit, endian)
+            append(_header(tag, "SQ", UNDEFINED_LENGTH, implicit, endian))
             for item in elem.value or ():
-                out.write(struct.pack(endian + "HHL", 0xFFFE, 0xE000, UNDEFINED_LENGTH))
-                _write_dataset(out, item, None, {}, implicit, endian)
-                out.write(struct.pack(endian + "HHL", 0xFFFE, 0xE00D, 0))
-            out.write(struct.pack(endian + "HHL", 0xFFFE, 0xE0DD, 0))
+                append(short(0xFFFE, 0xE000, UNDEFINED_LENGTH))
+                _write_dataset(parts, item, None, None, {}, implicit, endian)
+                append(short(0xFFFE, 0xE00D, 0))
+            append(short(0xFFFE, 0xE0DD, 0))
         else:
-            write_data_element(out, elem, ds._character_set)
+            append(_pydicom_encoded(elem, ds._character_set, implicit, endian))
 
 
-def _header(out: DicomBytesIO, tag: int, vr: str | None, length: int, implicit: bool, endian: str) -> None:
-    if implicit or vr is None:
-        out.write(struct.pack(endian + "HHL", tag >> 16, tag & 0xFFFF, length))
-    elif vr in _LONG_HEADER_VRS:
-        out.write(struct.pack(endian + "HH2sHL", tag >> 16, tag & 0xFFFF, vr.encode(), 0, length))
+def _pydicom_encoded(
+    elem: DataElement | RawDataElement, charset: str | list[str] | None, implicit: bool, endian: str
+) -> bytes:
+    """One element as pydicom's writer encodes it (values it decoded, undefined-length raw values)."""
+    out = DicomBytesIO()
+    out.is_implicit_VR, out.is_little_endian = implicit, endian == "<"
+    if charset is None:
+        write_data_element(out, elem)
     else:
-        out.write(struct.pack(endian + "HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), length))
+        write_data_element(out, elem, charset)
+    return out.getvalue()
+
+
+def _header(tag: int, vr: str | None, length: int, implicit: bool, endian: str) -> bytes:
+    short, long, explicit = _STRUCTS[endian]
+    if implicit or vr is None:
+        return short.pack(tag >> 16, tag & 0xFFFF, length)
+    if vr in _LONG_HEADER_VRS:
+        return long.pack(tag >> 16, tag & 0xFFFF, vr.encode(), 0, length)
+    return explicit.pack(tag >> 16, tag & 0xFFFF, vr.encode(), length)
 
 
 def _encode_with_pydicom(ds: Dataset, marks: Dataset, meta: bytes) -> bytes:

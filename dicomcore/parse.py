@@ -1,7 +1,8 @@
 """Reading one stored or uploaded DICOM object: validate it and describe it for the index.
 
-Runs in a worker thread (pydicom is CPU-bound); reads headers and small values only, leaving bulk data
-(pixel data, large binary values) unread so that memory stays bounded for any object size.
+Runs in a worker thread (CPU-bound); reads headers and small values only, leaving bulk data (pixel data,
+large binary values) unread so that memory stays bounded for any object size. Elements are framed by
+dicomcore.framing (pydicom's dcmread result, built several times faster).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dicomcore.frames import (
     frame_rows,
     native_frame_table,
 )
+from dicomcore.framing import TruncatedError, read_file, transfer_syntax_uid
 from dicomcore.uids import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, is_valid_uid
 
 # Values larger than this are not read at parse time (pydicom's defer_size).
@@ -70,13 +72,14 @@ def parse_instance(fp: BinaryIO | bytes) -> ParsedInstance:
     if isinstance(fp, (bytes, bytearray, memoryview)):
         fp = io.BytesIO(fp)
     try:
-        ds = pydicom.dcmread(fp, defer_size=DEFER_SIZE)
+        ds = read_file(fp, DEFER_SIZE)
+    except TruncatedError as exc:
+        raise InvalidInstanceError(str(exc)) from exc
     except InvalidDicomError as exc:
         raise InvalidInstanceError(f"not a DICOM PS3.10 file: {exc}") from exc
     except (EOFError, OSError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise InvalidInstanceError(f"cannot parse DICOM: {exc.__class__.__name__}: {exc}") from exc
-    meta = getattr(ds, "file_meta", None)
-    transfer_syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    transfer_syntax = transfer_syntax_uid(ds)
     if not transfer_syntax:
         raise InvalidInstanceError("file meta information lacks TransferSyntaxUID (0002,0010)")
     if not is_valid_uid(transfer_syntax):
