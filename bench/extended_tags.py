@@ -18,6 +18,7 @@ the stored metadata (idempotent; standard QIDO results are unaffected).
 2. times QIDO on the extended tags (equality, range, prefix) and the standard study searches of
    bench.qido_search with the ten tags defined, printing p50/p95/max per query shape;
 3. prints EXPLAIN (ANALYZE, BUFFERS) of the extended-tag searches as the archive compiles them.
+`--cpu` adds each shape's CPU ms per request of the server and of PostgreSQL (see bench.qido_search).
 Tags it defines are deleted first, so it can be run again.
 """
 
@@ -34,6 +35,7 @@ import asyncpg
 import httpx
 
 from bench.common import embedded_archive, percentile
+from bench.qido_search import CPU_HELP, CpuMeter, cpu_ms, timed_get
 from bench.qido_search import queries as standard_queries
 from dicomcore.tags import parse_tag
 from indexer.attributes import Level
@@ -130,15 +132,7 @@ def ext_queries(rng: random.Random) -> dict[str, str]:
     }
 
 
-async def _time(client: httpx.AsyncClient, shapes: dict[str, str], timings: dict[str, list[float]]) -> None:
-    for name, path in shapes.items():
-        t = time.perf_counter()
-        response = await client.get(path)
-        timings.setdefault(name, []).append((time.perf_counter() - t) * 1000)
-        response.raise_for_status()
-
-
-async def measure(url: str, dsn: str, rounds: int, reuse: bool) -> None:
+async def measure(url: str, dsn: str, rounds: int, reuse: bool, data_dir: Path, cpu_meter: bool) -> None:
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     async with pool.acquire() as conn:
         ready = [t for t in (await query_tags(conn)).values() if t.status == "Ready"]
@@ -164,14 +158,30 @@ async def measure(url: str, dsn: str, rounds: int, reuse: bool) -> None:
                 await conn.execute("VACUUM ANALYZE")
         rng = random.Random(7)
         timings: dict[str, list[float]] = {}
-        for n in range(rounds + 5):
+        cpu: dict[str, dict[str, list[int]]] = {}
+        meter: CpuMeter | None = None
+        for n in range(rounds + 5):  # 5 rounds of warm-up
+            if n == 5:
+                meter = CpuMeter(url, data_dir, enabled=cpu_meter)  # the pool's backends exist by now
             row = rng.choice(sample)
             shapes = {k: v.replace("{study}", row["study_instance_uid"]) for k, v in ext_queries(rng).items()}
             shapes |= {f"std {k}": v for k, v in standard_queries(rng, sample).items()}
-            await _time(client, shapes, timings if n >= 5 else {})
-    print(f"\n{'query (10 extended tags defined)':40} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}")
+            for name, path in shapes.items():
+                if meter is None:
+                    (await client.get(path)).raise_for_status()
+                else:
+                    await timed_get(
+                        client, path, meter, timings.setdefault(name, []), cpu.setdefault(name, {})
+                    )
+    print(
+        f"\n{'query (10 extended tags defined)':40} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}"
+        f" {'server CPU ms':>14} {'PG CPU ms':>10}"
+    )
     for name, values in timings.items():
-        print(f"{name:40} {percentile(values, 50):8.1f} {percentile(values, 95):8.1f} {max(values):8.1f}")
+        print(
+            f"{name:40} {percentile(values, 50):8.1f} {percentile(values, 95):8.1f} {max(values):8.1f}"
+            f" {cpu_ms(cpu[name], 'server'):>14} {cpu_ms(cpu[name], 'postgres'):>10}"
+        )
     async with pool.acquire() as conn:
         await explain(conn, rng)
     await pool.close()
@@ -206,6 +216,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("bench/out/qido"))
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--reuse-tags", action="store_true", help="keep the ten tags if already Ready")
+    parser.add_argument("--cpu", action="store_true", help=CPU_HELP)
     args = parser.parse_args()
     data_dir = args.data_dir.resolve()
     with EmbeddedPostgres(data_dir / "postgres") as pg:
@@ -213,7 +224,7 @@ def main() -> None:
             asyncio.run(prepare(pg.dsn))
         else:
             with embedded_archive(workers=1, data_dir=data_dir, database_url=pg.dsn) as url:
-                asyncio.run(measure(url, pg.dsn, args.rounds, args.reuse_tags))
+                asyncio.run(measure(url, pg.dsn, args.rounds, args.reuse_tags, data_dir, args.cpu))
 
 
 if __name__ == "__main__":

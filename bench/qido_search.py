@@ -5,8 +5,11 @@
 
 `load` writes the index directly through indexer.writes (the same code STOW uses, minus object storage), so
 that a million instances load in minutes; `measure` starts `dicomweb serve` on that data directory and times
-each query over HTTP (keep-alive, one client), printing p50/p95/max per query shape. `--auth` runs the server
-with access control on and sends a reader's API token (every request authenticated, authorized, audited).
+each query over HTTP (keep-alive, one client), printing p50/p95/max per query shape; `--cpu` adds the mean
+CPU time per request of the server process and of PostgreSQL (all its processes), read from /proc with
+nanosecond resolution (`schedstat`), which a shared machine moves less than the wall clock. `--auth`
+runs the server with access control on and sends a reader's API token (every request authenticated,
+authorized, audited).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import asyncio
 import copy
 import hashlib
+import os
 import random
 import time
 from pathlib import Path
@@ -128,6 +132,75 @@ async def load(dsn: str, studies: int, concurrency: int = 4) -> None:
     )
 
 
+CPU_HELP = "also report CPU ms per request of the server and of PostgreSQL (the client then reads /proc)"
+
+
+def _processes() -> dict[int, tuple[int, bytes]]:
+    """pid -> (parent pid, command line) of every process."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                out[int(entry.name)] = (ppid, (entry / "cmdline").read_bytes())
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def _tree(processes: dict[int, tuple[int, bytes]], roots: set[int]) -> set[int]:
+    members, grew = set(roots), True
+    while grew:
+        more = {pid for pid, (ppid, _) in processes.items() if ppid in members} - members
+        members |= more
+        grew = bool(more)
+    return members
+
+
+class CpuMeter:
+    """CPU time of the archive under test: the `dicomweb serve` process tree listening on `url`'s port and
+    the PostgreSQL cluster in `data_dir`, each with every thread (/proc/PID/task/TID/schedstat, in ns).
+
+    The schedstat files are opened once and re-read with pread, so a sample costs the client ~0.1 ms (the
+    client shares the machine with what it measures). Threads started after the meter are not counted.
+    """
+
+    def __init__(self, url: str, data_dir: Path, *, enabled: bool = True) -> None:
+        self.fds: dict[str, list[int]] = {}
+        if not enabled:
+            return
+        processes = _processes()
+        port = str(httpx.URL(url).port).encode()
+        serve = {pid for pid, (_, cmd) in processes.items() if b"serve" in cmd.split(b"\0") and port in cmd}
+        postmaster = int((data_dir / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
+        groups = {"server": _tree(processes, serve), "postgres": _tree(processes, {postmaster})}
+        for name, pids in groups.items():
+            fds = self.fds[name] = []
+            for pid in pids:
+                try:
+                    for task in Path(f"/proc/{pid}/task").iterdir():
+                        fds.append(os.open(task / "schedstat", os.O_RDONLY))
+                except OSError:
+                    continue
+
+    def sample(self) -> dict[str, int]:
+        out = {}
+        for name, fds in self.fds.items():
+            total = 0
+            for fd in fds:
+                try:
+                    total += int(os.pread(fd, 64, 0).split()[0])
+                except (OSError, ValueError, IndexError):
+                    continue  # the thread ended: its time stops counting, it never goes negative
+            out[name] = total
+        return out
+
+    def close(self) -> None:
+        for fds in self.fds.values():
+            for fd in fds:
+                os.close(fd)
+
+
 def queries(rng: random.Random, sample: list[dict]) -> dict[str, str]:
     """One concrete URL (relative to the service root) per query shape."""
     row = rng.choice(sample)
@@ -155,7 +228,34 @@ def queries(rng: random.Random, sample: list[dict]) -> dict[str, str]:
     }
 
 
-async def measure(url: str, dsn: str, rounds: int, *, auth: bool = False) -> None:
+async def timed_get(
+    client: httpx.AsyncClient,
+    path: str,
+    meter: CpuMeter,
+    timings: list[float],
+    cpu: dict[str, list[int]],
+) -> httpx.Response:
+    """One request: its wall-clock ms into `timings`, the server's and PostgreSQL's CPU ns into `cpu`."""
+    before = meter.sample()
+    t = time.perf_counter()
+    response = await client.get(path)
+    timings.append((time.perf_counter() - t) * 1000)
+    after = meter.sample()
+    for name, ns in after.items():
+        cpu.setdefault(name, []).append(ns - before[name])
+    response.raise_for_status()
+    return response
+
+
+def cpu_ms(cpu: dict[str, list[int]], name: str) -> str:
+    """Mean CPU ms per request of one process group, formatted ("-" when not measured)."""
+    values = cpu.get(name, [])
+    return f"{sum(values) / len(values) / 1e6:.2f}" if values else "-"
+
+
+async def measure(
+    url: str, dsn: str, rounds: int, data_dir: Path, *, auth: bool = False, cpu_meter: bool = False
+) -> None:
     conn = await asyncpg.connect(dsn)
     headers = {}
     if auth:  # a reader's API token, as a client of an archive with access control on would send
@@ -171,23 +271,29 @@ async def measure(url: str, dsn: str, rounds: int, *, auth: bool = False) -> Non
     await conn.close()
     rng = random.Random(1)
     timings: dict[str, list[float]] = {}
+    cpu: dict[str, dict[str, list[int]]] = {}
     sizes: dict[str, int] = {}
     async with httpx.AsyncClient(base_url=url, timeout=30, headers=headers) as client:
         for _ in range(5):  # warm-up: connections, plans, caches
             for path in queries(rng, sample).values():
                 (await client.get(path)).raise_for_status()
+        meter = CpuMeter(url, data_dir, enabled=cpu_meter)  # after the warm-up: the pool's backends exist
         for _ in range(rounds):
             for name, path in queries(rng, sample).items():
-                t = time.perf_counter()
-                response = await client.get(path)
-                timings.setdefault(name, []).append((time.perf_counter() - t) * 1000)
-                response.raise_for_status()
+                response = await timed_get(
+                    client, path, meter, timings.setdefault(name, []), cpu.setdefault(name, {})
+                )
                 sizes[name] = max(sizes.get(name, 0), len(response.json()))
-    print(f"{'query':34} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'max rows':>9}")
+        meter.close()
+    print(
+        f"{'query':34} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'max rows':>9}"
+        f" {'server CPU ms':>14} {'PG CPU ms':>10}"
+    )
     for name, values in timings.items():
         print(
             f"{name:34} {percentile(values, 50):8.1f} {percentile(values, 95):8.1f} "
-            f"{max(values):8.1f} {sizes[name]:9d}"
+            f"{max(values):8.1f} {sizes[name]:9d} {cpu_ms(cpu[name], 'server'):>14}"
+            f" {cpu_ms(cpu[name], 'postgres'):>10}"
         )
 
 
@@ -200,6 +306,7 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--auth", action="store_true", help="measure with access control on (reader token)")
+    parser.add_argument("--cpu", action="store_true", help=CPU_HELP)
     args = parser.parse_args()
     args.data_dir.mkdir(parents=True, exist_ok=True)
     if args.command == "load":
@@ -215,7 +322,9 @@ def main() -> None:
                 insecure_open=not args.auth,
             ) as url,
         ):
-            asyncio.run(measure(url, pg.dsn, args.rounds, auth=args.auth))
+            asyncio.run(
+                measure(url, pg.dsn, args.rounds, args.data_dir.resolve(), auth=args.auth, cpu_meter=args.cpu)
+            )
 
 
 if __name__ == "__main__":

@@ -384,6 +384,42 @@ def _conf_string(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
+_MB = 1024 * 1024
+
+
+def _machine_memory() -> int:
+    """Bytes of RAM this process may use: physical memory, or the cgroup's limit when lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def memory_settings(total: int, *, max_connections: int = 100) -> dict[str, str]:
+    """PostgreSQL memory and planner settings sized from the machine's RAM, as pgtune does for a web load.
+
+    PostgreSQL's defaults (128 MB of shared buffers, a 4 GB cache assumed) suit a tiny machine; on a
+    24 GB machine they made QIDO pages of 1M instances read ~700 buffers from the OS per request.
+    shared_buffers 25% of RAM (at most 8 GB), effective_cache_size 75%, work_mem so that every
+    connection can run a few sorts at once. random_page_cost stays 4, not pgtune's 1.1 for SSDs: with 1.1
+    the planner walked instance_series in parallel for `limit=10` extended-tag range searches, hoping
+    for early matches that were not there (2.5 s instead of 28 ms on the 1M-instance bench).
+    """
+    shared = min(max(total // 4, 128 * _MB), 8192 * _MB)
+    work = min(max((total - shared) // (max_connections * 4), 4 * _MB), 64 * _MB)
+    maintenance = min(max(total // 16, 64 * _MB), 2048 * _MB)
+    return {
+        "shared_buffers": f"{shared // _MB}MB",
+        "effective_cache_size": f"{max(total * 3 // 4, shared) // _MB}MB",
+        "work_mem": f"{work // _MB}MB",
+        "maintenance_work_mem": f"{maintenance // _MB}MB",
+        "effective_io_concurrency": "200",
+        "max_wal_size": "4GB",
+    }
+
+
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -694,11 +730,13 @@ class EmbeddedPostgres:
             "port": str(port),
             "unix_socket_directories": _conf_string(socket_dir),
             "max_connections": "100",
-            "shared_buffers": _conf_string("128MB"),
             "fsync": durable,
             "synchronous_commit": durable,
             "full_page_writes": durable,
         }
+        # Throwaway test clusters (many at once on one machine) keep PostgreSQL's small defaults.
+        if not self.fast_unsafe:
+            settings |= memory_settings(_machine_memory())
         text = "# Written by dicomweb (indexer/embedded.py) at every start; changes here are overwritten.\n"
         text += "".join(f"{key} = {value}\n" for key, value in settings.items())
         path = self.data_dir / _CONF_NAME

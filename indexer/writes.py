@@ -29,6 +29,7 @@ from indexer.extended_tags import INGEST_LOCK, ExtendedTag, indexing_tags
 from indexer.extended_values import Source, collect, delete_values, insert_errors, insert_values
 from indexer.levels import series_attrs, study_attrs
 from indexer.lookup import scope_sql
+from indexer.qido import store_members
 
 
 @dataclass(slots=True)
@@ -226,6 +227,9 @@ async def _insert(
                 results[i] = IndexResult(Outcome.ALREADY_STORED, reason="the instance is already stored")
             else:
                 results[i] = IndexResult(Outcome.CREATED, instance_key=key)
+        created = [records[row[0]] for row in rows if records[row[0]].sop_instance_uid in keys]
+        # their default QIDO results, pre-encoded (indexer.qido)
+        await store_members(conn, [(keys[r.sop_instance_uid], r.attrs) for r in created])
         tags = await indexing_tags(conn)
         if tags:
             instances = [

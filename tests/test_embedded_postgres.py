@@ -22,8 +22,10 @@ from indexer.embedded import (
     PG_BIN_ENV,
     EmbeddedPostgres,
     EmbeddedPostgresError,
+    _machine_memory,
     _pgserver_bin_dir,
     find_pg_binaries,
+    memory_settings,
 )
 from tests.fixtures.postgres import TEST_DATABASE_PREFIX
 
@@ -138,19 +140,42 @@ async def test_durable_defaults(scratch: Path) -> None:
         try:
             row = await conn.fetchrow(
                 "SELECT current_database() AS db, current_setting('fsync') AS fsync, "
-                "current_setting('full_page_writes') AS fpw, current_setting('shared_buffers') AS sb, "
-                "current_setting('max_connections') AS mc, current_setting('data_checksums') AS sums"
+                "current_setting('full_page_writes') AS fpw, "
+                "current_setting('max_connections') AS mc, current_setting('data_checksums') AS sums, "
+                "current_setting('random_page_cost') AS rpc, "
+                "pg_size_bytes(current_setting('shared_buffers')) AS sb_bytes, "
+                "pg_size_bytes(current_setting('work_mem')) AS wm_bytes"
             )
         finally:
             await conn.close()
+    tuned = memory_settings(_machine_memory())  # sized from this machine's RAM
     assert dict(row) == {
         "db": "other db",
         "fsync": "on",
         "fpw": "on",
-        "sb": "128MB",
         "mc": "100",
         "sums": "on",
+        "rpc": "4",
+        "sb_bytes": int(tuned["shared_buffers"].removesuffix("MB")) * 2**20,
+        "wm_bytes": int(tuned["work_mem"].removesuffix("MB")) * 2**20,
     }
+
+
+def test_memory_settings_follow_the_machine() -> None:
+    gib = 2**30
+    assert memory_settings(24 * gib) == {
+        "shared_buffers": "6144MB",
+        "effective_cache_size": "18432MB",
+        "work_mem": "46MB",
+        "maintenance_work_mem": "1536MB",
+        "effective_io_concurrency": "200",
+        "max_wal_size": "4GB",
+    }
+    keys = ("shared_buffers", "work_mem", "maintenance_work_mem")
+    small = memory_settings(gib // 4)  # floors: PostgreSQL's own defaults
+    assert [small[k] for k in keys] == ["128MB", "4MB", "64MB"]
+    huge = memory_settings(512 * gib)  # ceilings
+    assert [huge[k] for k in keys] == ["8192MB", "64MB", "2048MB"]
 
 
 async def test_long_path_falls_back_to_tcp_only(scratch: Path) -> None:

@@ -45,7 +45,7 @@ async def _search(request: Request, level: Level) -> Response:
         raise HTTPProblem(400, str(exc)) from exc
     key = await partition_key(request)
     async with context(request).pool.acquire() as conn:
-        page = await search_page(conn, key, query, service_root(request))
+        page = await search_page(conn, key, query, service_root(request), encoded=True)
     headers = {}
     if query.erroneous:
         # Azure's header: extended query tags used here whose indexing had errors (results may be incomplete)
