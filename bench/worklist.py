@@ -2,6 +2,7 @@
 
     python -m bench.worklist [--items 100000] [--stations 50] [--searches 300] [--cycles 3000]
                              [--concurrency 32] [--probes 300] [--data-dir bench/out/worklist]
+                             [--cycles-only] [--reschedule]
 
 Starts a private PostgreSQL in the data directory and `dicomweb serve` on it (2 workers, --insecure-open),
 then:
@@ -103,6 +104,24 @@ async def age(dsn: str) -> None:
                WHERE workitem_key % 5 < 3"""
         )
         await conn.execute("VACUUM ANALYZE ups_workitem")
+    finally:
+        await conn.close()
+
+
+async def reschedule_used(dsn: str) -> int:
+    """Items that earlier runs' cycles claimed (they have a Transaction UID) back to SCHEDULED, without the
+    performed procedure, so that reruns on one data directory do not run out of SCHEDULED items."""
+    scheduled = '{"00741000": {"vr": "CS", "Value": ["SCHEDULED"]}}'
+    conn = await asyncpg.connect(dsn)
+    try:
+        status = await conn.execute(
+            f"""UPDATE ups_workitem SET state = 0, transaction_uid = NULL,
+                   attrs = (attrs - '00741216') || '{scheduled}',
+                   body = convert_to(((attrs - '00741216') || '{scheduled}')::text, 'UTF8')
+               WHERE transaction_uid IS NOT NULL"""
+        )
+        await conn.execute("VACUUM ANALYZE ups_workitem")
+        return int(status.split()[-1])
     finally:
         await conn.close()
 
@@ -288,13 +307,19 @@ async def run(root: str, dsn: str, args: argparse.Namespace) -> None:
         await age(dsn)
         elapsed = await create_over_http(root, 1600)
         print(f"POST /workitems: 1600 in {elapsed:.1f} s = {1600 / elapsed:,.0f}/s (16 concurrent clients)")
-    times = await search(root, args.stations, args.searches)
-    print(
-        f"search SCHEDULED of one station ({args.items} items, {args.stations} stations, first 100): "
-        f"p50 {percentile(times, 50) * 1000:.1f} ms, p95 {percentile(times, 95) * 1000:.1f} ms"
-    )
+    if args.reschedule:
+        print(f"set {await reschedule_used(dsn)} items claimed by earlier runs back to SCHEDULED")
+    if not args.cycles_only:
+        times = await search(root, args.stations, args.searches)
+        print(
+            f"search SCHEDULED of one station ({args.items} items, {args.stations} stations, first 100): "
+            f"p50 {percentile(times, 50) * 1000:.1f} ms, p95 {percentile(times, 95) * 1000:.1f} ms"
+        )
     pool = await scheduled_uids(dsn, 2 * args.cycles + args.probes)
-    for label, items in (("no subscriber", pool[: args.cycles]), ("a worklist subscriber", None)):
+    phases: list[tuple[str, list[str] | None]] = [("no subscriber", pool[: args.cycles])]
+    if not args.cycles_only:
+        phases.append(("a worklist subscriber", None))
+    for label, items in phases:
         if items is None:
             async with httpx.AsyncClient(timeout=600) as client:
                 t = time.perf_counter()
@@ -313,6 +338,8 @@ async def run(root: str, dsn: str, args: argparse.Namespace) -> None:
             f"PostgreSQL {db_cpu / len(items) * 1000:.2f} ms "
             f"(so at most {2 / ((app_cpu + db_cpu) / len(items)):,.0f} cycles/s on 2 idle cores)"
         )
+    if args.cycles_only:
+        return
     delays = await latency(root, dsn, pool[2 * args.cycles :], "BENCH_WS")
     print(
         f"event delivery latency over {len(delays)} events (commit to parsed by a WebSocket subscriber): "
@@ -333,6 +360,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--probes", type=int, default=300)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--cycles-only", action="store_true",
+        help="only the cycles without subscribers (no search, subscriber or latency phase): for iterating",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reschedule", action="store_true", help="first set items earlier runs claimed back to SCHEDULED"
+    )
     args = parser.parse_args()
     args.data_dir.mkdir(parents=True, exist_ok=True)
     with (

@@ -27,6 +27,7 @@ from dicomweb.routes import export as export_routes
 from dicomweb.routes import extended_query_tags as eqt
 from dicomweb.routes import operations as operations_routes
 from dicomweb.routes.access import access_routes
+from dicomweb.routing import SegmentRouter
 from indexer.migrate import migrate
 from indexer.operations import OperationRunner
 from indexer.reindex import ReindexHandler
@@ -108,6 +109,15 @@ def worklist_routes() -> list[BaseRoute]:
     ]
 
 
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release: nothing to do. asyncpg's default runs `SELECT pg_advisory_unlock_all();
+    CLOSE ALL; UNLISTEN *; RESET ALL`, one more round trip for every request (docs/performance.md, UPS-RS).
+    No code leaves session state on a pool connection: advisory locks are transaction-scoped (the orphan
+    sweeper's session lock is released in a finally), LISTEN uses connections of its own, cursors are not
+    WITH HOLD, settings are SET LOCAL. The pool still rolls back a transaction left open before it calls
+    this (asyncpg's Connection._reset)."""
+
+
 def create_app(
     settings: Settings,
     *,
@@ -120,7 +130,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=settings.db_pool_size)
+        pool = await asyncpg.create_pool(
+            database_url, min_size=1, max_size=settings.db_pool_size, reset=keep_session
+        )
         blob_store = store or open_store(
             settings.resolved_storage_url(),
             s3_endpoint_url=settings.s3_endpoint_url,
@@ -187,10 +199,10 @@ def create_app(
     ]
     # partition roots first: the plain /vN mount would otherwise claim /vN/partitions/... and 404
     for version in API_VERSIONS:
-        routes.append(Mount(f"/{version}/partitions/{{partition}}", routes=dicomweb_routes()))
+        routes.append(Mount(f"/{version}/partitions/{{partition}}", app=SegmentRouter(dicomweb_routes())))
     for version in API_VERSIONS:
-        routes.append(Mount(f"/{version}", routes=dicomweb_routes()))
-    return Starlette(
+        routes.append(Mount(f"/{version}", app=SegmentRouter(dicomweb_routes())))
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={HTTPProblem: handle_problem},
@@ -198,6 +210,8 @@ def create_app(
         # access control innermost: refusals get CORS headers too, and are counted and timed
         middleware=[Middleware(MetricsMiddleware), *cors_middleware(settings), Middleware(AccessMiddleware)],
     )
+    app.router = SegmentRouter(routes, lifespan=lifespan)  # same routes, tested by first path segment
+    return app
 
 
 def app_from_env() -> Starlette:
