@@ -19,6 +19,8 @@ from datetime import datetime
 
 import asyncpg
 
+from indexer.background import Periodic
+
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.1
@@ -60,12 +62,16 @@ def outcome_of(status: int) -> int:
     return 0 if status < 400 else 4 if status < 500 else 8
 
 
-class AuditLog:
+class AuditLog(Periodic):
     def __init__(self, pool: asyncpg.Pool, flush_seconds: float = FLUSH_SECONDS) -> None:
+        super().__init__(
+            "audit-writer",
+            self._write,
+            flush_seconds,
+            lambda exc: log.warning("audit records not written yet (%s); retrying", exc),
+        )
         self.pool = pool
-        self.flush_seconds = flush_seconds
         self._buffer: list[tuple[object, ...]] = []
-        self._task: asyncio.Task[None] | None = None
         self._flushing = asyncio.Lock()
 
     def record(self, event: AuditEvent) -> None:
@@ -76,27 +82,13 @@ class AuditLog:
             del self._buffer[:dropped]
             log.error("audit buffer full: %d records dropped", dropped)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="audit-writer")
-
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await super().stop()
         with contextlib.suppress(Exception):
             await self.flush()
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_seconds)
-            try:
-                await self.flush()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("audit records not written yet (%s); retrying", exc)
+    async def _write(self) -> None:
+        await self.flush()  # not its count, which would mean "run again at once": records batch per interval
 
     async def flush(self) -> int:
         async with self._flushing:

@@ -495,7 +495,7 @@ async def test_worklist_websocket_needs_the_worklist_role(
 async def test_graceful_stop_writes_the_audit_buffer(
     secure: SecureArchive, client: httpx.AsyncClient
 ) -> None:
-    secure.access.audit.flush_seconds = 3600  # from the writer's next round on, only the stop writes
+    secure.access.audit.interval = 3600  # from the writer's next round on, only the stop writes
     await asyncio.sleep(0.3)
     for _ in range(5):
         await client.get("/v2/studies")
