@@ -9,11 +9,13 @@ overwrite the live object: its new copy is simply deleted again (45070).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import enum
 import hashlib
 import io
-import uuid
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -25,12 +27,30 @@ from dicomcore.parse import InvalidInstanceError, ParsedInstance, parse_instance
 from indexer.writes import IndexResult, InstanceRecord, Outcome, index_instances
 from storage.base import BlobStore
 
-# Instances indexed per transaction: amortises commit cost without holding study rows locked for long.
-INDEX_BATCH = 32
-# Parts of one request in flight at once (parse in a thread, storage I/O): overlaps waiting on storage and
-# the database, and bounds memory to this many parts (larger ones are spooled to disk by the reader).
-IN_FLIGHT = 16
+# A batch is indexed (one syncfs, one transaction) once this many instances are stored: amortises commit
+# and per-statement cost (a 50-instance request is one batch) without holding study rows locked for long.
+INDEX_BATCH = 64
+# Parts are prepared (hash, parse, write) in groups, one worker-thread call per group: a thread hop and the
+# GIL hand-offs around it cost about as much as the Python work of a small instance. A group is dispatched
+# at this many parts or bytes; a large (spooled) part thus goes alone.
+GROUP_PARTS = 16
+GROUP_BYTES = 4 << 20
+# Groups of one request in flight at once: one being prepared while another waits on its index batch. With
+# the one filling up, at most GROUPS_IN_FLIGHT + 1 groups of parts are held (parts over 1 MiB are spooled).
+GROUPS_IN_FLIGHT = 2
 _HASH_CHUNK = 1 << 20
+# Every Ingestor of the process prepares on these threads. Their work holds the GIL almost all the time,
+# so more threads add GIL contention (futex wake-ups, context switches) rather than throughput: one
+# measured better than two (docs/performance.md, "STOW-RS ingest").
+_PREPARE_THREADS = 1
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _prepare_executor() -> concurrent.futures.ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        _executor = concurrent.futures.ThreadPoolExecutor(_PREPARE_THREADS, thread_name_prefix="ingest")
+    return _executor
 
 
 class FailureReason(enum.IntEnum):
@@ -94,7 +114,7 @@ def storage_key(partition_key: int, parsed: ParsedInstance) -> str:
     # and an fsync of its parent.
     return (
         f"p{partition_key}/{parsed.study_instance_uid}/{parsed.series_instance_uid}/"
-        f"{parsed.sop_instance_uid}.{uuid.uuid4().hex[:16]}.dcm"
+        f"{parsed.sop_instance_uid}.{os.urandom(8).hex()}.dcm"
     )
 
 
@@ -117,88 +137,63 @@ async def _object_chunks(fp: BinaryIO) -> AsyncIterator[bytes]:
         yield chunk
 
 
-class Ingestor:
-    """Stores the instances of one STOW request, batching their index writes."""
+@dataclass(slots=True)
+class _Item:
+    """One part on its way through a group: what the worker thread made of it."""
 
-    def __init__(
-        self,
-        pool: asyncpg.Pool,
-        store: BlobStore,
-        partition_key: int,
-        *,
-        expected_study: str | None = None,
-    ) -> None:
-        self._pool = pool
-        self._store = store
-        self._partition_key = partition_key
-        self._expected_study = expected_study
-        self._pending: list[tuple[StoreOutcome, InstanceRecord]] = []
-        self._slots = asyncio.Semaphore(IN_FLIGHT)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._flush_lock = asyncio.Lock()
-        self.outcomes: list[StoreOutcome] = []
+    fp: BinaryIO
+    outcome: StoreOutcome
+    record: InstanceRecord | None = None  # prepared and not refused
+    data: bytes | None = None  # the object in memory, None if spooled
+    stored: bool = False  # written by the worker thread already
+    queued: bool = False  # handed to the index batch, which decides its outcome from here on
 
-    async def add(self, fp: BinaryIO) -> None:
-        """Accept one uploaded object (a seekable file, closed by the ingestor when done with it).
 
-        Returns once it is being processed; waits while IN_FLIGHT parts are, which pushes back on the
-        request body. Outcomes keep the order in which parts were added.
-        """
-        outcome = StoreOutcome()
-        self.outcomes.append(outcome)
-        await self._slots.acquire()
-        task = asyncio.create_task(self._process(fp, outcome))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+def _prepare_group(
+    items: list[_Item],
+    partition_key: int,
+    expected_study: str | None,
+    write: Callable[[str, bytes], int] | None,
+) -> None:
+    """The worker-thread part of a group: prepare each part and, where the store allows, write its object.
 
-    async def finish(self) -> list[StoreOutcome]:
-        """Wait for every part, index what remains; the outcomes, one per part."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks))
-        await self.flush()
-        return self.outcomes
-
-    async def _process(self, fp: BinaryIO, outcome: StoreOutcome) -> None:
+    Failures are per part and end up in its outcome; nothing here raises.
+    """
+    for item in items:
+        outcome = item.outcome
         try:
-            await self._store_one(fp, outcome)
+            prepared = _prepare(item.fp)
+        except InvalidInstanceError as exc:
+            outcome.failure, outcome.message = FailureReason.INVALID_INSTANCE, str(exc)
+            continue
         except Exception as exc:  # a bug or an unexpected fault fails this part, never the request
             outcome.failure = FailureReason.PROCESSING_FAILURE
             outcome.message = f"processing failed: {exc.__class__.__name__}: {exc}"
-        finally:
-            fp.close()
-            self._slots.release()
-
-    async def _store_one(self, fp: BinaryIO, outcome: StoreOutcome) -> None:
-        try:
-            prepared = await asyncio.to_thread(_prepare, fp)
-        except InvalidInstanceError as exc:
-            outcome.failure, outcome.message = FailureReason.INVALID_INSTANCE, str(exc)
-            return
+            continue
         parsed = prepared.parsed
         outcome.sop_class_uid = parsed.sop_class_uid
         outcome.sop_instance_uid = parsed.sop_instance_uid
         outcome.study_instance_uid = parsed.study_instance_uid
         outcome.series_instance_uid = parsed.series_instance_uid
-        if self._expected_study is not None and parsed.study_instance_uid != self._expected_study:
+        if expected_study is not None and parsed.study_instance_uid != expected_study:
             outcome.failure = FailureReason.STUDY_MISMATCH
             outcome.message = (
-                f"StudyInstanceUID {parsed.study_instance_uid} does not match {self._expected_study} "
+                f"StudyInstanceUID {parsed.study_instance_uid} does not match {expected_study} "
                 "in the request URL"
             )
-            return
+            continue
         # Duplicates (45070) are found when indexing the batch; their new copy is deleted again then.
-        key = storage_key(self._partition_key, parsed)
-        try:
-            if prepared.data is None:
-                fp.seek(0)
-                await self._store.put(key, _object_chunks(fp), durable=False)
-            else:
-                await self._store.put(key, prepared.data, durable=False)
-        except Exception as exc:  # storage failures are per instance: the others may still succeed
-            outcome.failure = FailureReason.PROCESSING_FAILURE
-            outcome.message = f"could not store the object: {exc.__class__.__name__}"
-            return
-        record = InstanceRecord(
+        key = storage_key(partition_key, parsed)
+        if write is not None and prepared.data is not None:
+            try:
+                write(key, prepared.data)
+            except Exception as exc:  # storage failures are per instance: the others may still succeed
+                outcome.failure = FailureReason.PROCESSING_FAILURE
+                outcome.message = f"could not store the object: {exc.__class__.__name__}"
+                continue
+            item.stored = True
+        item.data = prepared.data
+        item.record = InstanceRecord(
             study_instance_uid=parsed.study_instance_uid,
             series_instance_uid=parsed.series_instance_uid,
             sop_instance_uid=parsed.sop_instance_uid,
@@ -211,9 +206,126 @@ class Ingestor:
             metadata=prepared.metadata,
             bulk_index=prepared.bulk_index,
         )
-        self._pending.append((outcome, record))
+
+
+class Ingestor:
+    """Stores the instances of one STOW request, batching their preparation and their index writes."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        store: BlobStore,
+        partition_key: int,
+        *,
+        expected_study: str | None = None,
+    ) -> None:
+        self._pool = pool
+        self._store = store
+        self._write = store.blocking_writer()
+        self._partition_key = partition_key
+        self._expected_study = expected_study
+        self._pending: list[tuple[StoreOutcome, InstanceRecord]] = []
+        self._group: list[_Item] = []
+        self._group_bytes = 0
+        self._slots = asyncio.Semaphore(GROUPS_IN_FLIGHT)
+        self._joined: asyncio.Future[None] | None = None  # set once the last dispatched group joined
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._flush_lock = asyncio.Lock()
+        self.outcomes: list[StoreOutcome] = []
+
+    async def add(self, fp: BinaryIO) -> None:
+        """Accept one uploaded object (a seekable file, closed by the ingestor when done with it).
+
+        Returns once it is queued; waits while GROUPS_IN_FLIGHT groups are being processed, which pushes
+        back on the request body. Outcomes keep the order in which parts were added.
+        """
+        outcome = StoreOutcome()
+        self.outcomes.append(outcome)
+        self._group.append(_Item(fp, outcome))
+        self._group_bytes += fp.seek(0, io.SEEK_END)
+        fp.seek(0)
+        if len(self._group) >= GROUP_PARTS or self._group_bytes >= GROUP_BYTES:
+            await self._dispatch()
+
+    async def finish(self) -> list[StoreOutcome]:
+        """Wait for every part, index what remains; the outcomes, one per part."""
+        await self._dispatch()
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks))
+        await self.flush()
+        return self.outcomes
+
+    async def _dispatch(self) -> None:
+        if not self._group:
+            return
+        group, self._group, self._group_bytes = self._group, [], 0
+        try:
+            await self._slots.acquire()
+        except BaseException:
+            for item in group:
+                item.fp.close()
+            raise
+        # Groups join the index batch in request order (whichever finishes first): of two copies of an
+        # instance in one request, the first is the one stored.
+        previous, self._joined = self._joined, asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._process(group, previous, self._joined))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _process(
+        self, group: list[_Item], previous: asyncio.Future[None] | None, joined: asyncio.Future[None]
+    ) -> None:
+        try:
+            await self._store_group(group, previous, joined)
+        except Exception as exc:  # a bug or an unexpected fault fails these parts, never the request
+            for item in group:
+                if not item.queued and item.outcome.failure is None:
+                    item.outcome.failure = FailureReason.PROCESSING_FAILURE
+                    item.outcome.message = f"processing failed: {exc.__class__.__name__}: {exc}"
+                    if item.record is not None:  # its object may be written: nothing will index it
+                        with contextlib.suppress(Exception):
+                            await self._store.delete(item.record.storage_key)
+        finally:
+            if not joined.done():
+                joined.set_result(None)
+            for item in group:
+                item.fp.close()
+            self._slots.release()
+
+    async def _store_group(
+        self, group: list[_Item], previous: asyncio.Future[None] | None, joined: asyncio.Future[None]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            _prepare_executor(), _prepare_group, group, self._partition_key, self._expected_study, self._write
+        )
+        # Objects the worker thread could not write (no blocking writer, or spooled) go through put().
+        unstored = [item for item in group if item.record is not None and not item.stored]
+        if unstored:
+            await asyncio.gather(*(self._put(item) for item in unstored))
+        if previous is not None:
+            await asyncio.shield(previous)
+        for item in group:
+            if item.record is not None and item.outcome.failure is None:
+                self._pending.append((item.outcome, item.record))
+                item.queued = True
+        joined.set_result(None)
         if len(self._pending) >= INDEX_BATCH:
             await self.flush()
+
+    async def _put(self, item: _Item) -> None:
+        assert item.record is not None
+        key = item.record.storage_key
+        try:
+            if item.data is None:
+                item.fp.seek(0)
+                await self._store.put(key, _object_chunks(item.fp), durable=False)
+            else:
+                await self._store.put(key, item.data, durable=False)
+        except Exception as exc:  # storage failures are per instance: the others may still succeed
+            item.record = None
+            item.outcome.failure = FailureReason.PROCESSING_FAILURE
+            item.outcome.message = f"could not store the object: {exc.__class__.__name__}"
 
     async def flush(self) -> None:
         """Index what is stored but not yet indexed; remove the objects of instances that were refused."""

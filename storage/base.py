@@ -8,7 +8,7 @@ backends be atomic without locks (local: temp file + fsync + rename; S3: single 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -84,6 +84,12 @@ class BlobStore(abc.ABC):
         object may not survive a crash until make_durable() covers it: batch writers call that once for
         many objects instead of paying one flush per object.
         """
+
+    def blocking_writer(self) -> Callable[[str, bytes], int] | None:
+        """A function that does `put(key, data, durable=False)` for a small in-memory object, blocking, for
+        callers already on a worker thread (ingest): it saves a thread hop per object. None (the default)
+        for stores whose writes are network I/O that belongs on the event loop (S3): use put()."""
+        return None
 
     async def make_durable(self, keys: list[str]) -> None:  # noqa: B027 - stores durable on put need nothing
         """Make objects written with durable=False survive a crash; the default is for stores whose puts are

@@ -173,6 +173,7 @@ class LocalBlobStore(BlobStore):
 
     def __init__(self, root: str | os.PathLike[str], *, max_workers: int = 16) -> None:
         self.root = Path(root).resolve()
+        self._root_name = str(self.root)
         self._tmp_dir = self.root / TMP_DIR_NAME
         # Created once at startup; everything after this runs on the thread pool.
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -190,36 +191,46 @@ class LocalBlobStore(BlobStore):
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.wrap_future(self._submit(fn, *args))
 
-    def _path(self, key: str) -> Path:
+    def _check_key(self, key: str) -> None:
         validate_key(key)
         if key.split("/", 1)[0] == TMP_DIR_NAME:
             raise ValueError(f"blob keys must not start with the reserved {TMP_DIR_NAME}/ directory: {key!r}")
         name = key.rsplit("/", 1)[-1]
         if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX):
             raise ValueError(f"blob keys must not look like temp files (.*.part): {key!r}")
+
+    def _path(self, key: str) -> Path:
+        self._check_key(key)
         return self.root.joinpath(*key.split("/"))
+
+    def _file_name(self, key: str) -> str:
+        """_path as a plain string, for the write path (a validated key is a safe relative path as is)."""
+        self._check_key(key)
+        return f"{self._root_name}/{key}"
 
     # -- writing ---------------------------------------------------------------------------------------
 
-    def _put_bytes(self, data: bytes | bytearray | memoryview, target: Path, durable: bool = True) -> int:
+    def _put_bytes(self, data: bytes | bytearray | memoryview, target: str, durable: bool = True) -> int:
         """The whole small-object write in one thread hop.
 
-        The hot path of ingest, so it is ordered for the fewest journal commits: the temp file lives beside
-        the target (a same-directory rename), is renamed before the fsync, so one fsync of the file commits
-        data and rename together and the directory fsync after it is nearly free. Readers still never see
-        a partial object (the rename follows the complete write); a crash before the fsync can leave an
-        incomplete object under the key, which nothing references yet: the caller indexes a key only after
-        put() returns, and the orphan sweeper removes such leftovers.
+        The hot path of ingest, so it is ordered for the fewest journal commits and syscalls: the temp file
+        lives beside the target (a same-directory rename), is renamed before the fsync, so one fsync of the
+        file commits data and rename together and the directory fsync after it is nearly free. Parent
+        directories are only looked at when the open finds them missing. Readers still never see a partial
+        object (the rename follows the complete write); a crash before the fsync can leave an incomplete
+        object under the key, which nothing references yet: the caller indexes a key only after put()
+        returns, and the orphan sweeper removes such leftovers.
         """
+        parent = os.path.dirname(target)
         for attempt in range(_RENAME_ATTEMPTS):
-            _make_dirs(target.parent, self.root)
-            temp = target.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}{TEMP_SUFFIX}"
+            temp = f"{parent}/{TEMP_PREFIX}{os.urandom(16).hex()}{TEMP_SUFFIX}"
             try:
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
                 break
-            except FileNotFoundError:  # a concurrent delete pruned the directory; make it again
+            except FileNotFoundError:  # a new series (or a concurrent delete pruned it): make it
                 if attempt == _RENAME_ATTEMPTS - 1:
                     raise
+                _make_dirs(Path(parent), self.root)
         try:
             view = memoryview(data).cast("B")
             while view:
@@ -234,10 +245,16 @@ class LocalBlobStore(BlobStore):
         finally:
             os.close(fd)
         if durable:
-            _fsync_dir(target.parent)
+            _fsync_dir(Path(parent))
         return len(data)
 
-    def _sync(self, paths: list[Path]) -> None:
+    def blocking_writer(self) -> Callable[[str, bytes], int]:
+        return self._put_not_durable
+
+    def _put_not_durable(self, key: str, data: bytes) -> int:
+        return self._put_bytes(data, self._file_name(key), durable=False)
+
+    def _sync(self, keys: list[str]) -> None:
         """One syncfs(2) flushes every pending write and rename on the filesystem in a single journal
         commit, where an fsync per object costs one commit each; fsync per file where syncfs is missing."""
         if _syncfs is not None:
@@ -247,6 +264,7 @@ class LocalBlobStore(BlobStore):
                     return
             finally:
                 os.close(fd)
+        paths = [self._path(k) for k in keys]
         for path in paths:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -258,12 +276,14 @@ class LocalBlobStore(BlobStore):
 
     async def make_durable(self, keys: list[str]) -> None:
         if keys:
-            await self._run(self._sync, [self._path(k) for k in keys])
+            for key in keys:
+                self._check_key(key)  # a bad key fails here, on the caller's side, as it always did
+            await self._run(self._sync, keys)
 
     async def put(self, key: str, data: bytes | AsyncIterable[bytes], *, durable: bool = True) -> int:
-        target = self._path(key)
         if isinstance(data, bytes | bytearray | memoryview):
-            return await self._run(self._put_bytes, data, target, durable)
+            return await self._run(self._put_bytes, data, self._file_name(key), durable)
+        target = self._path(key)
         tmp = _TempFile(self._tmp_dir)
         try:
             buffer = bytearray()
