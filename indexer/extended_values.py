@@ -7,6 +7,8 @@ re-index (instances already stored), so that both store exactly the same values.
   data where text is expected) is an error for that instance and tag; its other values are not stored.
 * Private tags are found through their creator: the element is (gggg,BBee) where (gggg,00BB) holds the
   PrivateCreator, whatever block the tag's path names (blocks are assigned per instance).
+* The elements of instance-level public tags are also kept whole (ext_element, migration 0013): QIDO returns
+  them as matching keys without parsing the metadata.
 * FL values are compared as float32 (the query value is rounded the same way), DS/FD as float64. DT values
   are stored as their first instant, ignoring a UTC offset (as StudyDate/StudyTime are).
 """
@@ -24,7 +26,7 @@ import asyncpg
 import orjson
 
 from dicomcore.uids import is_valid_uid
-from indexer.attributes import fold_case, name_words, parse_da, parse_tm, pn_all_groups, pn_alphabetic
+from indexer.attributes import Level, fold_case, name_words, parse_da, parse_tm, pn_all_groups, pn_alphabetic
 from indexer.extended_tags import FAMILY, ExtendedTag
 
 _MAX_LENGTH = {"AE": 16, "AS": 4, "CS": 16, "LO": 64, "SH": 16, "UI": 64}
@@ -46,6 +48,10 @@ _SQL_TYPE = {
     "ext_time": "time",
     "ext_datetime": "timestamp",
 }
+
+
+ELEMENTS = "ext_element"
+"""Collected.rows key of the JSON members of instance-level tags' elements (migration 0013)."""
 
 
 class BadValue(ValueError):
@@ -198,7 +204,8 @@ class Source:
 
 @dataclass(slots=True)
 class Collected:
-    rows: dict[str, list[tuple]] = field(default_factory=dict)  # table -> (tag_key, row_key, value...)
+    # table -> (tag_key, row_key, value...); ELEMENTS -> (tag_key, instance_key, member)
+    rows: dict[str, list[tuple]] = field(default_factory=dict)
     errors: dict[tuple[int, int], str] = field(default_factory=dict)  # (tag_key, instance_key) -> message
     count: int = 0  # sources looked at
 
@@ -220,6 +227,11 @@ def collect(
                     continue
                 if parsed is None:
                     parsed = orjson.loads(blob)
+            if tag.level is Level.INSTANCE and tag.private_creator is None:
+                element = parsed.get(tag.path)  # type: ignore[union-attr]
+                if element is not None:  # the matching key's member in QIDO results (migration 0013)
+                    member = b'"' + tag.path.encode() + b'":' + orjson.dumps(element)
+                    out.rows.setdefault(ELEMENTS, []).append((tag.tag_key, source.row_key, member))
             try:
                 values = values_of(parsed, tag)  # type: ignore[arg-type]
             except BadValue as exc:
@@ -238,12 +250,19 @@ def collect(
 
 
 async def insert_values(conn: asyncpg.Connection, rows: dict[str, list[tuple]]) -> None:
-    """One INSERT per value table (unnest of column arrays)."""
+    """One INSERT per value table (unnest of column arrays), and one for the elements."""
     for table, values in rows.items():
         if not values:
             continue
         columns = [list(c) for c in zip(*values, strict=True)]
-        if table == "ext_person_name":
+        if table == ELEMENTS:  # a re-run batch (resumed re-index, migration 0013's backfill) replaces them
+            await conn.execute(
+                """INSERT INTO ext_element (tag_key, row_key, member)
+                   SELECT * FROM unnest($1::int[], $2::bigint[], $3::bytea[])
+                   ON CONFLICT (tag_key, row_key) DO UPDATE SET member = EXCLUDED.member""",
+                *columns,
+            )
+        elif table == "ext_person_name":
             await conn.execute(
                 """INSERT INTO ext_person_name (tag_key, row_key, value, value_ci, value_words)
                    SELECT t, r, v, c, string_to_array(w, ' ')

@@ -9,8 +9,10 @@ Three steps, kept apart so each can be tested on its own and the HTTP layer stay
   columns, `&&` on the GIN-indexed modalities array);
 * `search` runs it and builds DICOM JSON results from the stored members (migration 0010: each attribute's
   JSON text, cut from the level's `attrs` blob or, for instances, from the default result's attributes
-  of the `metadata`) spliced with the computed attributes and RetrieveURL, in tag order; it parses the
-  blobs only for keys the members lack (includefield, extended query tags) or rows without members.
+  of the `metadata`; for instance-level extended query tags, their elements in ext_element, migration
+  0013) spliced with the computed attributes and RetrieveURL, in tag order; it parses the blobs only for
+  keys the members lack (includefield, private or study/series-level extended query tags) or rows
+  without members.
 
 Choices where the standard leaves room (the tests pin each of them):
 
@@ -140,6 +142,7 @@ class ExtendedAttribute(Attribute):
     """An extended query tag as a matching key: `column` names its value table."""
 
     tag_key: int = 0
+    private: bool = False  # found through its private creator (not kept in ext_element)
 
 
 _EXTENDED_MATCH = {
@@ -155,7 +158,14 @@ _EXTENDED_MATCH = {
 
 def extended_attribute(tag: ExtendedTag) -> ExtendedAttribute:
     return ExtendedAttribute(
-        tag.keyword, tag.tag, tag.vr, tag.level, tag.table, _EXTENDED_MATCH[tag.vr], tag_key=tag.tag_key
+        tag.keyword,
+        tag.tag,
+        tag.vr,
+        tag.level,
+        tag.table,
+        _EXTENDED_MATCH[tag.vr],
+        tag_key=tag.tag_key,
+        private=tag.private_creator is not None,
     )
 
 
@@ -182,6 +192,9 @@ class QidoQuery:
     match_tags: frozenset[int] = field(default_factory=frozenset)
     # extended query tags among the matching keys that have indexing errors (results may be incomplete)
     erroneous: tuple[str, ...] = ()
+    # instance-level public extended query tags among the matching keys, (GGGGEEEE, tag_key): their
+    # members come from ext_element (migration 0013), not from the metadata
+    elements: tuple[tuple[str, int], ...] = ()
 
     @property
     def scope(self) -> tuple[str | None, str | None]:
@@ -302,6 +315,7 @@ def parse_query(
     pending: list[tuple[str, Attribute, str]] = []
     match_tags: set[int] = set()
     erroneous: list[str] = []
+    elements: list[tuple[str, int]] = []
     include: set[int] = set()
     include_all = False
     fuzzy_raw: tuple[str, str] | None = None
@@ -337,8 +351,11 @@ def parse_query(
         seen_tags[tag] = name
         attribute = _searchable(level, name, tag, extended or {})
         match_tags.add(attribute.tag)
-        if isinstance(attribute, ExtendedAttribute) and extended and extended[tag].error_count:
-            erroneous.append(extended[tag].keyword)
+        if isinstance(attribute, ExtendedAttribute):
+            if extended and extended[tag].error_count:
+                erroneous.append(extended[tag].keyword)
+            if attribute.level is Level.INSTANCE and not attribute.private:
+                elements.append((tag_hex(attribute.tag), attribute.tag_key))
         # fuzzymatching may come after the keys it affects: values are parsed once it is known
         pending.append((name, attribute, value))
     fuzzy = False
@@ -363,6 +380,7 @@ def parse_query(
         offset=offset,
         match_tags=frozenset(match_tags),
         erroneous=tuple(erroneous),
+        elements=tuple(sorted(elements)),
     )
 
 
@@ -724,6 +742,7 @@ class _Plan:
     members: frozenset[bytes] | None = None
     all_members: bool = False
     from_metadata: tuple[str, ...] = ()
+    elements: tuple[tuple[str, int], ...] = ()  # instance level: members read from ext_element
 
 
 def _plan(query: QidoQuery) -> _Plan:
@@ -761,6 +780,9 @@ def _plan(query: QidoQuery) -> _Plan:
     study_attrs = level is Level.SERIES and any(_tag_level(k) is Level.STUDY for k in keys - computed)
     members = None
     stored = keys - computed
+    elements = query.elements if level is Level.INSTANCE and query.include is not ALL else ()
+    if stored - STORED_MEMBERS - {k for k, _ in elements}:
+        elements = ()  # the metadata is read anyway: take the extended tags' elements from it too
     if level is Level.INSTANCE and query.include is not ALL:
         members = frozenset(f'"{k}"'.encode() for k in stored & STORED_MEMBERS)
     elif level is not Level.INSTANCE and query.include is not ALL and not extra:
@@ -774,7 +796,12 @@ def _plan(query: QidoQuery) -> _Plan:
         study_attrs=study_attrs,
         members=members,
         all_members=level is Level.INSTANCE and members is not None and STORED_MEMBERS <= stored,
-        from_metadata=tuple(sorted(stored - STORED_MEMBERS)) if level is Level.INSTANCE and members else (),
+        from_metadata=(
+            tuple(sorted(stored - STORED_MEMBERS - {k for k, _ in elements}))
+            if level is Level.INSTANCE and members
+            else ()
+        ),
+        elements=elements,
     )
 
 
@@ -785,7 +812,7 @@ _INSTANCE_SELECT = (
 )
 # a scalar subquery rather than a join: one fewer relation for the planner (measured: a LEFT JOIN cost
 # ~1 ms more PostgreSQL CPU per search, most of it planning)
-_MEMBERS = "(SELECT q.members FROM instance_qido q WHERE q.instance_key = i.instance_key) AS members"
+_MEMBERS = "(SELECT q.members FROM instance_qido q WHERE q.instance_key = {0}.instance_key) AS members"
 
 
 def _level_select(level: Level, plan: _Plan) -> str:
@@ -803,14 +830,24 @@ def _level_select(level: Level, plan: _Plan) -> str:
     )
 
 
-def _instance_select(plan: _Plan) -> str:
+def _instance_select(plan: _Plan, alias: str = "i") -> str:
     """Columns of an instance result: the stored members, and the metadata when they do not suffice (keys
-    outside them). Rows without stored members get their metadata from _missing_metadata."""
+    outside them). Rows without stored members get their metadata from _missing_metadata.
+
+    alias "p": the page of _compile_instance_page, without the instance row (its SOP Instance UID comes
+    from the members, see _with_sop_uids)."""
     if plan.members is None:
         return f"{_INSTANCE_SELECT}, i.metadata"
     if plan.from_metadata:
-        return f"{_INSTANCE_SELECT}, {_MEMBERS}, i.metadata"
-    return f"{_INSTANCE_SELECT}, {_MEMBERS}, i.instance_key"
+        return f"{_INSTANCE_SELECT}, {_MEMBERS.format('i')}, i.metadata"
+    # tag keys are integers from the definitions, not user input
+    elements = "".join(
+        f", (SELECT e.member FROM ext_element e WHERE e.tag_key = {int(tag_key)}"
+        f" AND e.row_key = {alias}.instance_key) AS ext_{n}"
+        for n, (_, tag_key) in enumerate(plan.elements)
+    )
+    columns = _INSTANCE_SELECT.removesuffix(", i.sop_instance_uid") if alias == "p" else _INSTANCE_SELECT
+    return f"{columns}, {_MEMBERS.format(alias)}{elements}, {alias}.instance_key"
 
 
 def _compile(query: QidoQuery, partition_key: int, plan: _Plan) -> tuple[str, list[object]]:
@@ -911,15 +948,26 @@ def _compile_instance_page(query: QidoQuery, partition_key: int, plan: _Plan) ->
     if query.series_uid is not None:
         where.append(f"se.series_instance_uid = {args.add(query.series_uid)}")
     where.extend(_filter_sql(f, args) for f in query.filters)
-    select = _instance_select(plan)
-    sql = (
-        "WITH page AS MATERIALIZED (SELECT i.instance_key, i.series_key, i.instance_number"
+    page = (
+        "WITH page AS MATERIALIZED (SELECT i.instance_key, i.study_key, i.series_key, i.instance_number"
         f" FROM instance i {' '.join(joins)} WHERE {' AND '.join(where)}"
         " ORDER BY i.series_key, i.instance_number, i.instance_key"
         f" LIMIT {args.add(query.limit + 1)} OFFSET {args.add(query.offset)})"
-        f" SELECT {select} FROM page p JOIN instance i ON i.instance_key = p.instance_key"
-        " JOIN series se ON se.series_key = i.series_key JOIN study st ON st.study_key = i.study_key"
-        " ORDER BY p.series_key, p.instance_number, p.instance_key"
+    )
+    order = " ORDER BY p.series_key, p.instance_number, p.instance_key"
+    if plan.members is not None and not plan.from_metadata:
+        # every column but the SOP Instance UID is in the page, the level rows and the stored members: one
+        # random heap read fewer per result (the instance rows are wide, and a page's are far apart)
+        return (
+            f"{page} SELECT {_instance_select(plan, 'p')} FROM page p"
+            " JOIN series se ON se.series_key = p.series_key JOIN study st ON st.study_key = p.study_key"
+            f"{order}",
+            args.values,
+        )
+    sql = (
+        f"{page} SELECT {_instance_select(plan)} FROM page p"
+        " JOIN instance i ON i.instance_key = p.instance_key"
+        f" JOIN series se ON se.series_key = i.series_key JOIN study st ON st.study_key = i.study_key{order}"
     )
     return sql, args.values
 
@@ -986,7 +1034,7 @@ async def search_page(
     wrap = orjson.Fragment if encoded else orjson.loads
     level = query.level
     if level is Level.INSTANCE:
-        stored = [row["members"] is not None for row in rows]
+        stored = [not _needs_metadata(plan, row) for row in rows]
     else:
         column = "study_members" if level is Level.STUDY else "series_members"
         stored = [
@@ -1011,7 +1059,7 @@ async def _fetch(
     await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
     rows: list[Any] = await conn.fetch(sql, *args)
     if query.level is Level.INSTANCE and plan.members is not None and not plan.from_metadata:
-        rows = await _missing_metadata(conn, rows)
+        rows = await _missing_metadata(conn, plan, rows)
     reps: dict[int, tuple[str, str, str, bytes]] = {}
     if plan.extra and rows:
         key_column = "study_key" if query.level is Level.STUDY else "series_key"
@@ -1020,15 +1068,64 @@ async def _fetch(
     return rows, reps
 
 
-async def _missing_metadata(conn: asyncpg.Connection, rows: list[Any]) -> list[Any]:
-    """Rows without stored members (not backfilled, or a BulkDataURI among them) with their metadata."""
-    missing = [row["instance_key"] for row in rows if row["members"] is None]
+def _needs_metadata(plan: _Plan, row: Any) -> bool:
+    """Whether an instance result must be built from the metadata: no stored members (not backfilled, or a
+    BulkDataURI among them), or an element of an extended tag holds a BulkDataURI (its absolute form
+    depends on the request's URL)."""
+    if row["members"] is None:
+        return True
+    for n in range(len(plan.elements)):
+        member = row[f"ext_{n}"]
+        if member is not None and b"BulkDataURI" in member:
+            return True
+    return False
+
+
+async def _missing_metadata(conn: asyncpg.Connection, plan: _Plan, rows: list[Any]) -> list[Any]:
+    """Rows that need their metadata (_needs_metadata) with it, and every row with its SOP Instance UID."""
+    if rows and "sop_instance_uid" not in rows[0].keys():
+        rows = _with_sop_uids(rows)
+    missing = [
+        row["instance_key"] for row in rows if row["sop_instance_uid"] is None or _needs_metadata(plan, row)
+    ]
     if not missing:
         return rows
-    found = dict(
-        await conn.fetch("SELECT instance_key, metadata FROM instance WHERE instance_key = ANY($1)", missing)
-    )
-    return [row if row["members"] else {**row, "metadata": found[row["instance_key"]]} for row in rows]
+    found = {
+        r["instance_key"]: r
+        for r in await conn.fetch(
+            "SELECT instance_key, sop_instance_uid, metadata FROM instance WHERE instance_key = ANY($1)",
+            missing,
+        )
+    }
+    return [
+        {**row, "metadata": f["metadata"], "sop_instance_uid": f["sop_instance_uid"]}
+        if (f := found.get(row["instance_key"])) is not None
+        else row
+        for row in rows
+    ]
+
+
+_SOP_MEMBER = b'"' + SOP_UID.encode() + b'":'
+
+
+def _with_sop_uids(rows: list[Any]) -> list[dict]:
+    """Rows of a page read without the instance rows, with the SOP Instance UID of their stored members
+    (None when they have none: _missing_metadata reads it then)."""
+    out = []
+    for row in rows:
+        uid = None
+        if row["members"] is not None:
+            # a top-level member starts the members or follows a separator (nested items hold the tag too)
+            padded = _MEMBER_SEPARATOR + row["members"]
+            start = padded.find(_MEMBER_SEPARATOR + _SOP_MEMBER)
+            if start >= 0:
+                start += len(_MEMBER_SEPARATOR + _SOP_MEMBER)
+                end = padded.find(_MEMBER_SEPARATOR, start)
+                element = orjson.loads(padded[start : None if end < 0 else end])
+                value = element.get("Value") if isinstance(element, dict) else None
+                uid = value[0] if value and isinstance(value[0], str) else None
+        out.append({**row, "sop_instance_uid": uid})
+    return out
 
 
 def _computed(key: str, row: asyncpg.Record, url: str) -> dict:
@@ -1084,6 +1181,10 @@ def _stored(plan: _Plan, row: asyncpg.Record, base: str) -> bytes:
     if not plan.all_members:
         parts = [m for m in parts if m[:10] in plan.members]  # type: ignore[operator]
     parts.extend(_member(key, _computed(key, row, url)) for key in plan.computed)
+    for n in range(len(plan.elements)):
+        member = row[f"ext_{n}"]
+        if member is not None:
+            parts.append(member)
     if plan.from_metadata:
         blob = row["metadata"]
         attrs = orjson.loads(blob)

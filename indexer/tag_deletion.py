@@ -3,8 +3,9 @@
 DELETE /extendedquerytags/{tag} only marks the tag Deleting and queues this operation
 (indexer.extended_tags.delete_tag). From that commit on nothing adds values of the tag: QIDO refuses it,
 stores skip it and a re-index has dropped it. So the steps need no lock but the operation row's: each one
-deletes a batch of the tag's values, then of its errors, and commits with the checkpoint (the heartbeat of
-indexer.operations). The last step removes the tag row, after which the same path can be added again.
+deletes a batch of the tag's values, then of its elements (migration 0013), then of its errors, and commits
+with the checkpoint (the heartbeat of indexer.operations). The last step removes the tag row, after which the
+same path can be added again.
 
 A worker killed mid-deletion loses its uncommitted batch only; whoever claims the operation next simply
 goes on deleting what is left, so the checkpoint holds counts, not a position.
@@ -21,6 +22,7 @@ from indexer.extended_tags import TABLES, delete_tag
 from indexer.operations import Operation, Step
 
 ERRORS = "extended_query_tag_error"
+ELEMENTS = "ext_element"  # the tag's elements as QIDO returns them (migration 0013)
 
 
 class TagDeletionHandler:
@@ -35,13 +37,14 @@ class TagDeletionHandler:
             raise ValueError(f"unknown value table {table!r}")
         checkpoint: dict[str, Any] = dict(op.checkpoint or {})
         if "total" not in checkpoint:  # first step: how much there is, for percentComplete
-            checkpoint.update(total=await _count(conn, table, tag_key) + await _count(conn, ERRORS, tag_key))
+            checkpoint["total"] = sum([await _count(conn, t, tag_key) for t in (table, ELEMENTS, ERRORS)])
             checkpoint.update(values=0, errors=0)
-        for source, counter in ((table, "values"), (ERRORS, "errors")):
+        checkpoint.setdefault("elements", 0)  # not in checkpoints written before migration 0013
+        for source, counter in ((table, "values"), (ELEMENTS, "elements"), (ERRORS, "errors")):
             deleted = await _delete_batch(conn, source, tag_key, self.batch_size)
             if deleted:
                 checkpoint[counter] += deleted
-                done = checkpoint["values"] + checkpoint["errors"]
+                done = checkpoint["values"] + checkpoint["elements"] + checkpoint["errors"]
                 total = max(checkpoint["total"], done)
                 return Step(checkpoint, int(99 * done / total) if total else 99)
         await conn.execute(

@@ -525,7 +525,8 @@ async def test_deleting_while_a_step_runs_waits_for_it(pool: asyncpg.Pool) -> No
 
 
 async def test_killed_deletion_resumes_on_another_worker(pool: asyncpg.Pool) -> None:
-    """Values, then errors, go in batches; a worker killed mid-way leaves the rest to the next claimant."""
+    """Values, then elements, then errors go in batches; a worker killed mid-way leaves the rest to the next
+    claimant."""
     instances = [
         dataset(
             f"1.9.{n // 10}",
@@ -540,6 +541,7 @@ async def test_killed_deletion_resumes_on_another_worker(pool: asyncpg.Pool) -> 
     await reindex(pool)
     assert await pool.fetchval("SELECT count(*) FROM ext_string") == 40
     assert await pool.fetchval("SELECT count(*) FROM extended_query_tag_error") == 75
+    assert await pool.fetchval("SELECT count(*) FROM ext_element") == 95  # malformed values have theirs
     op = await delete(pool, "StationName")
     assert op is not None and op.type == DELETE_TAG and op.status == "notStarted"
     assert await tag_state(pool, "StationName") == ("Deleting", "Disabled", 75)
@@ -547,16 +549,18 @@ async def test_killed_deletion_resumes_on_another_worker(pool: asyncpg.Pool) -> 
     assert await dying.claim() is not None
     token = dying._token
     assert token is not None
-    for _ in range(4):  # 15 + 15 + 10 values, then 15 errors
+    for _ in range(4):  # 15 + 15 + 10 values, then 15 elements
         assert await dying.run_step(op.id, token)
     assert await pool.fetchval("SELECT count(*) FROM ext_string") == 0
-    assert await pool.fetchval("SELECT count(*) FROM extended_query_tag_error") == 60
+    assert await pool.fetchval("SELECT count(*) FROM ext_element") == 80
+    assert await pool.fetchval("SELECT count(*) FROM extended_query_tag_error") == 75
     # killed: the lease is left to expire; another process resumes
     await asyncio.sleep(0.4)
     survivor = OperationRunner(pool, {DELETE_TAG: TagDeletionHandler(15)}, worker="survivor")
     resumed = await survivor.claim()
-    assert resumed is not None and resumed.checkpoint == {"total": 115, "values": 40, "errors": 15}
-    assert resumed.percent_complete == 47  # 55 of 115
+    assert resumed is not None
+    assert resumed.checkpoint == {"total": 210, "values": 40, "elements": 15, "errors": 0}
+    assert resumed.percent_complete == 25  # 55 of 210
     assert survivor._token is not None
     while await survivor.run_step(op.id, survivor._token):
         pass
@@ -568,6 +572,7 @@ async def test_killed_deletion_resumes_on_another_worker(pool: asyncpg.Pool) -> 
     assert done is not None and done.status == "succeeded" and done.attempts == 2
     assert done.results == {"tag": "00081010", "deletedValues": 40, "deletedErrors": 75}
     assert await pool.fetchval("SELECT count(*) FROM extended_query_tag_error") == 0
+    assert await pool.fetchval("SELECT count(*) FROM ext_element") == 0
 
 
 async def test_stores_during_a_deletion_skip_the_tag(pool: asyncpg.Pool) -> None:

@@ -263,3 +263,196 @@ def test_other_study_searches_keep_the_plain_plan() -> None:
     ):
         query = parse_query(Level.STUDY, params)
         assert not _compile(query, 1, _plan(query))[0].startswith("WITH page")
+
+
+# --- matching keys of extended query tags (ext_element, migration 0013) ----------------------------------
+
+# the backfill of migration 0013
+ELEMENT_BACKFILL = """INSERT INTO ext_element (tag_key, row_key, member)
+    SELECT t.tag_key, i.instance_key, m.member
+    FROM extended_query_tag t CROSS JOIN instance i
+    CROSS JOIN LATERAL (SELECT ext_element_member(i.metadata, t.path) AS member) m
+    WHERE t.level = 'Instance' AND t.private_creator IS NULL AND t.status <> 'Deleting'
+      AND m.member IS NOT NULL"""
+
+EXT_TAGS = [
+    {"Path": "AcquisitionNumber", "Level": "Instance"},  # IS
+    {"Path": "AcquisitionDate", "Level": "Instance"},  # DA
+    {"Path": "SliceThickness", "Level": "Instance"},  # DS
+    {"Path": "OperatorsName", "Level": "Instance"},  # PN
+    {"Path": "ProtocolName", "Level": "Series"},  # a series-level tag: instance results read the metadata
+    {"Path": "00091001", "VR": "US", "PrivateCreator": "ACME 1", "Level": "Instance"},  # via its creator
+]
+
+
+def ext_instance(n: int, **elements: dict) -> dict:
+    """Instance n of series 1.5.(n % 2).1 with the extended tags' elements."""
+    from tests.test_extended_query_tags import dataset
+
+    attrs = dataset(f"1.5.{n % 2}", f"1.5.{n % 2}.1", f"1.5.{n % 2}.1.{n}", **elements)
+    attrs["00200013"] = {"vr": "IS", "Value": [n]}
+    return attrs
+
+
+IS, DA, DS, PN = "AcquisitionNumber", "AcquisitionDate", "SliceThickness", "OperatorsName"
+EXT_ELEMENTS: list[dict[str, dict]] = [
+    {IS: {"vr": "IS", "Value": [5]}, DA: {"vr": "DA", "Value": ["20200101"]}},
+    {IS: {"vr": "IS", "Value": ["5 "]}, DS: {"vr": "DS", "Value": [1.5, 0.25]}},
+    {IS: {"vr": "IS", "Value": [5, 7]},
+     PN: {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jo ", "Ideographic": "ド"}]}},
+    {IS: {"vr": "IS"}, DA: {"vr": "DA", "Value": ["2020"]}},  # an empty element; a malformed date
+    {IS: {"vr": "IS", "Value": [7]}, DS: {"vr": "DS", "Value": ["1.50"]}},  # DS as a string: an error
+    {IS: {"vr": "IS", "Value": [5]}, PN: {"vr": "PN", "Value": [{"Alphabetic": "Doe^Al"}, None]},
+     "ProtocolName": {"vr": "LO", "Value": ["P5"]}},
+    {IS: {"vr": "IS", "Value": [7]}, DA: {"vr": "OB", "BulkDataURI": "bulkdata/00080022"}},
+    {DA: {"vr": "DA", "Value": ["20200102", "20200101"]}, "00090010": {"vr": "LO", "Value": ["ACME 1"]},
+     "00091001": {"vr": "US", "Value": [3]}},
+]  # fmt: skip
+EXT_INSTANCES = [ext_instance(n, **elements) for n, elements in enumerate(EXT_ELEMENTS)]
+EXT_INSTANCES[7]["00090010"] = {"vr": "LO", "Value": ["ACME 1"]}
+EXT_INSTANCES[7]["00091001"] = {"vr": "US", "Value": [3]}
+EXT_INSTANCES[7] = dict(sorted(EXT_INSTANCES[7].items()))
+
+EXT_SEARCHES: list[tuple[list[tuple[str, str]], str | None]] = [
+    ([("AcquisitionNumber", "5")], None),
+    ([("AcquisitionNumber", "5\\7"), ("limit", "2"), ("offset", "1")], None),
+    ([("AcquisitionNumber", "*")], None),  # universal: returned, not matched
+    ([(IS, "*"), (DA, "*"), (DS, ""), (PN, "")], None),
+    ([("AcquisitionDate", "20200101-20200131")], None),  # instance 6's BulkDataURI: from its metadata
+    ([("AcquisitionNumber", "7"), ("AcquisitionDate", "")], "1.5.0"),
+    ([("SliceThickness", "1.5")], None),
+    ([("OperatorsName", "doe*")], "1.5.1"),
+    ([("OperatorsName", "jo"), ("fuzzymatching", "true")], None),
+    ([("AcquisitionNumber", "5"), ("includefield", "SliceThickness,PatientID")], None),  # metadata anyway
+    ([("AcquisitionNumber", "5"), ("includefield", "all")], None),
+    ([("ProtocolName", "P*"), ("AcquisitionNumber", "*")], None),
+    ([("00091001", "3"), ("AcquisitionDate", "*")], None),
+]  # fmt: skip
+
+
+async def ext_pages(conn: asyncpg.Connection) -> list[tuple[bytes, list[Any], bool]]:
+    from indexer.extended_tags import query_tags
+
+    extended = await query_tags(conn)
+    out = []
+    for params, study in EXT_SEARCHES:
+        query = parse_query(INST, params, study_uid=study, extended=extended)
+        encoded = await search_page(conn, 1, query, BASE, encoded=True)
+        plain = await search_page(conn, 1, query, BASE)
+        assert encoded.more == plain.more
+        out.append((orjson.dumps(encoded.results), plain.results, plain.more))
+    return out
+
+
+async def assert_ext_equals_metadata(conn: asyncpg.Connection) -> list[list[Any]]:
+    """Results with ext_element equal, byte for byte, those built from the metadata (no stored members)."""
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        await conn.execute("DELETE FROM instance_qido")
+        await conn.execute("DELETE FROM ext_element")
+        expected = await ext_pages(conn)
+    finally:
+        await transaction.rollback()
+    got = await ext_pages(conn)
+    for search, (body, plain, more), (got_body, got_plain, got_more) in zip(
+        EXT_SEARCHES, expected, got, strict=True
+    ):
+        assert got_body == body, search
+        assert got_plain == plain and got_more == more, search
+        assert orjson.dumps(got_plain) == body, search
+    return [plain for _, plain, _ in got]
+
+
+@pytest.fixture
+async def ext_pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    async with pool.acquire() as connection:
+        await migrate(connection)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def elements(pool: asyncpg.Pool) -> dict[tuple[str, str], bytes]:
+    rows = await pool.fetch(
+        """SELECT t.path, i.sop_instance_uid, e.member FROM ext_element e
+           JOIN extended_query_tag t USING (tag_key) JOIN instance i ON i.instance_key = e.row_key"""
+    )
+    return {(r["path"], r["sop_instance_uid"]): r["member"] for r in rows}
+
+
+async def test_extended_tag_keys_come_from_elements(ext_pool: asyncpg.Pool) -> None:
+    from tests.test_extended_query_tags import define, reindex, store
+
+    await store(ext_pool, EXT_INSTANCES[:5])  # before the tags: the re-index writes their elements
+    await define(ext_pool, *EXT_TAGS)
+    await reindex(ext_pool, batch_size=2)
+    await store(ext_pool, EXT_INSTANCES[5:], batch=2)  # after: the stores write them
+    await ext_pool.execute("UPDATE extended_query_tag SET query_status = 'Enabled'")  # despite errors
+    written = await elements(ext_pool)
+    # every public instance-level element, as the metadata path returns it; none of the other tags
+    expected = {
+        (key, attrs["00080018"]["Value"][0]): b'"' + key.encode() + b'":' + orjson.dumps(attrs[key])
+        for attrs in EXT_INSTANCES
+        for key in ("00080022", "00180050", "00200012", "00081070")
+        if key in attrs
+    }
+    assert written == expected
+    async with ext_pool.acquire() as conn:
+        results = await assert_ext_equals_metadata(conn)
+        # the fast path was taken: the page's SQL reads ext_element, not the metadata
+        from indexer.extended_tags import query_tags
+
+        query = parse_query(INST, EXT_SEARCHES[0][0], extended=await query_tags(conn))
+        sql, _ = _compile(query, 1, _plan(query))
+        assert "ext_element" in sql and "metadata" not in sql
+        assert "JOIN instance" not in sql  # the page's rows are not read: the UID comes from the members
+        # migration 0013's backfill writes the same bytes
+        await conn.execute("DELETE FROM ext_element")
+        await conn.execute(ELEMENT_BACKFILL)
+    assert await elements(ext_pool) == written
+    sops = [[r["00080018"]["Value"][0] for r in page] for page in results]
+    assert sops[0] == ["1.5.0.1.0", "1.5.0.1.2", "1.5.1.1.1", "1.5.1.1.5"]
+    assert results[0][1]["00200012"] == {"vr": "IS", "Value": [5, 7]}
+    assert results[0][2]["00200012"] == {"vr": "IS", "Value": ["5 "]}  # as stored, not the indexed 5
+    assert sops[4] == ["1.5.0.1.0", "1.5.1.1.7"]
+    every = {r["00080018"]["Value"][0]: r for r in results[3]}
+    assert every["1.5.0.1.6"]["00080022"] == {
+        "vr": "OB",
+        "BulkDataURI": f"{BASE}/studies/1.5.0/series/1.5.0.1/instances/1.5.0.1.6/bulkdata/00080022",
+    }
+    assert every["1.5.1.1.3"]["00200012"] == {"vr": "IS"}  # an empty element is returned empty
+    assert every["1.5.0.1.4"]["00180050"] == {"vr": "DS", "Value": ["1.50"]}  # not indexed (an error)
+    assert sops[12] == ["1.5.1.1.7"] and results[12][0]["00091001"] == {"vr": "US", "Value": [3]}
+
+
+async def test_elements_follow_deletes_updates_and_tag_removal(ext_pool: asyncpg.Pool) -> None:
+    from tests.test_extended_query_tags import define, delete, reindex, run_deletions, store
+
+    await define(ext_pool, *EXT_TAGS)
+    await reindex(ext_pool)
+    await store(ext_pool, EXT_INSTANCES)
+    await ext_pool.execute("UPDATE extended_query_tag SET query_status = 'Enabled'")
+    before = await elements(ext_pool)
+    async with ext_pool.acquire() as conn, conn.transaction():
+        removed = await remove_instances(conn, 1, "1.5.0", "1.5.0.1", "1.5.0.1.2")
+    assert [r.sop_instance_uid for r in removed] == ["1.5.0.1.2"]
+    assert await elements(ext_pool) == {k: v for k, v in before.items() if k[1] != "1.5.0.1.2"}
+    # a metadata update (the trigger of migration 0013) replaces the instance's elements
+    attrs = {**EXT_INSTANCES[0], "00200012": {"vr": "IS", "Value": [9, 5]}}
+    del attrs["00080022"]
+    await ext_pool.execute(
+        "UPDATE instance SET metadata = $1 WHERE sop_instance_uid = '1.5.0.1.0'", orjson.dumps(attrs)
+    )
+    now = await elements(ext_pool)
+    assert now[("00200012", "1.5.0.1.0")] == b'"00200012":{"vr":"IS","Value":[9,5]}'
+    assert ("00080022", "1.5.0.1.0") not in now
+    async with ext_pool.acquire() as conn:
+        await assert_ext_equals_metadata(conn)
+    await delete(ext_pool, "AcquisitionNumber")
+    await run_deletions(ext_pool)
+    left = await elements(ext_pool)
+    assert left and not any(path == "00200012" for path, _ in left)
+    assert await ext_pool.fetchval("SELECT count(*) FROM ext_element") == len(left)  # no orphans
