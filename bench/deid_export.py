@@ -166,8 +166,14 @@ async def export(
 
     executor = process_pool(settings.workers)
     loop = asyncio.get_running_loop()
-    pids = await asyncio.gather(*(loop.run_in_executor(executor, _warm) for _ in range(settings.workers)))
-    assert len(set(pids)) == len(executor._processes) == settings.workers, pids
+    pids: set[int] = set()
+    for _ in range(20):  # a worker still importing leaves both tasks to the other: warm again
+        pids |= set(
+            await asyncio.gather(*(loop.run_in_executor(executor, _warm) for _ in range(settings.workers)))
+        )
+        if len(pids) == len(executor._processes) == settings.workers:
+            break
+    assert len(pids) == len(executor._processes) == settings.workers, pids
     async with pool.acquire() as conn:
         op = await create_operation(conn, "export", params, [])
     workers = [p.pid for p in process_pool(settings.workers)._processes.values()]
