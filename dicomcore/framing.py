@@ -90,6 +90,17 @@ _MUTABLE = {
 }
 
 
+def _from_template(ds: Dataset, cls: type[Dataset], elements: dict) -> dict:
+    """The fresh instance attributes of `cls` (mutable ones copied) with `elements`, set on `ds`."""
+    attributes = ds.__dict__
+    template = _TEMPLATES[cls]
+    attributes.update(template)
+    for name in _MUTABLE[cls]:
+        attributes[name] = template[name].copy()
+    attributes["_dict"] = elements
+    return attributes
+
+
 def _new(
     cls: type[Dataset],
     elements: dict,
@@ -100,12 +111,7 @@ def _new(
 ) -> Dataset:
     """`cls(elements, parent_encoding=...)` followed by set_original_encoding(implicit, little, encoding)."""
     ds = cls.__new__(cls)
-    attributes = ds.__dict__
-    template = _TEMPLATES[cls]
-    attributes.update(template)
-    for name in _MUTABLE[cls]:
-        attributes[name] = template[name].copy()
-    attributes["_dict"] = elements
+    attributes = _from_template(ds, cls, elements)
     attributes["_parent_encoding"] = parent_encoding
     attributes["_read_implicit"] = implicit
     attributes["_read_little"] = little
@@ -130,12 +136,7 @@ def _file_dataset(
         ds.set_original_encoding(implicit, little, encoding)
         return ds
     ds = FileDataset.__new__(FileDataset)
-    attributes = ds.__dict__
-    template = _TEMPLATES[Dataset]
-    attributes.update(template)
-    for name in _MUTABLE[Dataset]:
-        attributes[name] = template[name].copy()
-    attributes["_dict"] = elements
+    attributes = _from_template(ds, Dataset, elements)
     attributes["preamble"] = preamble
     attributes["file_meta"] = file_meta
     if not _config._use_future:
