@@ -397,6 +397,22 @@ def _machine_memory() -> int:
     return min(total, int(limit)) if limit.isdigit() else total
 
 
+def shared_memory_settings(shm_bytes: int | None) -> dict[str, str]:
+    """Where parallel queries keep their dynamic shared memory. PostgreSQL's default (posix) puts it in
+    /dev/shm, which containers often cap at 64 MB: with the work_mem above, one parallel hash join can
+    need more and fail with "could not resize shared memory segment". System V segments do not count
+    against /dev/shm, so a small or missing /dev/shm gets those."""
+    return {} if shm_bytes is not None and shm_bytes >= 1024 * _MB else {"dynamic_shared_memory_type": "sysv"}
+
+
+def _dev_shm_size() -> int | None:
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return stat.f_frsize * stat.f_blocks
+
+
 def memory_settings(total: int, *, max_connections: int = 100) -> dict[str, str]:
     """PostgreSQL memory and planner settings sized from the machine's RAM, as pgtune does for a web load.
 
@@ -736,7 +752,7 @@ class EmbeddedPostgres:
         }
         # Throwaway test clusters (many at once on one machine) keep PostgreSQL's small defaults.
         if not self.fast_unsafe:
-            settings |= memory_settings(_machine_memory())
+            settings |= memory_settings(_machine_memory()) | shared_memory_settings(_dev_shm_size())
         text = "# Written by dicomweb (indexer/embedded.py) at every start; changes here are overwritten.\n"
         text += "".join(f"{key} = {value}\n" for key, value in settings.items())
         path = self.data_dir / _CONF_NAME

@@ -18,14 +18,17 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from indexer import embedded
 from indexer.embedded import (
     PG_BIN_ENV,
     EmbeddedPostgres,
     EmbeddedPostgresError,
+    _dev_shm_size,
     _machine_memory,
     _pgserver_bin_dir,
     find_pg_binaries,
     memory_settings,
+    shared_memory_settings,
 )
 from tests.fixtures.postgres import TEST_DATABASE_PREFIX
 
@@ -144,7 +147,8 @@ async def test_durable_defaults(scratch: Path) -> None:
                 "current_setting('max_connections') AS mc, current_setting('data_checksums') AS sums, "
                 "current_setting('random_page_cost') AS rpc, "
                 "pg_size_bytes(current_setting('shared_buffers')) AS sb_bytes, "
-                "pg_size_bytes(current_setting('work_mem')) AS wm_bytes"
+                "pg_size_bytes(current_setting('work_mem')) AS wm_bytes, "
+                "current_setting('dynamic_shared_memory_type') AS dsm"
             )
         finally:
             await conn.close()
@@ -158,7 +162,15 @@ async def test_durable_defaults(scratch: Path) -> None:
         "rpc": "4",
         "sb_bytes": int(tuned["shared_buffers"].removesuffix("MB")) * 2**20,
         "wm_bytes": int(tuned["work_mem"].removesuffix("MB")) * 2**20,
+        "dsm": shared_memory_settings(_dev_shm_size()).get("dynamic_shared_memory_type", "posix"),
     }
+
+
+def test_small_dev_shm_moves_parallel_query_memory_to_system_v() -> None:
+    mib = 2**20
+    assert shared_memory_settings(64 * mib) == {"dynamic_shared_memory_type": "sysv"}  # a container's
+    assert shared_memory_settings(None) == {"dynamic_shared_memory_type": "sysv"}  # no /dev/shm at all
+    assert shared_memory_settings(12 * 1024 * mib) == {}
 
 
 def test_memory_settings_follow_the_machine() -> None:
@@ -176,6 +188,26 @@ def test_memory_settings_follow_the_machine() -> None:
     assert [small[k] for k in keys] == ["128MB", "4MB", "64MB"]
     huge = memory_settings(512 * gib)  # ceilings
     assert [huge[k] for k in keys] == ["8192MB", "64MB", "2048MB"]
+
+
+async def test_parallel_query_runs_on_system_v_shared_memory(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in a container whose /dev/shm is 64 MB: the cluster starts, and a parallel aggregate (whose
+    workers share dynamic shared memory) answers."""
+    monkeypatch.setattr(embedded, "_dev_shm_size", lambda: 64 * 2**20)
+    with EmbeddedPostgres(scratch / "cluster") as server:
+        conn = await asyncpg.connect(server.dsn)
+        try:
+            assert await conn.fetchval("SELECT current_setting('dynamic_shared_memory_type')") == "sysv"
+            await conn.execute("SET parallel_setup_cost = 0; SET parallel_tuple_cost = 0")
+            await conn.execute("SET min_parallel_table_scan_size = 0")
+            await conn.execute("CREATE TABLE numbers AS SELECT n FROM generate_series(1, 200000) n")
+            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN SELECT sum(n) FROM numbers"))
+            assert "Gather" in plan
+            assert await conn.fetchval("SELECT sum(n) FROM numbers") == 200000 * 200001 // 2
+        finally:
+            await conn.close()
 
 
 async def test_long_path_falls_back_to_tcp_only(scratch: Path) -> None:
