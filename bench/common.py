@@ -75,6 +75,17 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], *, timeout: float) -> bo
     return False
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of processes (from /proc), to report a figure the machine's load cannot skew:
+    shared machines give a benchmark an unknown share of their cores, CPU time per instance does not care."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     if not ordered:

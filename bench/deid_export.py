@@ -36,6 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from archive.ingest import Ingestor
+from bench.common import cpu_seconds
 from bench.synthetic import make_instance, make_study, to_bytes
 from deid.export import ExportHandler, ExportSettings
 from indexer.migrate import migrate
@@ -203,17 +204,6 @@ def _warm() -> int:
 
     time.sleep(0.2)  # hold this worker so the next task starts (and warms) the other
     return os.getpid()
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of processes (from /proc), to report a figure the machine's load cannot skew:
-    shared machines give a benchmark an unknown share of their cores, CPU time per instance does not care."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / ticks
 
 
 async def main_async(args: argparse.Namespace) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import asyncpg
 
+from bench.common import cpu_seconds
 from indexer.embedded import EmbeddedPostgres
 from indexer.extended_tags import DELETE_TAG, INGEST_LOCK, delete_tag
 from indexer.migrate import migrate
@@ -46,15 +46,6 @@ def database(url: str | None, scratch: Path) -> Iterator[str]:
         yield server.start()
     finally:
         server.stop()
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / ticks
 
 
 class Prober:
