@@ -321,3 +321,20 @@ async def test_qido_paging_warns_of_more_results(client: httpx.AsyncClient) -> N
     assert bad.status_code == 400 and "limit" in bad.json()["error"]["message"]
     unknown = await client.get("/studies", params={"NotAnAttribute": "x"})
     assert unknown.status_code == 400 and "NotAnAttribute" in unknown.json()["error"]["message"]
+
+
+async def test_qido_accept(client: httpx.AsyncClient) -> None:
+    """QIDO answers in DICOM JSON (or plain JSON when asked), 406 naming what it has, 400 for a bad header."""
+    spec, files = study_files(11, count=1)
+    assert (await stow(client, files)).status_code == 200
+    path = f"/studies/{spec.study_uid}/instances"
+    plain = await client.get(path, headers={"Accept": "application/json"})
+    assert plain.status_code == 200 and plain.headers["content-type"] == "application/json"
+    assert len(plain.json()) == 1
+    refused = await client.get(path, headers={"Accept": "application/xml"})
+    assert refused.status_code == 406
+    assert refused.json()["error"]["message"] == (
+        "cannot produce any media type the Accept header allows; available: application/dicom+json"
+    )
+    malformed = await client.get(path, headers={"Accept": "application/dicom+json; q=2"})
+    assert malformed.status_code == 400 and "malformed Accept header" in malformed.json()["error"]["message"]

@@ -44,10 +44,9 @@ from dicomweb.multipart import new_boundary, write_multipart
 from dicomweb.negotiation import (
     ANY_TRANSFER_SYNTAX,
     COMPRESSED_MEDIA_TYPES,
-    NegotiationError,
     Offer,
     Selection,
-    rank,
+    select,
 )
 from dicomweb.ranges import parse_range
 from indexer.lookup import StoredInstance, find_bulk_index, find_metadata
@@ -125,17 +124,9 @@ async def retrieve_frames(request: Request) -> Response:
 
 def rank_frames(request: Request, *, single: bool) -> list[Selection]:
     offers = MULTIPART_OFFERS + (SINGLE_OFFERS if single else ())
-    try:
-        ranked = rank(request.headers.get("accept"), offers)
-    except NegotiationError as exc:
-        raise HTTPProblem(400, f"malformed Accept header: {exc}") from exc
-    if not ranked:
-        produced = ", ".join(f'multipart/related; type="{t}"' for t in _PART_TYPES)
-        singles = "" if single else " (single part only when one frame is asked for)"
-        raise HTTPProblem(
-            406, f"cannot produce any media type the Accept header allows; available: {produced}{singles}"
-        )
-    return ranked
+    produced = ", ".join(f'multipart/related; type="{t}"' for t in _PART_TYPES)
+    singles = "" if single else " (single part only when one frame is asked for)"
+    return select(offers, request.headers.get("accept"), available=produced + singles)
 
 
 async def load_source(

@@ -8,7 +8,7 @@ from starlette.responses import Response
 
 from dicomweb.context import context, partition_key, service_root, uid_param
 from dicomweb.errors import HTTPProblem
-from dicomweb.negotiation import NegotiationError, Offer, negotiate
+from dicomweb.negotiation import Offer, select
 from indexer.attributes import Level
 from indexer.extended_tags import query_tags
 from indexer.qido import QueryError, names_extended_tags, parse_query, search_page
@@ -19,12 +19,7 @@ _OFFERS = (Offer("application/dicom+json"), Offer("application/json"))
 async def _search(request: Request, level: Level) -> Response:
     study = uid_param(request, "study") if "study" in request.path_params else None
     series = uid_param(request, "series") if "series" in request.path_params else None
-    try:
-        selection = negotiate(request.headers.get("accept"), _OFFERS)
-    except NegotiationError as exc:
-        raise HTTPProblem(400, f"malformed Accept header: {exc}") from exc
-    if selection is None:
-        raise HTTPProblem(406, "QIDO-RS results are available as application/dicom+json only")
+    selection = select(_OFFERS, request.headers.get("accept"), available="application/dicom+json")[0]
     settings = context(request).settings
     params = list(request.query_params.multi_items())
     extended = {}
