@@ -42,7 +42,7 @@ from indexer.attributes import Level
 from indexer.embedded import EmbeddedPostgres
 from indexer.extended_tags import query_tags
 from indexer.migrate import migrate
-from indexer.qido import _compile, _plan, parse_query
+from indexer.qido import _compile, _plan, parse_query, statement_settings
 from indexer.tag_deletion import delete_now
 
 MEASURED = [
@@ -196,6 +196,13 @@ async def explain(conn: asyncpg.Connection, rng: random.Random) -> None:
             Level.INSTANCE,
             [("AcquisitionDate", f"{day:%Y%m%d}-{day + dt.timedelta(days=30):%Y%m%d}")],
         ),
+        "AcquisitionDate month range + PatientName prefix": (
+            Level.INSTANCE,
+            [
+                ("AcquisitionDate", f"{day:%Y%m%d}-{day + dt.timedelta(days=30):%Y%m%d}"),
+                ("PatientName", "M*"),
+            ],
+        ),
         "ProtocolName prefix, no match (series level)": (Level.SERIES, [("ProtocolName", "CHE*")]),
         "ProtocolName prefix, all 200,000 match": (Level.SERIES, [("ProtocolName", "ABD*")]),
     }
@@ -203,7 +210,7 @@ async def explain(conn: asyncpg.Connection, rng: random.Random) -> None:
         query = parse_query(level, params, extended=extended)
         sql, args = _compile(query, 1, _plan(query))
         async with conn.transaction():
-            await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+            await conn.execute(statement_settings(query))
             rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + sql, *args)
         print(f"\n-- {name}: {params}\n" + "\n".join(r[0] for r in rows))
 

@@ -9,6 +9,8 @@ re-index (instances already stored), so that both store exactly the same values.
   PrivateCreator, whatever block the tag's path names (blocks are assigned per instance).
 * The elements of instance-level public tags are also kept whole (ext_element, migration 0013): QIDO returns
   them as matching keys without parsing the metadata.
+* Values of instance-level tags carry their instance's partition, study and page sort key (migration 0014),
+  copied from the instance row as they are inserted: QIDO cuts pages from the value index alone.
 * FL values are compared as float32 (the query value is rounded the same way), DS/FD as float64. DT values
   are stored as their first instant, ignoring a UTC offset (as StudyDate/StudyTime are).
 """
@@ -249,6 +251,15 @@ def collect(
     return out
 
 
+# Rows of instance-level tags carry their instance's partition and page sort key (migration 0014): QIDO pages
+# come from the value index alone. Study/series-level rows get NULLs (the join finds no Instance tag).
+_PAGE_KEYS = """i.partition_key, i.study_key, i.series_key, i.instance_number
+    FROM {source}
+    LEFT JOIN extended_query_tag g ON g.tag_key = u.t AND g.level = 'Instance'
+    LEFT JOIN instance i ON i.instance_key = u.r AND g.tag_key IS NOT NULL"""
+_KEY_COLUMNS = "partition_key, study_key, series_key, instance_number"
+
+
 async def insert_values(conn: asyncpg.Connection, rows: dict[str, list[tuple]]) -> None:
     """One INSERT per value table (unnest of column arrays), and one for the elements."""
     for table, values in rows.items():
@@ -263,17 +274,19 @@ async def insert_values(conn: asyncpg.Connection, rows: dict[str, list[tuple]]) 
                 *columns,
             )
         elif table == "ext_person_name":
+            source = "unnest($1::int[], $2::bigint[], $3::text[], $4::text[], $5::text[]) AS u(t, r, v, c, w)"
             await conn.execute(
-                """INSERT INTO ext_person_name (tag_key, row_key, value, value_ci, value_words)
-                   SELECT t, r, v, c, string_to_array(w, ' ')
-                   FROM unnest($1::int[], $2::bigint[], $3::text[], $4::text[], $5::text[])
-                        AS u(t, r, v, c, w)""",
+                f"""INSERT INTO ext_person_name
+                        (tag_key, row_key, value, value_ci, value_words, {_KEY_COLUMNS})
+                    SELECT u.t, u.r, u.v, u.c, string_to_array(u.w, ' '),
+                           {_PAGE_KEYS.format(source=source)}""",
                 *columns,
             )
         else:
+            source = f"unnest($1::int[], $2::bigint[], $3::{_SQL_TYPE[table]}[]) AS u(t, r, v)"
             await conn.execute(
-                f"""INSERT INTO {table} (tag_key, row_key, value)
-                    SELECT * FROM unnest($1::int[], $2::bigint[], $3::{_SQL_TYPE[table]}[])""",
+                f"""INSERT INTO {table} (tag_key, row_key, value, {_KEY_COLUMNS})
+                    SELECT u.t, u.r, u.v, {_PAGE_KEYS.format(source=source)}""",
                 *columns,
             )
 

@@ -642,78 +642,65 @@ def _wildcard_sql(column: str, pattern: str, args: _Args) -> str:
     return " AND ".join(conditions)
 
 
-def _column(f: Filter, fuzzy: bool = False) -> str:
-    column = f.attribute.column
-    if fuzzy:  # every prefix of every name component (generated column, GIN-indexed: migration 0002)
-        column = column.removesuffix("_ci") + "_prefixes"
-    return f"{_ALIAS[f.attribute.level]}.{column}"
-
-
 _ROW_KEY = {Level.STUDY: "study_key", Level.SERIES: "series_key", Level.INSTANCE: "instance_key"}
 _ARRAY_TYPE = {"ext_long": "int8[]", "ext_double": "float8[]"}
 
 
-def _extended_sql(f: Filter, attribute: ExtendedAttribute, args: _Args) -> str:
-    """An extended query tag as a semijoin: EXISTS a value row of the tag for the level's row that matches.
-
-    The value tables' (tag_key, value, row_key) indexes find the matching rows; (row_key, tag_key) checks
-    a given row (the planner picks whichever the estimates favour).
-    """
-    value = "x.value_ci" if attribute.vr == "PN" else "x.value"
+def _terms_sql(f: Filter, args: _Args, column: str) -> str:
+    """The OR of a matching key's terms on `column`, exact values folded into one `= ANY` (`&&` for
+    multi-valued columns)."""
+    attribute = f.attribute
+    extended = isinstance(attribute, ExtendedAttribute)
+    multi = attribute.match is Match.MULTI and not extended
+    # every prefix of every name component (generated columns, GIN-indexed: migrations 0002 and 0005)
+    prefixes = column.removesuffix("_ci") + "_prefixes"
     parts: list[str] = []
     exact = [t.value for t in f.terms if isinstance(t, Exact)]
-    if len(exact) == 1:
-        parts.append(f"{value} = {args.add(exact[0])}")
+    if multi and exact:
+        parts.append(f"{column} && {args.add(exact)}::text[]")
+    elif len(exact) == 1:
+        parts.append(f"{column} = {args.add(exact[0])}")
     elif exact:
-        parts.append(f"{value} = ANY({args.add(exact)}::{_ARRAY_TYPE.get(attribute.column, 'text[]')})")
+        if extended:
+            cast = _ARRAY_TYPE.get(attribute.column, "text[]")
+        else:
+            cast = "int[]" if attribute.match is Match.INT else "text[]"
+        parts.append(f"{column} = ANY({args.add(exact)}::{cast})")
     for t in f.terms:
-        if isinstance(t, Wildcard):
-            parts.append(_wildcard_sql(value, t.pattern, args))
+        if isinstance(t, Wildcard) and multi:
+            cond = _wildcard_sql("m.v", t.pattern, args)
+            parts.append(f"EXISTS (SELECT FROM unnest({column}) AS m(v) WHERE {cond})")
+        elif isinstance(t, Wildcard):
+            parts.append(_wildcard_sql(column, t.pattern, args))
         elif isinstance(t, Range):
-            parts.append(_range_sql(value, t, args))
+            parts.append(_range_sql(column, t, args))
         elif isinstance(t, Words):
-            parts.append(f"x.value_prefixes @> {args.add(list(t.words))}::text[]")
-    condition = parts[0] if len(parts) == 1 else "(" + " OR ".join(f"({p})" for p in parts) + ")"
-    row = f"{_ALIAS[attribute.level]}.{_ROW_KEY[attribute.level]}"
-    return (
-        f"EXISTS (SELECT FROM {attribute.column} x WHERE x.tag_key = {args.add(attribute.tag_key)}"
-        f" AND x.row_key = {row} AND {condition})"
-    )
-
-
-def _filter_sql(f: Filter, args: _Args) -> str:
-    """One matching key as a SQL condition: the OR of its terms, exact values folded into one `= ANY`."""
-    if isinstance(f.attribute, ExtendedAttribute):
-        return _extended_sql(f, f.attribute, args)
-    kind = f.attribute.match
-    parts: list[str] = []
-    exact = [t.value for t in f.terms if isinstance(t, Exact)]
-    if kind is Match.MULTI:
-        column = _column(f)
-        if exact:
-            parts.append(f"{column} && {args.add(exact)}::text[]")
-        for t in f.terms:
-            if isinstance(t, Wildcard):
-                cond = _wildcard_sql("m.v", t.pattern, args)
-                parts.append(f"EXISTS (SELECT FROM unnest({column}) AS m(v) WHERE {cond})")
-    else:
-        column = _column(f)
-        if len(exact) == 1:
-            parts.append(f"{column} = {args.add(exact[0])}")
-        elif exact:
-            cast = "int[]" if kind is Match.INT else "text[]"
-            parts.append(f"{column} = ANY({args.add(exact)}::{cast})")
-        for t in f.terms:
-            if isinstance(t, Wildcard):
-                parts.append(_wildcard_sql(column, t.pattern, args))
-            elif isinstance(t, Range):
-                parts.append(_range_sql(column, t, args))
-            elif isinstance(t, Words):
-                # each query word is a prefix of some component: the stored prefixes contain them all
-                parts.append(f"{_column(f, fuzzy=True)} @> {args.add(list(t.words))}::text[]")
+            # each query word is a prefix of some component: the stored prefixes contain them all
+            parts.append(f"{prefixes} @> {args.add(list(t.words))}::text[]")
     if len(parts) == 1:
         return parts[0]
     return "(" + " OR ".join(f"({p})" for p in parts) + ")"
+
+
+def _value_column(attribute: ExtendedAttribute, alias: str = "x") -> str:
+    return f"{alias}.value_ci" if attribute.vr == "PN" else f"{alias}.value"
+
+
+def _filter_sql(f: Filter, args: _Args, rows: Mapping[Level, str] | None = None) -> str:
+    """One matching key as a SQL condition.
+
+    An extended query tag is a semijoin: EXISTS a value row of the tag for the level's row that matches.
+    The value tables' match indexes find the matching rows; (row_key, tag_key) checks a given row (the
+    planner picks whichever the estimates favour). `rows` overrides the level rows' key expressions
+    (default: the key columns of the st, se and i aliases)."""
+    attribute = f.attribute
+    if not isinstance(attribute, ExtendedAttribute):
+        return _terms_sql(f, args, f"{_ALIAS[attribute.level]}.{attribute.column}")
+    row = (rows or {}).get(attribute.level) or f"{_ALIAS[attribute.level]}.{_ROW_KEY[attribute.level]}"
+    return (
+        f"EXISTS (SELECT FROM {attribute.column} x WHERE x.tag_key = {args.add(attribute.tag_key)}"
+        f" AND x.row_key = {row} AND {_terms_sql(f, args, _value_column(attribute))})"
+    )
 
 
 def _range_sql(column: str, r: Range, args: _Args) -> str:
@@ -926,34 +913,16 @@ def _compile_instance_page(query: QidoQuery, partition_key: int, plan: _Plan) ->
     """Instance search with extended query tags: the page's keys first, then its rows.
 
     An extended tag can match thousands of instances, and all of them must be ordered before the page is
-    cut. Ordering needs only (partition_key, series_key, instance_number) per instance, which the covering
-    index instance_page (migration 0005) gives without touching the heap; the page's 101 rows are then read
-    in full. Fetching every candidate's row first costs one random heap read each (10x slower at 3,000).
+    cut. The page's keys come from the value index of an instance-level tag alone (_driven_page_keys), or,
+    when only study/series-level tags are named, from the covering index instance_page (migration 0005);
+    only the page's 101 rows are then read. Fetching every candidate's row first costs one random heap
+    read each (10x slower at 3,000).
     """
     args = _Args(partition_key)
-    levels = {f.attribute.level for f in query.filters}
-    if query.study_uid is not None:
-        levels.add(Level.STUDY)
-    if query.series_uid is not None:
-        levels.add(Level.SERIES)
-    joins, where = [], ["i.partition_key = $1"]
-    if Level.SERIES in levels:
-        joins.append("JOIN series se ON se.series_key = i.series_key")
-        where.append("se.partition_key = $1")
-    if Level.STUDY in levels:
-        joins.append("JOIN study st ON st.study_key = i.study_key")
-        where.append("st.partition_key = $1")
-    if query.study_uid is not None:
-        where.append(f"st.study_instance_uid = {args.add(query.study_uid)}")
-    if query.series_uid is not None:
-        where.append(f"se.series_instance_uid = {args.add(query.series_uid)}")
-    where.extend(_filter_sql(f, args) for f in query.filters)
-    page = (
-        "WITH page AS MATERIALIZED (SELECT i.instance_key, i.study_key, i.series_key, i.instance_number"
-        f" FROM instance i {' '.join(joins)} WHERE {' AND '.join(where)}"
-        " ORDER BY i.series_key, i.instance_number, i.instance_key"
-        f" LIMIT {args.add(query.limit + 1)} OFFSET {args.add(query.offset)})"
-    )
+    driver = _driver(query)
+    keys = _page_keys(query, args) if driver is None else _driven_page_keys(query, driver, args)
+    cut = f"LIMIT {args.add(query.limit + 1)} OFFSET {args.add(query.offset)}"
+    page = f"WITH page AS MATERIALIZED ({keys} {cut})"
     order = " ORDER BY p.series_key, p.instance_number, p.instance_key"
     if plan.members is not None and not plan.from_metadata:
         # every column but the SOP Instance UID is in the page, the level rows and the stored members: one
@@ -970,6 +939,91 @@ def _compile_instance_page(query: QidoQuery, partition_key: int, plan: _Plan) ->
         f" JOIN series se ON se.series_key = i.series_key JOIN study st ON st.study_key = i.study_key{order}"
     )
     return sql, args.values
+
+
+def _driver(query: QidoQuery) -> Filter | None:
+    """The instance-level extended tag whose value rows drive the page: one matched by a single value if
+    any (its index scan returns the rows in page order), else the first."""
+    candidates = [
+        f
+        for f in query.filters
+        if isinstance(f.attribute, ExtendedAttribute) and f.attribute.level is Level.INSTANCE
+    ]
+    single = [f for f in candidates if len(f.terms) == 1 and isinstance(f.terms[0], Exact)]
+    return (single or candidates or [None])[0]
+
+
+def _scope_joins(
+    query: QidoQuery, levels: set[Level], series: str, study: str
+) -> tuple[list[str], list[str]]:
+    """Joins of the series/study rows that filters or the path's UIDs need, with their conditions."""
+    if query.study_uid is not None:
+        levels.add(Level.STUDY)
+    if query.series_uid is not None:
+        levels.add(Level.SERIES)
+    joins, where = [], []
+    if Level.SERIES in levels:
+        joins.append(f"JOIN series se ON se.series_key = {series}")
+        where.append("se.partition_key = $1")
+    if Level.STUDY in levels:
+        joins.append(f"JOIN study st ON st.study_key = {study}")
+        where.append("st.partition_key = $1")
+    return joins, where
+
+
+def _scope_where(query: QidoQuery, args: _Args) -> list[str]:
+    where = []
+    if query.study_uid is not None:
+        where.append(f"st.study_instance_uid = {args.add(query.study_uid)}")
+    if query.series_uid is not None:
+        where.append(f"se.series_instance_uid = {args.add(query.series_uid)}")
+    return where
+
+
+def _page_keys(query: QidoQuery, args: _Args) -> str:
+    """The page's keys from instance_page, every filter a condition on the instance or its level rows."""
+    joins, where = _scope_joins(
+        query, {f.attribute.level for f in query.filters}, "i.series_key", "i.study_key"
+    )
+    where = ["i.partition_key = $1", *where, *_scope_where(query, args)]
+    where.extend(_filter_sql(f, args) for f in query.filters)
+    return (
+        "SELECT i.instance_key, i.study_key, i.series_key, i.instance_number"
+        f" FROM instance i {' '.join(joins)} WHERE {' AND '.join(where)}"
+        " ORDER BY i.series_key, i.instance_number, i.instance_key"
+    )
+
+
+def _driven_page_keys(query: QidoQuery, driver: Filter, args: _Args) -> str:
+    """The page's keys from the driver's value rows, which carry the instance's sort key, partition and
+    study (migration 0014): its match index (tag_key, value, series_key, instance_number, row_key)
+    INCLUDE (partition_key, study_key) gives a single value's rows in page order (the scan stops after the
+    page) and a range's as index-only tuples for a top-N sort, without probing the instances. Other keys
+    are conditions on the value row's level keys (alias v: the semijoins of _filter_sql use x); the
+    instance row is joined only for standard instance-level keys."""
+    attribute = driver.attribute
+    assert isinstance(attribute, ExtendedAttribute)
+    others = [f for f in query.filters if f is not driver]
+    standard = {f.attribute.level for f in others if not isinstance(f.attribute, ExtendedAttribute)}
+    joins, where = _scope_joins(query, set(standard), "v.series_key", "v.study_key")
+    if Level.INSTANCE in standard:
+        joins.insert(0, "JOIN instance i ON i.instance_key = v.row_key")
+    where = [
+        f"v.tag_key = {args.add(attribute.tag_key)}",
+        _terms_sql(driver, args, _value_column(attribute, "v")),
+        "v.partition_key = $1",  # NULL in rows of study/series-level tags
+        *where,
+        *_scope_where(query, args),
+    ]
+    rows = {Level.INSTANCE: "v.row_key", Level.SERIES: "v.series_key", Level.STUDY: "v.study_key"}
+    where.extend(_filter_sql(f, args, rows) for f in others)
+    # one value row per instance, unless several values of one instance can match
+    distinct = "" if len(driver.terms) == 1 and isinstance(driver.terms[0], Exact) else "DISTINCT "
+    return (
+        f"SELECT {distinct}v.row_key AS instance_key, v.study_key, v.series_key, v.instance_number"
+        f" FROM {attribute.column} v {' '.join(joins)} WHERE {' AND '.join(where)}"
+        " ORDER BY v.series_key, v.instance_number, v.row_key"
+    )
 
 
 _REPRESENTATIVE = {
@@ -1050,13 +1104,23 @@ async def search_page(
     return QidoPage(results, more)
 
 
+def statement_settings(query: QidoQuery) -> str:
+    """The SET LOCAL statements a search's statement runs under (in its transaction)."""
+    settings = "SET LOCAL plan_cache_mode = force_custom_plan"
+    if query.level is Level.INSTANCE and _driver(query) is not None:
+        # A page driven by a value index reads a few thousand index tuples at most; starting parallel
+        # workers took ~8 ms of a 12 ms range + PatientName page (measured: 3 ms without them).
+        settings += "; SET LOCAL max_parallel_workers_per_gather = 0"
+    return settings
+
+
 async def _fetch(
     conn: asyncpg.Connection, query: QidoQuery, plan: _Plan, sql: str, args: list[object]
 ) -> tuple[list[asyncpg.Record], dict[int, tuple[str, str, str, bytes]]]:
     # Plans must see the values. asyncpg caches prepared statements, and after a few executions
     # PostgreSQL may switch to a generic plan, which cannot tell a one-day StudyDate range from a
     # ten-year one or a rare name prefix from a common one (measured: 1 ms vs 14 ms on 100,000 studies).
-    await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+    await conn.execute(statement_settings(query))
     rows: list[Any] = await conn.fetch(sql, *args)
     if query.level is Level.INSTANCE and plan.members is not None and not plan.from_metadata:
         rows = await _missing_metadata(conn, plan, rows)
@@ -1097,11 +1161,14 @@ async def _missing_metadata(conn: asyncpg.Connection, plan: _Plan, rows: list[An
             missing,
         )
     }
+    # a row missing here was deleted after the page was read (its value rows can outlive it briefly: a
+    # re-index batch may insert them as the instance goes)
     return [
         {**row, "metadata": f["metadata"], "sop_instance_uid": f["sop_instance_uid"]}
         if (f := found.get(row["instance_key"])) is not None
         else row
         for row in rows
+        if row["instance_key"] in found or not (row["sop_instance_uid"] is None or _needs_metadata(plan, row))
     ]
 
 
