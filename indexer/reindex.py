@@ -9,7 +9,10 @@ last committed batch and never stores a value twice.
 
 Study and series values come from the level's latest stored instance, as their attrs blobs do. Their rows
 are locked (FOR SHARE) while a batch computes them, so a concurrent write of a newer instance either
-commits first (and the batch reads it) or waits and then replaces the values itself.
+commits first (and the batch reads it) or waits and then replaces the values itself. Instance rows are
+locked FOR KEY SHARE for the same reason against deletes: the delete triggers that remove an instance's
+values cannot see a batch's uncommitted rows, so a delete must either commit first (the batch then skips
+the row) or wait for the batch. Metadata updates take weaker locks and are not held up.
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ class ReindexHandler:
         if level is Level.INSTANCE:
             rows = await conn.fetch(
                 """SELECT instance_key AS row_key, instance_key, metadata FROM instance
-                   WHERE instance_key > $1 AND instance_key <= $2 ORDER BY instance_key LIMIT $3""",
+                   WHERE instance_key > $1 AND instance_key <= $2 ORDER BY instance_key LIMIT $3
+                   FOR KEY SHARE""",
                 after,
                 bound,
                 self.batch_size,

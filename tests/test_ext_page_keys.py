@@ -5,6 +5,7 @@ reference's order across ties and NULL InstanceNumbers, with any limit and offse
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 
 import asyncpg
@@ -307,3 +308,27 @@ def test_migration_number() -> None:
     assert [name for version, name, _ in available_migrations() if version == 14] == [
         "0014_ext_page_keys.sql"
     ]
+
+
+async def test_reindex_and_a_concurrent_delete_leave_no_values_behind(pool: asyncpg.Pool) -> None:
+    """An instance deleted while a re-index batch reads it: the batch waits for the delete and skips the row,
+    instead of inserting values the delete's trigger has already missed."""
+    await store(pool, [instance(n, 0, n, **elements(n)) for n in (1, 2, 3)])
+    await define(pool, *INSTANCE_TAGS[:1])
+    async with pool.acquire() as deleter:
+        victim = await deleter.fetchval(
+            "SELECT instance_key FROM instance ORDER BY instance_key OFFSET 1 LIMIT 1"
+        )
+        transaction = deleter.transaction()
+        await transaction.start()
+        await deleter.execute("DELETE FROM instance WHERE instance_key = $1", victim)
+        running = asyncio.create_task(reindex(pool))
+        await asyncio.sleep(0.5)
+        assert not running.done()  # the batch waits for the delete's row lock
+        await transaction.commit()
+        await asyncio.wait_for(running, 30)
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT row_key FROM ext_long ORDER BY row_key")
+        keys = [r["instance_key"] for r in await conn.fetch("SELECT instance_key FROM instance ORDER BY 1")]
+        assert [r["row_key"] for r in rows] == keys and victim not in keys and len(keys) == 2
+        assert await wrong_keys(conn) == []

@@ -507,15 +507,18 @@ async def test_deleting_while_a_step_runs_waits_for_it(pool: asyncpg.Pool) -> No
     await store(pool, instances)
     await define(pool, {"Path": "StationName", "Level": "Instance"})
 
+    written = asyncio.Event()
+
     class Slow(ReindexHandler):
         async def step(self, conn: asyncpg.Connection, op: Any) -> Any:
             result = await super().step(conn, op)
+            written.set()  # the batch's values are written, not yet committed
             await asyncio.sleep(0.5)
             return result
 
     runner = OperationRunner(pool, {"reindex": Slow(10)})
     task = asyncio.create_task(runner.run_once())
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(written.wait(), 30)
     assert await delete(pool, "StationName") is not None
     await task
     assert await pool.fetchval("SELECT count(*) FROM ext_string") == 10  # the step's commit
