@@ -2,7 +2,7 @@
 
     python -m bench.worklist [--items 100000] [--stations 50] [--searches 300] [--cycles 3000]
                              [--concurrency 32] [--probes 300] [--data-dir bench/out/worklist]
-                             [--cycles-only] [--reschedule]
+                             [--cycles-only] [--reschedule] [--py-spy FILE]
 
 Starts a private PostgreSQL in the data directory and `dicomweb serve` on it (2 workers, --insecure-open),
 then:
@@ -27,6 +27,8 @@ import asyncio
 import datetime as dt
 import os
 import random
+import signal
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -103,7 +105,7 @@ async def age(dsn: str) -> None:
                        jsonb_set(attrs, '{00741000}', '{"vr": "CS", "Value": ["COMPLETED"]}')::text, 'UTF8')
                WHERE workitem_key % 5 < 3"""
         )
-        await conn.execute("VACUUM ANALYZE ups_workitem")
+        await conn.execute("VACUUM ANALYZE ups_workitem, ups_queue")
     finally:
         await conn.close()
 
@@ -120,7 +122,8 @@ async def reschedule_used(dsn: str) -> int:
                    body = convert_to(((attrs - '00741216') || '{scheduled}')::text, 'UTF8')
                WHERE transaction_uid IS NOT NULL"""
         )
-        await conn.execute("VACUUM ANALYZE ups_workitem")
+        # the queue rows too (migration 0015), and the subscriptions the last run's start deleted
+        await conn.execute("VACUUM ANALYZE ups_workitem, ups_queue, ups_subscription")
         return int(status.split()[-1])
     finally:
         await conn.close()
@@ -328,9 +331,21 @@ async def run(root: str, dsn: str, args: argparse.Namespace) -> None:
                 print(f"Worklist subscription (reports for all live items): {time.perf_counter() - t:.1f} s")
             items = pool[args.cycles : 2 * args.cycles]
         serve, postgres = server_processes(root, args.data_dir.resolve())
+        spy = None
+        if args.py_spy and label == "no subscriber":
+            spy = await asyncio.create_subprocess_exec(
+                str(Path(sys.executable).with_name("py-spy")), "record", "--subprocesses", "--nonblocking",
+                "--format", "raw", "-r", "250", "-o", str(args.py_spy), "--pid", str(min(serve)),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            await asyncio.sleep(1)
         cpu = _tree_cpu(serve), _tree_cpu(postgres)
         elapsed = await cycles(root, items, args.concurrency)
         app_cpu, db_cpu = _tree_cpu(serve) - cpu[0], _tree_cpu(postgres) - cpu[1]
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            await asyncio.wait_for(spy.wait(), timeout=60)
+            print(f"py-spy samples of the server during the cycles without subscribers: {args.py_spy}")
         print(
             f"claim/update/complete cycles with {label}: {len(items)} in {elapsed:.1f} s = "
             f"{len(items) / elapsed:,.0f} cycles/s ({3 * len(items) / elapsed:,.0f} requests/s); "
@@ -367,6 +382,10 @@ def main() -> None:
     parser.add_argument(
         "--reschedule", action="store_true", help="first set items earlier runs claimed back to SCHEDULED"
     )
+    parser.add_argument(
+        "--py-spy", type=Path, metavar="FILE",
+        help="record the server's stacks (py-spy raw format, all workers) in the cycles without subscribers",
+    )  # fmt: skip
     args = parser.parse_args()
     args.data_dir.mkdir(parents=True, exist_ok=True)
     with (

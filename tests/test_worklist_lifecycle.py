@@ -317,3 +317,25 @@ async def test_websocket_refuses_bad_subscribers(ups_archive: RunningArchive) ->
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), timeout=5)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1003
+
+
+async def test_accept_header_is_negotiated(client: httpx.AsyncClient) -> None:
+    """Retrieve and search answer with the JSON type the Accept header prefers (dicomweb.negotiation.select):
+    400 for a malformed header, 406 with what is available when it allows neither."""
+    uid = await create(client, workitem())
+    for path in (f"/workitems/{uid}", f"/workitems?SOPInstanceUID={uid}"):
+        plain = await client.get(path, headers={"Accept": "application/json"})
+        assert plain.status_code == 200, plain.text
+        assert plain.headers["content-type"] == "application/json"
+        preferred = await client.get(
+            path, headers={"Accept": "application/json;q=0.5, application/dicom+json"}
+        )
+        assert preferred.headers["content-type"] == "application/dicom+json"
+        anything = await client.get(path, headers={"Accept": "*/*"})
+        assert anything.headers["content-type"] == "application/dicom+json"
+        refused = await client.get(path, headers={"Accept": "image/png"})
+        assert refused.status_code == 406
+        assert "application/dicom+json" in refused.text
+        malformed = await client.get(path, headers={"Accept": "application/json;q=x"})
+        assert malformed.status_code == 400
+        assert "malformed Accept header" in malformed.text

@@ -18,7 +18,7 @@ from indexer.lookup import partition_key as lookup_partition_key
 from indexer.migrate import migrate
 from tests.worklist_data import performed, workitem
 from worklist import store
-from worklist.states import State
+from worklist.states import State, Status
 from worklist.validate import parse_dataset, prepare_create
 
 
@@ -126,10 +126,61 @@ async def test_write_of_a_changed_row_falls_back_to_the_lock(pool: asyncpg.Pool)
         await store.set_state(pool, key, uid, State.IN_PROGRESS, new_uid())  # someone else claims it
         state, attrs, _ = store._state_change(row, State.IN_PROGRESS, new_uid(), uid)
         assert state is State.IN_PROGRESS  # decided on the stale version
-        assert not await store._write_unlocked(conn, row, attrs, state, "1.2.3", typed=False)
+        assert not await store._write_unlocked(conn, (key, uid), row, attrs, state, "1.2.3", typed=False)
     with pytest.raises(store.UpsError) as refused:
         await store.set_state(pool, key, uid, State.IN_PROGRESS, new_uid())
     assert refused.value.status == 409
+
+
+async def test_the_next_write_in_this_process_needs_no_read(database_url: str, pool: asyncpg.Pool) -> None:
+    """After an optimistic write, the version written is remembered: the worker's update and completion are
+    one statement each, with the same results."""
+    key, uid = await new_item(pool)
+    store._locked_first_until.clear()
+    seen: list[str] = []
+
+    async def log_queries(conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(lambda q: seen.append(q.query.split()[0]))
+
+    async with asyncpg.create_pool(
+        database_url, min_size=1, max_size=1, init=log_queries, reset=keep_session
+    ) as logged:
+        tuid = new_uid()
+        assert await store.set_state(logged, key, uid, State.IN_PROGRESS, tuid) is None
+        assert seen == ["SELECT", "UPDATE"]
+        seen.clear()
+        await store.update(logged, key, uid, tuid, performed())
+        assert seen == ["UPDATE"]
+        seen.clear()
+        assert await store.set_state(logged, key, uid, State.COMPLETED, tuid) is None
+        assert seen == ["UPDATE"]
+    state, owner, body = await stored(pool, uid)
+    assert (state, owner, body["00741000"]["Value"]) == (2, tuid, ["COMPLETED"])
+    assert body["00741216"] == performed()["00741216"]
+
+
+async def test_a_version_changed_elsewhere_is_read_again(pool: asyncpg.Pool) -> None:
+    """A remembered version that another process has since replaced: the write applies to nothing, and the
+    request is decided again on the stored version."""
+    key, uid = await new_item(pool)
+    store._locked_first_until.clear()
+    tuid = new_uid()
+    await store.set_state(pool, key, uid, State.IN_PROGRESS, tuid)
+    await store.update(pool, key, uid, tuid, performed())
+    stale = store._written[key, uid]  # IN PROGRESS with the performed procedure: ready to complete
+    assert await store.set_state(pool, key, uid, State.COMPLETED, tuid) is None
+    before = await stored(pool, uid)
+    store._written[key, uid] = stale  # as if another process had completed it
+    assert (
+        await store.set_state(pool, key, uid, State.COMPLETED, tuid)
+        == store.ALREADY[Status.ALREADY_COMPLETED]
+    )
+    assert await stored(pool, uid) == before
+    store._written[key, uid] = stale
+    with pytest.raises(store.UpsError) as refused:
+        await store.update(pool, key, uid, tuid, performed())
+    assert refused.value.status == 409 and "may no longer be updated" in refused.value.message
+    assert await stored(pool, uid) == before
 
 
 async def test_subscribed_item_takes_the_locked_path_and_hints_the_partition(pool: asyncpg.Pool) -> None:

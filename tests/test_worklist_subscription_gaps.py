@@ -4,6 +4,7 @@ the bound on the queue of a subscriber that does not acknowledge."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from tests.test_worklist_events import (
 )
 from tests.worklist_data import code, ups_archive, workitem
 from worklist.retention import prune
-from worklist.scp_status import ScpStatus
+from worklist.scp_status import ALIVE_LOCK, ScpStatus
 
 __all__ = ["ups_archive"]
 
@@ -153,6 +154,47 @@ async def test_a_start_during_the_last_going_down_reports_restarted(
     reported = await status_events(ups_archive.database_url)
     assert [(ae, seq) for ae, seq, _ in reported] == [("WATCH", 1)]
     assert orjson.loads(reported[0][2])["00741242"]["Value"] == ["RESTARTED"]
+
+
+async def alive_holders(conn: asyncpg.Connection) -> set[int]:
+    """Backends holding the alive lock shared (an advisory lock on a bigint: classid high, objid low word)."""
+    rows = await conn.fetch(
+        """SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND mode = 'ShareLock'
+           AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = $1""",
+        ALIVE_LOCK,
+    )
+    return {r["pid"] for r in rows}
+
+
+async def test_a_lost_alive_lock_is_taken_again(
+    client: httpx.AsyncClient, ups_archive: RunningArchive
+) -> None:
+    """The connection holding a process's alive lock is terminated (as by a PostgreSQL restart): the process
+    connects again and holds the lock shared again, reporting nothing, so that neither it nor another
+    process takes itself for the first or the last of the archive."""
+    await subscribe(client, WORKLIST, "WATCH")
+    conn = await asyncpg.connect(ups_archive.database_url)
+    status = ScpStatus(ups_archive.database_url, retry_seconds=0.05)
+    try:
+        others = await alive_holders(conn)
+        assert others  # ups_archive's process
+        assert await status.start() is False
+        mine = await alive_holders(conn) - others
+        assert len(mine) == 1
+        assert await conn.fetchval("SELECT pg_terminate_backend($1)", *mine) is True
+        for _ in range(200):
+            if status.rejoined:
+                break
+            await asyncio.sleep(0.05)
+        assert status.rejoined == 1
+        again = await alive_holders(conn) - others
+        assert len(again) == 1 and again != mine
+        assert await status.stop() is False  # ups_archive still runs
+        assert await alive_holders(conn) == others
+    finally:
+        await status.stop()
+        await conn.close()
+    assert await status_events(ups_archive.database_url) == []
 
 
 # --- the queue bound ----------------------------------------------------------------------------------------

@@ -15,8 +15,13 @@ shared on a connection of its own for as long as it lives:
   makes sure that only one of several such processes does.
 
 A process that dies loses its lock with its connection and reports nothing, which is right: a crash is not
-a graceful shutdown. Subscriptions and work items live in PostgreSQL, so a restart is a WARM START of both
-lists.
+a graceful shutdown. A live process whose lock connection is lost (PostgreSQL restarted, the backend was
+terminated) would otherwise hold nothing while it serves: another process could then take itself for the
+first (RESTARTED) or the last (GOING DOWN). It notices the loss at once (asyncpg's termination listener),
+connects again until it can, and rejoins like a starting process that is not the first: shared lock, and
+RESTARTED only if the last process meanwhile reported GOING DOWN.
+
+Subscriptions and work items live in PostgreSQL, so a restart is a WARM START of both lists.
 
 With one process left, GOING DOWN cannot reach a connected WebSocket before the server closes it; it waits in
 the queue and is delivered, in order before RESTARTED, when the subscriber reconnects.
@@ -24,6 +29,7 @@ the queue and is delivered, in order before RESTARTED, when the subscriber recon
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 
@@ -66,15 +72,28 @@ async def _report(conn: asyncpg.Connection, status: str, *, down: bool) -> None:
 class ScpStatus:
     """One per process: reports RESTARTED at start when it is the first, GOING DOWN at stop when the last."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, *, retry_seconds: float = 1.0) -> None:
         self._dsn = database_url
+        self._retry_seconds = retry_seconds
         self._conn: asyncpg.Connection | None = None
+        self._rejoin: asyncio.Task[None] | None = None
+        self.rejoined = 0  # how many times the lock was re-acquired after a lost connection
 
     async def start(self) -> bool:
         """Join the live processes; True when the archive was down and this process reported RESTARTED."""
-        self._conn = conn = await asyncpg.connect(self._dsn)
+        conn = await asyncpg.connect(self._dsn)
         first = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", ALIVE_LOCK))
+        try:
+            return await self._join(conn, first)
+        finally:
+            if first:
+                await conn.execute("SELECT pg_advisory_unlock($1)", ALIVE_LOCK)
+
+    async def _join(self, conn: asyncpg.Connection, first: bool) -> bool:
+        """Hold the shared lock on `conn` from now on; report RESTARTED when first or after a GOING DOWN."""
         await conn.execute("SELECT pg_advisory_lock_shared($1)", ALIVE_LOCK)
+        self._conn = conn
+        conn.add_termination_listener(self._lost)
         try:
             async with conn.transaction():
                 down = await conn.fetchval("SELECT down FROM ups_scp_state FOR UPDATE")
@@ -85,15 +104,43 @@ class ScpStatus:
         except Exception:
             log.exception("UPS SCP status RESTARTED could not be reported")
             return False
-        finally:
-            if first:
-                await conn.execute("SELECT pg_advisory_unlock($1)", ALIVE_LOCK)
+
+    def _lost(self, conn: asyncpg.Connection) -> None:
+        if conn is not self._conn:
+            return
+        self._conn = None
+        log.warning("UPS SCP status: the connection holding the alive lock was lost; joining again")
+        self._rejoin = asyncio.get_running_loop().create_task(self._join_again())
+
+    async def _join_again(self) -> None:
+        while True:
+            try:
+                conn = await asyncpg.connect(self._dsn)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("UPS SCP status: cannot connect (%s); retrying", exc)
+                await asyncio.sleep(self._retry_seconds)
+                continue
+            try:
+                await self._join(conn, False)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("UPS SCP status: cannot take the alive lock (%s); retrying", exc)
+                self._conn = None
+                await conn.close()
+                await asyncio.sleep(self._retry_seconds)
+                continue
+            self.rejoined += 1
+            return
 
     async def stop(self) -> bool:
         """Leave; True when this was the last live process and reported GOING DOWN."""
+        if self._rejoin is not None:
+            self._rejoin.cancel()
+            await asyncio.gather(self._rejoin, return_exceptions=True)
+            self._rejoin = None
         conn, self._conn = self._conn, None
         if conn is None:
             return False
+        conn.remove_termination_listener(self._lost)
         try:
             await conn.execute("SELECT pg_advisory_unlock_shared($1)", ALIVE_LOCK)
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", ALIVE_LOCK):

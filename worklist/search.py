@@ -12,9 +12,11 @@ over work items, compiled to SQL with every user value passed as a $n parameter.
   (universal matching: the attribute is then just a return key).
 * The attributes worklist clients poll on have typed, indexed columns (migration 0008): state, station
   code values, scheduled start, expected completion, labels, priority, readiness, patient. Everything
-  else is matched on the jsonb data set. A query for one station code value (the poll of a modality or
-  an AI worker) reads items with that single station in order from a btree and stops after the page,
-  merged with the few items that list several stations (GIN); its cost does not grow with the worklist.
+  else is matched on the jsonb data set. State, station and scheduled start are read from the item's
+  ups_queue row (migration 0015), which carries the indexes with the state. A query for one station code
+  value (the poll of a modality or an AI worker) reads items with that single station in order from a
+  btree and stops after the page, merged with the few items that list several stations (GIN); its cost
+  does not grow with the worklist.
 * Results are ordered by ScheduledProcedureStepStartDateTime (missing last), then creation, and carry the
   whole work item (every return key of Table CC.2.5-3 the item has, which includes any includefield one)
   except the Transaction UID, which is never stored in it.
@@ -70,7 +72,8 @@ _TEXT_COLUMNS = {
     "00100020": "patient_id",
     "00080018": "sop_instance_uid",
 }
-_DT_COLUMNS = {"00404005": "scheduled_start", "00404011": "expected_completion"}
+_START = "00404005"
+_DT_COLUMNS = {_START: "scheduled_start", "00404011": "expected_completion"}
 
 
 def attribute_path(param: str) -> tuple[tuple[str, ...], str]:
@@ -223,8 +226,8 @@ def _bounded(expr: str, low: object | None, high: object | None, args: Args, cas
     return " AND ".join(parts) or "TRUE"
 
 
-def _column_sql(f: Filter, args: Args, fuzzy: bool) -> str | None:
-    """The condition on a typed column, when the key has one."""
+def _column_sql(f: Filter, args: Args, fuzzy: bool, queue: str) -> str | None:
+    """The condition on a typed column, when the key has one; state and scheduled start on alias `queue`."""
     if len(f.path) == 2 and f.path == (_STATION_SEQ, _CODE_VALUE) and not _wild(f.value):
         return f"w.station_names && {args.add(_split(f))}::text[]"
     if len(f.path) != 1:
@@ -238,9 +241,9 @@ def _column_sql(f: Filter, args: Args, fuzzy: bool) -> str | None:
                 raise SearchError(f.param, f"{item!r} is not a Procedure Step State")
             states.append(int(state))
         # literals (from the enum, never user text): lets the planner use the partial index of live items
-        return f"w.state IN ({', '.join(str(s) for s in sorted(set(states)))})"
+        return f"{queue}.state IN ({', '.join(str(s) for s in sorted(set(states)))})"
     if key in _DT_COLUMNS:
-        column = "w." + _DT_COLUMNS[key]
+        column = (queue if key == _START else "w") + "." + _DT_COLUMNS[key]
         ors = [_bounded(column, *_range(f, _dt, item), args) for item in _split(f)]
         return "(" + " OR ".join(ors) + ")"
     if key == "00100010":
@@ -335,14 +338,15 @@ def _group_sql(base: str, filters: list[tuple[tuple[str, ...], Filter]], args: A
     return conds
 
 
-def where_sql(filters: Sequence[Filter], args: Args, fuzzy: bool = False) -> str:
-    """The conditions of `filters` on the work item aliased `w`, ANDed."""
+def where_sql(filters: Sequence[Filter], args: Args, fuzzy: bool = False, queue: str = "w") -> str:
+    """The conditions of `filters` on the work item aliased `w`, ANDed. State and scheduled start are read
+    from alias `queue`: `w` itself, or its ups_queue row (migration 0015), whose indexes serve them."""
     conds: list[str] = []
     generic: list[tuple[tuple[str, ...], Filter]] = []
     for f in filters:
         if _universal(f.value):
             continue
-        column = _column_sql(f, args, fuzzy)
+        column = _column_sql(f, args, fuzzy, queue)
         if column is not None:
             conds.append(column)
         # a sequence key whose sequence other keys name too is matched within one item, the column only
@@ -372,34 +376,40 @@ def _one_station(query: Search) -> tuple[str, list[Filter]] | None:
     return station[0].value, rest
 
 
+def _keys_from(where: str) -> str:
+    """The FROM list of a keys query: the queue row, joined to the work item only when `where` reads it."""
+    join = " JOIN ups_workitem w ON w.workitem_key = q.workitem_key" if "w." in where else ""
+    return "ups_queue q" + join
+
+
 async def search(conn: asyncpg.Connection | asyncpg.Pool, partition_key: int, query: Search) -> Page:
     args = Args([partition_key])
-    order = "ORDER BY w.scheduled_start NULLS LAST, w.workitem_key"
+    order = "ORDER BY q.scheduled_start NULLS LAST, q.workitem_key"
     one = _one_station(query)
     if one is None:
-        where = where_sql(query.filters, args, query.fuzzy)
+        where = where_sql(query.filters, args, query.fuzzy, "q")
         keys = (
-            f"SELECT w.workitem_key, w.scheduled_start FROM ups_workitem w "
-            f"WHERE w.partition_key = $1 AND {where} {order} "
+            f"SELECT q.workitem_key, q.scheduled_start FROM {_keys_from(where)} "
+            f"WHERE q.partition_key = $1 AND {where} {order} "
             f"OFFSET {args.add(query.offset)} LIMIT {args.add(query.limit + 1)}"
         )
     else:
-        # Items with that one station come in order from the (partition, state, station, start) btree and
-        # the scan stops after the page; items listing several stations come from the GIN index. Each
-        # branch yields at most offset + limit + 1 rows, merged in order.
+        # Items with that one station come in order from the (partition, state, station, start) btree of
+        # ups_queue and the scan stops after the page; items listing several stations come from its GIN
+        # index. Each branch yields at most offset + limit + 1 rows, merged in order.
         station, rest = one
-        first = where_sql(rest, args, query.fuzzy)
+        first = where_sql(rest, args, query.fuzzy, "q")
         first_station = args.add(station)
-        second = where_sql(rest, args, query.fuzzy)
+        second = where_sql(rest, args, query.fuzzy, "q")
         second_station = args.add([station])
         enough = args.add(query.offset + query.limit + 1)
         keys = (
             f"SELECT workitem_key, scheduled_start FROM ("
-            f"(SELECT w.workitem_key, w.scheduled_start FROM ups_workitem w WHERE w.partition_key = $1 "
-            f"AND w.station = {first_station} AND {first} {order} LIMIT {enough}) UNION ALL "
-            f"(SELECT w.workitem_key, w.scheduled_start FROM ups_workitem w WHERE w.partition_key = $1 "
-            f"AND w.station IS NULL AND w.station_names && {second_station}::text[] AND {second} "
-            f"{order} LIMIT {enough})) w {order} "
+            f"(SELECT q.workitem_key, q.scheduled_start FROM {_keys_from(first)} WHERE q.partition_key = $1 "
+            f"AND q.station = {first_station} AND {first} {order} LIMIT {enough}) UNION ALL "
+            f"(SELECT q.workitem_key, q.scheduled_start FROM {_keys_from(second)} WHERE q.partition_key = $1 "
+            f"AND q.station IS NULL AND q.station_names && {second_station}::text[] AND {second} "
+            f"{order} LIMIT {enough})) q {order} "
             f"OFFSET {args.add(query.offset)} LIMIT {args.add(query.limit + 1)}"
         )
     # keys first, documents after: only the rows of the page are read whole

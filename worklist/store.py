@@ -8,12 +8,14 @@ version read (its xmin) and still has no subscriber (`ups_unsubscribed`, migrati
 instead of four (BEGIN, SELECT FOR UPDATE, UPDATE, COMMIT), and no events are owed. Any miss (the row
 changed, or gained a subscriber) wrote nothing and falls back to the locked transaction, so two claims still
 serialise: the loser's UPDATE waits for the winner's commit, finds a new version, and the locked path then
-answers 409.
+answers 409. The version an optimistic write produced is remembered for a while, so that the next write to
+the item in this process (the update and completion after a claim) needs no read: one round trip.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,7 +130,7 @@ def _update_sql(typed: bool, optimistic: bool) -> str:
     if optimistic:
         return (
             f"UPDATE ups_workitem SET {sets} WHERE workitem_key = $1 AND xmin = ${n} "
-            "RETURNING ups_unsubscribed(workitem_key)"
+            "RETURNING ups_unsubscribed(workitem_key), xmin"
         )
     return f"UPDATE ups_workitem SET {sets} WHERE workitem_key = $1 RETURNING {_SUBSCRIBERS}"
 
@@ -162,19 +164,54 @@ async def _write(
 
 
 async def _write_unlocked(
-    conn: asyncpg.Connection, row: _Row, attrs: dict[str, Any], state: State, tuid: str | None, *, typed: bool
+    conn: asyncpg.Connection,
+    where: tuple[int, str],
+    row: _Row,
+    attrs: dict[str, Any],
+    state: State,
+    tuid: str | None,
+    *,
+    typed: bool,
 ) -> bool:
-    """The optimistic write of a row read by _read_workitem: True when it committed; False when it wrote
-    nothing because the row changed since it was read or has a subscriber (take the locked path)."""
+    """The optimistic write of a row read by _read_workitem (or remembered by _remember): True when it
+    committed, and the version written is remembered; False when it wrote nothing because the row changed
+    since that version or has a subscriber (take the next path)."""
     try:
-        done = await conn.fetchval(
+        done = await conn.fetchrow(
             _UPDATES[typed, True], *_write_args(row, attrs, state, tuid, typed), row.version
         )
     except asyncpg.PostgresError as exc:
         if exc.sqlstate == _HAS_SUBSCRIBERS:
             return False
         raise
-    return done is not None
+    if done is None:
+        return False
+    _remember(where, _Row(row.key, state, tuid, attrs, done[1], False))
+    return True
+
+
+# The version each optimistic write produced, per (partition, UID), so that the next request for the item in
+# this process (a worker's update and completion after its claim) can skip the read: the write applies only
+# if the row is still exactly that version (its xmin), so a version changed meanwhile, by any process, makes
+# it write nothing and fall back to reading. Only a decision to write is taken on a remembered version;
+# refusals and warnings are decided on a fresh read. An entry is used once, and not after a while.
+_REMEMBER_SECONDS = 30.0
+_REMEMBER_MAX = 4096
+_written: OrderedDict[tuple[int, str], tuple[float, _Row]] = OrderedDict()
+
+
+def _remember(where: tuple[int, str], row: _Row) -> None:
+    _written[where] = (time.monotonic() + _REMEMBER_SECONDS, row)
+    _written.move_to_end(where)
+    if len(_written) > _REMEMBER_MAX:
+        _written.popitem(last=False)
+
+
+def _remembered(where: tuple[int, str]) -> _Row | None:
+    entry = _written.pop(where, None)
+    if entry is None or entry[0] < time.monotonic():
+        return None
+    return entry[1]
 
 
 def partition_lock(partition_key: int) -> int:
@@ -255,11 +292,21 @@ async def retrieve(pool: asyncpg.Pool, partition_key: int, uid: str) -> bytes | 
 async def update(
     pool: asyncpg.Pool, partition_key: int, uid: str, tuid: str | None, ds: dict[str, Any]
 ) -> None:
+    where = (partition_key, uid)
     async with pool.acquire() as conn:
+        known = _remembered(where)
+        if known is not None:
+            try:
+                attrs = _updated(known, uid, tuid, ds)
+            except UpsError:
+                pass  # decided again on a fresh read below
+            else:
+                if await _write_unlocked(conn, where, known, attrs, known.state, known.tuid, typed=True):
+                    return
         row = await _optimistic_read(conn, partition_key, uid)
         if row is not None:
             attrs = _updated(row, uid, tuid, ds)
-            if await _write_unlocked(conn, row, attrs, row.state, row.tuid, typed=True):
+            if await _write_unlocked(conn, where, row, attrs, row.state, row.tuid, typed=True):
                 return
         async with conn.transaction():
             row = await lock_workitem(conn, partition_key, uid)
@@ -303,13 +350,24 @@ async def set_state(
     pool: asyncpg.Pool, partition_key: int, uid: str, requested: State, tuid: str
 ) -> str | None:
     """Change Workitem State; returns the Warning text of a success with warning (already in that state)."""
+    where = (partition_key, uid)
     async with pool.acquire() as conn:
+        known = _remembered(where)
+        if known is not None:
+            try:
+                new_state, attrs, _ = _state_change(known, requested, tuid, uid)
+            except UpsError:
+                new_state = None  # decided again on a fresh read below
+            if new_state is not None and await _write_unlocked(
+                conn, where, known, attrs, new_state, tuid, typed=False
+            ):
+                return None
         row = await _optimistic_read(conn, partition_key, uid)
         if row is not None:
             new_state, attrs, warning = _state_change(row, requested, tuid, uid)
             if new_state is None:
                 return warning
-            if await _write_unlocked(conn, row, attrs, new_state, tuid, typed=False):
+            if await _write_unlocked(conn, where, row, attrs, new_state, tuid, typed=False):
                 return None
         async with conn.transaction():
             row = await lock_workitem(conn, partition_key, uid)

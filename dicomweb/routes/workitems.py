@@ -14,7 +14,7 @@ from starlette.responses import Response
 from dicomcore.uids import is_valid_uid, new_uid
 from dicomweb.context import context, partition_key, service_root
 from dicomweb.errors import HTTPProblem
-from dicomweb.negotiation import NegotiationError, Offer, negotiate
+from dicomweb.negotiation import Offer, select
 from worklist import store, subscriptions
 from worklist.requirements import FILTERED_SUBSCRIPTION_UID, WORKLIST_SUBSCRIPTION_UID
 from worklist.search import SearchError, parse_filter_list, parse_search, search
@@ -41,13 +41,9 @@ def _problem(exc: store.UpsError) -> HTTPProblem:
 
 
 def _accept(request: Request) -> str:
-    try:
-        selection = negotiate(request.headers.get("accept"), _OFFERS)
-    except NegotiationError as exc:
-        raise HTTPProblem(400, f"malformed Accept header: {exc}") from exc
-    if selection is None:
-        raise HTTPProblem(406, "work items are available as application/dicom+json only")
-    return selection.offer.media_type
+    """The response media type: 400 for a malformed Accept header, 406 when it allows neither JSON type."""
+    ranked = select(_OFFERS, request.headers.get("accept"), available="application/dicom+json")
+    return ranked[0].offer.media_type
 
 
 async def _dataset(request: Request, *, optional: bool = False) -> dict:
