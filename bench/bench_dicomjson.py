@@ -1,17 +1,21 @@
-"""Micro benchmark of DICOM JSON encoding: µs per encode_dataset / parse_instance call.
+"""Micro benchmark of DICOM JSON encoding: CPU µs per read_file / encode_dataset / parse_instance call.
 
 Run: .venv/bin/python -m bench.bench_dicomjson [--number N]
 
-Measures pydicom's CT_small.dcm (258 elements, explicit VR little endian) and a synthetic CT header of about
-100 elements (explicit and implicit VR little endian, big endian), the ingest path's per-instance cost.
-encode_dataset is timed on a freshly read dataset each call (reading is excluded), since converting
-elements mutates the dataset and a second encode of the same dataset would be unrepresentatively cheap.
+Measures pydicom's CT_small.dcm (258 elements, explicit VR little endian), a synthetic CT header of about
+100 elements (explicit and implicit VR little endian, big endian), and the 50 instances of one series as
+bench.stow_ingest sends them (bench/synthetic.py, only the SOP Instance UID differs): the ingest path's
+per-instance cost. encode_dataset is timed on a freshly read dataset each call (reading is excluded), since
+converting elements mutates the dataset and a second encode of the same dataset would be unrepresentatively
+cheap. parse_instance is timed on the Dataset path (framing + dicomjson) and on the direct one
+(dicomcore.directjson), warm (values repeat, as in a series) and cold (its value cache emptied each call).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +25,10 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from bench.synthetic import instance_variants, make_study
+from dicomcore import directjson, parse
 from dicomcore.dicomjson import BulkRef, encode_dataset
+from dicomcore.framing import read_file
 from dicomcore.parse import DEFER_SIZE, parse_instance
 
 CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
@@ -178,24 +185,49 @@ def encode_us(data: bytes, number: int) -> float:
     return per_call_us(encode, number)
 
 
+def cycle_us(
+    fn: Callable[[bytes], object], datas: list[bytes], number: int, before: Callable[[], object]
+) -> float:
+    """µs per fn(data) over datas in turn (a series' instances), `before` run untimed... almost: it is
+    cheap (clearing a cache) and timed with the call, which makes the cold figure slightly pessimistic."""
+    it = iter(datas * (number * 5 // len(datas) + 2))
+
+    def call() -> None:
+        before()
+        fn(next(it))
+
+    return per_call_us(call, number)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--number", type=int, default=200, help="calls per timing round")
     args = parser.parse_args()
+    spec = make_study(random.Random(7), series_count=1, modalities=["CT"])
     cases = {
-        "CT_small.dcm": CT_SMALL.read_bytes(),
-        "synthetic CT explicit LE": synthetic_ct(ExplicitVRLittleEndian),
-        "synthetic CT implicit LE": synthetic_ct(ImplicitVRLittleEndian),
-        "synthetic CT explicit BE": synthetic_ct(ExplicitVRBigEndian),
+        "CT_small.dcm": [CT_SMALL.read_bytes()],
+        "synthetic CT explicit LE": [synthetic_ct(ExplicitVRLittleEndian)],
+        "synthetic CT implicit LE": [synthetic_ct(ImplicitVRLittleEndian)],
+        "synthetic CT explicit BE": [synthetic_ct(ExplicitVRBigEndian)],
+        "STOW bench series (50)": instance_variants(spec, 0, 50),
     }
-    print(f"{'case':28} {'elements':>8} {'dcmread µs':>11} {'encode µs':>10} {'parse_instance µs':>18}")
-    for name, data in cases.items():
-        ds = pydicom.dcmread(io.BytesIO(data), defer_size=DEFER_SIZE)
-        count = len(ds._dict)
-        read = per_call_us(lambda d=data: pydicom.dcmread(io.BytesIO(d), defer_size=DEFER_SIZE), args.number)
-        encode = encode_us(data, args.number)
-        parse = per_call_us(lambda d=data: parse_instance(d), args.number)
-        print(f"{name:28} {count:8d} {read:11.1f} {encode:10.1f} {parse:18.1f}")
+    print(
+        f"{'case':26} {'elements':>8} {'read_file':>9} {'encode':>7} {'parse, Dataset path':>20} "
+        f"{'parse, direct':>14} {'direct, cold':>13}   (µs per call)"
+    )
+    nothing: Callable[[], object] = lambda: None  # noqa: E731
+    for name, datas in cases.items():
+        count = len(read_file(datas[0], DEFER_SIZE)._dict)
+        read = per_call_us(lambda d=datas[0]: read_file(d, DEFER_SIZE), args.number)
+        encode = encode_us(datas[0], args.number)
+        parse.DIRECT = False
+        dataset_path = cycle_us(parse_instance, datas, args.number, nothing)
+        parse.DIRECT = True
+        direct = cycle_us(parse_instance, datas, args.number, nothing)
+        cold = cycle_us(parse_instance, datas, args.number, directjson.clear_caches)
+        print(
+            f"{name:26} {count:8d} {read:9.1f} {encode:7.1f} {dataset_path:20.1f} {direct:14.1f} {cold:13.1f}"
+        )
 
 
 if __name__ == "__main__":

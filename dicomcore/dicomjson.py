@@ -45,9 +45,9 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.filereader import read_deferred_data_element
 from pydicom.multival import MultiValue
-from pydicom.tag import BaseTag
-from pydicom.valuerep import EXPLICIT_VR_LENGTH_16, EXPLICIT_VR_LENGTH_32, PersonName
+from pydicom.valuerep import PersonName
 
+from dicomcore.framing import item_elements
 from dicomcore.tags import dictionary_vr
 
 BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
@@ -435,30 +435,19 @@ def _encode_sequence(node: _Node, raw: RawDataElement, elem_path: str, bulk: lis
 
 
 _ITEM = 0xFFFEE000
-# explicit VR encodings: VR -> whether its length field has 4 bytes (after 2 reserved bytes); PS3.5 7.1.2
-_EXPLICIT_VRS: dict[bytes, tuple[str, bool]] = {
-    **{vr.value.encode(): (vr.value, False) for vr in EXPLICIT_VR_LENGTH_16},
-    **{vr.value.encode(): (vr.value, True) for vr in EXPLICIT_VR_LENGTH_32},
-}
-_HEADERS = {
-    (implicit, little): struct.Struct(("<" if little else ">") + ("HHL" if implicit else "HH2sH"))
-    for implicit in (True, False)
-    for little in (True, False)
-}
-_LENGTH32 = {True: struct.Struct("<L"), False: struct.Struct(">L")}
+_CHARSET = 0x00080005
+_ITEM_HEADER = {True: struct.Struct("<HHL"), False: struct.Struct(">HHL")}
 
 
 def _split_items(value: bytes, implicit: bool, little: bool, value_tell: int) -> list[dict] | None:
     """The items of a defined-length sequence value as {tag: RawDataElement}; None unless plain.
 
     Plain means: defined-length items of defined-length elements with standard explicit VRs (or implicit
-    VR). Undefined lengths, delimiters, VR switches or truncation are left to pydicom's reader, whose
-    recovery heuristics this does not reproduce. Elements are what pydicom's data_element_generator yields.
+    VR), framed by dicomcore.framing. Undefined lengths, delimiters, VR switches or truncation are left to
+    pydicom's reader, whose recovery heuristics this does not reproduce, and so are items with their own
+    character set (pydicom switches encodings). Empty values are b"" (framing has None for some VRs).
     """
-    item_header = _HEADERS[(True, little)].unpack_from
-    element_header = _HEADERS[(implicit, little)].unpack_from
-    length32 = _LENGTH32[little].unpack_from
-    explicit_vrs = _EXPLICIT_VRS
+    item_header = _ITEM_HEADER[little].unpack_from
     items: list[dict] = []
     end = len(value)
     pos = 0
@@ -470,38 +459,16 @@ def _split_items(value: bytes, implicit: bool, little: bool, value_tell: int) ->
         item_end = pos + length
         if (group << 16 | element) != _ITEM or length == UNDEFINED_LENGTH or item_end > end:
             return None
-        elements: dict = {}
-        while pos < item_end:
-            if pos + 8 > item_end:
-                return None
-            if implicit:
-                group, element, length = element_header(value, pos)
-                vr = None
-                pos += 8
-            else:
-                group, element, vr_bytes, length = element_header(value, pos)
-                known = explicit_vrs.get(vr_bytes)
-                if known is None:
-                    return None
-                vr, long_length = known
-                if long_length:
-                    if pos + 12 > item_end:
-                        return None
-                    length = length32(value, pos + 8)[0]
-                    pos += 12
-                else:
-                    pos += 8
-            value_end = pos + length
-            if group == 0xFFFE or length == UNDEFINED_LENGTH or value_end > item_end:
-                return None
-            tag = group << 16 | element
-            if tag == 0x00080005:
-                return None  # an item with its own character set: pydicom switches encodings
-            elements[BaseTag(tag)] = RawDataElement(
-                BaseTag(tag), vr, length, value[pos:value_end], value_tell + pos, implicit, little
-            )
-            pos = value_end
+        elements = item_elements(value, pos, item_end, implicit, little, value_tell)
+        if elements is None or _CHARSET in elements:
+            return None
+        for tag, elem in elements.items():
+            if type(elem) is not RawDataElement or elem.length == UNDEFINED_LENGTH:
+                return None  # a sequence or encapsulated value of undefined length
+            if elem.value is None:
+                elements[tag] = elem._replace(value=b"")
         items.append(elements)
+        pos = item_end
     return items
 
 

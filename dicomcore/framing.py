@@ -197,6 +197,25 @@ def convert_sequence(ds: Dataset, key: BaseTag) -> DataElement:
     return ds._dict[key]  # type: ignore[return-value]
 
 
+def item_elements(
+    value: bytes, start: int, end: int, implicit: bool, little: bool, value_tell: int
+) -> dict | None:
+    """The elements of one defined-length sequence item, value[start:end], as read_file frames them
+    ({tag: RawDataElement or DataElement}, values read whole, value_tell shifted by `value_tell`: the file
+    offset of `value`); None when only pydicom's reader would read them (unusual VRs, delimiters, elements
+    overrunning the item or the value)."""
+    reader = _Reader.of_bytes(value)
+    reader.base = value_tell  # file offsets: value[pos] lies at value_tell + pos
+    reader.size = value_tell + len(value)
+    try:
+        elements, _, _ = reader.elements(
+            start, implicit, little, None, value_tell + end, True, default_encoding
+        )
+    except (_Unsupported, TruncatedError):
+        return None
+    return elements
+
+
 def _plain_conversion() -> bool:
     """pydicom converts raw elements its default way (no callback or hooks that would change a sequence)."""
     return (

@@ -7,6 +7,7 @@ dicomcore.framing (pydicom's dcmread result, built several times faster).
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 from dataclasses import dataclass, field
@@ -14,8 +15,10 @@ from typing import BinaryIO
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag
 
-from dicomcore.dicomjson import UNDEFINED_LENGTH, BulkRef, encode_dataset
+from dicomcore.dicomjson import ALWAYS_BULK_TAGS, UNDEFINED_LENGTH, BulkRef, encode_dataset
+from dicomcore.directjson import encode_file
 from dicomcore.frames import (
     PIXEL_DATA_PATHS,
     PixelDescription,
@@ -28,6 +31,13 @@ from dicomcore.uids import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, is_valid_uid
 
 # Values larger than this are not read at parse time (pydicom's defer_size).
 DEFER_SIZE = 1024
+# In-memory uploads are encoded by dicomcore.directjson, which gives what the Dataset path (framing +
+# dicomjson) gives, without building the Dataset; anything unusual still takes that path.
+DIRECT = True
+
+
+# The study, series and class UIDs of a series' instances repeat: a lookup instead of a match (~1 µs each).
+_valid_uid = functools.lru_cache(maxsize=4096)(is_valid_uid)
 
 
 class InvalidInstanceError(ValueError):
@@ -69,6 +79,11 @@ def parse_instance(fp: BinaryIO | bytes) -> ParsedInstance:
 
     Raises InvalidInstanceError for anything that is not a well-formed PS3.10 instance with valid UIDs.
     """
+    if DIRECT and type(fp) is bytes:
+        direct = encode_file(fp, DEFER_SIZE)
+        if direct is not None:
+            _check_transfer_syntax(direct.transfer_syntax)
+            return _describe(direct.transfer_syntax, direct.attrs, direct.bulk, direct.pixel, fp)
     if isinstance(fp, (bytes, bytearray, memoryview)):
         fp = io.BytesIO(fp)
     try:
@@ -80,10 +95,7 @@ def parse_instance(fp: BinaryIO | bytes) -> ParsedInstance:
     except (EOFError, OSError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise InvalidInstanceError(f"cannot parse DICOM: {exc.__class__.__name__}: {exc}") from exc
     transfer_syntax = transfer_syntax_uid(ds)
-    if not transfer_syntax:
-        raise InvalidInstanceError("file meta information lacks TransferSyntaxUID (0002,0010)")
-    if not is_valid_uid(transfer_syntax):
-        raise InvalidInstanceError(f"invalid TransferSyntaxUID {transfer_syntax!r}")
+    _check_transfer_syntax(transfer_syntax)
     bulk: list[BulkRef] = []
     try:
         attrs = encode_dataset(ds, bulk)
@@ -94,11 +106,38 @@ def parse_instance(fp: BinaryIO | bytes) -> ParsedInstance:
         raise
     except Exception as exc:  # pydicom raises a wide variety of errors for corrupt element data
         raise InvalidInstanceError(f"cannot parse DICOM: {exc.__class__.__name__}: {exc}") from exc
+    pixel = {}
     if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         # offsets refer to the inflated stream, not the stored bytes
         bulk = [BulkRef(b.path, None, b.length, b.vr) for b in bulk]
     else:
-        bulk.extend(_frame_refs(ds, attrs, bulk, fp))
+        for tag in ALWAYS_BULK_TAGS:
+            raw = ds._dict.get(BaseTag(tag))
+            if raw is not None:
+                pixel[tag] = (getattr(raw, "length", None), getattr(raw, "value", None))
+    return _describe(transfer_syntax, attrs, bulk, pixel, fp)
+
+
+def _check_transfer_syntax(transfer_syntax: str) -> None:
+    if not transfer_syntax:
+        raise InvalidInstanceError("file meta information lacks TransferSyntaxUID (0002,0010)")
+    if not is_valid_uid(transfer_syntax):
+        raise InvalidInstanceError(f"invalid TransferSyntaxUID {transfer_syntax!r}")
+
+
+def _describe(
+    transfer_syntax: str,
+    attrs: dict,
+    bulk: list[BulkRef],
+    pixel: dict[int, tuple[int | None, bytes | None]],
+    fp: BinaryIO | bytes,
+) -> ParsedInstance:
+    """The ParsedInstance of an encoded object: frame table added, identifying UIDs checked.
+
+    pixel: the top-level pixel data elements' (length, value) as read (framing's RawDataElement fields);
+    empty for deflated objects, whose offsets are not the stored bytes'."""
+    if pixel:
+        bulk.extend(_frame_refs(pixel, attrs, bulk, fp))
     uids = {}
     for name, key in REQUIRED_UIDS:
         entry = attrs.get(key) or {}
@@ -107,7 +146,7 @@ def parse_instance(fp: BinaryIO | bytes) -> ParsedInstance:
         if not value:
             raise InvalidInstanceError(f"required attribute {name} ({key[:4]},{key[4:]}) is missing or empty")
         value = value.strip("\x00 ")
-        if not is_valid_uid(value):
+        if not _valid_uid(value):
             raise InvalidInstanceError(f"{name} {value!r} is not a valid UID")
         uids[name] = value
     return ParsedInstance(
@@ -137,25 +176,29 @@ def _check_complete(ds: pydicom.Dataset, fp: BinaryIO) -> None:
             )
 
 
-def _frame_refs(ds: pydicom.Dataset, attrs: dict, bulk: list[BulkRef], fp: BinaryIO) -> list[BulkRef]:
+def _frame_refs(
+    pixel: dict[int, tuple[int | None, bytes | None]], attrs: dict, bulk: list[BulkRef], fp: BinaryIO | bytes
+) -> list[BulkRef]:
     """The frame table of the top-level pixel data as extra bulk index rows (format above); [] when
     there is no pixel data or its frames cannot be located unambiguously (they are served by parsing then).
     Never raises: a frame table is an optimisation, not a reason to refuse an instance."""
     ref = next((b for b in bulk if b.path in PIXEL_DATA_PATHS and b.offset is not None), None)
-    pixel = PixelDescription.from_json(attrs)
-    if ref is None or ref.offset is None or pixel is None:
+    description = PixelDescription.from_json(attrs)
+    if ref is None or ref.offset is None or description is None:
         return []
     try:
-        raw = ds._dict.get(pydicom.tag.Tag(int(ref.path, 16)))
-        if getattr(raw, "length", None) != UNDEFINED_LENGTH and ref.length != UNDEFINED_LENGTH:
-            table = native_frame_table(pixel, ref.offset, ref.length)
-        elif isinstance(value := getattr(raw, "value", None), bytes):
-            # pydicom read the encapsulated value whole: walk it in memory, then shift to file offsets
-            table = encapsulated_frame_table(io.BytesIO(value), 0, pixel.number_of_frames)
+        length, value = pixel.get(int(ref.path, 16), (None, None))
+        if length != UNDEFINED_LENGTH and ref.length != UNDEFINED_LENGTH:
+            table = native_frame_table(description, ref.offset, ref.length)
+        elif isinstance(value, bytes):
+            # the encapsulated value was read whole: walk it in memory, then shift to file offsets
+            table = encapsulated_frame_table(io.BytesIO(value), 0, description.number_of_frames)
             if table is not None:
                 table = [[(offset + ref.offset, length) for offset, length in frame] for frame in table]
         else:
-            table = encapsulated_frame_table(fp, ref.offset, pixel.number_of_frames)
+            if isinstance(fp, bytes):
+                fp = io.BytesIO(fp)
+            table = encapsulated_frame_table(fp, ref.offset, description.number_of_frames)
     except Exception:  # malformed items, I/O on a spooled body: no table, frames get cut by parsing
         return []
     if table is None:
