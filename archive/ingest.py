@@ -337,13 +337,17 @@ class Ingestor:
             return
         batch, self._pending = self._pending, []
         records = [record for _, record in batch]
+        # Objects were written without a flush each; one flush for the batch, which runs while the index
+        # statements do and is awaited before the commit: no row commits before its object is durable.
+        durable = asyncio.ensure_future(self._store.make_durable([r.storage_key for r in records]))
+        # if the statements fail first nobody awaits the flush: its outcome must not be reported as lost
+        durable.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            # Objects were written without a flush each; one flush for the batch, before any row commits.
-            await self._store.make_durable([r.storage_key for r in records])
             async with self._pool.acquire() as conn, conn.transaction():
                 results = await index_instances(conn, self._partition_key, records)
                 # the feed entries commit with the rows they describe; append is the last statement
                 await append(conn, self._partition_key, _created(records, results))
+                await durable  # a failed flush raises here and rolls the batch back
         except Exception as exc:
             results = [
                 IndexResult(Outcome.CONFLICT, reason=f"index write failed: {exc.__class__.__name__}")

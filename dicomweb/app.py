@@ -21,6 +21,7 @@ from dicomweb.config import Settings
 from dicomweb.context import ArchiveContext
 from dicomweb.cors import cors_middleware
 from dicomweb.errors import HTTPProblem, handle_problem
+from dicomweb.gcpolicy import tune_for_serving
 from dicomweb.metrics import MetricsMiddleware, metrics
 from dicomweb.routes import changefeed, delete, frames, health, qido, rendered, stow, wado, workitems, ws
 from dicomweb.routes import export as export_routes
@@ -219,4 +220,6 @@ def app_from_env() -> Starlette:
     settings = Settings.from_env()
     if not settings.database_url:
         raise RuntimeError("DICOMWEB_DATABASE_URL is not set")
-    return create_app(settings, database_url=settings.database_url)
+    app = create_app(settings, database_url=settings.database_url)
+    tune_for_serving()  # a serving process's heap is built: keep it out of the cyclic collector's walks
+    return app
