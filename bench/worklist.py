@@ -14,7 +14,8 @@ then:
    (first page of 100, soonest first), one station at random per request, sequentially; p50/p95;
 3. cycles: `--concurrency` workers each claim a SCHEDULED item (PUT state IN PROGRESS), set the performed
    procedure (POST, the final state requirement) and complete it (PUT state COMPLETED); cycles/s over
-   `--cycles` cycles. Once without subscribers, once more with a Worklist subscriber;
+   `--cycles` cycles, with the CPU (archive, PostgreSQL) and WAL (bytes, full-page images, fsyncs, commits)
+   per cycle. Once without subscribers, once more with a Worklist subscriber;
 4. event latency: a WebSocket subscriber to the whole worklist while items are claimed at ~50/s; latency is
    from the event row's creation (clock_timestamp() in the writer's transaction, just before commit) to
    the moment the subscriber has parsed the report, so it includes the commit.
@@ -250,6 +251,25 @@ def _tree_cpu(roots: set[int]) -> float:
     return sum(stats[pid][1] for pid in members if pid in stats)
 
 
+async def wal_counters(dsn: str) -> tuple[int, int, int, int]:
+    """(WAL bytes, full-page images, WAL fsyncs, commits) so far: what each cycle costs PostgreSQL in WAL.
+
+    Bytes from the WAL position (exact); the rest from the statistics, which backends publish within a
+    second of going idle, hence the wait.
+    """
+    await asyncio.sleep(1.2)
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow(
+            """SELECT pg_current_wal_lsn() - '0/0' AS bytes, w.wal_fpi, w.wal_sync,
+                      (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()) AS commits
+               FROM pg_stat_wal w"""
+        )
+        return int(row["bytes"]), int(row["wal_fpi"]), int(row["wal_sync"]), int(row["commits"])
+    finally:
+        await conn.close()
+
+
 def server_processes(root: str, data_dir: Path) -> tuple[set[int], set[int]]:
     """(the `dicomweb serve` process, the postmaster) of this run, found by port and data directory."""
     port = str(httpx.URL(root).port)
@@ -339,9 +359,11 @@ async def run(root: str, dsn: str, args: argparse.Namespace) -> None:
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
             )  # fmt: skip
             await asyncio.sleep(1)
+        wal = await wal_counters(dsn)
         cpu = _tree_cpu(serve), _tree_cpu(postgres)
         elapsed = await cycles(root, items, args.concurrency)
         app_cpu, db_cpu = _tree_cpu(serve) - cpu[0], _tree_cpu(postgres) - cpu[1]
+        wal = tuple(b - a for a, b in zip(wal, await wal_counters(dsn), strict=True))
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             await asyncio.wait_for(spy.wait(), timeout=60)
@@ -351,7 +373,9 @@ async def run(root: str, dsn: str, args: argparse.Namespace) -> None:
             f"{len(items) / elapsed:,.0f} cycles/s ({3 * len(items) / elapsed:,.0f} requests/s); "
             f"CPU per cycle: archive {app_cpu / len(items) * 1000:.2f} ms, "
             f"PostgreSQL {db_cpu / len(items) * 1000:.2f} ms "
-            f"(so at most {2 / ((app_cpu + db_cpu) / len(items)):,.0f} cycles/s on 2 idle cores)"
+            f"(so at most {2 / ((app_cpu + db_cpu) / len(items)):,.0f} cycles/s on 2 idle cores); "
+            f"WAL per cycle: {wal[0] / len(items):,.0f} bytes, {wal[1] / len(items):.2f} full-page images, "
+            f"{wal[2] / len(items):.2f} fsyncs, {wal[3] / len(items):.2f} commits"
         )
     if args.cycles_only:
         return

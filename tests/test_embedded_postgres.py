@@ -331,6 +331,27 @@ async def test_pgserver_binaries(scratch: Path, monkeypatch: pytest.MonkeyPatch)
         assert await fetchval(server.dsn, "SELECT v FROM kept") == 1
 
 
+@pytest.mark.parametrize("source", ["default", "pgserver"])
+async def test_wal_compression_is_lz4_where_the_server_has_it(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    """A durable cluster compresses its WAL with lz4 if its server offers lz4, and a server built without it
+    (pgserver's) still starts, uncompressed: the setting is probed, not assumed from the version."""
+    if source == "pgserver":
+        if PGSERVER_BIN is None:
+            pytest.skip("pgserver not installed")
+        monkeypatch.setenv(PG_BIN_ENV, str(PGSERVER_BIN))
+    with EmbeddedPostgres(scratch / "cluster") as server:
+        conn = await asyncpg.connect(server.dsn)
+        try:
+            row = await conn.fetchrow(
+                "SELECT setting, enumvals FROM pg_settings WHERE name = 'wal_compression'"
+            )
+        finally:
+            await conn.close()
+    assert row["setting"] == ("lz4" if "lz4" in row["enumvals"] else "off")
+
+
 _seen_databases: list[str] = []
 
 
