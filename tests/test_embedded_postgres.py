@@ -101,14 +101,16 @@ def _default_binaries(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_start_stop_restart_keeps_data(scratch: Path) -> None:
     server = EmbeddedPostgres(scratch / "cluster", fast_unsafe=True)
     dsn = server.start()
-    assert dsn == f"postgresql://postgres@127.0.0.1:{server.port}/dicomweb"
+    # the unix socket in the 0700 cluster directory; loopback TCP is there for other tools
+    assert dsn == f"postgresql://postgres@/dicomweb?host={server.cluster_dir}&port={server.port}"
     assert server.start() == dsn  # idempotent
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('survives')")
         settings = await conn.fetchrow(
             "SELECT current_setting('listen_addresses') AS listen, current_setting('fsync') AS fsync, "
-            "current_setting('unix_socket_directories') AS sockets, current_setting('server_encoding') AS enc"
+            "current_setting('unix_socket_directories') AS sockets, "
+            "current_setting('server_encoding') AS enc, inet_client_addr() AS client"
         )
     finally:
         await conn.close()
@@ -117,7 +119,10 @@ async def test_start_stop_restart_keeps_data(scratch: Path) -> None:
         "fsync": "off",
         "sockets": str(server.cluster_dir),
         "enc": "UTF8",
+        "client": None,  # not a TCP connection
     }
+    tcp = await asyncpg.connect(host="127.0.0.1", port=server.port, user="postgres", database="dicomweb")
+    await tcp.close()
     pid = server.postmaster_pid()
     assert pid
     if os.geteuid() == 0:
@@ -138,7 +143,7 @@ async def test_start_stop_restart_keeps_data(scratch: Path) -> None:
 
 async def test_durable_defaults(scratch: Path) -> None:
     with EmbeddedPostgres(scratch / "cluster", database="other db") as server:
-        assert server.dsn.endswith("/other%20db")
+        assert "/other%20db?" in server.dsn
         conn = await asyncpg.connect(server.dsn)
         try:
             row = await conn.fetchrow(
@@ -213,6 +218,7 @@ async def test_parallel_query_runs_on_system_v_shared_memory(
 async def test_long_path_falls_back_to_tcp_only(scratch: Path) -> None:
     deep = scratch / ("x" * 60) / ("y" * 40) / "cluster"  # socket path would exceed 107 bytes
     with EmbeddedPostgres(deep, fast_unsafe=True) as server:
+        assert server.dsn == f"postgresql://postgres@127.0.0.1:{server.port}/dicomweb"
         assert await fetchval(server.dsn, "SELECT current_setting('unix_socket_directories')") == ""
 
 
