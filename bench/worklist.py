@@ -37,6 +37,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 import orjson
+import uvloop
 from websockets.asyncio.client import connect
 
 from bench.common import embedded_archive, percentile
@@ -360,9 +361,10 @@ async def run(root: str, dsn: str, args: argparse.Namespace) -> None:
             )  # fmt: skip
             await asyncio.sleep(1)
         wal = await wal_counters(dsn)
-        cpu = _tree_cpu(serve), _tree_cpu(postgres)
+        cpu = _tree_cpu(serve), _tree_cpu(postgres), time.process_time()
         elapsed = await cycles(root, items, args.concurrency)
         app_cpu, db_cpu = _tree_cpu(serve) - cpu[0], _tree_cpu(postgres) - cpu[1]
+        client_cpu = time.process_time() - cpu[2]
         wal = tuple(b - a for a, b in zip(wal, await wal_counters(dsn), strict=True))
         if spy is not None:
             spy.send_signal(signal.SIGINT)
@@ -373,7 +375,8 @@ async def run(root: str, dsn: str, args: argparse.Namespace) -> None:
             f"{len(items) / elapsed:,.0f} cycles/s ({3 * len(items) / elapsed:,.0f} requests/s); "
             f"CPU per cycle: archive {app_cpu / len(items) * 1000:.2f} ms, "
             f"PostgreSQL {db_cpu / len(items) * 1000:.2f} ms "
-            f"(so at most {2 / ((app_cpu + db_cpu) / len(items)):,.0f} cycles/s on 2 idle cores); "
+            f"(so at most {2 / ((app_cpu + db_cpu) / len(items)):,.0f} cycles/s on 2 idle cores), "
+            f"load generator {client_cpu / len(items) * 1000:.2f} ms; "
             f"WAL per cycle: {wal[0] / len(items):,.0f} bytes, {wal[1] / len(items):.2f} full-page images, "
             f"{wal[2] / len(items):.2f} fsyncs, {wal[3] / len(items):.2f} commits"
         )
@@ -416,7 +419,9 @@ def main() -> None:
         EmbeddedPostgres(args.data_dir.resolve() / "postgres") as pg,
         embedded_archive(workers=args.workers, data_dir=args.data_dir.resolve(), database_url=pg.dsn) as root,
     ):
-        asyncio.run(run(root, pg.dsn, args))
+        # the load generator shares the 2 cores with the server: uvloop takes ~20% less of them than asyncio's
+        # own loop (0.22-0.27 against 0.28-0.32 ms a cycle)
+        uvloop.run(run(root, pg.dsn, args))
 
 
 if __name__ == "__main__":
