@@ -20,8 +20,8 @@ Layout of ``cluster_dir`` (mode 0700, owned by the account that runs PostgreSQL)
     data/dicomweb.conf settings rewritten at every start (port, durability, sockets), included
                        from postgresql.conf, so code changes apply to old clusters too
     postgresql.log     server log (rotated at start once it exceeds 10 MiB)
-    .s.PGSQL.<port>    unix socket, only if the path fits the 107-byte limit; the DSN uses it (otherwise
-                       TCP on 127.0.0.1, which the server always listens on too)
+    .s.PGSQL.<port>    unix socket, the only way in if the path fits the 107-byte limit (otherwise TCP
+                       on 127.0.0.1; see Authentication below)
     dicomweb.lock      flock held by the owning process while the server runs
 
 Root: PostgreSQL refuses to run as root, so when ``euid == 0`` every PostgreSQL process runs as an
@@ -45,9 +45,11 @@ an unrelated process (typical after a container restart), is removed once no pro
 in the data directory. ``atexit`` stops the server as a safety net, and the server runs in its own
 session so a terminal's Ctrl-C reaches only the archive, which then stops PostgreSQL after draining.
 
-Authentication is ``trust``, but only on loopback and on the unix socket inside the 0700 cluster dir:
-the embedded mode is for a single-user machine, dev and tests. Shared hosts should use an external
-PostgreSQL.
+Authentication is ``trust``, so the server is reached only through the unix socket inside the 0700
+cluster dir: only its owner and root can connect, and nobody else on the machine gets around the archive's
+access control and audit log. TCP on 127.0.0.1 (where any local user could connect) is opened only when
+the cluster path is too long for a socket or when the caller asks for a ``port``; for those cases, and
+for more than one machine, use an external PostgreSQL with passwords.
 """
 
 from __future__ import annotations
@@ -486,7 +488,8 @@ def _read_pid(pid_file: Path) -> int | None:
 
 
 class EmbeddedPostgres:
-    """A private PostgreSQL cluster in `cluster_dir`, bound to 127.0.0.1, started and stopped on demand.
+    """A private PostgreSQL cluster in `cluster_dir`, reached through its unix socket (127.0.0.1 only when
+    the path is too long for one or a `port` is asked for), started and stopped on demand.
 
     `fast_unsafe=True` turns off fsync, synchronous_commit and full_page_writes (and initdb's final
     sync): a crash may corrupt the cluster, which is fine for throwaway test clusters only.
@@ -591,12 +594,13 @@ class EmbeddedPostgres:
             self._dsn = self._url(self._port, self.database)
             atexit.register(self.stop)
             assert self._binaries is not None
+            port = self._port
+            where = f"{self._socket_dir}/.s.PGSQL.{port}" if self._socket_dir else f"127.0.0.1:{port}"
             log.info(
-                "embedded PostgreSQL %s (%s) ready on 127.0.0.1:%d%s in %.2fs, cluster %s",
+                "embedded PostgreSQL %s (%s) ready on %s in %.2fs, cluster %s",
                 self._binaries.major,
                 self._binaries.source,
-                self._port,
-                " and its unix socket" if self._socket_dir else "",
+                where,
                 time.monotonic() - began,
                 self.cluster_dir,
             )
@@ -755,9 +759,11 @@ class EmbeddedPostgres:
         if len(socket_dir) + _SOCKET_NAME_MAX > _SOCKET_PATH_MAX:
             socket_dir = ""  # path too long for a unix socket: TCP on loopback only
         self._socket_dir = socket_dir
+        # TCP only where it is needed: a path too long for the socket, or a port the caller asked for
+        tcp = not socket_dir or self._requested_port is not None
         durable = "off" if self.fast_unsafe else "on"
         settings = {
-            "listen_addresses": _conf_string("127.0.0.1"),
+            "listen_addresses": _conf_string("127.0.0.1" if tcp else ""),
             "port": str(port),
             "unix_socket_directories": _conf_string(socket_dir),
             "max_connections": "100",

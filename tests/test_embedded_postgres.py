@@ -24,6 +24,7 @@ from indexer.embedded import (
     EmbeddedPostgres,
     EmbeddedPostgresError,
     _dev_shm_size,
+    _free_port,
     _machine_memory,
     _pgserver_bin_dir,
     find_pg_binaries,
@@ -101,7 +102,8 @@ def _default_binaries(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_start_stop_restart_keeps_data(scratch: Path) -> None:
     server = EmbeddedPostgres(scratch / "cluster", fast_unsafe=True)
     dsn = server.start()
-    # the unix socket in the 0700 cluster directory; loopback TCP is there for other tools
+    # the unix socket in the 0700 cluster directory, and nothing else: trust auth on loopback TCP would let
+    # any local user in as the superuser
     assert dsn == f"postgresql://postgres@/dicomweb?host={server.cluster_dir}&port={server.port}"
     assert server.start() == dsn  # idempotent
     conn = await asyncpg.connect(dsn)
@@ -115,14 +117,14 @@ async def test_start_stop_restart_keeps_data(scratch: Path) -> None:
     finally:
         await conn.close()
     assert dict(settings) == {
-        "listen": "127.0.0.1",
+        "listen": "",
         "fsync": "off",
         "sockets": str(server.cluster_dir),
         "enc": "UTF8",
         "client": None,  # not a TCP connection
     }
-    tcp = await asyncpg.connect(host="127.0.0.1", port=server.port, user="postgres", database="dicomweb")
-    await tcp.close()
+    with pytest.raises(OSError):
+        await asyncpg.connect(host="127.0.0.1", port=server.port, user="postgres", database="dicomweb")
     pid = server.postmaster_pid()
     assert pid
     if os.geteuid() == 0:
@@ -220,6 +222,13 @@ async def test_long_path_falls_back_to_tcp_only(scratch: Path) -> None:
     with EmbeddedPostgres(deep, fast_unsafe=True) as server:
         assert server.dsn == f"postgresql://postgres@127.0.0.1:{server.port}/dicomweb"
         assert await fetchval(server.dsn, "SELECT current_setting('unix_socket_directories')") == ""
+
+
+async def test_a_requested_port_is_also_open_on_loopback(scratch: Path) -> None:
+    port = _free_port()
+    with EmbeddedPostgres(scratch / "cluster", port=port, fast_unsafe=True) as server:
+        assert await fetchval(f"postgresql://postgres@127.0.0.1:{port}/dicomweb", "SELECT 1") == 1
+        assert "?host=" in server.dsn  # its own connections still take the socket
 
 
 async def test_startup_error_shows_log_tail_and_leaves_nothing_behind(scratch: Path) -> None:
