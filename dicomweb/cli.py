@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from dicomweb.config import Settings
+from dicomweb.server_options import UVICORN_OPTIONS
 
 log = logging.getLogger("dicomweb")
 
@@ -95,7 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
                 port=settings.port,
                 workers=settings.workers if settings.workers > 1 else None,
                 log_level=settings.log_level,
-                access_log=False,
+                **UVICORN_OPTIONS,
             )
         finally:
             if metrics_dir is not None:

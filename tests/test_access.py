@@ -410,6 +410,20 @@ async def test_forwarded_for_only_from_trusted_proxies(
     assert [r["client_address"] for r in rows] == ["10.1.1.1", "127.0.0.1"]
 
 
+async def test_forwarded_for_is_ignored_without_trusted_proxies(database_url: str, tmp_path: Path) -> None:
+    """No proxy configured: a local client cannot name another address in the audit log. (uvicorn's own
+    proxy header handling, which believes 127.0.0.1 by default, is off: DICOMWEB_TRUSTED_PROXIES decides.)"""
+    archive = start_secure(database_url, tmp_path)
+    try:
+        async with httpx.AsyncClient(base_url=archive.running.base, timeout=30) as c:
+            r = await c.get("/v2/studies", headers={"X-Forwarded-For": "203.0.113.9"})
+            assert r.status_code == 401
+        rows = await audit_rows(archive)
+        assert [(r["client_address"], r["status"]) for r in rows] == [("127.0.0.1", 401)]
+    finally:
+        archive.thread.stop()
+
+
 async def test_audit_query_and_export(secure: SecureArchive, client: httpx.AsyncClient) -> None:
     auditor, auditor_row = await make_token(secure.running.database_url, "auditor")
     reader, reader_row = await make_token(secure.running.database_url, "reader")
