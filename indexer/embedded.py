@@ -758,6 +758,11 @@ class EmbeddedPostgres:
         socket_dir = str(self.cluster_dir)
         if len(socket_dir) + _SOCKET_NAME_MAX > _SOCKET_PATH_MAX:
             socket_dir = ""  # path too long for a unix socket: TCP on loopback only
+            log.warning(
+                "%s is too long for a unix socket: PostgreSQL listens on 127.0.0.1, where every local user "
+                "can connect to it as its superuser; use a shorter data directory on a shared machine",
+                self.cluster_dir,
+            )
         self._socket_dir = socket_dir
         # TCP only where it is needed: a path too long for the socket, or a port the caller asked for
         tcp = not socket_dir or self._requested_port is not None
