@@ -31,7 +31,6 @@ from indexer.extended_tags import (
     validate_new_tags,
 )
 from indexer.extended_values import BadValue, convert
-from indexer.migrate import migrate
 from indexer.operations import LeaseLost, Operation, OperationRunner, get_operation
 from indexer.qido import QidoQuery, QueryError, names_extended_tags, parse_query, search
 from indexer.reindex import ReindexHandler
@@ -147,17 +146,6 @@ def test_value_conversion(vr: str, value: Any, stored: Any) -> None:
 
 
 # --- database helpers -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10)
-    async with pool.acquire() as conn:
-        await migrate(conn)
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 def record(attrs: dict, partition_key: int = 1) -> InstanceRecord:

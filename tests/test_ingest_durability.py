@@ -5,25 +5,13 @@ from __future__ import annotations
 import asyncio
 import io
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
-import pytest
 
 from archive.ingest import FailureReason, Ingestor, StoreOutcome
 from bench.synthetic import instance_variants, make_study
-from indexer.migrate import migrate
 from storage import LocalBlobStore
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
-    async with pool.acquire() as conn:
-        await migrate(conn)
-    yield pool
-    await pool.close()
 
 
 class _HeldFlushStore(LocalBlobStore):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -15,19 +14,9 @@ from archive import ingest
 from archive.ingest import FailureReason, Ingestor, StoreOutcome
 from bench.synthetic import instance_variants, make_study
 from indexer.lookup import find_instances
-from indexer.migrate import migrate
 from storage import LocalBlobStore
 from storage.base import BlobStore
 from storage.s3 import S3BlobStore
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
-    async with pool.acquire() as conn:
-        await migrate(conn)
-    yield pool
-    await pool.close()
 
 
 def files(seed: int, count: int) -> tuple[str, list[bytes]]:

@@ -23,15 +23,6 @@ from storage import LocalBlobStore
 from tests.fixtures.server import RunningArchive
 
 
-@pytest.fixture
-async def pool(database_url: str):
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
-    async with pool.acquire() as conn:
-        await migrate(conn)
-    yield pool
-    await pool.close()
-
-
 def files(seed: int, count: int) -> tuple[object, list[bytes]]:
     spec = make_study(random.Random(seed), series_count=1)
     return spec, instance_variants(spec, 0, count, start=seed * 1000)

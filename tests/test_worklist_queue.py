@@ -3,11 +3,8 @@ the state searches read, so that a state change of the wide row is a HOT update.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import asyncpg
 import orjson
-import pytest
 
 from dicomcore.uids import new_uid
 from indexer.lookup import partition_key as lookup_partition_key
@@ -24,14 +21,6 @@ MISMATCHES = """
        OR (w.partition_key, w.state, w.station, w.scheduled_start,
            CASE WHEN w.station IS NULL THEN w.station_names END)
           IS DISTINCT FROM (q.partition_key, q.state, q.station, q.scheduled_start, q.station_names)"""
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    async with asyncpg.create_pool(database_url, min_size=1, max_size=4) as p:
-        async with p.acquire() as conn:
-            await migrate(conn)
-        yield p
 
 
 async def new_item(pool: asyncpg.Pool, **kwargs: object) -> tuple[int, str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import asyncpg
 import orjson
@@ -15,19 +14,10 @@ import pytest
 from dicomcore.uids import new_uid
 from dicomweb.app import keep_session
 from indexer.lookup import partition_key as lookup_partition_key
-from indexer.migrate import migrate
 from tests.worklist_data import performed, workitem
 from worklist import store
 from worklist.states import State, Status
 from worklist.validate import parse_dataset, prepare_create
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    async with asyncpg.create_pool(database_url, min_size=1, max_size=4) as p:
-        async with p.acquire() as conn:
-            await migrate(conn)
-        yield p
 
 
 async def new_item(pool: asyncpg.Pool) -> tuple[int, str]:
