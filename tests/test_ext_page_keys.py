@@ -17,10 +17,7 @@ from indexer.migrate import available_migrations, migrate
 from indexer.qido import _compile, _plan, parse_query, search, search_page, statement_settings
 from indexer.writes import index_instances
 from tests import qido_reference as ref
-from tests import test_extended_query_tags
 from tests.test_extended_query_tags import BASE, dataset, define, record, reindex, store
-
-pool = test_extended_query_tags.pool  # its fixture: a migrated database of the test's own
 
 TABLES = ("ext_string", "ext_long", "ext_double", "ext_date", "ext_time", "ext_datetime", "ext_person_name")
 KEYS = "partition_key, study_key, series_key, instance_number"
