@@ -27,8 +27,8 @@ class Settings:
     cors_origins: str | None = None
     workers: int = 1
     # PostgreSQL connections per server process. One event loop cannot keep more backends busy than this,
-    # and more only contend in PostgreSQL: UPS-RS cycles cost PostgreSQL 1.22-1.32 ms of CPU with 8 per
-    # process against 1.16-1.59 ms with 20 (docs/performance.md, "UPS-RS worklist")
+    # and more only contend in PostgreSQL: UPS-RS cycles cost PostgreSQL 1.13-1.44 ms of CPU with 6-8 per
+    # process against 1.16-1.77 ms with 20, 8 interleaved pairs (docs/performance.md, "UPS-RS worklist")
     db_pool_size: int = 8
     qido_default_limit: int = 100
     qido_max_limit: int = 1000

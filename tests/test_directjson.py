@@ -33,9 +33,8 @@ from dicomcore.directjson import Encoded, encode_file
 from dicomcore.framing import read_file, transfer_syntax_uid
 from dicomcore.parse import DEFER_SIZE, InvalidInstanceError, parse_instance
 from tests.test_dicomjson import CHARSET_TEXT, DATA_DIR, dataset_bytes, datasets
-
-FILES = sorted((DATA_DIR / "test_files").rglob("*.dcm")) + sorted((DATA_DIR / "charset_files").glob("*.dcm"))
-DEFER_SIZES = [None, 0, 16, 1024, 4096]
+from tests.test_framing import DEFER_SIZES, FILES
+from tests.test_framing import synthetic_ct as stow_instance
 
 
 def reference(data: bytes, defer_size: int | None) -> tuple[str, dict, list[BulkRef], dict] | Exception:
@@ -74,15 +73,6 @@ def check(data: bytes, defer_size: int | None) -> Encoded | None:
     return ours
 
 
-def synthetic() -> bytes:
-    rng = random.Random(1)
-    return to_bytes(make_instance(make_study(rng), 0, 1, rng=rng))
-
-
-def test_files_found() -> None:
-    assert len(FILES) > 80
-
-
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
 @pytest.mark.parametrize("defer_size", DEFER_SIZES)
 def test_pydicom_test_files(path: Path, defer_size: int | None) -> None:
@@ -95,7 +85,7 @@ def test_plain_files_are_encoded_directly() -> None:
     names = ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "rtplan.dcm", "JPEG2000.dcm"]
     datas = [(DATA_DIR / "test_files" / name).read_bytes() for name in names]
     datas += [(DATA_DIR / "charset_files" / name).read_bytes() for name in ["chrX1.dcm", "chrFren.dcm"]]
-    datas += [synthetic()] + [synthetic_ct(ts) for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)]
+    datas += [stow_instance()] + [synthetic_ct(ts) for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)]
     for data in datas:
         assert check(data, DEFER_SIZE) is not None
     direct = sum(encode_file(path.read_bytes(), DEFER_SIZE) is not None for path in FILES)
@@ -131,7 +121,7 @@ def test_implicit_vr_private_and_ambiguous_vrs() -> None:
 
 def test_results_do_not_share_values() -> None:
     """Cached decoded values are copied out: changing one result leaves later ones alone."""
-    data = synthetic()
+    data = stow_instance()
     first = encode_file(data, DEFER_SIZE)
     assert first is not None
     expected = orjson.dumps(first.attrs)
@@ -156,7 +146,7 @@ def test_truncated_prefixes_decline(name: str) -> None:
 
 
 def test_customised_pydicom_declines(monkeypatch: pytest.MonkeyPatch) -> None:
-    data = synthetic()
+    data = stow_instance()
     assert encode_file(data, DEFER_SIZE) is not None
     monkeypatch.setattr(pydicom_config, "use_none_as_empty_text_VR_value", True)
     assert encode_file(data, DEFER_SIZE) is None
