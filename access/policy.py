@@ -47,6 +47,9 @@ class Family(StrEnum):
     REQUEST_SUBMIT = "datarequests.submit"
     REQUEST_READ = "datarequests.read"
     REQUEST_REVIEW = "datarequests.review"
+    AES = "aes"  # registered DIMSE peers (/aes)
+    ACQUIRE = "acquire"  # pulling studies from a DIMSE peer, sending studies to one (operations)
+    DIMSE = "dimse"  # audit records of DIMSE associations and operations (no HTTP route)
     HEALTH = "health"
     PAGE = "page"
     UNKNOWN = "unknown"
@@ -76,19 +79,22 @@ POLICY: dict[Family, frozenset[Role]] = {
     Family.REQUEST_SUBMIT: frozenset({RS}),
     Family.REQUEST_READ: frozenset({OWN, RS, RV, AUD}),
     Family.REQUEST_REVIEW: frozenset({OWN, RV}),
+    Family.AES: frozenset({OWN}),
+    Family.ACQUIRE: frozenset({OWN, WRI}),
+    Family.DIMSE: frozenset(),
     Family.UNKNOWN: frozenset({OWN}),
 }
 # open to anyone: probes carry no data, the request page is static HTML that calls the API with a token
 OPEN_FAMILIES = frozenset({Family.HEALTH, Family.PAGE})
 # families whose data lives in one partition: a grant must cover the partition in the URL
 PARTITIONED = frozenset({Family.STOW, Family.WADO, Family.QIDO, Family.DELETE, Family.CHANGEFEED,
-                         Family.WORKITEMS, Family.EXPORT})  # fmt: skip
+                         Family.WORKITEMS, Family.EXPORT, Family.ACQUIRE})  # fmt: skip
 # researchers' reads need a grant naming the partition; an all-partition researcher role reads nothing
 NEEDS_NAMED_PARTITION = frozenset({Role.RESEARCHER})
 # ATNA EventActionCode per family (C create, R read, U update, D delete, E execute)
 ACTION_CODES: dict[Family, str] = {
     Family.STOW: "C", Family.DELETE: "D", Family.EQT_WRITE: "U", Family.EXPORT: "E",
-    Family.REQUEST_SUBMIT: "C", Family.REQUEST_REVIEW: "U", Family.REIDENTIFY: "E",
+    Family.REQUEST_SUBMIT: "C", Family.REQUEST_REVIEW: "U", Family.REIDENTIFY: "E", Family.ACQUIRE: "E",
 }  # fmt: skip
 
 
@@ -114,8 +120,8 @@ class Target:
 
     @property
     def action_code(self) -> str:
-        if self.family is Family.TOKENS:
-            return {"POST": "C", "DELETE": "D"}.get(self.method, "R")
+        if self.family in (Family.TOKENS, Family.AES):
+            return {"POST": "C", "PUT": "U", "DELETE": "D"}.get(self.method, "R")
         return ACTION_CODES.get(self.family, "R")
 
 
@@ -144,6 +150,7 @@ _SEG = r"([^/]+)"
 _ROOT = re.compile(r"/v[12](?:/partitions/([^/]*))?(/.*)?")
 _WADO_TAIL = r"(?:|/metadata|/rendered|/thumbnail|/bulkdata/.+|/frames/[^/]+(?:/rendered|/thumbnail)?)"
 _STUDY = re.compile(rf"/studies/{_SEG}(?:/series/{_SEG}(?:/instances/{_SEG})?)?{_WADO_TAIL}")
+_SEND = re.compile(rf"/studies/{_SEG}/\$send")
 _STUDY_SEARCH = re.compile(rf"/studies/{_SEG}(?:/series/{_SEG})?/(series|instances)")
 
 
@@ -178,6 +185,10 @@ def _service_target(method: str, partition: str, rest: str) -> Target:
         return Target(Family.OPERATIONS, None, method=method) if method == "GET" else t
     if rest == "/export":
         return Target(Family.EXPORT, partition, method=method) if method == "POST" else t
+    if rest == "/acquire" and method == "POST":
+        return Target(Family.ACQUIRE, partition, method=method)
+    if (m := _SEND.fullmatch(rest)) and method == "POST":
+        return Target(Family.ACQUIRE, partition, m.group(1), method=method)
     if rest == "/workitems" or rest.startswith(("/workitems/", "/ws/subscribers/")):
         return Target(Family.WORKITEMS, partition, method=method)
     return t
@@ -195,6 +206,8 @@ def classify(method: str, path: str) -> Target:
         return Target(Family.AUDIT, method=method) if method == "GET" else Target(Family.UNKNOWN)
     if path == "/tokens" or (path.startswith("/tokens/") and path.count("/") == 2):
         return Target(Family.TOKENS, method=method)
+    if path == "/aes" or (path.startswith("/aes/") and path.count("/") == 2):
+        return Target(Family.AES, method=method)
     if path.startswith("/reidentify/"):
         shape_ok = method == "GET" and path.count("/") == 4
         return Target(Family.REIDENTIFY if shape_ok else Family.UNKNOWN, method=method)

@@ -72,6 +72,9 @@ class StoreOutcome:
     series_instance_uid: str | None = None
     failure: FailureReason | None = None
     message: str = ""
+    # the object's SOP Class/Instance UIDs differ from those its sender declared (a DIMSE C-STORE's
+    # Affected SOP Class/Instance UID): refused before storing, as INVALID_INSTANCE (A900 in DIMSE)
+    sop_mismatch: bool = False
 
 
 # Objects up to this size are stored from one in-memory copy; larger ones stream from their spool file.
@@ -143,6 +146,7 @@ class _Item:
 
     fp: BinaryIO
     outcome: StoreOutcome
+    expect: tuple[str, str] | None = None  # SOP Class and Instance UID the sender declared
     record: InstanceRecord | None = None  # prepared and not refused
     data: bytes | None = None  # the object in memory, None if spooled
     stored: bool = False  # written by the worker thread already
@@ -180,6 +184,13 @@ def _prepare_group(
             outcome.message = (
                 f"StudyInstanceUID {parsed.study_instance_uid} does not match {expected_study} "
                 "in the request URL"
+            )
+            continue
+        if item.expect is not None and item.expect != (parsed.sop_class_uid, parsed.sop_instance_uid):
+            outcome.failure, outcome.sop_mismatch = FailureReason.INVALID_INSTANCE, True
+            outcome.message = (
+                f"the data set is SOP instance {parsed.sop_instance_uid} of class {parsed.sop_class_uid}, "
+                f"not {item.expect[1]} of class {item.expect[0]} as the request declared"
             )
             continue
         # Duplicates (45070) are found when indexing the batch; their new copy is deleted again then.
@@ -233,15 +244,18 @@ class Ingestor:
         self._flush_lock = asyncio.Lock()
         self.outcomes: list[StoreOutcome] = []
 
-    async def add(self, fp: BinaryIO) -> None:
+    async def add(self, fp: BinaryIO, *, expect: tuple[str, str] | None = None) -> None:
         """Accept one uploaded object (a seekable file, closed by the ingestor when done with it).
+
+        `expect`: the SOP Class and Instance UID its sender declared (DIMSE); a data set that differs is
+        refused before anything is stored.
 
         Returns once it is queued; waits while GROUPS_IN_FLIGHT groups are being processed, which pushes
         back on the request body. Outcomes keep the order in which parts were added.
         """
         outcome = StoreOutcome()
         self.outcomes.append(outcome)
-        self._group.append(_Item(fp, outcome))
+        self._group.append(_Item(fp, outcome, expect))
         self._group_bytes += fp.seek(0, io.SEEK_END)
         fp.seek(0)
         if len(self._group) >= GROUP_PARTS or self._group_bytes >= GROUP_BYTES:

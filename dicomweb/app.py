@@ -20,6 +20,7 @@ from dicomweb.auth import AccessMiddleware, jwt_config
 from dicomweb.config import Settings
 from dicomweb.context import ArchiveContext
 from dicomweb.cors import cors_middleware
+from dicomweb.dimse_listener import dimse_server
 from dicomweb.errors import HTTPProblem, handle_problem
 from dicomweb.gcpolicy import tune_for_serving
 from dicomweb.metrics import MetricsMiddleware, metrics
@@ -28,6 +29,7 @@ from dicomweb.routes import export as export_routes
 from dicomweb.routes import extended_query_tags as eqt
 from dicomweb.routes import operations as operations_routes
 from dicomweb.routes.access import access_routes
+from dicomweb.routes.aes import ae_routes
 from dicomweb.routing import SegmentRouter
 from indexer.migrate import migrate
 from indexer.operations import OperationRunner
@@ -178,9 +180,15 @@ def create_app(
                 pruner.start()
             scp_status = ScpStatus(database_url)
             await scp_status.start()  # RESTARTED when the archive was down
+            # the DIMSE front door (dimse/): a listener in every process, on one shared port
+            app.state.dimse = dimse_server(settings, pool, blob_store, app.state.access.audit)
+            if app.state.dimse is not None:
+                await app.state.dimse.start()
             try:
                 yield
             finally:
+                if app.state.dimse is not None:
+                    await app.state.dimse.stop()
                 await scp_status.stop()  # GOING DOWN when this is the last process
                 await pruner.stop()
                 await app.state.operations.stop()
@@ -197,6 +205,7 @@ def create_app(
         Route("/health/ready", health.ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         *access_routes(),
+        *ae_routes(),
     ]
     # partition roots first: the plain /vN mount would otherwise claim /vN/partitions/... and 404
     for version in API_VERSIONS:

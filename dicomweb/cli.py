@@ -12,6 +12,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from dicomweb.config import Settings
 from dicomweb.server_options import UVICORN_OPTIONS
 
 log = logging.getLogger("dicomweb")
+DEFAULT_DIMSE_PORT = 11112
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +41,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         workers=getattr(args, "workers", None),
         log_level=getattr(args, "log_level", None),
         insecure_open=getattr(args, "insecure_open", None) or None,
+        dimse_port=getattr(args, "dimse_port", None),
+        dimse_ae_title=getattr(args, "dimse_ae_title", None),
     )
 
 
@@ -64,6 +68,8 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = _settings(args)
+    if settings.dimse_port is None:
+        settings = replace(settings, dimse_port=DEFAULT_DIMSE_PORT)
     with database(settings) as dsn:
         # Run migrations once before workers start, so they never race at first start.
         asyncio.run(_migrate(dsn))
@@ -80,6 +86,9 @@ def _serve(args: argparse.Namespace) -> int:
             f"storage: {settings.resolved_storage_url()})",
             flush=True,
         )
+        if settings.dimse_port:
+            print(f"DIMSE: AE title {settings.dimse_ae_title} on {settings.host}:{settings.dimse_port} "
+                  "(register peers with 'dicomweb ae add' or POST /aes)", flush=True)  # fmt: skip
         # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler that would kill
         # the process before the embedded PostgreSQL is stopped below. Exit through Python instead.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -295,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--insecure-open", action="store_true", help="no authentication on any route: local play only"
     )
+    serve.add_argument(
+        "--dimse-port", type=int, help=f"DICOM (DIMSE) listener port ({DEFAULT_DIMSE_PORT}; 0: off)"
+    )
+    serve.add_argument("--dimse-ae-title", help="the archive's AE title (DICOMWEB)")
     serve.set_defaults(func=_serve)
     mig = sub.add_parser("migrate", help="apply database migrations and exit")
     _add_common(mig)
@@ -307,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dicomweb.access_cli import add_access_commands
 
     add_access_commands(sub, _add_common)
+    from dicomweb.ae_cli import add_ae_command
+
+    add_ae_command(sub, _add_common)  # registered DIMSE peers (dimse/aes.py)
     from deid.files import add_deidentify_command
 
     add_deidentify_command(sub)  # de-identification of files on disk (deid/files.py)

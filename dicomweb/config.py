@@ -49,6 +49,10 @@ class Settings:
     # older than this many hours, are dropped, and the subscriber is told on its next connection
     ups_event_queue_max: int = 10_000
     ups_event_retention_hours: int = 168
+    # DIMSE listener (dimse/): its port on `host` (None or 0: none; `dicomweb serve` defaults to 11112) and
+    # the AE title peers must call it by
+    dimse_port: int | None = None
+    dimse_ae_title: str = "DICOMWEB"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -59,7 +63,7 @@ class Settings:
             raw = env.get(f"DICOMWEB_{f.name.upper()}")
             if raw is None or raw == "":
                 continue
-            if f.type in ("int", int):
+            if f.type in ("int", int, "int | None"):
                 values[f.name] = int(raw)
             elif f.type in ("Path", Path):
                 values[f.name] = Path(raw)

@@ -12,6 +12,7 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.server",
     "tests.fixtures.fhir",
+    "tests.fixtures.dimse",
 ]
 
 

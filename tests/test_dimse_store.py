@@ -1,0 +1,163 @@
+"""The DIMSE listener: association acceptance by the AE registry, C-ECHO and C-STORE through ingest."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import asyncpg
+import httpx
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from bench.synthetic import make_instance, make_study
+from tests.fixtures.dimse import ARCHIVE_AE, DimseArchive
+
+
+def study(seed: int, count: int = 3) -> list[pydicom.Dataset]:
+    rng = random.Random(seed)
+    spec = make_study(rng, series_count=1)
+    return [make_instance(spec, 0, i + 1, rng=rng) for i in range(count)]
+
+
+def associate(archive: DimseArchive, calling: str = "SCANNER", called: str = ARCHIVE_AE, **kw):
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    return ae.associate(*archive.address, ae_title=called, **kw)
+
+
+async def audit_rows(archive: DimseArchive) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(archive.http.database_url)
+    try:
+        # the audit writer flushes every 0.1 s
+        for _ in range(50):
+            rows = await conn.fetch("SELECT * FROM audit_event WHERE action = 'dimse' ORDER BY event_id")
+            if rows and rows[-1]["path"] in ("A-RELEASE", "A-ABORT", "A-ASSOCIATE-RJ"):
+                return rows
+            await __import__("asyncio").sleep(0.1)
+        return rows
+    finally:
+        await conn.close()
+
+
+async def instance_count(archive: DimseArchive) -> int:
+    conn = await asyncpg.connect(archive.http.database_url)
+    try:
+        return await conn.fetchval("SELECT count(*) FROM instance")
+    finally:
+        await conn.close()
+
+
+async def test_unregistered_calling_ae_is_rejected(dimse_archive: DimseArchive) -> None:
+    assoc = associate(dimse_archive, "STRANGER")
+    assert assoc.is_rejected
+    rows = await audit_rows(dimse_archive)
+    assert rows[-1]["path"] == "A-ASSOCIATE-RJ"
+    assert rows[-1]["subject"] == "ae:STRANGER"
+    assert "not registered" in rows[-1]["detail"]
+
+
+async def test_wrong_host_and_wrong_called_title_are_rejected(dimse_archive: DimseArchive) -> None:
+    await dimse_archive.register("FARAWAY", host="10.1.2.3")
+    assert associate(dimse_archive, "FARAWAY").is_rejected
+    await dimse_archive.register("SCANNER")
+    assert associate(dimse_archive, "SCANNER", called="ANY-SCP").is_rejected
+    assoc = associate(dimse_archive, "SCANNER")
+    assert assoc.is_established
+    assoc.release()
+
+
+async def test_echo_and_store_then_retrieve_byte_for_byte(dimse_archive: DimseArchive) -> None:
+    await dimse_archive.register("SCANNER", services=["store"])
+    datasets = study(1)
+    assoc = associate(dimse_archive)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    statuses = [assoc.send_c_store(ds).Status for ds in datasets]
+    assoc.release()
+    assert statuses == [0, 0, 0]
+    conn = await asyncpg.connect(dimse_archive.http.database_url)
+    try:
+        rows = await conn.fetch("SELECT sop_instance_uid, storage_key FROM instance")
+        feed = await conn.fetchval("SELECT count(*) FROM changefeed")
+    finally:
+        await conn.close()
+    assert {r["sop_instance_uid"] for r in rows} == {ds.SOPInstanceUID for ds in datasets}
+    assert feed == 3
+    # the stored object holds exactly the data set that was sent
+    store = dimse_archive.http.store
+    for row in rows:
+        data = await store.read(row["storage_key"])
+        stored = pydicom.dcmread(io.BytesIO(data))
+        sent = next(ds for ds in datasets if ds.SOPInstanceUID == row["sop_instance_uid"])
+        assert stored.PixelData == sent.PixelData
+        assert stored.PatientName == sent.PatientName
+    rows = await audit_rows(dimse_archive)
+    assert [r["path"] for r in rows] == [
+        "A-ASSOCIATE",
+        "C-ECHO",
+        "C-STORE",
+        "C-STORE",
+        "C-STORE",
+        "A-RELEASE",
+    ]
+    assert {r["subject"] for r in rows} == {"ae:SCANNER"}
+    assert rows[2]["instance_uid"] in {ds.SOPInstanceUID for ds in datasets}
+
+
+async def test_store_refusals(dimse_archive: DimseArchive) -> None:
+    await dimse_archive.register("SCANNER", services=["find"])
+    await dimse_archive.register("MODALITY", services=["store"])
+    ds = study(2, 1)[0]
+    assoc = associate(dimse_archive, "SCANNER")
+    assert assoc.send_c_store(ds).Status == 0x0124  # not registered for store
+    assoc.release()
+    assoc = associate(dimse_archive, "MODALITY")
+    assert assoc.send_c_store(ds).Status == 0
+    duplicate = assoc.send_c_store(ds)
+    assert duplicate.Status == 0x0111
+    assoc.release()
+    assert await instance_count(dimse_archive) == 1
+
+
+async def test_data_set_not_matching_its_declared_sop_instance_is_refused(
+    dimse_archive: DimseArchive,
+) -> None:
+    """The request's Affected SOP Instance UID must be the data set's; otherwise A900, nothing kept."""
+    await dimse_archive.register("MODALITY", services=["store"])
+    ds = study(3, 1)[0]
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate(*dimse_archive.address, ae_title=ARCHIVE_AE)
+    # send the bytes of the data set under another Affected SOP Instance UID
+    from pynetdicom.dimse_primitives import C_STORE
+
+    req = C_STORE()
+    req.MessageID = 1
+    req.AffectedSOPClassUID = CTImageStorage
+    req.AffectedSOPInstanceUID = "1.2.3.4.5.6.7"
+    req.Priority = 2
+    from pynetdicom.dsutils import encode
+
+    req.DataSet = io.BytesIO(encode(ds, False, True))
+    context = assoc.accepted_contexts[0]
+    assoc.dimse.send_msg(req, context.context_id)
+    _, rsp = assoc.dimse.get_msg(block=True)
+    assoc.release()
+    assert rsp.Status == 0xA900
+    assert await instance_count(dimse_archive) == 0
+
+
+async def test_open_mode_accepts_any_calling_ae(open_dimse_archive: DimseArchive) -> None:
+    ds = study(4, 1)[0]
+    assoc = associate(open_dimse_archive, "WHOEVER")
+    assert assoc.is_established
+    assert assoc.send_c_store(ds).Status == 0
+    assoc.release()
+    async with httpx.AsyncClient(base_url=open_dimse_archive.http.url) as client:
+        found = (await client.get("/studies", params={"StudyInstanceUID": ds.StudyInstanceUID})).json()
+    assert len(found) == 1
