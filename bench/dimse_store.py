@@ -1,0 +1,125 @@
+"""C-STORE throughput with DCMTK's storescu: the archive's DIMSE listener beside Orthanc's C-STORE SCP.
+
+    python -m bench.dimse_store [--instances 2000 --associations 1,4 --workers 1] [--no-orthanc]
+
+Writes the synthetic CT instances (bench/synthetic.py, 128x128, ~40 KB) to files once, then for each peer and
+each association count runs that many `storescu` processes at once (one association each, the files split
+between them) and reports instances/s from the first start to the last exit. The archive runs as the README
+starts it (`dicomweb serve`, embedded default, --workers 1 unless given), with --insecure-open so any calling
+AE is accepted; Orthanc 1.10 from Debian (SQLite index, its defaults). Needs `apt-get install dcmtk orthanc`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench.common import embedded_archive, free_port, wait_ready
+from bench.synthetic import make_instance, make_study, to_bytes
+
+
+def write_instances(directory: Path, count: int, per_study: int = 50) -> list[Path]:
+    rng = random.Random(7)
+    paths: list[Path] = []
+    while len(paths) < count:
+        spec = make_study(rng, series_count=1)
+        for n in range(min(per_study, count - len(paths))):
+            path = directory / f"{len(paths):06d}.dcm"
+            path.write_bytes(to_bytes(make_instance(spec, 0, n + 1, rng=rng)))
+            paths.append(path)
+    return paths
+
+
+def storescu(files: list[Path], port: int, called: str, associations: int) -> float:
+    """instances/s of `associations` storescu processes sending `files` between them at once."""
+    chunks = [files[i::associations] for i in range(associations)]
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port), *map(str, chunk)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for chunk in chunks
+    ]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed ({proc.returncode}): {err.decode(errors='replace')[-2000:]}")
+    return len(files) / (time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def orthanc_scp() -> Iterator[int]:
+    """Orthanc with its DICOM server on a free loopback port (SQLite index, no plugins); yields the port."""
+    binary = shutil.which("Orthanc")
+    if binary is None:
+        raise SystemExit("Orthanc is not installed: apt-get install orthanc")
+    with tempfile.TemporaryDirectory(prefix="orthanc-bench-") as tmp:
+        http, dicom = free_port(), free_port()
+        config = {
+            "Name": "bench", "StorageDirectory": f"{tmp}/storage", "IndexDirectory": f"{tmp}/index",
+            "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomServerEnabled": True, "DicomCheckCalledAet": False,
+            "Plugins": [],
+        }  # fmt: skip
+        (Path(tmp) / "orthanc.json").write_text(json.dumps(config))
+        with open(Path(tmp) / "orthanc.log", "wb") as log:
+            proc = subprocess.Popen([binary, str(Path(tmp) / "orthanc.json")], stdout=log, stderr=log)
+            try:
+                if not wait_ready(f"http://127.0.0.1:{http}/system", proc, timeout=60):
+                    raise RuntimeError((Path(tmp) / "orthanc.log").read_text()[-3000:])
+                yield dicom
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--instances", type=int, default=2000)
+    parser.add_argument("--associations", default="1,4", help="comma-separated association counts (1,4)")
+    parser.add_argument("--workers", type=int, default=1, help="archive server processes (1, the default)")
+    parser.add_argument("--no-orthanc", action="store_true", help="measure the archive only")
+    args = parser.parse_args()
+    if shutil.which("storescu") is None:
+        raise SystemExit("DCMTK is not installed: apt-get install dcmtk")
+    counts = [int(n) for n in args.associations.split(",")]
+    results: dict[str, dict[int, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="dimse-bench-") as tmp:
+        files = write_instances(Path(tmp), args.instances)
+        size = sum(p.stat().st_size for p in files) / len(files)
+        print(f"{len(files)} instances of {size / 1024:.1f} KB", flush=True)
+        for n in counts:
+            # a fresh archive per run: every run stores new instances into an empty index
+            port = free_port()
+            extra = ["--dimse-port", str(port)]
+            with embedded_archive(workers=args.workers, extra_args=extra):
+                rate = storescu(files, port, "DICOMWEB", n)
+            results.setdefault("archive", {})[n] = rate
+            print(f"archive, {n} association(s): {rate:,.0f} instances/s", flush=True)
+            if not args.no_orthanc:
+                with orthanc_scp() as oport:
+                    rate = storescu(files, oport, "ORTHANC", n)
+                results.setdefault("orthanc", {})[n] = rate
+                print(f"orthanc, {n} association(s): {rate:,.0f} instances/s", flush=True)
+    print("\n| associations | archive (instances/s) | Orthanc (instances/s) | ratio |")
+    print("|---|---|---|---|")
+    for n in counts:
+        ours, theirs = results["archive"][n], results.get("orthanc", {}).get(n)
+        ratio = f"{ours / theirs:.2f}x" if theirs else "-"
+        print(f"| {n} | {ours:,.0f} | {f'{theirs:,.0f}' if theirs else '-'} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
