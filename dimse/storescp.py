@@ -9,6 +9,7 @@ keeps exactly the instances that got a success status.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, BinaryIO
 
@@ -33,7 +34,8 @@ CANNOT_UNDERSTAND = 0xC000
 
 def register(ae: AE, gateway: Gateway) -> list[tuple[Any, ...]]:
     ae.add_supported_context(Verification)
-    return [(evt.EVT_C_ECHO, _on_echo, [gateway]), (evt.EVT_C_STORE, _on_store, [gateway])]
+    queue = StoreQueue(gateway)
+    return [(evt.EVT_C_ECHO, _on_echo, [gateway]), (evt.EVT_C_STORE, _on_store, [gateway, queue])]
 
 
 def peer_of(event: evt.Event) -> Peer:
@@ -69,19 +71,63 @@ def response(status: int, comment: str | None = None) -> Dataset:
     return ds
 
 
-async def store_file(gateway: Gateway, peer: Peer, fp: BinaryIO, expect: tuple[str, str]) -> StoreOutcome:
-    """Ingest one received object (a PS3.10 file, closed by the ingestor) into the peer's partition."""
-    try:
-        ingestor = Ingestor(gateway.pool, gateway.store, await gateway.partition_key(peer.ae.partition))
-    except BaseException:
-        fp.close()
-        raise
-    await ingestor.add(fp, expect=expect)
-    (outcome,) = await ingestor.finish()
-    return outcome
+class StoreQueue:
+    """Group commit for C-STOREs: objects arriving on several associations at once share index transactions.
+
+    Each C-STORE waits for its own commit (its success status means durable and indexed), so one association
+    sends one object per transaction. While a transaction of a partition runs, objects from the process's
+    other associations queue, and the next transaction takes them all: with N associations, up to N objects
+    per commit, with no added wait for a lone one.
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        self._waiting: dict[int, list[tuple[BinaryIO, tuple[str, str], asyncio.Future[StoreOutcome]]]] = {}
+        self._draining: set[int] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def store(self, partition: str, fp: BinaryIO, expect: tuple[str, str]) -> StoreOutcome:
+        """Ingest one received object (a PS3.10 file, closed here) into a partition."""
+        try:
+            key = await self._gateway.partition_key(partition)
+        except BaseException:
+            fp.close()
+            raise
+        future: asyncio.Future[StoreOutcome] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, []).append((fp, expect, future))
+        if key not in self._draining:
+            self._draining.add(key)
+            task = asyncio.create_task(self._drain(key))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(future)  # a caller that gives up must not cancel the others' batch
+
+    async def _drain(self, key: int) -> None:
+        try:
+            while batch := self._waiting.pop(key, None):
+                try:
+                    ingestor = Ingestor(self._gateway.pool, self._gateway.store, key)
+                    for fp, expect, _ in batch:
+                        await ingestor.add(fp, expect=expect)
+                    outcomes = await ingestor.finish()
+                except BaseException as exc:
+                    for fp, _, future in batch:
+                        fp.close()
+                        if not future.done():
+                            future.set_exception(
+                                exc if isinstance(exc, Exception) else RuntimeError("stopped")
+                            )
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, _, future), outcome in zip(batch, outcomes, strict=True):
+                    if not future.done():
+                        future.set_result(outcome)
+        finally:
+            self._draining.discard(key)
 
 
-def _on_store(event: evt.Event, gateway: Gateway) -> Dataset:
+def _on_store(event: evt.Event, gateway: Gateway, queue: StoreQueue) -> Dataset:
     started = time.perf_counter()
     peer = peer_of(event)
     request = event.request
@@ -90,8 +136,8 @@ def _on_store(event: evt.Event, gateway: Gateway) -> Dataset:
         status, outcome = NOT_AUTHORIZED, StoreOutcome(message=f"AE {peer.ae.ae_title} may not store")
     else:
         try:
-            fp = open(event.dataset_path, "rb")  # the ingestor closes it
-            outcome = gateway.run(store_file(gateway, peer, fp, expect))
+            fp = open(event.dataset_path, "rb")  # the queue closes it
+            outcome = gateway.run(queue.store(peer.ae.partition, fp, expect))
             status = status_of(outcome)
         except Exception as exc:  # never leaves the association hanging: the peer gets a failure status
             status, outcome = OUT_OF_RESOURCES, StoreOutcome(message=f"{exc.__class__.__name__}: {exc}")

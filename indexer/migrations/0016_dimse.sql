@@ -18,3 +18,7 @@ CREATE TABLE dimse_ae (
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- DIMSE statuses are 16-bit unsigned (0xA900, 0xC000, 0xFE00 ...): the audit log's status column, a
+-- smallint for HTTP codes, must hold them too.
+ALTER TABLE audit_event ALTER COLUMN status TYPE integer;
