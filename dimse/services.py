@@ -11,12 +11,15 @@ from typing import Any
 
 from pynetdicom import AE
 
-from dimse import storescp
+from dimse import commitment, find, mwl, storescp
 from dimse.gateway import Gateway
 
 # each: register(ae, gateway) -> [(event, handler, [gateway])], after adding its supported contexts
 _MODULES: list[Callable[[AE, Gateway], list[tuple[Any, ...]]]] = [
     storescp.register,
+    find.register,
+    mwl.register,
+    commitment.register,
 ]
 
 

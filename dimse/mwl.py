@@ -1,0 +1,100 @@
+"""Modality Worklist C-FIND SCP (PS3.4 Annex K) answered from the UPS-RS worklist (IHE Scheduled Workflow).
+
+A modality asking for its worklist gets the SCHEDULED work items of its AE's partition: dimse.mwl_map
+turns the identifier into the worklist search's filters (worklist/search.py: the same SQL as
+`GET /workitems`) and each work item into a pending response. Pages of `gateway.find_page_size` items are
+read one at a time on the event loop; C-CANCEL is honoured between responses. pynetdicom takes one
+EVT_C_FIND handler per AE, so this module registers its generator in dimse.find.FIND_MODELS.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+
+from dimse import find
+from dimse.aes import Service
+from dimse.gateway import Gateway, Peer
+from dimse.mwl_map import Query, QueryError, answer, parse_identifier, time_of_day_matches
+from dimse.storescp import peer_of, response
+from indexer.lookup import partition_key as lookup_partition_key
+from worklist.search import Search, search
+
+MODALITY_WORKLIST_FIND = "1.2.840.10008.5.1.4.31"  # Modality Worklist Information Model - FIND
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+OUT_OF_RESOURCES = 0xA700
+
+
+def register(ae: AE, gateway: Gateway) -> list[tuple[Any, ...]]:
+    ae.add_supported_context(MODALITY_WORKLIST_FIND, find.TRANSFER_SYNTAXES)
+    find.FIND_MODELS[MODALITY_WORKLIST_FIND] = find_worklist
+    return []  # dimse.find's one EVT_C_FIND handler dispatches to find_worklist
+
+
+def find_worklist(event: evt.Event, gateway: Gateway) -> Iterator[tuple[Any, Dataset | None]]:
+    """A pending response per scheduled work item that matches, then the final status."""
+    started = time.perf_counter()
+    peer = peer_of(event)
+    status, comment, matches = find.SUCCESS, None, 0
+    try:
+        if not peer.may(Service.WORKLIST):
+            status, comment = find.NOT_AUTHORIZED, f"AE {peer.ae.ae_title} may not query the worklist"
+        else:
+            try:
+                identifier = event.identifier
+                query = parse_identifier(identifier)
+                pending = find.PENDING_WARNING if query.unsupported else find.PENDING
+                cancelled = False  # pynetdicom reports a C-CANCEL once
+                for item in [] if query.impossible else _items(gateway, peer, query):
+                    cancelled = cancelled or event.is_cancelled
+                    if cancelled:
+                        break
+                    yield pending, answer(identifier, item)
+                    matches += 1
+                if cancelled or event.is_cancelled:
+                    status = find.CANCELLED
+            except QueryError as exc:
+                status, comment = IDENTIFIER_DOES_NOT_MATCH, str(exc)
+            except Exception as exc:  # the peer always gets a final status, never a hung association
+                status, comment = OUT_OF_RESOURCES, f"{exc.__class__.__name__}: {exc}"
+        yield (response(status, comment) if comment else status), None
+    finally:
+        detail = f"worklist: {matches} matches" + (f"; {comment}" if comment else "")
+        gateway.audit(
+            subject=peer.subject, address=peer.address, operation="C-FIND", action_code="R", status=status,
+            failed=status not in (find.SUCCESS, find.CANCELLED), started=started, partition=peer.ae.partition,
+            detail=detail,
+        )  # fmt: skip
+
+
+async def _partition(gateway: Gateway, peer: Peer) -> int | None:
+    """The peer's partition key; None when it has none yet (then its worklist is empty: a query creates
+    nothing)."""
+    key = gateway.partitions.get(peer.ae.partition)
+    if key is None:
+        key = await lookup_partition_key(gateway.pool, peer.ae.partition, create=False)
+        if key is not None:
+            gateway.partitions[peer.ae.partition] = key
+    return key
+
+
+def _items(gateway: Gateway, peer: Peer, query: Query) -> Iterator[Dataset]:
+    """The matching work items in the worklist's order (scheduled start), page by page."""
+    key = gateway.run(_partition(gateway, peer))
+    if key is None:
+        return
+    page_size, offset = max(1, gateway.find_page_size), 0
+    while True:
+        page = gateway.run(search(gateway.pool, key, Search(list(query.filters), page_size, offset)))
+        for body in page.results:
+            item = Dataset.from_json(orjson.loads(body))
+            if query.time_of_day is None or time_of_day_matches(item, query.time_of_day):
+                yield item
+        if not page.more or not page.results:
+            return
+        offset += len(page.results)
