@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import random
+import time
 
 import asyncpg
 import httpx
@@ -38,7 +40,7 @@ async def audit_rows(archive: DimseArchive) -> list[asyncpg.Record]:
             rows = await conn.fetch("SELECT * FROM audit_event WHERE action = 'dimse' ORDER BY event_id")
             if rows and rows[-1]["path"] in ("A-RELEASE", "A-ABORT", "A-ASSOCIATE-RJ"):
                 return rows
-            await __import__("asyncio").sleep(0.1)
+            await asyncio.sleep(0.1)
         return rows
     finally:
         await conn.close()
@@ -124,6 +126,19 @@ async def test_store_refusals(dimse_archive: DimseArchive) -> None:
     assert await instance_count(dimse_archive) == 1
 
 
+def _send_raw(assoc, req, context_id: int):
+    """Send a hand-made request and read its response, holding the association's reactor as pynetdicom's
+    own send_c_* methods do (otherwise its thread may take the response first)."""
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    try:
+        assoc.dimse.send_msg(req, context_id)
+        return assoc.dimse.get_msg(block=True)[1]
+    finally:
+        assoc._reactor_checkpoint.set()
+
+
 async def test_data_set_not_matching_its_declared_sop_instance_is_refused(
     dimse_archive: DimseArchive,
 ) -> None:
@@ -145,8 +160,7 @@ async def test_data_set_not_matching_its_declared_sop_instance_is_refused(
 
     req.DataSet = io.BytesIO(encode(ds, False, True))
     context = assoc.accepted_contexts[0]
-    assoc.dimse.send_msg(req, context.context_id)
-    _, rsp = assoc.dimse.get_msg(block=True)
+    rsp = _send_raw(assoc, req, context.context_id)
     assoc.release()
     assert rsp.Status == 0xA900
     assert await instance_count(dimse_archive) == 0
