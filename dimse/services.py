@@ -11,7 +11,7 @@ from typing import Any
 
 from pynetdicom import AE
 
-from dimse import commitment, find, mwl, storescp
+from dimse import commitment, find, mwl, retrieve, storescp
 from dimse.gateway import Gateway
 
 # each: register(ae, gateway) -> [(event, handler, [gateway])], after adding its supported contexts
@@ -20,6 +20,7 @@ _MODULES: list[Callable[[AE, Gateway], list[tuple[Any, ...]]]] = [
     find.register,
     mwl.register,
     commitment.register,
+    retrieve.register,
 ]
 
 

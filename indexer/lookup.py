@@ -114,3 +114,16 @@ async def partition_key(conn: asyncpg.Connection | asyncpg.Pool, name: str, *, c
             name,
         )
     return key
+
+
+async def find_patient_studies(
+    conn: asyncpg.Connection | asyncpg.Pool, partition_key: int, patient_ids: list[str]
+) -> list[str]:
+    """The Study Instance UIDs of these patients (by Patient ID, any issuer): PATIENT-level C-MOVE/C-GET."""
+    rows = await conn.fetch(
+        """SELECT study_instance_uid FROM study
+           WHERE partition_key = $1 AND patient_id = ANY($2::text[]) ORDER BY study_key""",
+        partition_key,
+        patient_ids,
+    )
+    return [row[0] for row in rows]
