@@ -187,15 +187,24 @@ async def _page(gateway: Gateway, partition_key: int, query: QidoQuery) -> QidoP
         return await search_page(conn, partition_key, query, "")  # no URLs over DIMSE
 
 
+FIRST_PAGE = 50
+
+
 def _pages(gateway: Gateway, partition_key: int, query: QidoQuery) -> Iterator[list[Any]]:
-    """QIDO's pages in order (offset paging: results are ordered by creation, new data sorts last)."""
-    offset = 0
+    """QIDO's pages in order (offset paging: results are ordered by creation, new data sorts last).
+
+    Pages grow from FIRST_PAGE to the query's limit (doubling): the first responses go out after a small
+    read, and a peer that cancels after a screenful has cost a small read, not a page of a thousand."""
+    offset, limit = 0, min(FIRST_PAGE, query.limit)
     while True:
-        page = gateway.run(_page(gateway, partition_key, dataclasses.replace(query, offset=offset)))
+        page = gateway.run(
+            _page(gateway, partition_key, dataclasses.replace(query, offset=offset, limit=limit))
+        )
         yield page.results
         if not page.more:
             return
-        offset += query.limit  # rows read, though QIDO drops a row deleted while its page was read
+        offset += limit  # rows read, though QIDO drops a row deleted while its page was read
+        limit = min(limit * 2, query.limit)
 
 
 def _matches(gateway: Gateway, partition_key: int, query: QidoQuery) -> Iterator[dict]:
