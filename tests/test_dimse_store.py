@@ -175,3 +175,78 @@ async def test_open_mode_accepts_any_calling_ae(open_dimse_archive: DimseArchive
     async with httpx.AsyncClient(base_url=open_dimse_archive.http.url) as client:
         found = (await client.get("/studies", params={"StudyInstanceUID": ds.StudyInstanceUID})).json()
     assert len(found) == 1
+
+
+def _send_half_then_abort(assoc, ds) -> None:
+    """Put the command and half the data set's P-DATA PDUs on the wire, then abort the association."""
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+    from pynetdicom.pdu import P_DATA_TF
+
+    req = C_STORE()
+    req.MessageID = 9
+    req.AffectedSOPClassUID = ds.SOPClassUID
+    req.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    req.Priority = 2
+    req.DataSet = io.BytesIO(encode(ds, False, True))
+    message = C_STORE_RQ()
+    message.primitive_to_message(req)
+    context = next(c for c in assoc.accepted_contexts if c.abstract_syntax == ds.SOPClassUID)
+    pdus = list(message.encode_msg(context.context_id, 16384))
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    for primitive in pdus[: len(pdus) // 2]:
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        assoc.dul.socket.send(pdu.encode())
+    time.sleep(0.3)
+    assoc._reactor_checkpoint.set()
+    assoc.abort()
+
+
+async def test_abort_mid_store_keeps_exactly_the_acknowledged_instances(dimse_archive: DimseArchive) -> None:
+    """Three instances get a success status; the association is aborted while the fourth (8 MB) is on the
+    wire: the archive holds the three, and nothing of the fourth (no row, no object)."""
+    await dimse_archive.register("MODALITY", services=["store"])
+    rng = random.Random(21)
+    spec = make_study(rng, series_count=1, modalities=["CT"])
+    small = [make_instance(spec, 0, n + 1, rng=rng) for n in range(3)]
+    big = make_instance(spec, 0, 4, rng=rng, rows=2048, columns=2048)
+    assoc = associate(dimse_archive, "MODALITY")
+    assert [assoc.send_c_store(ds).Status for ds in small] == [0, 0, 0]
+    _send_half_then_abort(assoc, big)
+    await asyncio.sleep(1)
+    conn = await asyncpg.connect(dimse_archive.http.database_url)
+    try:
+        stored = {r[0] for r in await conn.fetch("SELECT sop_instance_uid FROM instance")}
+        keys = [r[0] for r in await conn.fetch("SELECT storage_key FROM instance")]
+    finally:
+        await conn.close()
+    assert stored == {ds.SOPInstanceUID for ds in small}
+    objects = [info.key async for info in dimse_archive.http.store.list("")]
+    assert sorted(objects) == sorted(keys)
+    rows = await audit_rows(dimse_archive)
+    assert rows[-1]["path"] == "A-ABORT"
+
+
+async def test_malformed_data_set_is_c000_and_stores_nothing(dimse_archive: DimseArchive) -> None:
+    await dimse_archive.register("MODALITY", services=["store"])
+    assoc = associate(dimse_archive, "MODALITY")
+    from pynetdicom.dimse_primitives import C_STORE
+
+    req = C_STORE()
+    req.MessageID = 7
+    req.AffectedSOPClassUID = CTImageStorage
+    req.AffectedSOPInstanceUID = "1.2.3.4.5.6.8"
+    req.Priority = 2
+    # an element that claims 4 GB of value in a 20-byte data set
+    req.DataSet = io.BytesIO(b"\x08\x00\x16\x00UI\x10\x001.2.840.10008.5\x10\x00\x10\x00PN\xff\xff")
+    context = next(c for c in assoc.accepted_contexts if c.abstract_syntax == CTImageStorage)
+    rsp = _send_raw(assoc, req, context.context_id)
+    assoc.release()
+    assert rsp.Status == 0xC000
+    assert rsp.ErrorComment
+    assert await instance_count(dimse_archive) == 0
+    assert [info async for info in dimse_archive.http.store.list("")] == []
