@@ -29,8 +29,11 @@ from dicomweb.routes import export as export_routes
 from dicomweb.routes import extended_query_tags as eqt
 from dicomweb.routes import operations as operations_routes
 from dicomweb.routes.access import access_routes
+from dicomweb.routes.acquire import acquire_routes, scu_settings
 from dicomweb.routes.aes import ae_routes
 from dicomweb.routing import SegmentRouter
+from dimse.acquire import ACQUIRE, AcquireHandler
+from dimse.send import SEND, SendHandler
 from indexer.migrate import migrate
 from indexer.operations import OperationRunner
 from indexer.reindex import ReindexHandler
@@ -90,6 +93,7 @@ def dicomweb_routes() -> list[BaseRoute]:
         Route("/extendedquerytags/{tag}/errors", eqt.errors, methods=["GET"]),
         Route("/operations/{operation}", operations_routes.get, methods=["GET"]),
         Route("/export", export_routes.export, methods=["POST"]),
+        *acquire_routes(),  # POST /acquire, POST /studies/{study}/$send (dimse/acquire.py, send.py)
         *worklist_routes(),
     ]
 
@@ -168,6 +172,9 @@ def create_app(
                     "reindex": ReindexHandler(),
                     "deleteExtendedQueryTag": TagDeletionHandler(),  # DELETE /extendedquerytags/{tag}
                     "export": ExportHandler(pool, blob_store, export_settings(settings)),  # deid/export.py
+                    # DIMSE SCU operations: acquisition from a PACS, $send (dimse/acquire.py, send.py)
+                    ACQUIRE: AcquireHandler(pool, blob_store, scu_settings(settings)),
+                    SEND: SendHandler(pool, blob_store, scu_settings(settings)),
                 },
             )
             if run_maintenance:

@@ -30,6 +30,9 @@ from dimse.aes import get_ae, host_matches
 from dimse.gateway import Gateway, Peer, open_peer
 
 log = logging.getLogger(__name__)
+# pynetdicom logs every association and DIMSE message at INFO, which the CLI's root logger would print: about
+# 10% of a C-STORE's time, and said again by the audit record of each association and operation
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 # Received data sets go to a temporary file as their fragments arrive, so an association never holds more
 # than one PDU of a large object in memory (pynetdicom's chunked receive); ingest reads that file.

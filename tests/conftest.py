@@ -13,6 +13,7 @@ pytest_plugins = [
     "tests.fixtures.server",
     "tests.fixtures.fhir",
     "tests.fixtures.dimse",
+    "tests.fixtures.orthanc",
 ]
 
 
