@@ -17,6 +17,7 @@ import json
 import random
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -83,6 +84,40 @@ def orthanc_scp() -> Iterator[int]:
                 proc.wait(timeout=60)
 
 
+def serve_null(port: int) -> None:
+    """A pynetdicom acceptor that stores nothing (every C-STORE answered 0x0000 at once), on the archive's
+    own server class (immediate ACKs): what pynetdicom alone costs per C-STORE, the archive's ceiling."""
+    from pynetdicom import AE, _config, evt
+
+    from dimse.server import _ReusePortServer
+
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    ae = AE(ae_title="DICOMWEB")
+    ae.maximum_pdu_size = 0
+    ae.add_supported_context("1.2.840.10008.1.1")  # Verification: the bench waits for a C-ECHO
+    server = ae.make_server(
+        ("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, lambda event: 0)], server_class=_ReusePortServer
+    )
+    server.serve_forever()
+
+
+@contextlib.contextmanager
+def null_scp() -> Iterator[int]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.dimse_store", "--serve-null", str(port)])
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run(["echoscu", "-aec", "DICOMWEB", "127.0.0.1", str(port)],
+                             capture_output=True).returncode != 0:  # fmt: skip
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("the null SCP did not start")
+            time.sleep(0.2)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -91,7 +126,14 @@ def main() -> None:
     parser.add_argument("--associations", default="1,4", help="comma-separated association counts (1,4)")
     parser.add_argument("--workers", type=int, default=1, help="archive server processes (1, the default)")
     parser.add_argument("--no-orthanc", action="store_true", help="measure the archive only")
+    parser.add_argument(
+        "--null-scp", action="store_true", help="also measure a pynetdicom acceptor that stores nothing"
+    )
+    parser.add_argument("--serve-null", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_null:
+        serve_null(args.serve_null)
+        return
     if shutil.which("storescu") is None:
         raise SystemExit("DCMTK is not installed: apt-get install dcmtk")
     counts = [int(n) for n in args.associations.split(",")]
@@ -113,6 +155,10 @@ def main() -> None:
                     rate = storescu(files, oport, "ORTHANC", n)
                 results.setdefault("orthanc", {})[n] = rate
                 print(f"orthanc, {n} association(s): {rate:,.0f} instances/s", flush=True)
+            if args.null_scp:
+                with null_scp() as nport:
+                    rate = storescu(files, nport, "DICOMWEB", n)
+                print(f"pynetdicom storing nothing, {n} association(s): {rate:,.0f} instances/s", flush=True)
     print("\n| associations | archive (instances/s) | Orthanc (instances/s) | ratio |")
     print("|---|---|---|---|")
     for n in counts:
