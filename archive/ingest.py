@@ -23,7 +23,7 @@ import asyncpg
 import orjson
 
 from changefeed.log import Action, Change, append
-from dicomcore.parse import InvalidInstanceError, ParsedInstance, parse_instance
+from dicomcore.parse import InvalidInstanceError, NonConformantInstanceError, ParsedInstance, parse_instance
 from indexer.writes import IndexResult, InstanceRecord, Outcome, index_instances
 from storage.base import BlobStore
 
@@ -72,9 +72,10 @@ class StoreOutcome:
     series_instance_uid: str | None = None
     failure: FailureReason | None = None
     message: str = ""
-    # the object's SOP Class/Instance UIDs differ from those its sender declared (a DIMSE C-STORE's
-    # Affected SOP Class/Instance UID): refused before storing, as INVALID_INSTANCE (A900 in DIMSE)
-    sop_mismatch: bool = False
+    # an INVALID_INSTANCE that parsed but does not match its SOP class (DIMSE's A900 rather than C000): a
+    # required attribute missing, an invalid UID, or SOP Class/Instance UIDs other than its sender declared
+    # (a C-STORE's Affected SOP Class/Instance UID), refused before storing
+    does_not_match: bool = False
 
 
 # Objects up to this size are stored from one in-memory copy; larger ones stream from their spool file.
@@ -169,6 +170,7 @@ def _prepare_group(
             prepared = _prepare(item.fp)
         except InvalidInstanceError as exc:
             outcome.failure, outcome.message = FailureReason.INVALID_INSTANCE, str(exc)
+            outcome.does_not_match = isinstance(exc, NonConformantInstanceError)
             continue
         except Exception as exc:  # a bug or an unexpected fault fails this part, never the request
             outcome.failure = FailureReason.PROCESSING_FAILURE
@@ -187,7 +189,7 @@ def _prepare_group(
             )
             continue
         if item.expect is not None and item.expect != (parsed.sop_class_uid, parsed.sop_instance_uid):
-            outcome.failure, outcome.sop_mismatch = FailureReason.INVALID_INSTANCE, True
+            outcome.failure, outcome.does_not_match = FailureReason.INVALID_INSTANCE, True
             outcome.message = (
                 f"the data set is SOP instance {parsed.sop_instance_uid} of class {parsed.sop_class_uid}, "
                 f"not {item.expect[1]} of class {item.expect[0]} as the request declared"

@@ -44,6 +44,11 @@ class InvalidInstanceError(ValueError):
     """The object is not a DICOM instance this archive can accept; the message says why."""
 
 
+class NonConformantInstanceError(InvalidInstanceError):
+    """The object parses, but lacks a required attribute or holds an invalid UID: it does not match its SOP
+    class (DIMSE's 0xA900, where an unparseable object is 0xC000)."""
+
+
 # The bulk data index (ParsedInstance.bulk, stored as instance.bulk_index: orjson [[path, offset, length,
 # vr], ...]) holds one row per bulk value, addressed by the relative BulkDataURI path ("7FE00010",
 # "00540016/0/00181072"; offset None when the bytes are not addressable in the stored object: nested or
@@ -144,10 +149,12 @@ def _describe(
         values = entry.get("Value") or []
         value = values[0] if values else None
         if not value:
-            raise InvalidInstanceError(f"required attribute {name} ({key[:4]},{key[4:]}) is missing or empty")
+            raise NonConformantInstanceError(
+                f"required attribute {name} ({key[:4]},{key[4:]}) is missing or empty"
+            )
         value = value.strip("\x00 ")
         if not _valid_uid(value):
-            raise InvalidInstanceError(f"{name} {value!r} is not a valid UID")
+            raise NonConformantInstanceError(f"{name} {value!r} is not a valid UID")
         uids[name] = value
     return ParsedInstance(
         study_instance_uid=uids["StudyInstanceUID"],

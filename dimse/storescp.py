@@ -55,10 +55,10 @@ def status_of(outcome: StoreOutcome) -> int:
         return SUCCESS
     if outcome.failure is FailureReason.ALREADY_STORED:
         return DUPLICATE
-    if outcome.sop_mismatch:
+    if outcome.does_not_match:
         return DOES_NOT_MATCH
     if outcome.failure is FailureReason.INVALID_INSTANCE:
-        # unparseable objects; UID or index conflicts of a parsed one are a mismatch with the SOP class rules
+        # unparseable objects; index conflicts of a parsed one (a series under another study) do not match
         return DOES_NOT_MATCH if outcome.sop_class_uid else CANNOT_UNDERSTAND
     return OUT_OF_RESOURCES  # storage or database failures: the peer may try again later
 

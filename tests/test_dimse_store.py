@@ -20,7 +20,7 @@ from tests.fixtures.dimse import ARCHIVE_AE, DimseArchive
 
 def study(seed: int, count: int = 3) -> list[pydicom.Dataset]:
     rng = random.Random(seed)
-    spec = make_study(rng, series_count=1)
+    spec = make_study(rng, series_count=1, modalities=["CT"])
     return [make_instance(spec, 0, i + 1, rng=rng) for i in range(count)]
 
 
@@ -250,3 +250,17 @@ async def test_malformed_data_set_is_c000_and_stores_nothing(dimse_archive: Dims
     assert rsp.ErrorComment
     assert await instance_count(dimse_archive) == 0
     assert [info async for info in dimse_archive.http.store.list("")] == []
+
+
+async def test_data_set_without_a_required_uid_is_a900(dimse_archive: DimseArchive) -> None:
+    """A data set that parses but lacks StudyInstanceUID does not match its SOP class (A900), where an
+    unparseable one cannot be understood (C000)."""
+    await dimse_archive.register("MODALITY", services=["store"])
+    ds = study(31, 1)[0]
+    del ds.StudyInstanceUID
+    assoc = associate(dimse_archive, "MODALITY")
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xA900
+    assert "StudyInstanceUID" in status.ErrorComment
+    assert await instance_count(dimse_archive) == 0
