@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import random
 import shutil
 import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -31,7 +29,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 
-from bench.common import embedded_archive, free_port, wait_ready
+from bench.common import embedded_archive, free_port
+from bench.orthanc_peer import orthanc_scp
 from bench.synthetic import make_instance, make_study, multipart_body, to_bytes
 
 
@@ -50,35 +49,6 @@ def load(url: str, files: list[bytes]) -> None:
             body, content_type = multipart_body(files[start : start + 50])
             response = client.post(f"{url}/studies", content=body, headers={"Content-Type": content_type})
             response.raise_for_status()
-
-
-@contextlib.contextmanager
-def orthanc(files: list[bytes]) -> Iterator[int]:
-    """Orthanc on free loopback ports, the files loaded through its REST API; yields its DICOM port."""
-    binary = shutil.which("Orthanc")
-    if binary is None:
-        raise SystemExit("Orthanc is not installed: apt-get install orthanc")
-    with tempfile.TemporaryDirectory(prefix="orthanc-bench-") as tmp:
-        http, dicom = free_port(), free_port()
-        config = {
-            "Name": "bench", "StorageDirectory": f"{tmp}/storage", "IndexDirectory": f"{tmp}/index",
-            "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowGet": True,
-            "Plugins": [],
-        }  # fmt: skip
-        (Path(tmp) / "orthanc.json").write_text(json.dumps(config))
-        with open(Path(tmp) / "orthanc.log", "wb") as log:
-            proc = subprocess.Popen([binary, str(Path(tmp) / "orthanc.json")], stdout=log, stderr=log)
-            try:
-                if not wait_ready(f"http://127.0.0.1:{http}/system", proc, timeout=60):
-                    raise RuntimeError((Path(tmp) / "orthanc.log").read_text()[-3000:])
-                with httpx.Client(timeout=60) as client:
-                    for data in files:
-                        client.post(f"http://127.0.0.1:{http}/instances", content=data).raise_for_status()
-                yield dicom
-            finally:
-                proc.terminate()
-                proc.wait(timeout=60)
 
 
 def getscu(port: int, study: str, series: str, out: Path, called: str = "DICOMWEB") -> int:
@@ -148,7 +118,7 @@ def main() -> None:
     with (
         embedded_archive(workers=args.workers, extra_args=["--dimse-port", str(port)]) as url,
         tempfile.TemporaryDirectory(prefix="dimse-retrieve-bench-") as tmp,
-        orthanc(files) if args.orthanc else contextlib.nullcontext(0) as orthanc_port,
+        orthanc_scp(files) if args.orthanc else contextlib.nullcontext(0) as orthanc_port,
     ):
         load(url, files)
         print(

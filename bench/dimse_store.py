@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import random
 import shutil
 import subprocess
@@ -23,7 +22,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.common import embedded_archive, free_port, wait_ready
+from bench.common import embedded_archive, free_port
+from bench.orthanc_peer import orthanc_scp
 from bench.synthetic import make_instance, make_study, to_bytes
 
 
@@ -56,32 +56,6 @@ def storescu(files: list[Path], port: int, called: str, associations: int) -> fl
         if proc.returncode != 0:
             raise RuntimeError(f"storescu failed ({proc.returncode}): {err.decode(errors='replace')[-2000:]}")
     return len(files) / (time.perf_counter() - started)
-
-
-@contextlib.contextmanager
-def orthanc_scp() -> Iterator[int]:
-    """Orthanc with its DICOM server on a free loopback port (SQLite index, no plugins); yields the port."""
-    binary = shutil.which("Orthanc")
-    if binary is None:
-        raise SystemExit("Orthanc is not installed: apt-get install orthanc")
-    with tempfile.TemporaryDirectory(prefix="orthanc-bench-") as tmp:
-        http, dicom = free_port(), free_port()
-        config = {
-            "Name": "bench", "StorageDirectory": f"{tmp}/storage", "IndexDirectory": f"{tmp}/index",
-            "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "DicomServerEnabled": True, "DicomCheckCalledAet": False,
-            "Plugins": [],
-        }  # fmt: skip
-        (Path(tmp) / "orthanc.json").write_text(json.dumps(config))
-        with open(Path(tmp) / "orthanc.log", "wb") as log:
-            proc = subprocess.Popen([binary, str(Path(tmp) / "orthanc.json")], stdout=log, stderr=log)
-            try:
-                if not wait_ready(f"http://127.0.0.1:{http}/system", proc, timeout=60):
-                    raise RuntimeError((Path(tmp) / "orthanc.log").read_text()[-3000:])
-                yield dicom
-            finally:
-                proc.terminate()
-                proc.wait(timeout=60)
 
 
 def serve_null(port: int) -> None:

@@ -15,8 +15,10 @@ import json
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+import httpx
 
 from bench.common import free_port, wait_ready
 from bench.stow_ingest import run as stow_run
@@ -57,6 +59,36 @@ def orthanc() -> Iterator[str]:
             proc.terminate()
             proc.wait(timeout=60)
             log.close()
+
+
+@contextlib.contextmanager
+def orthanc_scp(files: Iterable[bytes] = ()) -> Iterator[int]:
+    """Orthanc with its DICOM server on free loopback ports (SQLite index, no plugins, C-GET allowed), the
+    files loaded through its REST API; yields its DICOM port (AE title ORTHANC)."""
+    binary = shutil.which("Orthanc")
+    if binary is None:
+        raise SystemExit("Orthanc is not installed: apt-get install orthanc")
+    with tempfile.TemporaryDirectory(prefix="orthanc-bench-") as tmp:
+        http, dicom = free_port(), free_port()
+        config = {
+            "Name": "bench", "StorageDirectory": f"{tmp}/storage", "IndexDirectory": f"{tmp}/index",
+            "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomServerEnabled": True, "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowGet": True, "Plugins": [],
+        }  # fmt: skip
+        (Path(tmp) / "orthanc.json").write_text(json.dumps(config))
+        with open(Path(tmp) / "orthanc.log", "wb") as log:
+            proc = subprocess.Popen([binary, str(Path(tmp) / "orthanc.json")], stdout=log, stderr=log)
+            try:
+                if not wait_ready(f"http://127.0.0.1:{http}/system", proc, timeout=60):
+                    raise RuntimeError((Path(tmp) / "orthanc.log").read_text()[-3000:])
+                with httpx.Client(timeout=60) as client:
+                    for data in files:
+                        client.post(f"http://127.0.0.1:{http}/instances", content=data).raise_for_status()
+                yield dicom
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
 
 
 def main() -> None:

@@ -7,22 +7,19 @@ GET /operations/{id}.
 
 from __future__ import annotations
 
-from typing import Any
-
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from dicomweb.config import DEFAULT_PARTITION, Settings
-from dicomweb.context import context, partition_key, service_root, uid_param
+from dicomweb.context import context, partition_key, uid_param
 from dicomweb.errors import HTTPProblem
 from dicomweb.jsonbody import json_body
+from dicomweb.routes.operations import start_operation
 from dimse import retrying
 from dimse.acquire import ACQUIRE, AcquireError, ScuSettings, check_source, parse_request
 from dimse.aes import get_ae
 from dimse.send import SEND, check_destination
-from indexer.operations import create_operation
 
 
 def scu_settings(settings: Settings) -> ScuSettings:
@@ -44,7 +41,7 @@ async def acquire(request: Request) -> Response:
         raise HTTPProblem(400, str(exc)) from exc
     params["partition"] = await partition_key(request, create=True)
     params["partitionName"] = partition_name
-    return await _start(request, ACQUIRE, params)
+    return await start_operation(request, ACQUIRE, params)
 
 
 async def send(request: Request) -> Response:
@@ -70,24 +67,7 @@ async def send(request: Request) -> Response:
         raise HTTPProblem(404, f"study {study} not found")
     params = {"destination": title, "study": study, "partition": partition, "maxAttempts": attempts,
               "partitionName": request.path_params.get("partition", DEFAULT_PARTITION)}  # fmt: skip
-    return await _start(request, SEND, params, [f"studies/{study}"])
-
-
-async def _start(
-    request: Request, type_: str, params: dict[str, Any], resources: list[str] | None = None
-) -> Response:
-    async with context(request).pool.acquire() as conn:
-        op = await create_operation(conn, type_, params, resources or [])
-    runner = getattr(request.app.state, "operations", None)
-    if runner is not None:
-        runner.poke()
-    href = f"{service_root(request)}/operations/{op.id_hex}"
-    return Response(
-        orjson.dumps({"id": op.id_hex, "href": href}),
-        status_code=202,
-        media_type="application/json",
-        headers={"Location": href},
-    )
+    return await start_operation(request, SEND, params, [f"studies/{study}"])
 
 
 def acquire_routes() -> list[BaseRoute]:

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -14,8 +13,8 @@ from deid.export_request import ExportRequestError, parse_export_request
 from dicomweb.context import context, partition_key, service_root
 from dicomweb.errors import HTTPProblem
 from dicomweb.jsonbody import json_body
+from dicomweb.routes.operations import start_operation
 from indexer.lookup import partition_key as lookup_partition_key
-from indexer.operations import create_operation
 
 EXPORT = "export"
 
@@ -47,15 +46,4 @@ async def export(request: Request) -> Response:
         if target == source:
             raise HTTPProblem(400, "the destination partition must not be the source partition")
         params["destinationPartition"] = target
-    async with ctx.pool.acquire() as conn:
-        op = await create_operation(conn, EXPORT, params, [])
-    runner = getattr(request.app.state, "operations", None)
-    if runner is not None:
-        runner.poke()
-    href = f"{service_root(request)}/operations/{op.id_hex}"
-    return Response(
-        orjson.dumps({"id": op.id_hex, "href": href}),
-        status_code=202,
-        media_type="application/json",
-        headers={"Location": href},
-    )
+    return await start_operation(request, EXPORT, params)

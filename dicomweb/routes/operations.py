@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
@@ -12,7 +14,26 @@ from starlette.responses import Response
 from dicomweb.context import context, service_root
 from dicomweb.errors import HTTPProblem
 from dicomweb.routes.extended_query_tags import iso_time
-from indexer.operations import FINISHED, get_operation, parse_operation_id
+from indexer.operations import FINISHED, create_operation, get_operation, parse_operation_id
+
+
+async def start_operation(
+    request: Request, type_: str, params: dict[str, Any], resources: list[str] | None = None
+) -> Response:
+    """Queue an operation and answer 202 with its reference, as Azure's long-running requests do; the
+    process's runner is woken so it starts at once."""
+    async with context(request).pool.acquire() as conn:
+        op = await create_operation(conn, type_, params, resources or [])
+    runner = getattr(request.app.state, "operations", None)
+    if runner is not None:
+        runner.poke()
+    href = f"{service_root(request)}/operations/{op.id_hex}"
+    return Response(
+        orjson.dumps({"id": op.id_hex, "href": href}),
+        status_code=202,
+        media_type="application/json",
+        headers={"Location": href},
+    )
 
 
 async def get(request: Request) -> Response:
