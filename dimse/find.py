@@ -80,7 +80,25 @@ def on_find(event: evt.Event, gateway: Gateway) -> Iterator[tuple[Any, Dataset |
     if handler is None:
         yield response(SOP_CLASS_NOT_SUPPORTED, f"C-FIND of {uid} is not supported"), None
         return
-    yield from handler(event, gateway)
+    for item in handler(event, gateway):
+        yield item
+        _wait_for_the_wire(event.assoc)
+
+
+# Responses queued for the association's DUL thread beyond which the next match waits.
+SEND_QUEUE = 0
+
+
+def _wait_for_the_wire(assoc: Any) -> None:
+    """Let the DUL thread send what is queued before the next match is made.
+
+    pynetdicom's DUL reads from the peer only when it has nothing queued to send: matches produced faster
+    than they go out would keep a C-CANCEL unread until the last one was sent (and hold every encoded
+    response in memory when the peer reads slowly). Waiting here is the back-pressure."""
+    dul = getattr(assoc, "dul", None)
+    queue = getattr(dul, "to_provider_queue", None)
+    while queue is not None and queue.qsize() > SEND_QUEUE and assoc.is_established:
+        time.sleep(0.0002)
 
 
 class _Cancel:
