@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import random
+import time
 
 import httpx
 from pynetdicom import AE
@@ -39,6 +40,10 @@ def test_two_workers_share_the_dimse_port(tmp_path) -> None:
         assert [s for batch in statuses for s in batch] == [0] * 40
         found = httpx.get(f"{url}/studies", params={"StudyInstanceUID": spec.study_uid}, timeout=60).json()
         assert [s["00201208"]["Value"] for s in found] == [[40]]
-        audit = httpx.get(url.removesuffix("/v2") + "/audit", params={"action": "dimse", "limit": "1000"})
-        rows = audit.json()
-        assert sum(1 for r in rows if r["path"] == "C-STORE" and r["status"] == 0) == 40
+        # each worker writes its audit buffer every 0.1 s: wait for both
+        deadline, stored = time.monotonic() + 10, 0
+        while stored < 40 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            audit = httpx.get(url.removesuffix("/v2") + "/audit", params={"action": "dimse", "limit": "1000"})
+            stored = sum(1 for r in audit.json() if r["path"] == "C-STORE" and r["status"] == 0)
+        assert stored == 40
