@@ -26,7 +26,6 @@ import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, BinaryIO, TypeVar
 
 import asyncpg
@@ -39,6 +38,7 @@ from dicomcore.uids import is_valid_uid
 from dimse import retrying, scu
 from dimse.aes import AeError, RegisteredAe, Service, get_ae
 from dimse.storescp import OUT_OF_RESOURCES, SUCCESS, response
+from indexer.lookup import held_instances
 from indexer.operations import Operation, Step
 from storage.base import BlobStore
 
@@ -71,16 +71,22 @@ class ScuSettings:
     timeouts: scu.Timeouts = field(default_factory=scu.Timeouts)
 
 
+def connectable(ae: RegisteredAe) -> scu.Peer:
+    """Where the archive connects to a registered AE; AcquireError when it has no address and port."""
+    try:
+        host, port = ae.address()
+    except AeError as exc:
+        raise AcquireError(str(exc)) from exc
+    return scu.Peer(ae.ae_title, host, port)
+
+
 def check_source(
     source: RegisteredAe | None, title: str, method: str, partition: str, settings: ScuSettings
 ) -> scu.Peer:
     """Whether `source` can be acquired from into `partition` by `method`; where to connect."""
     if source is None:
         raise AcquireError(f"source {title!r} is not a registered AE")
-    try:
-        host, port = source.address()
-    except AeError as exc:
-        raise AcquireError(str(exc)) from exc
+    peer = connectable(source)
     if method == "C-MOVE":
         # C-MOVE results arrive on the listener as C-STOREs from the source, stored where the source's
         # registration says (--insecure-open: the default partition)
@@ -95,7 +101,7 @@ def check_source(
                 f"C-MOVE needs {source.ae_title} registered with the 'store' service: it sends the "
                 "objects to the archive by C-STORE"
             )
-    return scu.Peer(source.ae_title, host, port)
+    return peer
 
 
 def parse_request(body: object) -> dict[str, Any]:
@@ -142,24 +148,6 @@ class Listed:
     series: str
     sop: str
     sop_class: str
-
-
-@dataclass(frozen=True, slots=True)
-class Held:
-    size: int
-    created_at: datetime
-
-
-async def held(conn: asyncpg.Connection | asyncpg.Pool, partition: int, study: str) -> dict[str, Held]:
-    """The study's instances in the partition, by SOP Instance UID."""
-    rows = await conn.fetch(
-        """SELECT i.sop_instance_uid, i.size, i.created_at
-           FROM study s JOIN instance i ON i.study_key = s.study_key
-           WHERE s.partition_key = $1 AND s.study_instance_uid = $2""",
-        partition,
-        study,
-    )
-    return {r["sop_instance_uid"]: Held(r["size"], r["created_at"]) for r in rows}
 
 
 def plan(listing: list[Listed], missing: list[Listed]) -> list[tuple[str, dict[str, Any]]]:
@@ -292,7 +280,7 @@ class AcquireHandler:
         now and did not then is stored (by this operation), what it still lacks failed."""
         partition, method = int(op.params["partition"]), op.params["method"]
         study = cp["studies"][cp["index"]]
-        before = await held(conn, partition, study)
+        before = await held_instances(conn, partition, study)
         listing = await in_thread(lambda assocs: self._list(assocs, peer, study))
         missing = [item for item in listing if item.sop not in before]
         reasons: dict[str, str] = {}
@@ -310,7 +298,7 @@ class AcquireHandler:
                 reasons = await in_thread(
                     lambda assocs: self._get(assocs, peer, study, requests, classes, loop, partition)
                 )
-        after = await held(self.pool, partition, study)
+        after = await held_instances(self.pool, partition, study)
         failed = [item for item in listing if item.sop not in after]
         for item in listing:
             got = after.get(item.sop)
@@ -346,7 +334,7 @@ class AcquireHandler:
             await in_thread(lambda assocs: self._move(assocs, peer, study, requests, MOVE_PARALLEL))
         except scu.PeerRefused as exc:
             log.info("C-MOVE by UID lists refused by %s (%s): moving series by series", peer, exc)
-        now = await held(conn, partition, study)
+        now = await held_instances(conn, partition, study)
         return [item for item in missing if item.sop not in now]
 
     def _list(self, assocs: _Associations, peer: scu.Peer, study: str) -> list[Listed]:

@@ -25,7 +25,7 @@ from dimse.aes import Service
 from dimse.commitment_delivery import deliver
 from dimse.gateway import Gateway, Peer
 from dimse.storescp import peer_of, response
-from indexer.lookup import partition_key as lookup_partition_key
+from indexer.lookup import stored_sop_classes
 
 log = logging.getLogger(__name__)
 
@@ -127,18 +127,8 @@ def on_action(event: evt.Event, gateway: Gateway) -> tuple[Any, Dataset | None]:
 
 async def stored_classes(gateway: Gateway, partition: str, uids: Sequence[str]) -> dict[str, str]:
     """SOP Instance UID -> SOP Class UID of the given instances indexed in the partition."""
-    key = gateway.partitions.get(partition)
-    if key is None:
-        key = await lookup_partition_key(gateway.pool, partition, create=False)
-        if key is None:
-            return {}
-        gateway.partitions[partition] = key
-    rows = await gateway.pool.fetch(
-        "SELECT sop_instance_uid, sop_class_uid FROM instance WHERE partition_key = $1 "
-        "AND sop_instance_uid = ANY($2::text[])",
-        key, list(set(uids)),
-    )  # fmt: skip
-    return {r["sop_instance_uid"]: r["sop_class_uid"] for r in rows}
+    key = await gateway.partition_key(partition)
+    return {} if key is None else await stored_sop_classes(gateway.pool, key, uids)
 
 
 def event_information(

@@ -131,7 +131,10 @@ def find(model: str, event: evt.Event, gateway: Gateway) -> Iterator[tuple[Any, 
                 request = read_identifier(model, identifier, extended)
                 query = _query(gateway, request, extended)
                 pending = PENDING_WARNING if request.unsupported else PENDING
-                if request.level == "PATIENT":
+                results: Iterator[dict] = iter(())
+                if partition_key is None:
+                    pass  # a partition nothing was ever stored into: no matches
+                elif request.level == "PATIENT":
                     results = _patients(gateway, partition_key, query, request, cancelled)
                 else:
                     results = _matches(gateway, partition_key, query)
@@ -184,9 +187,9 @@ def _audit(
     )  # fmt: skip
 
 
-async def _prepare(gateway: Gateway, peer: Peer) -> tuple[int, dict[int, ExtendedTag]]:
-    """The peer's partition and the extended query tags (a few rows, read each time: other processes
-    change them)."""
+async def _prepare(gateway: Gateway, peer: Peer) -> tuple[int | None, dict[int, ExtendedTag]]:
+    """The peer's partition (None while it holds nothing) and the extended query tags (a few rows, read
+    each time: other processes change them)."""
     key = await gateway.partition_key(peer.ae.partition)
     async with gateway.pool.acquire() as conn:
         return key, await query_tags(conn)

@@ -75,13 +75,14 @@ class Gateway:
             future.cancel()
             raise
 
-    async def partition_key(self, name: str) -> int:
-        """The key of a peer's partition, created on first use (as a STOW into a new partition does)."""
+    async def partition_key(self, name: str, *, create: bool = False) -> int | None:
+        """The key of a peer's partition; None when it does not exist yet, unless `create` (a store into a
+        new partition creates it, as a STOW does; a query or a retrieve creates nothing)."""
         key = self.partitions.get(name)
         if key is None:
-            key = await lookup_partition_key(self.pool, name, create=True)
-            assert key is not None
-            self.partitions[name] = key
+            key = await lookup_partition_key(self.pool, name, create=create)
+            if key is not None:
+                self.partitions[name] = key
         return key
 
     def audit(

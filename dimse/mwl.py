@@ -22,7 +22,6 @@ from dimse.aes import Service
 from dimse.gateway import Gateway, Peer
 from dimse.mwl_map import Query, QueryError, answer, parse_identifier, time_of_day_matches
 from dimse.storescp import peer_of, response
-from indexer.lookup import partition_key as lookup_partition_key
 from worklist.search import Search, search
 
 MODALITY_WORKLIST_FIND = "1.2.840.10008.5.1.4.31"  # Modality Worklist Information Model - FIND
@@ -72,21 +71,12 @@ def find_worklist(event: evt.Event, gateway: Gateway) -> Iterator[tuple[Any, Dat
         )  # fmt: skip
 
 
-async def _partition(gateway: Gateway, peer: Peer) -> int | None:
-    """The peer's partition key; None when it has none yet (then its worklist is empty: a query creates
-    nothing)."""
-    key = gateway.partitions.get(peer.ae.partition)
-    if key is None:
-        key = await lookup_partition_key(gateway.pool, peer.ae.partition, create=False)
-        if key is not None:
-            gateway.partitions[peer.ae.partition] = key
-    return key
-
-
 def _items(gateway: Gateway, peer: Peer, query: Query) -> Iterator[Dataset]:
     """The matching work items in the worklist's order (scheduled start), page by page."""
-    key = gateway.run(_partition(gateway, peer))
-    if key is None:
+    key = gateway.run(gateway.partition_key(peer.ae.partition))
+    if (
+        key is None
+    ):  # a partition nothing was ever stored into: its worklist is empty, a query creates nothing
         return
     page_size, offset = max(1, gateway.find_page_size), 0
     while True:

@@ -239,6 +239,8 @@ async def find_scope(gateway: Gateway, partition: str, scope: Scope) -> list[Sto
     """The stored instances a scope names, in the index's order: one index read per study, or one for the
     series (or instances) of one study; UIDs the partition does not hold are simply not found."""
     key = await gateway.partition_key(partition)
+    if key is None:  # a partition nothing was ever stored into
+        return []
     pool = gateway.pool
     if scope.level == "PATIENT":
         studies: tuple[str, ...] = tuple(await find_patient_studies(pool, key, list(scope.patients)))

@@ -21,10 +21,10 @@ from typing import Any
 import asyncpg
 
 from dimse import retrying, scu, sending
-from dimse.acquire import MAX_ERRORS, AcquireError, ScuSettings, in_thread
-from dimse.aes import AeError, RegisteredAe, get_ae
+from dimse.acquire import MAX_ERRORS, AcquireError, ScuSettings, connectable, in_thread
+from dimse.aes import RegisteredAe, get_ae
 from dimse.gateway import Gateway
-from indexer.lookup import StoredInstance
+from indexer.lookup import StoredInstance, study_instance_count, study_instances_after
 from indexer.operations import Operation, Step
 from storage.base import BlobStore
 
@@ -39,11 +39,7 @@ _START: dict[str, Any] = {"total": None, "after": 0, "sent": 0, "failures": 0, "
 def check_destination(destination: RegisteredAe | None, title: str) -> scu.Peer:
     if destination is None:
         raise AcquireError(f"destination {title!r} is not a registered AE")
-    try:
-        host, port = destination.address()
-    except AeError as exc:
-        raise AcquireError(str(exc)) from exc
-    return scu.Peer(destination.ae_title, host, port)
+    return connectable(destination)
 
 
 @dataclass(slots=True)
@@ -53,25 +49,6 @@ class Sent:
 
     rows: list[tuple[StoredInstance, bool, str | None]]
     interrupted: Exception | None = None
-
-
-async def study_instances(
-    conn: asyncpg.Connection, partition: int, study: str, after: int = 0, limit: int | None = None
-) -> list[tuple[int, StoredInstance]]:
-    """(instance_key, instance) of the study in the partition, after `after`, in instance_key order."""
-    rows = await conn.fetch(
-        """SELECT i.instance_key, s.study_instance_uid, se.series_instance_uid, i.sop_instance_uid,
-                  i.sop_class_uid, i.transfer_syntax_uid, i.storage_key, i.size
-           FROM study s JOIN instance i ON i.study_key = s.study_key
-           JOIN series se ON se.series_key = i.series_key
-           WHERE s.partition_key = $1 AND s.study_instance_uid = $2 AND i.instance_key > $3
-           ORDER BY i.instance_key LIMIT $4""",
-        partition,
-        study,
-        after,
-        limit,
-    )
-    return [(r[0], StoredInstance(*r[1:])) for r in rows]
 
 
 class SendHandler:
@@ -88,17 +65,12 @@ class SendHandler:
         params = op.params
         partition = int(params["partition"])
         if cp["total"] is None:
-            cp["total"] = await conn.fetchval(
-                """SELECT count(*) FROM study s JOIN instance i ON i.study_key = s.study_key
-                   WHERE s.partition_key = $1 AND s.study_instance_uid = $2""",
-                partition,
-                params["study"],
-            )
+            cp["total"] = await study_instance_count(conn, partition, params["study"])
             return self._step(cp)
         if not await retrying.wait_for_retry(cp):
             return self._step(cp)
         peer = check_destination(await get_ae(conn, params["destination"]), params["destination"])
-        batch = await study_instances(conn, partition, params["study"], cp["after"], self.batch)
+        batch = await study_instances_after(conn, partition, params["study"], cp["after"], self.batch)
         if not batch:
             return self._step(cp, done=True)
         keys = {id(instance): key for key, instance in batch}
@@ -147,8 +119,6 @@ class SendHandler:
         if not assoc.is_established:
             why = "rejected the association" if assoc.is_rejected else "cannot be reached"
             raise scu.PeerUnavailable(f"{peer} {why}")
-        scu.no_delay(assoc)
-        scu.keep_reactor_off_queue(assoc)  # or a C-STORE response may be lost (see there)
         sent = Sent([])
         done = 0  # instances stored so far (completed + warning)
 

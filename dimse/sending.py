@@ -27,6 +27,7 @@ from pynetdicom.status import code_to_category
 
 from dicomcore.transcode import MAX_TRANSCODE_SIZE, TranscodeError, transcode_instance
 from dicomcore.uids import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
+from dimse import scu
 from dimse.gateway import Gateway
 from indexer.lookup import StoredInstance
 from storage import LocalBlobStore
@@ -92,7 +93,11 @@ def associate(
     ae.acse_timeout = 30
     ae.network_timeout = 120
     ae.dimse_timeout = 120  # a receiver answers a C-STORE well within this
-    return ae.associate(host, port, contexts=contexts_for(instances), ae_title=ae_title)
+    assoc = ae.associate(host, port, contexts=contexts_for(instances), ae_title=ae_title)
+    if assoc.is_established:
+        scu.no_delay(assoc)
+        scu.keep_reactor_off_queue(assoc)  # or a C-STORE response may be lost (see there)
+    return assoc
 
 
 def send_instances(

@@ -89,7 +89,8 @@ class StoreQueue:
     async def store(self, partition: str, fp: BinaryIO, expect: tuple[str, str]) -> StoreOutcome:
         """Ingest one received object (a PS3.10 file, closed here) into a partition."""
         try:
-            key = await self._gateway.partition_key(partition)
+            key = await self._gateway.partition_key(partition, create=True)
+            assert key is not None
         except BaseException:
             fp.close()
             raise

@@ -1,8 +1,14 @@
-"""Reading what WADO-RS needs from the index: which objects make up a study/series/instance, and metadata."""
+"""Reading what WADO-RS needs from the index: which objects make up a study/series/instance, and metadata.
+
+Also what the DIMSE operations read (dimse/): a study's instances page by page ($send), what a partition
+holds of a study (acquisition), and the SOP classes of given instances (storage commitment).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
@@ -127,3 +133,66 @@ async def find_patient_studies(
         patient_ids,
     )
     return [row[0] for row in rows]
+
+
+async def study_instance_count(
+    conn: asyncpg.Connection | asyncpg.Pool, partition_key: int, study_uid: str
+) -> int:
+    return await conn.fetchval(
+        """SELECT count(*) FROM study s JOIN instance i ON i.study_key = s.study_key
+           WHERE s.partition_key = $1 AND s.study_instance_uid = $2""",
+        partition_key,
+        study_uid,
+    )
+
+
+async def study_instances_after(
+    conn: asyncpg.Connection | asyncpg.Pool, partition_key: int, study_uid: str, after: int, limit: int
+) -> list[tuple[int, StoredInstance]]:
+    """(instance_key, instance) of a study after `after`, in instance_key order: a resumable walk."""
+    rows = await conn.fetch(
+        """SELECT i.instance_key, s.study_instance_uid, se.series_instance_uid, i.sop_instance_uid,
+                  i.sop_class_uid, i.transfer_syntax_uid, i.storage_key, i.size
+           FROM study s JOIN instance i ON i.study_key = s.study_key
+           JOIN series se ON se.series_key = i.series_key
+           WHERE s.partition_key = $1 AND s.study_instance_uid = $2 AND i.instance_key > $3
+           ORDER BY i.instance_key LIMIT $4""",
+        partition_key,
+        study_uid,
+        after,
+        limit,
+    )
+    return [(r[0], StoredInstance(*r[1:])) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class HeldInstance:
+    size: int
+    created_at: datetime
+
+
+async def held_instances(
+    conn: asyncpg.Connection | asyncpg.Pool, partition_key: int, study_uid: str
+) -> dict[str, HeldInstance]:
+    """A study's instances in the partition, by SOP Instance UID."""
+    rows = await conn.fetch(
+        """SELECT i.sop_instance_uid, i.size, i.created_at
+           FROM study s JOIN instance i ON i.study_key = s.study_key
+           WHERE s.partition_key = $1 AND s.study_instance_uid = $2""",
+        partition_key,
+        study_uid,
+    )
+    return {r["sop_instance_uid"]: HeldInstance(r["size"], r["created_at"]) for r in rows}
+
+
+async def stored_sop_classes(
+    conn: asyncpg.Connection | asyncpg.Pool, partition_key: int, sop_uids: Sequence[str]
+) -> dict[str, str]:
+    """SOP Instance UID -> SOP Class UID of those of the instances the partition holds."""
+    rows = await conn.fetch(
+        "SELECT sop_instance_uid, sop_class_uid FROM instance WHERE partition_key = $1 "
+        "AND sop_instance_uid = ANY($2::text[])",
+        partition_key,
+        list(set(sop_uids)),
+    )
+    return {r["sop_instance_uid"]: r["sop_class_uid"] for r in rows}

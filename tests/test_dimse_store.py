@@ -264,3 +264,28 @@ async def test_data_set_without_a_required_uid_is_a900(dimse_archive: DimseArchi
     assert status.Status == 0xA900
     assert "StudyInstanceUID" in status.ErrorComment
     assert await instance_count(dimse_archive) == 0
+
+
+async def test_queries_into_a_new_partition_create_nothing(dimse_archive: DimseArchive) -> None:
+    """C-FIND of an AE whose partition holds nothing yet answers no matches and creates no partition; its
+    first C-STORE creates it, as a STOW does."""
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    await dimse_archive.register("NEWSITE", partition="newsite", services=["store", "find"])
+    ae = AE(ae_title="NEWSITE")
+    ae.add_requested_context(FIND)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate(*dimse_archive.address, ae_title=ARCHIVE_AE)
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = ""
+    statuses = [status.Status for status, _ in assoc.send_c_find(query, FIND)]
+    conn = await asyncpg.connect(dimse_archive.http.database_url)
+    try:
+        assert statuses == [0]
+        assert await conn.fetchval("SELECT count(*) FROM partition WHERE name = 'newsite'") == 0
+        assert assoc.send_c_store(study(41, 1)[0]).Status == 0
+        assert await conn.fetchval("SELECT count(*) FROM partition WHERE name = 'newsite'") == 1
+    finally:
+        assoc.release()
+        await conn.close()
