@@ -55,7 +55,9 @@ def database(settings: Settings) -> Iterator[str]:
     from indexer.embedded import EmbeddedPostgres
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    server = EmbeddedPostgres(settings.data_dir.resolve() / "postgres")
+    server = EmbeddedPostgres(
+        settings.data_dir.resolve() / "postgres", max_connections=settings.database_connections()
+    )
     log.info("starting the embedded PostgreSQL in %s", settings.data_dir / "postgres")
     dsn = server.start()
     try:
@@ -70,6 +72,8 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings.dimse_port is None:
         settings = replace(settings, dimse_port=DEFAULT_DIMSE_PORT)
+    workers = settings.worker_count()
+    settings = replace(settings, workers=workers)
     with database(settings) as dsn:
         # Run migrations once before workers start, so they never race at first start.
         asyncio.run(_migrate(dsn))
@@ -93,7 +97,7 @@ def _serve(args: argparse.Namespace) -> int:
         # the process before the embedded PostgreSQL is stopped below. Exit through Python instead.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         metrics_dir = None
-        if settings.workers > 1:
+        if workers > 1:
             # each worker writes its counters here, so /metrics on any worker reports all of them
             metrics_dir = tempfile.mkdtemp(prefix="dicomweb-metrics-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
@@ -103,7 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
                 factory=True,
                 host=settings.host,
                 port=settings.port,
-                workers=settings.workers if settings.workers > 1 else None,
+                workers=workers if workers > 1 else None,
                 log_level=settings.log_level,
                 **UVICORN_OPTIONS,
             )
@@ -299,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(serve)
     serve.add_argument("--host", help="address to listen on (127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (8080)")
-    serve.add_argument("--workers", type=int, help="worker processes (1)")
+    serve.add_argument("--workers", type=int, help="worker processes (one per core)")
     serve.add_argument("--log-level", help="uvicorn log level (info)")
     serve.add_argument(
         "--insecure-open", action="store_true", help="no authentication on any route: local play only"

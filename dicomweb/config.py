@@ -25,7 +25,9 @@ class Settings:
     # origins a browser viewer may call from ("https://viewer.example.org,http://localhost:3000" or "*");
     # None: no CORS headers, so only same-origin pages can read responses
     cors_origins: str | None = None
-    workers: int = 1
+    # server processes; None: one per core this process may run on (the README's plain `dicomweb serve`
+    # must use the machine: docs/performance.md, "Side by side with Orthanc")
+    workers: int | None = None
     # PostgreSQL connections per server process. One event loop cannot keep more backends busy than this,
     # and more only contend in PostgreSQL: UPS-RS cycles cost PostgreSQL 1.13-1.44 ms of CPU with 6-8 per
     # process against 1.16-1.77 ms with 20, 8 interleaved pairs (docs/performance.md, "UPS-RS worklist")
@@ -73,6 +75,16 @@ class Settings:
                 values[f.name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(cls(), **values)
+
+    def worker_count(self) -> int:
+        if self.workers:
+            return self.workers
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+    def database_connections(self) -> int:
+        """PostgreSQL connections the server's processes may hold at once: each worker's pool, its
+        LISTEN connection and the UPS-RS status watcher's, and a few for the CLI and migrations."""
+        return self.worker_count() * (self.db_pool_size + 2) + 10
 
     def resolved_storage_url(self) -> str:
         return self.storage_url or (self.data_dir.resolve() / "blobs").as_uri()

@@ -502,6 +502,7 @@ class EmbeddedPostgres:
         port: int | None = None,
         database: str = "dicomweb",
         fast_unsafe: bool = False,
+        max_connections: int = 100,
     ) -> None:
         if not database:
             raise ValueError("database name must not be empty")
@@ -510,6 +511,7 @@ class EmbeddedPostgres:
         self.log_path = self.cluster_dir / "postgresql.log"
         self.database = database
         self.fast_unsafe = fast_unsafe
+        self.max_connections = max(max_connections, 100)
         self._requested_port = port
         self._port: int | None = None
         self._dsn: str | None = None
@@ -771,14 +773,15 @@ class EmbeddedPostgres:
             "listen_addresses": _conf_string("127.0.0.1" if tcp else ""),
             "port": str(port),
             "unix_socket_directories": _conf_string(socket_dir),
-            "max_connections": "100",
+            "max_connections": str(self.max_connections),
             "fsync": durable,
             "synchronous_commit": durable,
             "full_page_writes": durable,
         }
         # Throwaway test clusters (many at once on one machine) keep PostgreSQL's small defaults.
         if not self.fast_unsafe:
-            settings |= memory_settings(_machine_memory()) | shared_memory_settings(_dev_shm_size())
+            settings |= memory_settings(_machine_memory(), max_connections=self.max_connections)
+            settings |= shared_memory_settings(_dev_shm_size())
             settings |= self._wal_settings()
         text = "# Written by dicomweb (indexer/embedded.py) at every start; changes here are overwritten.\n"
         text += "".join(f"{key} = {value}\n" for key, value in settings.items())
