@@ -17,7 +17,7 @@ import re
 import secrets
 import tempfile
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import BinaryIO, Final, TypeAlias
@@ -32,6 +32,7 @@ __all__ = [
     "SpooledBody",
     "check_boundary",
     "iter_parts",
+    "multipart_length",
     "new_boundary",
     "write_multipart",
 ]
@@ -431,8 +432,23 @@ def _encode_headers(headers: dict[str, str]) -> bytes:
     return "".join(lines).encode("latin-1")
 
 
+def multipart_length(parts: Iterable[tuple[dict[str, str], int]], boundary: str) -> int:
+    """The exact length of what write_multipart makes of parts with these headers and body lengths, so a
+    response whose parts are all known in advance can declare it (Content-Length: no chunked framing,
+    which costs a copy of every byte in the server, and a client sees its progress)."""
+    delimiter = len(check_boundary(boundary)) + 2
+    total, separator = 0, delimiter
+    for headers, length in parts:
+        total += separator + 2 + len(_encode_headers(headers)) + 2 + length
+        separator = delimiter + 2
+    return total + separator + 4
+
+
 async def write_multipart(
-    parts: AsyncIterable[tuple[dict[str, str], AsyncIterable[bytes] | bytes]], boundary: str
+    parts: AsyncIterable[tuple[dict[str, str], AsyncIterable[bytes] | bytes]],
+    boundary: str,
+    *,
+    flush_at: int = _COALESCE_LIMIT,
 ) -> AsyncIterator[bytes]:
     """Encode parts as a multipart body, streaming: one part's headers/bytes at a time, never the whole.
 
@@ -440,21 +456,34 @@ async def write_multipart(
     bodies are not scanned for the boundary (a :func:`new_boundary` value will not occur by chance).
     With no parts the output is just the closing delimiter, which RFC 2046 does not strictly allow, so
     callers should answer an empty result some other way (e.g. 404/204).
+
+    Small bodies (up to 64 KiB) are joined with their headers and with the following parts into chunks of
+    about `flush_at` bytes: every chunk is one ASGI send through the middleware and one socket write, which
+    cost more than copying a small body. A caller whose parts come quickly (a series read in batches)
+    raises it; one that makes each part slowly keeps it small so that bytes leave as they are made.
+    Larger bodies are yielded as they are, never copied.
     """
     delimiter = b"--" + check_boundary(boundary)
     separator = delimiter  # the first delimiter opens the body; later ones end the previous part
+    pending: list[bytes] = []
+    pending_size = 0
     async for headers, body in parts:
-        head = separator + b"\r\n" + _encode_headers(headers) + b"\r\n"
+        pending.append(separator + b"\r\n" + _encode_headers(headers) + b"\r\n")
         separator = b"\r\n" + delimiter
+        if isinstance(body, bytes | bytearray | memoryview) and len(body) <= _COALESCE_LIMIT:
+            pending.append(bytes(body) if not isinstance(body, bytes) else body)
+            pending_size += len(body) + 100
+            if pending_size >= flush_at:
+                yield b"".join(pending)
+                pending, pending_size = [], 0
+            continue
+        yield b"".join(pending)
+        pending, pending_size = [], 0
         if isinstance(body, bytes | bytearray | memoryview):
-            if len(body) <= _COALESCE_LIMIT:
-                yield head + body
-            else:
-                yield head
-                yield body if isinstance(body, bytes) else bytes(body)
+            yield body if isinstance(body, bytes) else bytes(body)
         else:
-            yield head
             async for piece in body:
                 if piece:
                     yield piece
-    yield separator + b"--\r\n"
+    pending.append(separator + b"--\r\n")
+    yield b"".join(pending)

@@ -8,7 +8,8 @@ backends be atomic without locks (local: temp file + fsync + rename; S3: single 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -105,6 +106,20 @@ class BlobStore(abc.ABC):
     async def read(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         """Read a (small) range fully into memory; for headers, frames and tests."""
         return b"".join([chunk async for chunk in self.stream(key, start, end)])
+
+    async def read_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Several whole small objects, None for each one that does not exist (deleted since it was looked
+        up). Series retrieval reads its instances this way, so the cost of reaching an object (a thread
+        hop, a request's round trip) is paid once a batch or overlapped, not once an instance. This
+        default reads them concurrently."""
+
+        async def one(key: str) -> bytes | None:
+            try:
+                return await self.read(key)
+            except BlobNotFoundError:
+                return None
+
+        return list(await asyncio.gather(*(one(key) for key in keys)))
 
     @abc.abstractmethod
     async def size(self, key: str) -> int:

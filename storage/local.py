@@ -16,7 +16,7 @@ import os
 import stat
 import threading
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
@@ -146,7 +146,7 @@ class _TempFile:
                     os.unlink(self.path)
 
 
-def _open_for_read(path: Path, key: str) -> tuple[int, int]:
+def _open_for_read(path: Path | str, key: str) -> tuple[int, int]:
     """Open a regular file and return (fd, size); directories are prefixes, not objects."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -160,6 +160,25 @@ def _open_for_read(path: Path, key: str) -> tuple[int, int]:
         os.close(fd)
         raise
     return fd, st.st_size
+
+
+def _read_whole(path: Path | str, key: str) -> bytes | None:
+    try:
+        fd, size = _open_for_read(path, key)
+    except BlobNotFoundError:
+        return None
+    try:
+        chunks = []
+        while size > 0 and (chunk := os.read(fd, size)):  # one read for a regular file, unless it shrank
+            chunks.append(chunk)
+            size -= len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _read_all(paths: list[tuple[str, str]]) -> list[bytes | None]:
+    return [_read_whole(path, key) for path, key in paths]
 
 
 def _close_result_fd(future: concurrent.futures.Future[tuple[int, int]]) -> None:
@@ -204,7 +223,8 @@ class LocalBlobStore(BlobStore):
         return self.root.joinpath(*key.split("/"))
 
     def _file_name(self, key: str) -> str:
-        """_path as a plain string, for the write path (a validated key is a safe relative path as is)."""
+        """_path as a plain string, for the write path and batch reads (a validated key is a safe relative
+        path as is; pathlib's joins were 6% of a series retrieval's CPU)."""
         self._check_key(key)
         return f"{self._root_name}/{key}"
 
@@ -340,6 +360,10 @@ class LocalBlobStore(BlobStore):
                 last.add_done_callback(lambda _: os.close(fd))
             else:
                 os.close(fd)
+
+    async def read_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """One thread hop for the whole batch: open, read and close each file in turn."""
+        return await self._run(_read_all, [(self._file_name(key), key) for key in keys])
 
     def _size(self, path: Path, key: str) -> int:
         try:

@@ -26,6 +26,7 @@ from dicomweb.multipart import (
     SpooledBody,
     check_boundary,
     iter_parts,
+    multipart_length,
     new_boundary,
     write_multipart,
 )
@@ -509,6 +510,30 @@ def test_writer_streams_without_copying_large_bodies() -> None:
     assert max(len(c) for c in chunks if c is not big) < 200
     got, err = decode(chunks, "bnd")
     assert err is None and [d for _, d, _ in got] == [big, b"abcdef"]
+
+
+@given(
+    parts=st.lists(
+        st.tuples(
+            st.dictionaries(st.sampled_from(["Content-Type", "X-A"]), st.text("ab; =", max_size=9)),
+            st.binary(max_size=300) | st.integers(65_000, 70_000).map(lambda n: b"x" * n),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    flush_at=st.sampled_from([1, 100, 1 << 20]),
+)
+def test_multipart_length_is_exact(parts: list[tuple[dict[str, str], bytes]], flush_at: int) -> None:
+    """The declared length of a body equals what the writer makes of it, whatever it joins."""
+
+    async def collect() -> bytes:
+        chunks = write_multipart(_aiter(parts), "bnd-1", flush_at=flush_at)
+        return b"".join([c async for c in chunks])
+
+    body = run(collect())
+    assert multipart_length([(h, len(b)) for h, b in parts], "bnd-1") == len(body)
+    got, err = decode([body], "bnd-1")
+    assert err is None and [d for _, d, _ in got] == [b for _, b in parts]
 
 
 def test_writer_exact_encoding() -> None:

@@ -495,3 +495,16 @@ async def test_deferred_durability_round_trip(blob_store: BlobStore) -> None:
     for key, data in payloads.items():
         assert await blob_store.read(key) == data
     assert sorted([b.key async for b in blob_store.list("batch/")]) == sorted(payloads)
+
+
+async def test_read_many(blob_store: BlobStore) -> None:
+    """Whole objects in the order asked, None where a key names nothing; empty objects are b""."""
+    objects = {f"many/{n}.dcm": bytes([n]) * (n * 1000) for n in range(6)}
+    for key, data in objects.items():
+        await blob_store.put(key, data)
+    keys = ["many/3.dcm", "many/none.dcm", "many/0.dcm", *objects, "many/3.dcm"]
+    got = await blob_store.read_many(keys)
+    assert got == [objects["many/3.dcm"], None, b"", *objects.values(), objects["many/3.dcm"]]
+    assert await blob_store.read_many([]) == []
+    with pytest.raises(ValueError):
+        await blob_store.read_many(["../escape"])
