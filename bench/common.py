@@ -24,7 +24,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def embedded_archive(
-    workers: int = 2,
+    workers: int | None = 2,
     data_dir: Path | None = None,
     database_url: str | None = None,
     *,
@@ -32,15 +32,19 @@ def embedded_archive(
     extra_args: list[str] | None = None,
     env: dict[str, str] | None = None,
 ) -> Iterator[str]:
-    """Run `dicomweb serve` (embedded default unless database_url) in a scratch directory; yields /v2 root."""
+    """Run `dicomweb serve` (embedded default unless database_url) in a scratch directory; yields /v2 root.
+
+    workers=None leaves the worker count to the server's default (as many as cores)."""
     port = free_port()
     with contextlib.ExitStack() as stack:
         if data_dir is None:
             data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dicomweb-bench-")))
         cmd = [
             sys.executable, "-m", "dicomweb.cli", "serve", "--port", str(port),
-            "--data-dir", str(data_dir), "--workers", str(workers), "--log-level", "warning",
+            "--data-dir", str(data_dir), "--log-level", "warning",
         ]  # fmt: skip
+        if workers is not None:
+            cmd += ["--workers", str(workers)]
         if insecure_open:  # benches measure the archive; bench/auth.py and --auth runs measure access control
             cmd.append("--insecure-open")
         cmd += extra_args or []

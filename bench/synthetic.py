@@ -169,10 +169,14 @@ def multipart_body(files: list[bytes], boundary: str = "dicomweb-test-boundary")
 _SOP_PLACEHOLDER = ROOT + "9.1000000000000"
 
 
-def instance_variants(spec: StudySpec, series_index: int, count: int, *, start: int = 0) -> list[bytes]:
+def instance_variants(
+    spec: StudySpec, series_index: int, count: int, *, start: int = 0, rows: int = 128, columns: int = 128
+) -> list[bytes]:
     """`count` distinct instances of one series, fast: one encoded template whose SOP Instance UID (a
     fixed-length placeholder) is overwritten in place, so no re-encoding happens per instance."""
-    template = to_bytes(make_instance(spec, series_index, 1, sop_uid=_SOP_PLACEHOLDER))
+    template = to_bytes(
+        make_instance(spec, series_index, 1, sop_uid=_SOP_PLACEHOLDER, rows=rows, columns=columns)
+    )
     placeholder = _SOP_PLACEHOLDER.encode()
     assert template.count(placeholder) == 2  # file meta and dataset
     out = []
