@@ -1,7 +1,8 @@
 """Rendering pixel data as consumer images (PS3.18 8.3.5, rendered and thumbnail resources).
 
-decode (pydicom + plugins) -> modality LUT -> VOI (window / VOI LUT / Window Center-Width / min-max) ->
-8-bit -> MONOCHROME1 inversion -> viewport (crop, flip, fit) -> annotation -> Pillow encode.
+decode (pydicom + plugins, 8-bit JPEG with Pillow: see dicomcore.decoding) -> modality LUT -> VOI (window /
+VOI LUT / Window Center-Width / min-max) -> 8-bit -> MONOCHROME1 inversion -> viewport (crop, flip, fit) ->
+annotation -> Pillow encode.
 
 Runs in a worker thread. The source is a seekable file-like object: pydicom's `iter_pixels` reads the header
 and then only the bytes of the frames asked for, so a lazily fetching reader (see dicomcore.rangefile) keeps a
@@ -22,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, iter_pixels, pixel_array
 
+from dicomcore.decoding import decode_as_reference
 from dicomcore.uids import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
 
 MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif")
@@ -185,13 +187,17 @@ def decode_frames(
     for i in indices:
         if not 0 <= i < total:
             raise FrameOutOfRangeError(f"frame {i + 1} is out of range: the instance has {total} frame(s)")
-    try:
+    if whole is not None and not any(k in whole for k in PIXEL_KEYWORDS):
+        raise NoPixelDataError("the instance has no pixel data")
+
+    def decode(plugin: str) -> list[np.ndarray]:
         if whole is not None:
-            if not any(k in whole for k in PIXEL_KEYWORDS):
-                raise NoPixelDataError("the instance has no pixel data")
-            return [pixel_array(whole, index=i) for i in indices]
+            return [pixel_array(whole, index=i, decoding_plugin=plugin) for i in indices]
         fp.seek(0)
-        return list(iter_pixels(fp, indices=list(indices)))
+        return list(iter_pixels(fp, indices=list(indices), decoding_plugin=plugin))
+
+    try:
+        return decode_as_reference(decode, str(header.file_meta.get("TransferSyntaxUID", "")))
     except RenderError:
         raise
     except AttributeError as exc:

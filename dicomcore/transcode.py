@@ -1,7 +1,8 @@
 """Changing the transfer syntax of a stored instance or of one frame, for WADO-RS.
 
-Decoding goes through pydicom's pixel plugins: pylibjpeg with pylibjpeg-libjpeg (every JPEG process:
-baseline, extended, lossless), pylibjpeg-openjpeg (JPEG 2000 and HTJ2K), pylibjpeg-rle and pyjpegls (JPEG-LS).
+Decoding goes through pydicom's pixel plugins: Pillow for 8-bit JPEG (baseline and extended; why in
+dicomcore.decoding), pylibjpeg with pylibjpeg-libjpeg (12-bit and lossless JPEG), pylibjpeg-openjpeg
+(JPEG 2000 and HTJ2K), pylibjpeg-rle and pyjpegls (JPEG-LS).
 Between them they cover every compressed syntax an archive meets except MPEG/HEVC video, and they are also
 what pydicom encodes with: RLE (pylibjpeg-rle), JPEG-LS (pyjpegls), JPEG 2000 (pylibjpeg-openjpeg).
 python-gdcm would decode the same syntaxes but encodes only RLE. None of them encodes JPEG, so JPEG Baseline
@@ -24,6 +25,7 @@ from pydicom.pixels import get_decoder, get_encoder
 from pydicom.pixels.utils import pack_bits
 from pydicom.uid import UID
 
+from dicomcore.decoding import decode_as_reference
 from dicomcore.frames import PixelDescription
 from dicomcore.uids import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
@@ -135,7 +137,12 @@ def transcode_instance(data: bytes, target: str) -> bytes:
     try:
         if pixel is not None:
             if is_encapsulated(stored):
-                ds.decompress(as_rgb=True, generate_instance_uid=False)
+                decode_as_reference(
+                    lambda plugin: ds.decompress(
+                        as_rgb=True, generate_instance_uid=False, decoding_plugin=plugin
+                    ),
+                    stored,
+                )
             elif stored == EXPLICIT_VR_BIG_ENDIAN:
                 _to_little_endian(ds)
             if target in ENCODED_TARGETS and ds.PhotometricInterpretation == "YBR_FULL_422":
@@ -285,7 +292,9 @@ def decode_frame(frame: bytes, stored: str, pixel: PixelDescription) -> tuple[np
     source = encapsulate([frame]) if is_encapsulated(stored) else frame
     try:
         decoder = get_decoder(UID(stored))
-        arr, meta = decoder.as_array(source, as_rgb=True, **options)
+        arr, meta = decode_as_reference(
+            lambda plugin: decoder.as_array(source, as_rgb=True, decoding_plugin=plugin, **options), stored
+        )
     except Exception as exc:
         raise PixelDataError(f"frame cannot be decoded as {_name(stored)}: {exc}") from exc
     return arr, str(meta.get("photometric_interpretation", pixel.photometric_interpretation))

@@ -4,7 +4,6 @@ matter: frames are ranged reads of the stored object, which S3 serves differentl
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 
 import asyncpg
@@ -19,6 +18,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from dicomcore.transcode import JPEG_BASELINE, RLE_LOSSLESS
 from tests.fixtures.server import RunningArchive
 from tests.test_stow_wado_delete import parts_of, seq_items
+from tests.test_transcode import reference_pixels
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 ELE = "1.2.840.10008.1.2.1"
@@ -43,12 +43,6 @@ async def store(client: httpx.AsyncClient, data: bytes) -> str:
     response = await client.post("/studies", content=data, headers={"Content-Type": "application/dicom"})
     assert response.status_code == 200, response.text
     return seq_items(response.json(), "00081199")[0]["00081190"]["Value"][0]
-
-
-def pixels(data: bytes) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pydicom.dcmread(io.BytesIO(data)).pixel_array
 
 
 def expected_frames(data: bytes) -> list[bytes]:
@@ -132,14 +126,14 @@ async def test_frames_default_media_types(local_client: httpx.AsyncClient) -> No
     plain = await client.get(f"{url}/frames/3")
     ((headers, body),) = await parts_of(plain)
     assert headers["content-type"] == f"application/octet-stream; transfer-syntax={ELE}"
-    assert body == pixels(data)[2].tobytes()
+    assert body == reference_pixels(data)[2].tobytes()
 
 
 async def test_frames_transcoded(local_client: httpx.AsyncClient) -> None:
     client = local_client
     data = (TEST_FILES / "SC_rgb_rle_2frame.dcm").read_bytes()
     url = await store(client, data)
-    reference = pixels(data)
+    reference = reference_pixels(data)
     # RLE -> JPEG 2000 lossless, then decoded back: equal pixels
     response = await client.get(f"{url}/frames/2", headers={"Accept": 'multipart/related; type="image/jp2"'})
     assert response.status_code == 200
@@ -179,7 +173,7 @@ async def test_native_frames_in_either_byte_order(local_client: httpx.AsyncClien
     response = await client.get(f"{url}/frames/1", headers={"Accept": OCTETS_ANY})
     ((headers, body),) = await parts_of(response)
     assert headers["content-type"] == f"application/octet-stream; transfer-syntax={ELE}"
-    assert body == pixels(big).astype("<i2").tobytes()
+    assert body == reference_pixels(big).astype("<i2").tobytes()
     # Implicit VR Little Endian frames are the same bytes as Explicit VR Little Endian ones
     rtdose = (TEST_FILES / "rtdose.dcm").read_bytes()
     url = await store(client, rtdose)
@@ -299,7 +293,7 @@ async def test_retrieve_transcoded(client: httpx.AsyncClient) -> None:
     assert response.headers["content-type"] == f"application/dicom; transfer-syntax={ELE}"
     out = pydicom.dcmread(io.BytesIO(response.content))
     assert out.file_meta.TransferSyntaxUID == ELE
-    assert np.array_equal(out.pixel_array, pixels(rle))
+    assert np.array_equal(out.pixel_array, reference_pixels(rle))
     # q-values: JPEG Baseline is impossible for 16-bit data, so the next acceptable syntax is used
     ranked = await client.get(
         url,
@@ -309,7 +303,7 @@ async def test_retrieve_transcoded(client: httpx.AsyncClient) -> None:
         },
     )
     assert ranked.headers["content-type"] == f"application/dicom; transfer-syntax={J2K_LOSSLESS}"
-    assert np.array_equal(pixels(ranked.content), pixels(rle))
+    assert np.array_equal(reference_pixels(ranked.content), reference_pixels(rle))
     only_lossy = await client.get(
         url, headers={"Accept": f"application/dicom; transfer-syntax={JPEG_BASELINE}"}
     )
@@ -324,8 +318,8 @@ async def test_retrieve_transcoded(client: httpx.AsyncClient) -> None:
     parts = await parts_of(both)
     assert len(parts) == 2
     assert {h["content-type"] for h, _ in parts} == {f"application/dicom; transfer-syntax={RLE_LOSSLESS}"}
-    decoded = sorted((pixels(b).tobytes() for _, b in parts), key=len)
-    assert decoded == sorted([pixels(rle).tobytes(), pixels(native).tobytes()], key=len)
+    decoded = sorted((reference_pixels(b).tobytes() for _, b in parts), key=len)
+    assert decoded == sorted([reference_pixels(rle).tobytes(), reference_pixels(native).tobytes()], key=len)
     for headers, body in parts:
         assert int(headers["content-length"]) == len(body)
     # transfer-syntax=* is still as stored, byte for byte
@@ -423,6 +417,6 @@ async def test_every_bulkdata_uri_resolves(local_client: httpx.AsyncClient) -> N
             if path == "7FE00010" and ds.file_meta.TransferSyntaxUID.is_compressed:
                 assert bodies == expected_frames(data)  # encapsulated: one part per frame
             elif ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.2" and path == "7FE00010":
-                assert bodies == [pixels(data).astype("<i2").tobytes()]
+                assert bodies == [reference_pixels(data).astype("<i2").tobytes()]
             else:
                 assert bodies == [_value_at(ds, path)], (name, path)

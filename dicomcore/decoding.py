@@ -1,0 +1,46 @@
+"""Which of pydicom's decoder plugins decodes stored pixel data, so that what WADO-RS returns (transcoded,
+frames, rendered) is what reference toolkits decode.
+
+For JPEG Baseline and Extended pydicom tries gdcm, then pylibjpeg, then Pillow. With pylibjpeg installed (the
+archive needs it for JPEG Lossless, JPEG 2000 and RLE) that is pylibjpeg-libjpeg, a JPEG implementation of
+its own whose chroma upsampling differs from that of the IJG libjpeg family DCMTK, GDCM, fo-dicom and Pillow
+(libjpeg-turbo) share: on a YBR_FULL_422 image with sharp colour edges its RGB lies up to ~25 levels from
+theirs. Pillow decodes 8-bit JPEG as DCMTK's dcmdjpeg does (equal pixels on pydicom's bundled JPEG files),
+while the colour conversion stays pydicom's: the result is exactly pydicom's own decode with Pillow as its
+JPEG plugin, which is pydicom's default wherever pylibjpeg is not installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+from typing import TypeVar
+
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID, JPEGBaseline8Bit, JPEGExtended12Bit
+
+T = TypeVar("T")
+
+REFERENCE_JPEG_PLUGIN = "pillow"
+_IJG_DECODED = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit})
+
+
+@cache
+def reference_plugin(transfer_syntax: str) -> str:
+    """The plugin to decode `transfer_syntax` with; "" (pydicom's own order) unless it is 8-bit JPEG."""
+    if transfer_syntax not in _IJG_DECODED:
+        return ""
+    available = get_decoder(UID(transfer_syntax)).available_plugins
+    return REFERENCE_JPEG_PLUGIN if REFERENCE_JPEG_PLUGIN in available else ""
+
+
+def decode_as_reference(decode: Callable[[str], T], transfer_syntax: str) -> T:
+    """`decode(plugin)` with the reference plugin for the syntax. Pillow refuses 12-bit JPEG Extended (and
+    may refuse a stream another decoder takes): then pydicom's own order decides, and raises its own error."""
+    plugin = reference_plugin(transfer_syntax)
+    if not plugin:
+        return decode("")
+    try:
+        return decode(plugin)
+    except Exception:  # plugins raise anything from ValueError to RuntimeError
+        return decode("")
