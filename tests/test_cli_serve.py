@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import httpx
 
 from bench.common import embedded_archive
 from bench.synthetic import instance_variants, make_study, multipart_body
+from dicomweb.config import Settings
+from indexer.embedded import EmbeddedPostgres
 
 
 def test_embedded_default_keeps_data_across_restarts(tmp_path: Path) -> None:
@@ -38,3 +41,19 @@ def test_embedded_default_keeps_data_across_restarts(tmp_path: Path) -> None:
             assert "dicomweb_instances 3.0" in scrape
     # stopping the server (SIGTERM) stops its private PostgreSQL too: a clean shutdown removes its pid file
     assert not (data_dir / "postgres" / "data" / "postmaster.pid").exists()
+
+
+def test_workers_default_to_the_cores_and_size_the_database() -> None:
+    """Unset, a worker per core this process may run on; the embedded PostgreSQL takes every worker's pool
+    (plus LISTEN and UPS status connections) and some to spare, never fewer than PostgreSQL's 100."""
+    cores = len(os.sched_getaffinity(0))
+    assert Settings.from_env({}).worker_count() == cores
+    assert Settings.from_env({"DICOMWEB_WORKERS": "3"}).worker_count() == 3
+    assert Settings.from_env({}, workers=5).worker_count() == 5
+    sixteen = Settings(workers=16, db_pool_size=8)
+    assert sixteen.database_connections() == 16 * 10 + 10
+    assert (
+        EmbeddedPostgres("/nonexistent", max_connections=sixteen.database_connections()).max_connections
+        == 170
+    )
+    assert EmbeddedPostgres("/nonexistent", max_connections=20).max_connections == 100

@@ -391,3 +391,8 @@ async def test_database_url_is_fresh_and_isolated(database_url: str, postgres_se
         await admin.close()
     assert leftovers == 0  # earlier tests' databases were dropped
     _seen_databases.append(name)
+
+
+async def test_max_connections_follows_the_server_processes(scratch: Path) -> None:
+    with EmbeddedPostgres(scratch / "cluster", fast_unsafe=True, max_connections=170) as server:
+        assert await fetchval(server.dsn, "SELECT current_setting('max_connections')") == "170"
