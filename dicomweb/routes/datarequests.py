@@ -21,7 +21,7 @@ from deid.export_request import ExportRequestError, normalize_identifiers
 from deid.profile import Options, ProfileError
 from dicomweb.auth import principal_of
 from dicomweb.config import DEFAULT_PARTITION
-from dicomweb.context import context, service_root
+from dicomweb.context import context
 from dicomweb.errors import HTTPProblem
 from dicomweb.jsonbody import json_object
 from dicomweb.routes.export import EXPORT
@@ -186,7 +186,7 @@ async def _approve(
         identifiers = cohort["studies"]
     else:
         try:
-            identifiers = await resolve_query(conn, source, cohort["query"], service_root(request))
+            identifiers = await resolve_query(conn, source, cohort["query"])
         except ExportRequestError as exc:
             raise workflow.RequestError(str(exc), 409) from exc
         if not identifiers:
