@@ -50,6 +50,7 @@ class Family(StrEnum):
     AES = "aes"  # registered DIMSE peers (/aes)
     ACQUIRE = "acquire"  # pulling studies from a DIMSE peer, sending studies to one (operations)
     DIMSE = "dimse"  # audit records of DIMSE associations and operations (no HTTP route)
+    PARTITIONS = "partitions"  # GET /vN/partitions: the partitions the caller may use
     HEALTH = "health"
     PAGE = "page"
     UNKNOWN = "unknown"
@@ -89,6 +90,9 @@ OPEN_FAMILIES = frozenset({Family.HEALTH, Family.PAGE})
 # families whose data lives in one partition: a grant must cover the partition in the URL
 PARTITIONED = frozenset({Family.STOW, Family.WADO, Family.QIDO, Family.DELETE, Family.CHANGEFEED,
                          Family.WORKITEMS, Family.EXPORT, Family.ACQUIRE})  # fmt: skip
+# Listing partitions: every role that may use some partition; each caller sees only the partitions its
+# grants reach (partition_visible), so the list discloses nothing the caller could not address anyway.
+POLICY[Family.PARTITIONS] = frozenset().union(*(POLICY[f] for f in PARTITIONED))
 # researchers' reads need a grant naming the partition; an all-partition researcher role reads nothing
 NEEDS_NAMED_PARTITION = frozenset({Role.RESEARCHER})
 # ATNA EventActionCode per family (C create, R read, U update, D delete, E execute)
@@ -133,6 +137,8 @@ def allows(grants: tuple[Grant, ...] | list[Grant], target: Target, now: datetim
     for grant in grants:
         if grant.role not in roles or (grant.expires_at is not None and grant.expires_at <= now):
             continue
+        if target.family is Family.PARTITIONS:
+            return True  # a partition-scoped grant too: the list shows each caller its own partitions
         if grant.role in NEEDS_NAMED_PARTITION and target.family in (Family.WADO, Family.QIDO):
             if grant.partition is not None and grant.partition == target.partition:
                 return True
@@ -144,6 +150,12 @@ def allows(grants: tuple[Grant, ...] | list[Grant], target: Target, now: datetim
         elif target.family in PARTITIONED and grant.partition == target.partition:
             return True
     return False
+
+
+def partition_visible(grants: tuple[Grant, ...] | list[Grant], partition: str, now: datetime) -> bool:
+    """Whether the grants admit some family in `partition` (what GET /vN/partitions lists for a caller).
+    Researchers' grants must include their research grants (access.authn.research_grants)."""
+    return any(allows(grants, Target(family, partition), now) for family in PARTITIONED)
 
 
 _SEG = r"([^/]+)"
@@ -223,6 +235,8 @@ def classify(method: str, path: str) -> Target:
         if len(tail) == 2 and method == "POST" and tail[1] in ("approve", "reject", "revoke"):
             return Target(Family.REQUEST_REVIEW, method=method)
         return Target(Family.UNKNOWN, method=method)
+    if path in ("/v1/partitions", "/v2/partitions"):
+        return Target(Family.PARTITIONS if method == "GET" else Family.UNKNOWN, method=method)
     m = _ROOT.fullmatch(path)
     if m is None:
         return Target(Family.UNKNOWN, method=method)

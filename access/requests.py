@@ -52,16 +52,13 @@ def research_partition(request_id: uuid.UUID) -> str:
     return f"{RESEARCH_PREFIX}{request_id.hex[:16]}"
 
 
-def as_json(row: asyncpg.Record) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in dict(row).items():
-        if isinstance(value, datetime):
-            value = value.isoformat()
-        elif isinstance(value, uuid.UUID):
-            value = str(value)
-        elif key in ("cohort", "deid_options"):
-            value = orjson.loads(value)
-        out[key] = value
+def as_dict(row: asyncpg.Record) -> dict[str, Any]:
+    """A data_request (or data_request_event) row by column, its JSON columns decoded; the HTTP layer
+    names the fields for clients (dicomweb.routes.datarequests)."""
+    out = dict(row)
+    for key in ("cohort", "deid_options"):
+        if key in out:
+            out[key] = orjson.loads(out[key])
     return out
 
 
@@ -77,7 +74,7 @@ async def submit(conn: asyncpg.Connection, researcher: str, sub: Submission, now
             now,
         )  # fmt: skip
         await _event(conn, request_id, now, researcher, None, "submitted", None)
-    return as_json(row)
+    return as_dict(row)
 
 
 async def _event(
@@ -146,13 +143,13 @@ async def get(conn: asyncpg.Connection, request_id: uuid.UUID) -> dict[str, Any]
     row = await conn.fetchrow("SELECT * FROM data_request WHERE request_id = $1", request_id)
     if row is None:
         return None
-    out = as_json(row)
+    out = as_dict(row)
     events = await conn.fetch(
         """SELECT event_time, actor, from_state, to_state, comment FROM data_request_event
            WHERE request_id = $1 ORDER BY event_id""",
         request_id,
     )
-    out["events"] = [as_json(e) for e in events]
+    out["events"] = [as_dict(e) for e in events]
     return out
 
 
@@ -166,7 +163,7 @@ async def list_requests(
             conditions.append(f"{column} = ${len(args)}")
     where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
     rows = await conn.fetch(f"SELECT * FROM data_request{where} ORDER BY created_at, request_id", *args)
-    return [as_json(r) for r in rows]
+    return [as_dict(r) for r in rows]
 
 
 async def pending_activation(conn: asyncpg.Connection | asyncpg.Pool, researcher: str) -> bool:

@@ -27,7 +27,10 @@ PLUGINS = Path("/usr/share/orthanc/plugins")
 
 
 @contextlib.contextmanager
-def orthanc() -> Iterator[str]:
+def orthanc(postgresql: tuple[str, int, str, str] | None = None) -> Iterator[str]:
+    """Orthanc with its DICOMweb plugin (its defaults otherwise); yields the DICOMweb root. With
+    `postgresql` (host, port, database, user; trust authentication) its index is there, through the
+    orthanc-postgresql plugin, instead of in SQLite."""
     binary = shutil.which("Orthanc")
     if binary is None:
         raise SystemExit("Orthanc is not installed: apt-get install orthanc orthanc-dicomweb")
@@ -48,6 +51,13 @@ def orthanc() -> Iterator[str]:
             "ConcurrentJobs": 2,
             "HttpThreadsCount": 50,
         }
+        if postgresql is not None:
+            host, pg_port, database, user = postgresql
+            config["Plugins"].append(str(PLUGINS / "libOrthancPostgreSQLIndex.so"))
+            config["PostgreSQL"] = {
+                "EnableIndex": True, "EnableStorage": False, "Host": host, "Port": pg_port,
+                "Database": database, "Username": user, "Password": "", "Lock": False,
+            }  # fmt: skip
         (Path(tmp) / "orthanc.json").write_text(json.dumps(config))
         log = open(Path(tmp) / "orthanc.log", "wb")
         proc = subprocess.Popen([binary, str(Path(tmp) / "orthanc.json")], stdout=log, stderr=log)

@@ -17,6 +17,14 @@ machine, it measures:
   (image/jpeg): median latency.
 
 `--rows 512` makes ~500 KB instances instead of ~40 KB ones. Ratios are "times better than Orthanc".
+
+    python -m bench.peers --large 100000 [--rounds 100]
+
+The large size, for QIDO-RS: `--large` studies of two series and 10 small instances each (8x8 pixels; the
+attributes of bench.qido_search's data set: random patients, dates, accession numbers, descriptions),
+loaded into both by STOW-RS (100 instances a request, `--clients` at once; the load rates are printed),
+Orthanc's index on PostgreSQL through the orthanc-postgresql plugin (a PostgreSQL the bench starts, as the
+archive's embedded one). Then p50/p95 per query shape, each peer measured alone.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import random
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,9 +47,10 @@ from pathlib import Path
 import httpx
 from pydicom import dcmread
 
-from bench.common import embedded_archive, percentile
+from bench.common import embedded_archive, free_port, percentile
 from bench.orthanc_peer import orthanc
 from bench.synthetic import StudySpec, instance_variants, make_study, multipart_body
+from indexer.embedded import SUPERUSER, EmbeddedPostgres
 
 MULTIPART_ANY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 FRAME_ANY = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
@@ -194,6 +204,136 @@ ROWS: list[tuple[str, str, str, Callable[[float, float], float]]] = [
 ]
 
 
+LARGE_PER_STUDY = 10
+LOAD_BATCH = 10  # studies per STOW request
+
+
+@dataclass
+class StudyKeys:
+    patient_id: str
+    patient_name: str
+    accession: str
+    study_uid: str
+    study_date: str
+
+
+def large_bodies(studies: int, keys: list[StudyKeys]) -> Iterator[tuple[bytes, str]]:
+    """STOW bodies of LOAD_BATCH studies each, made as they are sent; every 100th study's keys are kept."""
+    rng = random.Random(2024)
+    files: list[bytes] = []
+    for n in range(studies):
+        spec = make_study(rng, series_count=2)
+        for series in range(2):
+            half = LARGE_PER_STUDY // 2
+            files += instance_variants(
+                spec, series, half, start=n * LARGE_PER_STUDY + series * half, rows=8, columns=8
+            )
+        if n % 100 == 0:
+            keys.append(
+                StudyKeys(spec.patient_id, spec.patient_name, spec.accession, spec.study_uid, spec.study_date)
+            )
+        if (n + 1) % LOAD_BATCH == 0 or n + 1 == studies:
+            yield multipart_body(files)
+            files = []
+
+
+def load_large(root: str, studies: int, clients: int) -> tuple[float, list[StudyKeys]]:
+    """Instances per second of the load, and the sample of study keys to query by."""
+    keys: list[StudyKeys] = []
+    bodies = large_bodies(studies, keys)
+    lock = threading.Lock()
+
+    def client() -> None:
+        with httpx.Client(timeout=600) as http:
+            while True:
+                with lock:
+                    body = next(bodies, None)
+                if body is None:
+                    return
+                r = http.post(f"{root}/studies", content=body[0], headers={"Content-Type": body[1]})
+                if r.status_code != 200:
+                    raise RuntimeError(f"STOW to {root} failed: {r.status_code} {r.text[:300]}")
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(client) for _ in range(clients)]:
+            future.result()
+    return studies * LARGE_PER_STUDY / (time.perf_counter() - start), keys
+
+
+def large_queries(keys: list[StudyKeys], rounds: int) -> dict[str, list[str]]:
+    """Per query shape, `rounds` concrete paths (both peers get the same ones)."""
+    rng = random.Random(5)
+    shapes: dict[str, list[str]] = {}
+    for _ in range(rounds):
+        k = rng.choice(keys)
+        year = rng.randint(2000, 2025)
+        month = rng.randint(1, 12)
+        for name, path in {
+            "PatientID": f"/studies?PatientID={k.patient_id}",
+            "AccessionNumber": f"/studies?AccessionNumber={k.accession}",
+            "StudyInstanceUID": f"/studies?StudyInstanceUID={k.study_uid}",
+            "PatientName prefix*, limit 100": f"/studies?PatientName={k.patient_name[:3]}*&limit=100",
+            "StudyDate month, limit 100": (
+                f"/studies?StudyDate={year}{month:02d}01-{year}{month:02d}28&limit=100"
+            ),
+            "ModalitiesInStudy + year, limit 100": (
+                f"/studies?ModalitiesInStudy=MR&StudyDate={year}0101-{year}1231&limit=100"
+            ),
+            "series of a study": f"/studies/{k.study_uid}/series",
+            "instances of a study": f"/studies/{k.study_uid}/instances",
+        }.items():
+            shapes.setdefault(name, []).append(path)
+    return shapes
+
+
+def measure_large(root: str, shapes: dict[str, list[str]]) -> dict[str, tuple[float, float]]:
+    out = {}
+    for name, paths in shapes.items():
+        times = latencies(root, paths, JSON, len(paths))
+        out[name] = (percentile(times, 50), percentile(times, 95))
+    return out
+
+
+def large_table(archive: dict[str, tuple[float, float]], peer: dict[str, tuple[float, float]]) -> str:
+    lines = [
+        "| QIDO-RS shape | archive p50 / p95 ms | Orthanc p50 / p95 ms | times better p50 / p95 |",
+        "|---|---|---|---|",
+    ]
+    for name, (a50, a95) in archive.items():
+        o50, o95 = peer[name]
+        ratios = f"{o50 / a50:.2f}x / {o95 / a95:.2f}x"
+        lines.append(f"| {name} | {a50:.1f} / {a95:.1f} | {o50:.1f} / {o95:.1f} | {ratios} |")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def orthanc_on_postgresql() -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="orthanc-pg-") as tmp:
+        server = EmbeddedPostgres(Path(tmp) / "pg", port=free_port(), database="orthanc")
+        server.start()
+        try:
+            with orthanc(postgresql=("127.0.0.1", server.port, "orthanc", SUPERUSER)) as root:
+                yield root
+        finally:
+            server.stop()
+
+
+def run_large(args: argparse.Namespace) -> None:
+    subprocess.run([str(SCRIPTS / "dimse-deps"), "orthanc-dicomweb", "orthanc-postgresql"], check=True)
+    results = {}
+    for name, start in {"archive": archive_on_defaults, "orthanc": orthanc_on_postgresql}.items():
+        if args.only and name != args.only:
+            continue
+        with start() as root:
+            rate, keys = load_large(root, args.large, args.clients)
+            print(f"{name}: loaded {args.large * LARGE_PER_STUDY} instances at {rate:.0f}/s", flush=True)
+            results[name] = measure_large(root, large_queries(keys, args.rounds))
+        print(name, {k: (round(a, 1), round(b, 1)) for k, (a, b) in results[name].items()}, flush=True)
+    if len(results) == 2:
+        print(large_table(results["archive"], results["orthanc"]))
+
+
 def table(archive: Figures, peer: Figures) -> str:
     lines = ["| figure | unit | this archive | Orthanc | times better |", "|---|---|---|---|---|"]
     for key, label, unit, ratio in ROWS:
@@ -218,7 +358,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--only", choices=["archive", "orthanc"], help="measure one peer (profiling)")
+    parser.add_argument("--large", type=int, metavar="STUDIES", help="the QIDO-RS comparison at this size")
     args = parser.parse_args()
+    if args.large:
+        run_large(args)
+        return
     subprocess.run([str(SCRIPTS / "dimse-deps"), "orthanc-dicomweb"], check=True)
     data = make_dataset(args.studies, args.per_study, args.rows)
     size = data.instance_bytes / 1024

@@ -51,7 +51,7 @@ class Options:
     def from_names(cls, names: Iterable[str]) -> Options:
         """Options from their names (snake_case, or the camelCase the export API uses)."""
         known = {f.name: f.name for f in fields(cls)}
-        known.update({_camel(name): name for name in list(known)})
+        known.update({option_api_name(name): name for name in list(known)})
         chosen = {}
         for name in names:
             if name not in known:
@@ -62,7 +62,9 @@ class Options:
         return cls(**chosen)
 
 
-def _camel(name: str) -> str:
+def option_api_name(name: str) -> str:
+    """An option's name as the HTTP APIs write it: camelCase (retain_long_modified_dates ->
+    retainLongModifiedDates)."""
     head, *rest = name.split("_")
     return head + "".join(part.title() for part in rest)
 

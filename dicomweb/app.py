@@ -28,6 +28,7 @@ from dicomweb.routes import changefeed, delete, frames, health, qido, rendered, 
 from dicomweb.routes import export as export_routes
 from dicomweb.routes import extended_query_tags as eqt
 from dicomweb.routes import operations as operations_routes
+from dicomweb.routes import partitions as partition_routes
 from dicomweb.routes.access import access_routes
 from dicomweb.routes.acquire import acquire_routes, scu_settings
 from dicomweb.routes.aes import ae_routes
@@ -217,8 +218,11 @@ def create_app(
     # partition roots first: the plain /vN mount would otherwise claim /vN/partitions/... and 404
     for version in API_VERSIONS:
         routes.append(Mount(f"/{version}/partitions/{{partition}}", app=SegmentRouter(dicomweb_routes())))
+    # the list of partitions is at the plain roots only (Azure's GET /partitions); the partition mounts
+    # above need a name after /partitions/, so /vN/partitions itself comes here
+    listing = Route("/partitions", partition_routes.list_partitions, methods=["GET"])
     for version in API_VERSIONS:
-        routes.append(Mount(f"/{version}", app=SegmentRouter(dicomweb_routes())))
+        routes.append(Mount(f"/{version}", app=SegmentRouter([*dicomweb_routes(), listing])))
     app = Starlette(
         routes=routes,
         lifespan=lifespan,

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from access.audit import AuditEvent, outcome_of
 from access.authn import OPEN, AuthError, JWTConfig, Principal
-from access.policy import Family, Role, Target, allows, classify
+from access.policy import Family, Grant, Role, Target, allows, classify
 from access.service import AccessControl, client_address
 from dicomweb.config import Settings
 from dicomweb.errors import problem_response
@@ -26,6 +26,14 @@ REALM = 'Bearer realm="dicomweb"'
 def principal_of(scope: Scope) -> Principal | None:
     """The authenticated caller of a request (handlers that filter by caller, e.g. data requests)."""
     return scope.get("state", {}).get("principal")
+
+
+def grants_of(scope: Scope) -> tuple[Grant, ...]:
+    """The grants the request was authorized with: the caller's, plus a researcher's research partitions
+    where they count (handlers that filter by partition, e.g. GET /partitions)."""
+    state = scope.get("state", {})
+    principal: Principal | None = state.get("principal")
+    return state.get("grants", principal.grants if principal else ())
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -113,11 +121,13 @@ class AccessMiddleware:
             challenge = f'{REALM}, error="invalid_token", error_description="{exc}"' if exc.invalid else REALM
             return 401, str(exc), {"WWW-Authenticate": challenge}
         grants = principal.grants
-        if target.family in (Family.WADO, Family.QIDO) and principal.has_role(Role.RESEARCHER):
+        research = (Family.WADO, Family.QIDO, Family.PARTITIONS)
+        if target.family in research and principal.has_role(Role.RESEARCHER):
             grants = grants + await access.authenticator.research_grants(principal.subject)
         if not allows(grants, target, access.clock.now()):
             scope.setdefault("state", {})["principal"] = principal
             return 403, "not permitted", None
+        scope.setdefault("state", {})["grants"] = grants
         return principal
 
     def _audit(

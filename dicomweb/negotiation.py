@@ -295,6 +295,9 @@ class Offer:
       §8.7.3.4 (lossy-only data served in its stored syntax).
     * ``params``: other fixed parameters (e.g. ``charset``); an Accept range naming one of them with a
       different value does not match; parameters the offer does not declare are ignored.
+    * ``named_only``: only a range naming this type exactly selects it, never ``type/*`` or ``*/*``. For
+      unregistered names that clients send (Azure's ``application/jpeg`` for rendered images), so that a
+      wildcard never picks them.
 
     List offers in server preference order: the first is the default for wildcard ranges.
     """
@@ -304,6 +307,7 @@ class Offer:
     transfer_syntaxes: tuple[str, ...] | None = None
     default_transfer_syntax: str | None = None
     params: Mapping[str, str] = field(default_factory=dict)
+    named_only: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "media_type", self.media_type.lower())
@@ -402,6 +406,8 @@ def _match(r: MediaType, offer: Offer) -> tuple[int, int] | None:
         return None
     else:
         level = 2
+    if offer.named_only and level < 2:
+        return None
     extra = 0
     for name, value in r.params.items():
         if name == "transfer-syntax" and offer.transfer_syntaxes is not None:
@@ -516,8 +522,11 @@ def negotiate(accept: Sequence[MediaType] | str | None, offers: Sequence[Offer])
 
 
 def describe(offers: Sequence[Offer]) -> str:
-    """The offers as a 406 message lists them, e.g. ``multipart/related; type="image/jpeg", image/png``."""
-    return ", ".join(o.media_type + (f'; type="{o.part_type}"' if o.part_type else "") for o in offers)
+    """The offers as a 406 message lists them, e.g. ``multipart/related; type="image/jpeg", image/png``;
+    unregistered aliases (``named_only``) are left out."""
+    return ", ".join(
+        o.media_type + (f'; type="{o.part_type}"' if o.part_type else "") for o in offers if not o.named_only
+    )
 
 
 def select(

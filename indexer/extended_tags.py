@@ -12,6 +12,13 @@ indexer.writes). So when a tag is added, every instance is either committed befo
 bound recorded with the operation, and the re-index fills it) or indexed after, by a write that sees the
 tag and fills it itself: none is missed and none is filled twice.
 
+A tag the index already keeps natively (a standard matching key of indexer.attributes, e.g.
+ManufacturerModelName, which Azure does not index natively) is accepted as Azure accepts any tag, so that
+clients written for Azure work unchanged: it is Ready at once and holds no values. QIDO matches it through
+its native column (indexer.qido takes standard keys first), writes and the re-index skip it, and deleting it
+removes only its definition. It may be defined at its native level or below (a series attribute at Series
+or Instance level), where the native key matches.
+
 A DELETE only marks the tag Deleting (under the same lock, so no write can still be adding its values once
 it has committed) and queues a deleteExtendedQueryTag operation (indexer.tag_deletion) that removes the
 values in batches and then the tag. From that commit on, QIDO refuses the tag (it is not Ready) and new
@@ -56,6 +63,7 @@ INGEST_LOCK = 0x44434D57_45585447 & 0x7FFFFFFFFFFFFFFF
 LEVEL_NAMES = {Level.STUDY: "Study", Level.SERIES: "Series", Level.INSTANCE: "Instance"}
 _LEVELS = {name.lower(): level for level, name in LEVEL_NAMES.items()}
 _LEVEL_OF_NAME = {name: level for level, name in LEVEL_NAMES.items()}
+_RANK = {level: rank for rank, level in enumerate(LEVEL_NAMES)}  # Study 0, Series 1, Instance 2
 
 
 class TagError(ValueError):
@@ -91,6 +99,11 @@ class ExtendedTag:
     @property
     def table(self) -> str:
         return FAMILY[self.vr]
+
+    @property
+    def native(self) -> bool:
+        """Whether the index keeps the attribute natively (a standard matching key): no values of its own."""
+        return self.private_creator is None and self.tag in BY_TAG
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,14 +259,27 @@ _FLAGGED = _SELECT.format(
 
 
 async def add_tags(conn: asyncpg.Connection, new: list[NewTag]) -> tuple[Operation, list[ExtendedTag]]:
-    """Define the tags (status Adding) and their re-index operation, in the caller's transaction.
+    """Define the tags and their re-index operation, in the caller's transaction: status Adding, or Ready
+    for tags the index keeps natively (which the operation leaves alone).
 
-    TagError 409 when a tag is a standard matching key or already defined, 400 beyond MAX_TAGS.
+    TagError 409 when a tag is already defined, 400 beyond MAX_TAGS or for a native key at a level above
+    its own (its native column cannot match there).
     """
+    native: set[str] = set()
     for t in new:
         standard = BY_TAG.get(int(t.path, 16))
-        if standard is not None:
-            raise TagError(409, f"{t.path} ({standard.keyword}) is a standard matching key already")
+        if standard is None:
+            continue
+        if _RANK[t.level] < _RANK[standard.level]:
+            allowed = " or ".join(
+                LEVEL_NAMES[lvl] for lvl in LEVEL_NAMES if _RANK[lvl] >= _RANK[standard.level]
+            )
+            raise TagError(
+                400,
+                f"{t.path} ({standard.keyword}) is indexed natively at {LEVEL_NAMES[standard.level]} level,"
+                f" so it cannot be a {LEVEL_NAMES[t.level]}-level tag: use Level {allowed}",
+            )
+        native.add(t.path)
     await conn.execute("SELECT pg_advisory_xact_lock($1)", INGEST_LOCK)
     existing = {
         r["path"]: r["status"] for r in await conn.fetch("SELECT path, status FROM extended_query_tag")
@@ -283,19 +309,20 @@ async def add_tags(conn: asyncpg.Connection, new: list[NewTag]) -> tuple[Operati
     for t in new:
         keys.append(
             await conn.fetchval(
-                """INSERT INTO extended_query_tag (path, vr, private_creator, level)
-                   VALUES ($1, $2, $3, $4) RETURNING tag_key""",
+                """INSERT INTO extended_query_tag (path, vr, private_creator, level, status)
+                   VALUES ($1, $2, $3, $4, $5) RETURNING tag_key""",
                 t.path,
                 t.vr,
                 t.private_creator,
                 LEVEL_NAMES[t.level],
+                "Ready" if t.path in native else "Adding",
             )
         )
     op = await create_operation(
         conn,
         REINDEX,
         {
-            "tags": keys,
+            "tags": [key for key, t in zip(keys, new, strict=True) if t.path not in native],
             "bounds": {"Study": bounds["study"], "Series": bounds["series"], "Instance": bounds["instance"]},
         },
         [f"extendedquerytags/{t.path}" for t in new],
@@ -323,9 +350,9 @@ async def query_tags(conn: asyncpg.Connection) -> dict[int, ExtendedTag]:
 
 
 async def indexing_tags(conn: asyncpg.Connection) -> list[ExtendedTag]:
-    """The tags new instances get values for: Adding and Ready."""
+    """The tags new instances get values for: Adding and Ready, except those kept natively."""
     rows = await conn.fetch(_FLAGGED + " WHERE t.status IN ('Adding', 'Ready') ORDER BY t.tag_key")
-    return [_tag(r) for r in rows]
+    return [tag for r in rows if not (tag := _tag(r)).native]
 
 
 async def set_query_status(conn: asyncpg.Connection, tag: int, status: str) -> ExtendedTag | None:

@@ -122,6 +122,12 @@ async def partition_key(conn: asyncpg.Connection | asyncpg.Pool, name: str, *, c
     return key
 
 
+async def all_partitions(conn: asyncpg.Connection | asyncpg.Pool) -> list[asyncpg.Record]:
+    """Every data partition (partition_key, name, created_at), by key: partitions are few (one per
+    source or research request), never renamed or removed."""
+    return await conn.fetch("SELECT partition_key, name, created_at FROM partition ORDER BY partition_key")
+
+
 async def find_patient_studies(
     conn: asyncpg.Connection | asyncpg.Pool, partition_key: int, patient_ids: list[str]
 ) -> list[str]:

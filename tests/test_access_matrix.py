@@ -47,6 +47,8 @@ EXPECTED: dict[str, set[str]] = {
     # a researcher gets 403 for any request not their own, existing or not (tests/test_access_requests.py)
     "datarequests-read-one": {"owner", "reviewer", "auditor"},
     "datarequests-review": {"owner", "reviewer"},
+    # the list itself shows each role only the partitions it may use (tests/test_partitions_list.py)
+    "partitions": {"owner", "writer", "reader", "worklist", "researcher"},
     "health": ALL,
     "page": ALL,
     "unknown": {"owner"},
@@ -102,6 +104,8 @@ ROUTES: list[tuple[str, str, str]] = [
     ("datarequests-review", "POST", "/datarequests/00000000-0000-0000-0000-000000000000/approve"),
     ("datarequests-review", "POST", "/datarequests/00000000-0000-0000-0000-000000000000/reject"),
     ("datarequests-review", "POST", "/datarequests/00000000-0000-0000-0000-000000000000/revoke"),
+    ("partitions", "GET", "/v2/partitions"),
+    ("partitions", "GET", "/v1/partitions"),
     ("health", "GET", "/health/live"),
     ("health", "GET", "/health/ready"),
     ("page", "GET", "/datarequests/page"),

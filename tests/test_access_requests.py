@@ -9,10 +9,12 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 
 from bench.synthetic import instance_variants, make_study, multipart_body
+from dicomweb.routes.extended_query_tags import iso_time
 from tests.access_support import SecureArchive, bearer, hs256, make_token, start_secure
 
 DENIED = {"error": {"code": 403, "message": "not permitted"}}
@@ -57,7 +59,7 @@ def submission(studies: list[str], days: int = 30) -> dict:
 async def submit_and_activate(client: httpx.AsyncClient, studies: list[str]) -> dict:
     r = await client.post("/datarequests", json=submission(studies), headers=RITA)
     assert r.status_code == 201, r.text
-    request_id = r.json()["request_id"]
+    request_id = r.json()["id"]
     r = await client.post(f"/datarequests/{request_id}/approve", json={"comment": "ok"}, headers=REVIEWER)
     assert r.status_code == 200, r.text
     assert r.json()["state"] == "approved"
@@ -74,7 +76,7 @@ async def test_request_lifecycle_until_expiry(setup: tuple[SecureArchive, httpx.
     wanted, other = await stow(client, owner, 1), await stow(client, owner, 2)
     assert (await client.get("/v2/studies", headers=RITA)).json() == DENIED  # nothing before a grant
     request = await submit_and_activate(client, [wanted])
-    research = f"/v2/partitions/{request['research_partition']}"
+    research = f"/v2/partitions/{request['researchPartition']}"
     found = (await client.get(f"{research}/studies", headers=RITA)).json()
     assert len(found) == 1  # only the requested study, de-identified (new UIDs)
     copy_uid = found[0]["0020000D"]["Value"][0]
@@ -88,7 +90,7 @@ async def test_request_lifecycle_until_expiry(setup: tuple[SecureArchive, httpx.
         assert (r.status_code, r.json()) == (403, DENIED), path
     assert (await client.get(f"{research}/studies", headers=owner)).status_code == 200
     # another researcher cannot see the request either: the same 403 as for one that does not exist
-    r1 = await client.get(f"/datarequests/{request['request_id']}", headers=SAM)
+    r1 = await client.get(f"/datarequests/{request['id']}", headers=SAM)
     r2 = await client.get("/datarequests/00000000-0000-0000-0000-000000000000", headers=SAM)
     assert (r1.status_code, r1.json()) == (r2.status_code, r2.json()) == (403, DENIED)
     assert (await client.get("/datarequests", headers=SAM)).json() == []
@@ -96,9 +98,9 @@ async def test_request_lifecycle_until_expiry(setup: tuple[SecureArchive, httpx.
     archive.clock.advance(timedelta(days=30, seconds=1))
     r = await client.get(f"{research}/studies", headers=RITA)
     assert (r.status_code, r.json()) == (403, DENIED)
-    final = (await client.get(f"/datarequests/{request['request_id']}", headers=REVIEWER)).json()
+    final = (await client.get(f"/datarequests/{request['id']}", headers=REVIEWER)).json()
     assert final["state"] == "expired"
-    assert [(e["from_state"], e["to_state"], e["actor"]) for e in final["events"]] == [
+    assert [(e["fromState"], e["toState"], e["actor"]) for e in final["events"]] == [
         (None, "submitted", "rita"), ("submitted", "approved", "rev"), ("approved", "active", "system"),
         ("active", "expired", "system"),
     ]  # fmt: skip
@@ -107,7 +109,7 @@ async def test_request_lifecycle_until_expiry(setup: tuple[SecureArchive, httpx.
 async def test_revocation_mid_download(setup: tuple[SecureArchive, httpx.AsyncClient, dict]) -> None:
     _, client, owner = setup
     request = await submit_and_activate(client, [await stow(client, owner, 3)])
-    research = f"/v2/partitions/{request['research_partition']}"
+    research = f"/v2/partitions/{request['researchPartition']}"
     copy_uid = (await client.get(f"{research}/studies", headers=RITA)).json()[0]["0020000D"]["Value"][0]
     async with client.stream(
         "GET", f"{research}/studies/{copy_uid}", headers={**RITA, **ANY_SYNTAX}
@@ -115,7 +117,7 @@ async def test_revocation_mid_download(setup: tuple[SecureArchive, httpx.AsyncCl
         assert download.status_code == 200
         chunks = download.aiter_bytes()
         first = await chunks.__anext__()
-        revoke = f"/datarequests/{request['request_id']}/revoke"
+        revoke = f"/datarequests/{request['id']}/revoke"
         r = await client.post(revoke, json={"comment": "consent withdrawn"}, headers=REVIEWER)
         assert (r.status_code, r.json()["state"]) == (200, "revoked")
         rest = b"".join([chunk async for chunk in chunks])  # a response already authorized completes
@@ -128,7 +130,7 @@ async def test_revocation_mid_download(setup: tuple[SecureArchive, httpx.AsyncCl
 async def test_reviews(setup: tuple[SecureArchive, httpx.AsyncClient, dict]) -> None:
     _, client, owner = setup
     uid = await stow(client, owner, 4)
-    rid = (await client.post("/datarequests", json=submission([uid]), headers=RITA)).json()["request_id"]
+    rid = (await client.post("/datarequests", json=submission([uid]), headers=RITA)).json()["id"]
     # researchers do not review, reviewers do not review their own requests
     assert (await client.post(f"/datarequests/{rid}/approve", headers=RITA)).status_code == 403
     both = bearer(hs256(sub="rita", roles=["researcher", "reviewer"]))
@@ -139,7 +141,7 @@ async def test_reviews(setup: tuple[SecureArchive, httpx.AsyncClient, dict]) -> 
     r = await client.post(
         f"/datarequests/{rid}/reject", json={"comment": "no ethics approval"}, headers=REVIEWER
     )
-    assert (r.status_code, r.json()["state"], r.json()["decision_comment"]) == (
+    assert (r.status_code, r.json()["state"], r.json()["decisionComment"]) == (
         200,
         "rejected",
         "no ethics approval",
@@ -149,7 +151,7 @@ async def test_reviews(setup: tuple[SecureArchive, httpx.AsyncClient, dict]) -> 
     r = await client.post(f"/datarequests/{rid}/revoke", headers=REVIEWER)
     assert r.status_code == 409
     listed = (await client.get("/datarequests", params={"state": "rejected"}, headers=REVIEWER)).json()
-    assert [x["request_id"] for x in listed] == [rid]
+    assert [x["id"] for x in listed] == [rid]
     assert (await client.get("/datarequests", headers=RITA)).json()[0]["state"] == "rejected"
 
 
@@ -172,3 +174,63 @@ async def test_bad_submissions(
     _, client, _ = setup
     r = await client.post("/datarequests", json=submission(["1.2.3"]) | change, headers=RITA)
     assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+async def test_request_json_is_camel_case_and_old_names_are_accepted(
+    setup: tuple[SecureArchive, httpx.AsyncClient, dict],
+) -> None:
+    """One convention with the other JSON APIs (id, camelCase, ...Time); the first release's snake_case
+    input names still work until the next one."""
+    archive, client, owner = setup
+    uid = await stow(client, owner, 5)
+    old_names = {
+        "title": "Lung nodules", "purpose": "Train a detector", "source_partition": "Microsoft.Default",
+        "cohort": {"studies": [uid]}, "deid_options": ["retainLongModifiedDates"], "duration_days": 7,
+    }  # fmt: skip
+    r = await client.post("/datarequests", json=old_names, headers=RITA)
+    assert r.status_code == 201, r.text
+    created = r.json()
+    conn = await asyncpg.connect(archive.running.database_url)
+    try:
+        created_at = await conn.fetchval(
+            "SELECT created_at FROM data_request WHERE request_id = $1", created["id"]
+        )
+    finally:
+        await conn.close()
+    submitted = {
+        "id": created["id"], "state": "submitted", "researcher": "rita", "title": "Lung nodules",
+        "purpose": "Train a detector", "partition": "Microsoft.Default", "cohort": {"studies": [uid]},
+        "deidentification": {"options": ["retainLongModifiedDates"]}, "durationDays": 7,
+        "researchPartition": None, "operation": None, "createdTime": iso_time(created_at), "decidedBy": None,
+        "decidedTime": None, "decisionComment": None, "activatedTime": None, "expirationTime": None,
+    }  # fmt: skip
+    assert created == submitted and created["createdTime"].endswith("Z")
+    r = await client.get(f"/datarequests/{created['id']}", headers=REVIEWER)
+    event = {"eventTime": iso_time(created_at), "actor": "rita", "fromState": None, "toState": "submitted",
+             "comment": None}  # fmt: skip
+    assert (r.status_code, r.json()) == (200, submitted | {"events": [event]})
+    assert (await client.get("/datarequests", headers=RITA)).json() == [submitted]
+    both = old_names | {"durationDays": 7}
+    r = await client.post("/datarequests", json=both, headers=RITA)
+    assert (r.status_code, r.json()["error"]["message"]) == (
+        400, "give durationDays only (duration_days is its deprecated name)"
+    )  # fmt: skip
+    # a decision with the old comment name; the export is an operation reference like Azure's
+    r = await client.post(
+        f"/datarequests/{created['id']}/approve", json={"decision_comment": "fine"}, headers=REVIEWER
+    )
+    assert r.status_code == 200, r.text
+    approved = r.json()
+    operation = approved["operation"]
+    assert operation == {
+        "id": operation["id"],
+        "href": f"{archive.running.base}/v2/operations/{operation['id']}",
+    }
+    assert approved["researchPartition"] == "research-" + created["id"].replace("-", "")[:16]
+    assert approved["decidedTime"].endswith("Z")
+    assert approved == submitted | {
+        "state": "approved", "researchPartition": approved["researchPartition"], "operation": operation,
+        "decidedBy": "rev", "decidedTime": approved["decidedTime"], "decisionComment": "fine",
+    }  # fmt: skip
+    r = await client.get(operation["href"], headers=owner)
+    assert r.status_code in (200, 202) and r.json()["type"] == "export"

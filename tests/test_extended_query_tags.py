@@ -22,6 +22,7 @@ from indexer.attributes import Level
 from indexer.extended_tags import (
     DELETE_TAG,
     MAX_TAGS,
+    TABLES,
     NewTag,
     TagError,
     add_tags,
@@ -899,8 +900,6 @@ async def test_http_api(client: httpx.AsyncClient, local_archive: RunningArchive
     # conflicts and bad input
     again = await client.post("/extendedquerytags", json=[{"Path": "PatientAge", "Level": "Study"}])
     assert again.status_code == 409 and "already defined: 00101010" in again.json()["error"]["message"]
-    standard = await client.post("/extendedquerytags", json=[{"Path": "PatientID", "Level": "Study"}])
-    assert standard.status_code == 409 and "standard matching key" in standard.json()["error"]["message"]
     bad = await client.post("/extendedquerytags", json=[{"Path": "PatientAge", "VR": "DA", "Level": "Study"}])
     assert bad.status_code == 400 and "contradicts" in bad.json()["error"]["message"]
     post = client.post
@@ -958,3 +957,98 @@ async def test_http_api(client: httpx.AsyncClient, local_archive: RunningArchive
     assert [r["0020000D"]["Value"][0] for r in found.json()] == expected_studies
     assert (await client.get("/operations/0123")).status_code == 400
     assert (await client.get("/operations/" + "0" * 32)).status_code == 404
+
+
+async def ext_rows(database_url: str) -> int:
+    """Every extended query tag value and element stored, whatever its table."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        return sum(
+            [await conn.fetchval(f"SELECT count(*) FROM {table}") for table in (*TABLES, "ext_element")]
+        )
+    finally:
+        await conn.close()
+
+
+async def test_tags_the_index_keeps_natively(
+    client: httpx.AsyncClient, local_archive: RunningArchive
+) -> None:
+    """An Azure client adds ManufacturerModelName (which Azure does not index natively) and goes on: 202
+    as for any tag, Ready at once, served by the native column, no values stored, deletion removes only the
+    entry."""
+    alpha = await stow_study(client, 11, ManufacturerModelName="Alpha 1")
+    beta = await stow_study(client, 12, ManufacturerModelName="Beta 2")
+    searches = [("/series", {"ManufacturerModelName": "Alpha*"}), ("/instances", {"00081090": "Beta 2"})]
+    before = [(await client.get(path, params=params)).json() for path, params in searches]
+    assert [s["0020000E"]["Value"][0] for s in before[0]] == [alpha.series[0][0]]
+    assert {i["0020000D"]["Value"][0] for i in before[1]} == {beta.study_uid} and len(before[1]) == 3
+
+    response = await client.post(
+        "/extendedquerytags", json=[{"Path": "00081090", "VR": "LO", "Level": "Series"}]
+    )
+    assert response.status_code == 202, response.text
+    reference = response.json()
+    assert reference == {"id": reference["id"], "href": f"{local_archive.url}/operations/{reference['id']}"}
+    ready = {"path": "00081090", "vr": "LO", "level": "Series", "status": "Ready", "queryStatus": "Enabled"}
+    for path in ("/extendedquerytags/00081090", "/extendedquerytags/ManufacturerModelName"):
+        got = await client.get(path)  # at once, before the operation has run
+        assert (got.status_code, got.json()) == (200, ready)
+    assert (await client.get("/extendedquerytags")).json() == [ready]
+    operation = await wait_done(client, reference["href"])
+    assert (operation["type"], operation["status"], operation["results"]) == (
+        "reindex", "succeeded", {"tags": [], "processedRows": 0, "errors": 0}
+    )  # fmt: skip
+    assert operation["resources"] == [f"{local_archive.url}/extendedquerytags/00081090"]
+    for (path, params), expected in zip(searches, before, strict=True):
+        found = await client.get(path, params=params)
+        assert found.status_code == 200 and "erroneous-dicom-attributes" not in found.headers
+        assert found.json() == expected
+    later = await stow_study(client, 13, ManufacturerModelName="Alpha 3")
+    found = (await client.get("/series", params={"ManufacturerModelName": "Alpha*"})).json()
+    assert [s["0020000E"]["Value"][0] for s in found] == [alpha.series[0][0], later.series[0][0]]
+    assert await ext_rows(local_archive.database_url) == 0  # nothing indexed twice, by the add or the store
+
+    # a tag already defined stays 409; a level above the native one, or a tag that can't be one, stays 400
+    again = await client.post(
+        "/extendedquerytags", json=[{"Path": "ManufacturerModelName", "Level": "Series"}]
+    )
+    assert again.status_code == 409 and "already defined: 00081090" in again.json()["error"]["message"]
+    study = await client.post("/extendedquerytags", json=[{"Path": "Modality", "Level": "Study"}])
+    assert study.status_code == 400
+    assert study.json()["error"]["message"] == (
+        "00080060 (Modality) is indexed natively at Series level, so it cannot be a Study-level tag:"
+        " use Level Series or Instance"
+    )
+    pixel = await client.post("/extendedquerytags", json=[{"Path": "PixelData", "Level": "Instance"}])
+    assert pixel.status_code == 400
+
+    # a body mixing native and new tags: the native one is Ready at once, the operation indexes the other
+    mixed = [{"Path": "PatientID", "Level": "Instance"}, {"Path": "ProtocolName", "Level": "Series"}]
+    response = await client.post("/extendedquerytags", json=mixed)
+    assert response.status_code == 202
+    assert (await client.get("/extendedquerytags/PatientID")).json()["status"] == "Ready"
+    operation = await wait_done(client, response.json()["href"])
+    assert operation["results"] == {"tags": ["00181030"], "processedRows": 3, "errors": 0}
+    assert (await client.get("/extendedquerytags/ProtocolName")).json()["status"] == "Ready"
+    assert await ext_rows(local_archive.database_url) == 3  # ProtocolName of the three series only
+
+    # QueryStatus is recorded; the native key keeps matching either way
+    patched = await client.patch("/extendedquerytags/00081090", json={"QueryStatus": "Disabled"})
+    assert (patched.status_code, patched.json()) == (200, ready | {"queryStatus": "Disabled"})
+    assert (await client.get(searches[1][0], params=searches[1][1])).json() == before[1]
+
+    # deleting removes the entry only: native search keeps working
+    assert (await client.delete("/extendedquerytags/00081090")).status_code == 204
+    for _ in range(300):
+        if (await client.get("/extendedquerytags/00081090")).status_code == 404:
+            break
+        await asyncio.sleep(0.1)
+    assert (await client.get("/extendedquerytags/00081090")).status_code == 404
+    assert [t["path"] for t in (await client.get("/extendedquerytags")).json()] == ["00100020", "00181030"]
+    assert (await client.get(searches[1][0], params=searches[1][1])).json() == before[1]
+    assert await ext_rows(local_archive.database_url) == 3
+    readd = await client.post(
+        "/extendedquerytags", json=[{"Path": "00081090", "VR": "LO", "Level": "Instance"}]
+    )
+    assert readd.status_code == 202
+    assert (await client.get("/extendedquerytags/00081090")).json() == ready | {"level": "Instance"}

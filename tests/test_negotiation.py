@@ -20,6 +20,7 @@ from dicomweb.negotiation import (
     UnsupportedMediaTypeError,
     compressed_media_type,
     default_transfer_syntax,
+    describe,
     negotiate,
     parse_accept,
     parse_boundary,
@@ -469,3 +470,19 @@ def test_parse_boundary() -> None:
     for bad in ["application/dicom; boundary=x", "multipart/related", "multipart/related; boundary=", "x"]:
         with pytest.raises(MultipartError):
             parse_boundary(bad)
+
+
+def test_named_only_offers_need_their_exact_name() -> None:
+    """An alias (Offer.named_only) is chosen only by a range naming it, never by a wildcard; 406 messages
+    leave it out."""
+    offers = [Offer("image/jpeg"), Offer("image/png"), Offer("application/jpeg", named_only=True)]
+
+    def chosen(accept: str) -> str | None:
+        selection = negotiate(accept, offers)
+        return selection.media_type if selection else None
+
+    assert chosen("application/jpeg") == "application/jpeg"
+    assert chosen("application/jpeg;q=0.5, image/png") == "image/png"
+    assert chosen("*/*") == "image/jpeg"
+    assert chosen("application/*") is None
+    assert describe(offers) == "image/jpeg, image/png"

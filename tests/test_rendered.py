@@ -466,3 +466,32 @@ async def test_frame_thumbnail_and_png(client: httpx.AsyncClient) -> None:
     assert decode(response.content).shape == (128, 128)  # 10x10 scaled up to fit the thumbnail box
     response = await client.get(path_of(ds) + "/frames/16/thumbnail")
     assert response.status_code == 404
+
+
+# ------------------------------------------------------------------------ Azure's application/jpeg alias
+
+
+async def test_application_jpeg_is_answered_as_image_jpeg(client: httpx.AsyncClient) -> None:
+    """Azure's client scripts ask for `application/jpeg` (not a registered type); Azure answers image/jpeg,
+    the same image `image/jpeg` gets. Wildcards never select the alias, so `application/*` stays 406."""
+    ds = ct_instance(31)
+    spec_path = path_of(ds)  # instance level
+    assert (await stow(client, [to_bytes(ds)])).status_code == 200
+    for resource in ("/rendered", "/frames/1/rendered", "/thumbnail"):
+        expected = await client.get(spec_path + resource, headers={"Accept": "image/jpeg"})
+        for headers, params in (({"Accept": "application/jpeg"}, {}), ({}, {"accept": "application/jpeg"})):
+            response = await client.get(spec_path + resource, headers=headers, params=params)
+            assert (response.status_code, response.headers["content-type"]) == (200, "image/jpeg"), resource
+            assert response.content == expected.content
+    study = f"/studies/{ds.StudyInstanceUID}/rendered"
+    response = await client.get(study, headers={"Accept": 'multipart/related; type="application/jpeg"'})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith('multipart/related; type="image/jpeg"')
+    [(part_headers, body)] = await parts_of(response)
+    assert part_headers["content-type"] == "image/jpeg"
+    assert body == (await client.get(spec_path + "/rendered", headers={"Accept": "image/jpeg"})).content
+    for accept in ("application/*", "application/jpg", "application/dicom"):
+        response = await client.get(spec_path + "/rendered", headers={"Accept": accept})
+        assert response.status_code == 406, accept
+        message = response.json()["error"]["message"]
+        assert message.endswith("available: image/jpeg, image/png, image/gif"), message

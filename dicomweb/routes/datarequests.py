@@ -2,11 +2,17 @@
 revoke. The workflow and its tables are access.requests; the export is deid's `export` operation, created
 here with the same parameters POST /export writes (dicomweb.routes.export), into the request's own research
 partition and pseudonym project (so pseudonyms cannot be linked across requests).
+
+JSON follows the archive's one convention (Azure's): camelCase fields, `id` for the request, times as
+`...Time` in UTC (ISO 8601, Z), the export as `operation: {id, href}`. The snake_case names of the first
+release are still accepted on input until the next one (DEPRECATED_INPUT, docs/conformance.md).
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -18,18 +24,81 @@ from access.authn import Principal
 from access.policy import Role
 from deid.cohort import resolve_query
 from deid.export_request import ExportRequestError, normalize_identifiers
-from deid.profile import Options, ProfileError
+from deid.profile import Options, ProfileError, option_api_name
 from dicomweb.auth import principal_of
 from dicomweb.config import DEFAULT_PARTITION
 from dicomweb.context import context
 from dicomweb.errors import HTTPProblem
 from dicomweb.jsonbody import json_object
 from dicomweb.routes.export import EXPORT
+from dicomweb.routes.extended_query_tags import iso_time
 from indexer.lookup import partition_key as lookup_partition_key
 from indexer.operations import cancel_operation, create_operation
 
 MAX_TEXT = 10_000
 DENIED = HTTPProblem(403, "not permitted")
+# snake_case input names of the first release -> today's names; accepted until the next release
+DEPRECATED_INPUT = {
+    "source_partition": "partition",
+    "duration_days": "durationDays",
+    "deid_options": "deidentification",  # a list of option names, as deidentification.options
+    "decision_comment": "comment",
+}
+
+
+def _time(value: datetime | None) -> str | None:
+    return None if value is None else iso_time(value)
+
+
+def request_json(found: Mapping[str, Any], root: str) -> dict[str, Any]:
+    """A data request (access.requests.as_dict) as clients see it; `root` is the archive's base URL."""
+    operation = found["operation_id"]
+    out = {
+        "id": str(found["request_id"]),
+        "state": found["state"],
+        "researcher": found["researcher"],
+        "title": found["title"],
+        "purpose": found["purpose"],
+        "partition": found["source_partition"],
+        "cohort": found["cohort"],
+        "deidentification": {"options": [option_api_name(n) for n in found["deid_options"]]},
+        "durationDays": found["duration_seconds"] // 86400,
+        "researchPartition": found["research_partition"],
+        "operation": None
+        if operation is None
+        else {"id": operation.hex, "href": f"{root}/v2/operations/{operation.hex}"},
+        "createdTime": _time(found["created_at"]),
+        "decidedBy": found["decided_by"],
+        "decidedTime": _time(found["decided_at"]),
+        "decisionComment": found["decision_comment"],
+        "activatedTime": _time(found["activated_at"]),
+        "expirationTime": _time(found["expires_at"]),
+    }
+    if "events" in found:
+        out["events"] = [
+            {
+                "eventTime": _time(e["event_time"]),
+                "actor": e["actor"],
+                "fromState": e["from_state"],
+                "toState": e["to_state"],
+                "comment": e["comment"],
+            }
+            for e in found["events"]
+        ]
+    return out
+
+
+def current_names(body: dict[str, Any]) -> dict[str, Any]:
+    """The body with deprecated snake_case names (DEPRECATED_INPUT) renamed; 400 if both are given."""
+    out = dict(body)
+    for old, new in DEPRECATED_INPUT.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise HTTPProblem(400, f"give {new} only ({old} is its deprecated name)")
+        value = out.pop(old)
+        out[new] = {"options": value} if old == "deid_options" else value
+    return out
 
 
 def _json(value: object, status: int = 200) -> Response:
@@ -90,11 +159,11 @@ def parse_submission(body: dict[str, Any]) -> workflow.Submission:
 
 async def submit(request: Request) -> Response:
     """POST /datarequests (researchers): 201 with the request, state submitted."""
-    sub = parse_submission(await json_object(request))
+    sub = parse_submission(current_names(await json_object(request)))
     now = request.app.state.access.clock.now()
     async with context(request).pool.acquire() as conn:
         created = await workflow.submit(conn, _caller(request).subject, sub, now)
-    return _json(created, 201)
+    return _json(request_json(created, service_root(request)), 201)
 
 
 async def list_all(request: Request) -> Response:
@@ -106,7 +175,9 @@ async def list_all(request: Request) -> Response:
     mine = None if _sees_all(caller) else caller.subject
     async with context(request).pool.acquire() as conn:
         await workflow.refresh(conn, request.app.state.access.clock.now(), mine)
-        return _json(await workflow.list_requests(conn, researcher=mine, state=state))
+        found = await workflow.list_requests(conn, researcher=mine, state=state)
+    root = service_root(request)
+    return _json([request_json(r, root) for r in found])
 
 
 def _request_id(request: Request, caller: Principal) -> uuid.UUID:
@@ -130,13 +201,14 @@ async def get(request: Request) -> Response:
         if not _sees_all(caller):
             raise DENIED
         raise HTTPProblem(404, "no such data request")
-    return _json(found)
+    return _json(request_json(found, service_root(request)))
 
 
 async def _decide(request: Request, action: str) -> Response:
     caller = _caller(request)
     request_id = _request_id(request, caller)
     body = await json_object(request) if request.headers.get("content-length", "0") != "0" else {}
+    body = current_names(body)
     comment = _text(body, "comment", required=action == "reject")
     ctx = context(request)
     now = request.app.state.access.clock.now()
@@ -167,7 +239,7 @@ async def _decide(request: Request, action: str) -> Response:
             raise HTTPProblem(exc.status, str(exc)) from exc
     # this process at once (the researcher's next request may come here before the NOTIFY does)
     request.app.state.access.authenticator.invalidate("grants:" + row["researcher"])
-    return _json(workflow.as_json(row))
+    return _json(request_json(workflow.as_dict(row), service_root(request)))
 
 
 async def _approve(
@@ -191,7 +263,7 @@ async def _approve(
             raise workflow.RequestError(str(exc), 409) from exc
         if not identifiers:
             raise workflow.RequestError("the cohort query matches no study", 409)
-    request_id = uuid.UUID(current["request_id"])
+    request_id = current["request_id"]
     partition = workflow.research_partition(request_id)
     async with conn.transaction():
         target = await lookup_partition_key(conn, partition, create=True)

@@ -47,15 +47,25 @@ from storage.base import BlobNotFoundError, BlobStore
 # and only the frames rendered.
 WHOLE_READ_LIMIT = 4 << 20
 THUMBNAIL_VIEWPORT = Viewport(128, 128)
-_SINGLE_OFFERS = tuple(Offer(t) for t in MEDIA_TYPES)
-_MULTIPART_OFFERS = tuple(Offer("multipart/related", part_type=t) for t in MEDIA_TYPES)
+# Unregistered names clients send for a registered type: Azure's DICOM service, and the Postman collection
+# Microsoft publishes for it, ask for `application/jpeg`; Azure answers image/jpeg, and so do we. Only an
+# Accept naming the alias exactly selects it (Offer.named_only), so wildcards keep their meaning.
+ALIASES = {"application/jpeg": "image/jpeg"}
+_SINGLE_OFFERS = (*(Offer(t) for t in MEDIA_TYPES), *(Offer(a, named_only=True) for a in ALIASES))
+_MULTIPART_OFFERS = (
+    *(Offer("multipart/related", part_type=t) for t in MEDIA_TYPES),
+    *(Offer("multipart/related", part_type=a, named_only=True) for a in ALIASES),
+)
 _RENDERED_PARAMS = {"window", "viewport", "quality", "annotation", "accept", "charset"}
 _THUMBNAIL_PARAMS = {"viewport", "quality", "accept", "charset"}
 
 
-def _select(request: Request, offers: tuple[Offer, ...]) -> Offer:
-    """PS3.18 8.7.8.1: the `accept` query parameter first, then the Accept header."""
-    return select(offers, request.headers.get("accept"), request.query_params.getlist("accept"))[0].offer
+def _select(request: Request, offers: tuple[Offer, ...]) -> str:
+    """The image type to answer (an alias resolved to its registered name). PS3.18 8.7.8.1: the `accept`
+    query parameter first, then the Accept header."""
+    offer = select(offers, request.headers.get("accept"), request.query_params.getlist("accept"))[0].offer
+    wanted = offer.part_type or offer.media_type
+    return ALIASES.get(wanted, wanted)
 
 
 def _frames(request: Request) -> list[int] | None:
@@ -142,8 +152,8 @@ async def rendered(request: Request) -> Response:
     partition = await partition_key(request)
     if sop is None:
         return await _rendered_many(request, partition, study, series)
-    offer = _select(request, _SINGLE_OFFERS)
-    options = _options(request, offer.media_type, _RENDERED_PARAMS)
+    media_type = _select(request, _SINGLE_OFFERS)
+    options = _options(request, media_type, _RENDERED_PARAMS)
     found = await find_image(ctx.pool, partition, study, series or "", sop)
     if found is None:
         raise not_found(study, series, sop)
@@ -152,14 +162,13 @@ async def rendered(request: Request) -> Response:
     if matches_if_none_match(request, etag):
         return not_modified(etag)
     body = await render_instance(ctx.store, instance, frames, options)
-    return Response(body, media_type=offer.media_type, headers=cache_headers(etag))
+    return Response(body, media_type=media_type, headers=cache_headers(etag))
 
 
 async def _rendered_many(request: Request, partition: int, study: str, series: str | None) -> Response:
     """A study or series: multipart/related, one rendered image (first frame) per instance with pixel data;
     instances without pixel data are left out, as they have no rendered representation."""
-    offer = _select(request, _MULTIPART_OFFERS)
-    part_type = offer.part_type or "image/jpeg"
+    part_type = _select(request, _MULTIPART_OFFERS)
     options = _options(request, part_type, _RENDERED_PARAMS)
     ctx = context(request)
     version = await scope_version(ctx.pool, partition, study, series)
@@ -207,10 +216,10 @@ async def thumbnail(request: Request) -> Response:
     frames = _frames(request)
     if frames is not None and len(frames) != 1:
         raise HTTPProblem(400, "a thumbnail stands for one frame; name exactly one")
-    offer = _select(request, _SINGLE_OFFERS)
-    options = _options(request, offer.media_type, _THUMBNAIL_PARAMS)
+    media_type = _select(request, _SINGLE_OFFERS)
+    options = _options(request, media_type, _THUMBNAIL_PARAMS)
     if options.viewport is None:
-        options = RenderOptions(offer.media_type, None, THUMBNAIL_VIEWPORT, options.quality)
+        options = RenderOptions(media_type, None, THUMBNAIL_VIEWPORT, options.quality)
     ctx = context(request)
     partition = await partition_key(request)
     if sop is None:
@@ -229,4 +238,4 @@ async def thumbnail(request: Request) -> Response:
     if body is None:
         body = await render_instance(ctx.store, instance, [frame], options)
         await store_thumbnail(ctx.pool, instance_key, variant, body)
-    return Response(body, media_type=offer.media_type, headers=cache_headers(etag))
+    return Response(body, media_type=media_type, headers=cache_headers(etag))
