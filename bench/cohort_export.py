@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import statistics
@@ -34,9 +35,9 @@ from urllib.parse import quote
 import asyncpg
 import httpx
 
-from bench.common import embedded_archive, percentile
+from bench.common import cpu_seconds, embedded_archive, percentile
 from bench.deid_export import ct_template
-from bench.qido_search import CpuMeter
+from bench.qido_search import _processes, _tree
 from bench.synthetic import ROOT, multipart_body
 from indexer.embedded import EmbeddedPostgres
 from indexer.operations import cancel_operation, parse_operation_id
@@ -125,13 +126,13 @@ async def resolve(url: str, dsn: str, rounds: int) -> None:
                 response = await client.post(f"{base}/datarequests", json=submission)
                 if response.status_code != 201:
                     raise SystemExit(f"POST /datarequests: {response.status_code} {response.text[:300]}")
-                request_id = response.json()["request_id"]
+                request_id = response.json()["id"]
                 t = time.perf_counter()
                 response = await client.post(f"{base}/datarequests/{request_id}/approve", json={})
                 elapsed = time.perf_counter() - t
                 if response.status_code != 200:
                     raise SystemExit(f"approve: {response.status_code} {response.text[:300]}")
-                operation = response.json().get("operation_id")
+                operation = (response.json().get("operation") or {}).get("id")
                 await client.post(f"{base}/datarequests/{request_id}/revoke", json={"comment": "done"})
                 return elapsed, operation
 
@@ -181,6 +182,21 @@ async def store_studies(url: str, template: bytes, have: int, studies: int, per_
     print(f"stored {studies - have} studies ({(studies - have) * per_study} instances) in {took:.0f} s")
 
 
+def archive_cpu(url: str, data_dir: Path) -> dict[int, float]:
+    """CPU seconds of each process of the archive: `dicomweb serve` on url's port, its workers and their
+    de-identifying pools, and the PostgreSQL cluster in data_dir. A process started during a run (a pool
+    spawned by the first export) counts from zero; /proc/PID/stat includes the process's ended threads."""
+    processes = _processes()
+    port = str(httpx.URL(url).port).encode()
+    serve = {pid for pid, (_, cmd) in processes.items() if b"serve" in cmd.split(b"\0") and port in cmd}
+    postmaster = int((data_dir / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
+    out = {}
+    for pid in _tree(processes, serve | {postmaster}):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            out[pid] = cpu_seconds([pid])
+    return out
+
+
 async def export_once(url: str, export_dir: Path, run: int, expected: int) -> tuple[float, dict, float]:
     """One export of the whole cohort: (seconds, final results, archive CPU seconds)."""
     path = f"cohort-run-{run}"
@@ -189,22 +205,22 @@ async def export_once(url: str, export_dir: Path, run: int, expected: int) -> tu
         "destination": {"type": "directory", "settings": {"path": path}},
         "deidentification": DEID,
     }
-    meter = CpuMeter(url, export_dir.parent)  # every thread of the server, its workers and PostgreSQL
-    cpu_before = sum(meter.sample().values())
+    cpu_before = archive_cpu(url, export_dir.parent)
     async with httpx.AsyncClient(timeout=120) as client:
         start = time.perf_counter()
         response = await client.post(f"{url}/export", json=body)
         if response.status_code != 202:
             raise SystemExit(f"POST /export: {response.status_code} {response.text[:300]}")
         href = response.json()["href"]
-        seen = None
+        shown = -1.0
         while True:
             response = await client.get(href)
             operation = response.json()
             results = operation["results"]
-            figure = (results.get("instancesProcessed"), results.get("bytesProcessed"))
-            if figure != seen and "instancesProcessed" in results:
-                seen = figure
+            now = time.perf_counter()
+            # what a client polling the operation sees, about once a second
+            if "instancesProcessed" in results and (now - shown >= 1 or response.status_code == 200):
+                shown = now
                 print(
                     f"  {time.perf_counter() - start:6.1f} s  {operation['status']:9} "
                     f"{operation['percentComplete']:3d}%  {results['instancesProcessed']:6d} instances "
@@ -216,8 +232,8 @@ async def export_once(url: str, export_dir: Path, run: int, expected: int) -> tu
                 break
             await asyncio.sleep(0.25)
     elapsed = time.perf_counter() - start
-    cpu = (sum(meter.sample().values()) - cpu_before) / 1e9
-    meter.close()
+    cpu_after = archive_cpu(url, export_dir.parent)
+    cpu = sum(seconds - cpu_before.get(pid, 0.0) for pid, seconds in cpu_after.items())
     if operation["status"] != "succeeded" or results["exported"] != expected:
         raise SystemExit(f"export {operation['status']}: {results}")
     await asyncio.to_thread(shutil.rmtree, export_dir / path)

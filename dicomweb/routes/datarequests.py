@@ -27,7 +27,7 @@ from deid.export_request import ExportRequestError, normalize_identifiers
 from deid.profile import Options, ProfileError, option_api_name
 from dicomweb.auth import principal_of
 from dicomweb.config import DEFAULT_PARTITION
-from dicomweb.context import context
+from dicomweb.context import context, service_root
 from dicomweb.errors import HTTPProblem
 from dicomweb.jsonbody import json_object
 from dicomweb.routes.export import EXPORT
