@@ -16,7 +16,7 @@ through STOW-RS into an archive in --data-dir (kept, and reused by later runs), 
 times with POST /export (a query source matching all of them; the basic profile with Retain Longitudinal
 Modified Dates) into a directory under the archive's export directory, polling GET /operations/{id} and
 printing the progress figures (instancesProcessed, bytesProcessed, instancesPerSecond, bytesPerSecond)
-as they change. MB/s is the stored bytes of the cohort over the time from the POST to `succeeded`
+about once a second. MB/s is the stored bytes of the cohort over the time from the POST to `succeeded`
 (1 MB = 10^6 bytes). The outputs of a run are deleted before the next.
 """
 
