@@ -11,7 +11,7 @@ operation is written) and a data request's approval (POST /datarequests/{id}/app
 cohort and starts its export). Each operation is canceled at once, since the objects it would export are
 not stored; so use a copy of the loaded directory, not the one other benches read.
 
-`export` stores --studies studies of --per-study CT instances (--size x --size, 16 bit: ~530 KiB each)
+`export` stores --studies studies of --per-study CT instances (--size x --size, 16 bit: 526 KB each at 512)
 through STOW-RS into an archive in --data-dir (kept, and reused by later runs), then exports them --runs
 times with POST /export (a query source matching all of them; the basic profile with Retain Longitudinal
 Modified Dates) into a directory under the archive's export directory, polling GET /operations/{id} and
