@@ -46,10 +46,17 @@ from storage import LocalBlobStore
 _PLACEHOLDER = "1.2.826.0.1.3680043.10.1234.9.1000000000000"
 
 
-def ct_template(size: int) -> bytes:
-    """One CT slice with the sequences and private block a scanner writes, SOP UID a fixed placeholder."""
+def ct_template(
+    size: int, *, patient_id: str | None = None, study_uid: str | None = None, series_uid: str | None = None
+) -> bytes:
+    """One CT slice with the sequences and private block a scanner writes, SOP UID a fixed placeholder
+    (and the patient, study and series too, when given: bench.cohort_export makes studies of it)."""
     rng = random.Random(5)
     spec = make_study(rng, series_count=1, modalities=["CT"])
+    spec.patient_id = patient_id or spec.patient_id
+    spec.study_uid = study_uid or spec.study_uid
+    if series_uid:
+        spec.series[0] = (series_uid, *spec.series[0][1:])
     ds = make_instance(spec, 0, 1, rows=size, columns=size, sop_uid=_PLACEHOLDER)
     ds.InstitutionAddress = "1 Hospital Road"
     ds.OperatorsName = "Tech^Alice"

@@ -28,6 +28,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -57,7 +58,11 @@ BATCH = 128  # instances per step: well under a second of work at the measured r
 CHUNK = 8  # instances per task of the process pool
 IN_FLIGHT = 4  # tasks (chunks) in flight at once, across a step and the batch started ahead of it
 MAX_OBJECT_SIZE = 512 << 20  # larger objects fail with a clear error rather than exhausting memory
-_START = {"index": 0, "after": 0, "exported": 0, "skipped": 0, "failed": 0, "total": None}
+_START = {
+    "index": 0, "after": 0, "exported": 0, "skipped": 0, "failed": 0, "total": None,
+    "bytes": 0,  # stored bytes of the instances processed so far
+    "started": None,  # when the first step ran (Unix time): the progress rates are averaged from then
+}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,9 +221,11 @@ class ExportHandler:
         checkpoint: dict[str, Any] = {**_START, **(op.checkpoint or {})}
         params = op.params
         identifiers: list[str] = params["identifiers"]
+        if checkpoint["started"] is None:
+            checkpoint["started"] = time.time()
         if checkpoint["total"] is None:
             checkpoint["total"] = await count_instances(conn, params["partition"], identifiers)
-            return Step(checkpoint, 0, results=_counts(checkpoint))
+            return Step(checkpoint, 0, results=progress(checkpoint))
         if checkpoint["index"] >= len(identifiers):
             return await self._finish(conn, op, checkpoint)
         engine = await self._engine(conn, op)
@@ -243,6 +250,7 @@ class ExportHandler:
         if batch:
             for row, (kind, detail) in zip(batch, outcomes, strict=True):
                 checkpoint[kind] += 1
+                checkpoint["bytes"] += row["size"]
                 if isinstance(detail, str):
                     errors.append((_identifier(row), kind, detail))
                 elif detail is not None:
@@ -257,7 +265,7 @@ class ExportHandler:
         checkpoint["index"], checkpoint["after"] = position
         total = checkpoint["total"] or 1
         done = checkpoint["exported"] + checkpoint["skipped"] + checkpoint["failed"]
-        return Step(checkpoint, min(99, 100 * done // total), results=_counts(checkpoint))
+        return Step(checkpoint, min(99, 100 * done // total), results=progress(checkpoint))
 
     def _take_ahead(self, operation_id: uuid.UUID, start: tuple[int, int]) -> _Batch | None:
         """The batch started ahead for this step, if it starts exactly at its checkpoint; any other
@@ -441,7 +449,7 @@ class ExportHandler:
         return results
 
     async def _finish(self, conn: asyncpg.Connection, op: Operation, checkpoint: dict[str, Any]) -> Step:
-        results: dict[str, Any] = _counts(checkpoint)
+        results: dict[str, Any] = progress(checkpoint)
         destination = op.params["destination"]
         rows = await conn.fetch(
             """SELECT identifier, kind, error, at FROM deid_export_error
@@ -465,8 +473,23 @@ class ExportHandler:
         return Step(checkpoint, 100, done=True, results=results)
 
 
-def _counts(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    return {k: checkpoint[k] for k in ("exported", "skipped", "failed")}
+def progress(checkpoint: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+    """The operation's results while it runs: Azure's counts (exported, skipped, failed) and the progress
+    figures, committed with each step. Bytes are the stored objects' sizes as the index records them
+    (what is read from the archive); the rates are averaged over the time since the first step, so a
+    pause (a crash before a resume) lowers them, as it lowers what the export sustains."""
+    processed = checkpoint["exported"] + checkpoint["skipped"] + checkpoint["failed"]
+    elapsed = max(0.0, (time.time() if now is None else now) - (checkpoint["started"] or 0.0))
+    return {
+        "exported": checkpoint["exported"],
+        "skipped": checkpoint["skipped"],
+        "failed": checkpoint["failed"],
+        "instancesTotal": checkpoint["total"],
+        "instancesProcessed": processed,
+        "bytesProcessed": checkpoint["bytes"],
+        "instancesPerSecond": round(processed / elapsed, 1) if elapsed > 0 else 0.0,
+        "bytesPerSecond": round(checkpoint["bytes"] / elapsed) if elapsed > 0 else 0,
+    }
 
 
 def _identifier(row: asyncpg.Record) -> str:

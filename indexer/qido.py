@@ -1104,6 +1104,31 @@ async def search_page(
     return QidoPage(results, more)
 
 
+async def matching_study_uids(
+    conn: asyncpg.Connection, partition_key: int, query: QidoQuery, cap: int
+) -> list[str]:
+    """The Study Instance UID of every study a study-level query matches (its limit and offset ignored), in
+    study_key order, at most `cap` of them: a research cohort in one statement, on the same conditions as a
+    page. Paging a cohort of 16,000 studies 1,000 at a time with OFFSET re-read every earlier page and built
+    each result's JSON only to take its UID (docs/performance.md, "Cohort extraction at scale")."""
+    if query.level is not Level.STUDY:
+        raise ValueError("a cohort is a study-level query")
+    args = _Args(partition_key)
+    where = ["st.partition_key = $1", *(_filter_sql(f, args) for f in query.filters)]
+    sql = (
+        f"SELECT st.study_instance_uid FROM study st WHERE {' AND '.join(where)}"
+        f" ORDER BY st.study_key LIMIT {args.add(cap)}"
+    )
+    if conn.is_in_transaction():
+        await conn.execute(statement_settings(query))
+        rows = await conn.fetch(sql, *args.values)
+    else:
+        async with conn.transaction(readonly=True):  # SET LOCAL lasts for this statement only
+            await conn.execute(statement_settings(query))
+            rows = await conn.fetch(sql, *args.values)
+    return [row[0] for row in rows]
+
+
 def statement_settings(query: QidoQuery) -> str:
     """The SET LOCAL statements a search's statement runs under (in its transaction)."""
     settings = "SET LOCAL plan_cache_mode = force_custom_plan"

@@ -21,6 +21,7 @@ import pytest
 from pydicom.sequence import Sequence
 
 from bench.synthetic import multipart_body
+from deid import export as deid_export
 from deid import mapping
 from deid.export import ExportHandler, ExportSettings
 from deid.keys import ProjectKeys
@@ -424,3 +425,82 @@ async def test_export_from_either_archive_store(archive: RunningArchive, tmp_pat
     for data in outputs.values():
         assert leaked(cohort.canaries.made, data) == []
         assert pydicom.dcmread(io.BytesIO(data)).PatientIdentityRemoved == "YES"
+
+
+class SteppedHandler(ExportHandler):
+    """An export handler whose steps run only when the test lets them (one permit, one step)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.permits = asyncio.Semaphore(0)
+
+    async def step(self, conn: asyncpg.Connection, op: Any) -> Any:
+        await self.permits.acquire()
+        return await super().step(conn, op)
+
+
+async def test_progress_figures_at_each_step(
+    quiet_archive: RunningArchive, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    cohort = make_cohort(15)
+    await stow(quiet_archive.url, cohort.files)
+    body = request_body(cohort, directory("progress"))
+    op_id = (await post_export(quiet_archive.url, body)).json()["id"]
+    study0, series2, series3 = cohort.studies[0], cohort.series[2][1], cohort.series[3][1]
+    stored: int = await pool.fetchval(
+        """SELECT sum(i.size)::bigint FROM instance i JOIN study st USING (study_key)
+           JOIN series se USING (series_key)
+           WHERE st.study_instance_uid = $1 OR se.series_instance_uid = ANY($2::text[])""",
+        study0,
+        [series2, series3],
+    )
+    settings = ExportSettings(tmp_path / "exports", workers=0)
+    handler = SteppedHandler(pool, LocalBlobStore(tmp_path / "blobs"), settings, batch=4)
+    runner = OperationRunner(pool, {"export": handler})
+    runner.start()
+    seen: list[tuple[int, dict[str, Any]]] = []
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            previous: dict[str, Any] = {}
+            while not seen or seen[-1][0] == 202:
+                handler.permits.release()
+                async with asyncio.timeout(30):
+                    while True:  # the step's commit: its results differ from the last ones
+                        response = await client.get(f"{quiet_archive.url}/operations/{op_id}")
+                        if response.json()["results"] != previous:
+                            break
+                        await asyncio.sleep(0.01)
+                previous = response.json()["results"]
+                seen.append((response.status_code, previous))
+    finally:
+        await runner.stop()
+    # the first step counts the cohort; then four instances a step; the last writes the errors log
+    total = EXPECTED + 1  # the skipped ultrasound; the identifier not stored has no instance
+    assert seen[0] == (202, {"exported": 0, "skipped": 0, "failed": 0, "instancesTotal": total,
+                             "instancesProcessed": 0, "bytesProcessed": 0, "instancesPerSecond": 0.0,
+                             "bytesPerSecond": 0})  # fmt: skip
+    processed = [r["instancesProcessed"] for _, r in seen]
+    assert processed == sorted(processed) and len(set(processed)) >= (total + 3) // 4
+    for status, results in seen[1:-1]:
+        assert status == 202
+        assert results["instancesProcessed"] == results["exported"] + results["skipped"] + results["failed"]
+        assert 0 < results["bytesProcessed"] <= stored
+        assert results["instancesPerSecond"] > 0 and results["bytesPerSecond"] > 0
+        # one elapsed time behind both rates
+        by_instances = results["instancesProcessed"] / results["instancesPerSecond"]
+        by_bytes = results["bytesProcessed"] / results["bytesPerSecond"]
+        assert by_bytes == pytest.approx(by_instances, rel=0.05, abs=0.01)
+    status, final = seen[-1]
+    assert status == 200
+    assert (final["exported"], final["skipped"], final["failed"]) == (EXPECTED, 1, 1)
+    assert final["instancesProcessed"] == EXPECTED + 2 and final["bytesProcessed"] == stored
+    assert final["errorHref"].endswith(f"/{op_id}/errors.log")
+
+
+def test_progress_rates() -> None:
+    checkpoint = {"exported": 7, "skipped": 2, "failed": 1, "total": 40, "bytes": 5_000_000, "started": 100.0}
+    assert deid_export.progress(checkpoint, now=104.0) == {
+        "exported": 7, "skipped": 2, "failed": 1, "instancesTotal": 40, "instancesProcessed": 10,
+        "bytesProcessed": 5_000_000, "instancesPerSecond": 2.5, "bytesPerSecond": 1_250_000,
+    }  # fmt: skip
+    assert deid_export.progress(checkpoint, now=100.0)["bytesPerSecond"] == 0  # no time has passed yet

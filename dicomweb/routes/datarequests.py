@@ -258,7 +258,7 @@ async def _approve(
         identifiers = cohort["studies"]
     else:
         try:
-            identifiers = await resolve_query(conn, source, cohort["query"], service_root(request))
+            identifiers = await resolve_query(conn, source, cohort["query"])
         except ExportRequestError as exc:
             raise workflow.RequestError(str(exc), 409) from exc
         if not identifiers:

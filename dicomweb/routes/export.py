@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from deid.cohort import resolve_query
 from deid.export_request import ExportRequestError, parse_export_request
-from dicomweb.context import context, partition_key, service_root
+from dicomweb.context import context, partition_key
 from dicomweb.errors import HTTPProblem
 from dicomweb.jsonbody import json_body
 from dicomweb.routes.operations import start_operation
@@ -28,7 +28,7 @@ async def export(request: Request) -> Response:
         identifiers = req.identifiers
         if identifiers is None:
             async with ctx.pool.acquire() as conn:
-                identifiers = await resolve_query(conn, source, req.query or "", service_root(request))
+                identifiers = await resolve_query(conn, source, req.query or "")
             if not identifiers:
                 raise ExportRequestError("source.settings.query matches no study")
     except ExportRequestError as exc:
