@@ -37,7 +37,7 @@ from archive.ingest import Prepared, prepare, prepare_executor, record_of, stora
 from archive.update_request import UPDATE, parse_change_dataset
 from changefeed.log import Action, Change, append
 from dicomcore.rewrite import RewriteError, apply_changes
-from indexer.lookup import partition_key
+from indexer.lookup import StoredInstance, instances_by_uid, partition_key, study_instances_after_uid
 from indexer.operations import Operation, Step
 from indexer.writes import NewVersion, replace_instances
 from storage.base import BlobNotFoundError, BlobStore
@@ -67,14 +67,18 @@ _START: dict[str, Any] = {
 @dataclass(slots=True)
 class _Instance:
     instance_key: int
-    study_instance_uid: str
-    series_instance_uid: str
-    sop_instance_uid: str
-    storage_key: str
-    size: int
+    stored: StoredInstance
     new: Prepared | None = None
     new_key: str | None = None
     error: str | None = None
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return self.stored.sop_instance_uid
+
+    @property
+    def study_instance_uid(self) -> str:
+        return self.stored.study_instance_uid
 
 
 def _rewrite_chunk(
@@ -92,10 +96,11 @@ def _rewrite_chunk(
             instance.error = str(exc)
             continue
         parsed = prepared.parsed
+        stored = instance.stored
         if (parsed.study_instance_uid, parsed.series_instance_uid, parsed.sop_instance_uid) != (
-            instance.study_instance_uid,
-            instance.series_instance_uid,
-            instance.sop_instance_uid,
+            stored.study_instance_uid,
+            stored.series_instance_uid,
+            stored.sop_instance_uid,
         ):
             instance.error = "the stored object's UIDs differ from its index row"
             continue
@@ -152,32 +157,13 @@ class UpdateHandler:
         while cp["index"] < len(uids) and len(batch) < self.batch and size < BATCH_BYTES:
             study = uids[cp["index"]]
             limit = self.batch - len(batch)
-            rows = await conn.fetch(
-                """SELECT i.instance_key, se.series_instance_uid, i.sop_instance_uid, i.storage_key, i.size
-                   FROM study st JOIN instance i ON i.study_key = st.study_key
-                   JOIN series se ON se.series_key = i.series_key
-                   WHERE st.partition_key = $1 AND st.study_instance_uid = $2 AND i.sop_instance_uid > $3
-                   ORDER BY i.sop_instance_uid LIMIT $4""",
-                partition,
-                study,
-                cp["after"],
-                limit,
-            )
-            for row in rows:
-                if batch and size + row["size"] > BATCH_BYTES:
+            rows = await study_instances_after_uid(conn, partition, study, cp["after"], limit)
+            for key, stored in rows:
+                if batch and size + stored.size > BATCH_BYTES:
                     return batch, ended
-                batch.append(
-                    _Instance(
-                        row["instance_key"],
-                        study,
-                        row["series_instance_uid"],
-                        row["sop_instance_uid"],
-                        row["storage_key"],
-                        row["size"],
-                    )
-                )
-                size += row["size"]
-                cp["after"] = row["sop_instance_uid"]
+                batch.append(_Instance(key, stored))
+                size += stored.size
+                cp["after"] = stored.sop_instance_uid
             if len(rows) < limit:  # the study has no more instances
                 ended.append(study)
                 cp["index"], cp["after"] = cp["index"] + 1, ""
@@ -202,7 +188,7 @@ class UpdateHandler:
                 if instance.new is not None and instance.new_key is not None and instance.error is None:
                     ready.append(instance)
                     record = record_of(instance.new, instance.new_key)
-                    versions.append(NewVersion(instance.instance_key, instance.storage_key, record))
+                    versions.append(NewVersion(instance.instance_key, instance.stored.storage_key, record))
                 else:
                     _fail(cp, failed, instance, instance.error or "not rewritten")
                     await _delete_quietly(self.store, instance.new_key)
@@ -214,11 +200,12 @@ class UpdateHandler:
                 if key is None:
                     stale.append(instance)
                 else:
+                    stored = instance.stored
                     changed.append(
                         Change(
-                            instance.study_instance_uid,
-                            instance.series_instance_uid,
-                            instance.sop_instance_uid,
+                            stored.study_instance_uid,
+                            stored.series_instance_uid,
+                            stored.sop_instance_uid,
                             key,
                             Action.UPDATE,
                         )
@@ -228,7 +215,10 @@ class UpdateHandler:
             await append(conn, partition, changed)
             for instance in stale:  # never indexed: nothing references its new object
                 await _delete_quietly(self.store, instance.new_key)
-            pending = await _current(conn, partition, stale) if attempt + 1 < RETRIES else []
+            pending = []
+            if stale and attempt + 1 < RETRIES:  # as indexed now (those still there), to be done again
+                sop_uids = [i.sop_instance_uid for i in stale]
+                pending = [_Instance(*row) for row in await instances_by_uid(conn, partition, sop_uids)]
             for instance in stale if attempt + 1 == RETRIES else []:
                 _fail(cp, failed, instance, "changed by another writer while it was being updated")
 
@@ -256,11 +246,12 @@ class UpdateHandler:
 
     async def _read(self, instance: _Instance) -> bytes | None:
         instance.new, instance.new_key, instance.error = None, None, None
-        if instance.size > MAX_OBJECT_SIZE:
-            instance.error = f"the object is {instance.size} bytes, over the {MAX_OBJECT_SIZE}-byte limit"
+        size = instance.stored.size
+        if size > MAX_OBJECT_SIZE:
+            instance.error = f"the object is {size} bytes, over the {MAX_OBJECT_SIZE}-byte limit"
             return None
         try:
-            return await self.store.read(instance.storage_key)
+            return await self.store.read(instance.stored.storage_key)
         except BlobNotFoundError:
             instance.error = "the stored object is missing"
             return None
@@ -273,32 +264,6 @@ class UpdateHandler:
             instance.error, instance.new = f"could not store the new version: {exc.__class__.__name__}", None
             return
         instance.new.data = None
-
-
-async def _current(conn: asyncpg.Connection, partition: int, stale: list[_Instance]) -> list[_Instance]:
-    """The instances as they are indexed now (those still there), to be updated again."""
-    if not stale:
-        return []
-    rows = await conn.fetch(
-        """SELECT i.instance_key, se.series_instance_uid, i.sop_instance_uid, i.storage_key, i.size,
-                  st.study_instance_uid
-           FROM instance i JOIN series se ON se.series_key = i.series_key
-           JOIN study st ON st.study_key = i.study_key
-           WHERE i.partition_key = $1 AND i.sop_instance_uid = ANY($2::text[])""",
-        partition,
-        [i.sop_instance_uid for i in stale],
-    )
-    return [
-        _Instance(
-            r["instance_key"],
-            r["study_instance_uid"],
-            r["series_instance_uid"],
-            r["sop_instance_uid"],
-            r["storage_key"],
-            r["size"],
-        )
-        for r in rows
-    ]
 
 
 async def _older_update_pending(conn: asyncpg.Connection, op: Operation, uids: list[str]) -> bool:

@@ -175,22 +175,47 @@ async def study_instance_count(
     )
 
 
+_WALK = """SELECT i.instance_key, s.study_instance_uid, se.series_instance_uid, i.sop_instance_uid,
+                  i.sop_class_uid, i.transfer_syntax_uid, i.storage_key, i.size
+           FROM study s JOIN instance i ON i.study_key = s.study_key
+           JOIN series se ON se.series_key = i.series_key
+           WHERE s.partition_key = $1 AND """
+
+
 async def study_instances_after(
     conn: asyncpg.Connection | asyncpg.Pool, partition_key: int, study_uid: str, after: int, limit: int
 ) -> list[tuple[int, StoredInstance]]:
     """(instance_key, instance) of a study after `after`, in instance_key order: a resumable walk."""
     rows = await conn.fetch(
-        """SELECT i.instance_key, s.study_instance_uid, se.series_instance_uid, i.sop_instance_uid,
-                  i.sop_class_uid, i.transfer_syntax_uid, i.storage_key, i.size
-           FROM study s JOIN instance i ON i.study_key = s.study_key
-           JOIN series se ON se.series_key = i.series_key
-           WHERE s.partition_key = $1 AND s.study_instance_uid = $2 AND i.instance_key > $3
-           ORDER BY i.instance_key LIMIT $4""",
+        _WALK + "s.study_instance_uid = $2 AND i.instance_key > $3 ORDER BY i.instance_key LIMIT $4",
         partition_key,
         study_uid,
         after,
         limit,
     )
+    return [(r[0], StoredInstance(*r[1:])) for r in rows]
+
+
+async def study_instances_after_uid(
+    conn: asyncpg.Connection | asyncpg.Pool, partition_key: int, study_uid: str, after: str, limit: int
+) -> list[tuple[int, StoredInstance]]:
+    """(instance_key, instance) of a study after SOP Instance UID `after`, in UID order: a resumable walk
+    over instances that get new rows (bulk update), which keeps their UIDs but not their instance_keys."""
+    rows = await conn.fetch(
+        _WALK + "s.study_instance_uid = $2 AND i.sop_instance_uid > $3 ORDER BY i.sop_instance_uid LIMIT $4",
+        partition_key,
+        study_uid,
+        after,
+        limit,
+    )
+    return [(r[0], StoredInstance(*r[1:])) for r in rows]
+
+
+async def instances_by_uid(
+    conn: asyncpg.Connection | asyncpg.Pool, partition_key: int, sop_uids: Sequence[str]
+) -> list[tuple[int, StoredInstance]]:
+    """(instance_key, instance) of those of these SOP instances the partition holds."""
+    rows = await conn.fetch(_WALK + "i.sop_instance_uid = ANY($2::text[])", partition_key, list(sop_uids))
     return [(r[0], StoredInstance(*r[1:])) for r in rows]
 
 

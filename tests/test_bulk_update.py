@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,12 +34,10 @@ from archive.update import UpdateHandler
 from archive.update_request import UPDATE, parse_change_dataset, parse_update_request, update_params
 from bench.synthetic import make_instance, make_study, multipart_body, to_bytes
 from dicomcore.rewrite import RewriteError, apply_changes
-from dicomweb.app import create_app
-from dicomweb.config import Settings
 from indexer.operations import OperationRunner, create_operation
 from storage import LocalBlobStore
 from storage.base import BlobStore
-from tests.fixtures.server import RunningArchive, ServerThread
+from tests.fixtures.server import RunningArchive
 
 NEW_NAME = {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Merged^Patient"}]}}
 CHANGES = {
@@ -471,21 +469,6 @@ class _StallingStore(LocalBlobStore):
             self.stalled.set()
             await asyncio.Event().wait()  # until cancelled
         await super().make_durable(keys)
-
-
-@pytest.fixture
-def quiet_archive(database_url: str, tmp_path: Path) -> Iterator[RunningArchive]:
-    """An archive whose own operation runner is off: the test runs (and crashes) runners itself."""
-    settings = Settings(data_dir=tmp_path, max_instance_size=64 << 20, insecure_open=True)
-    app = create_app(settings, database_url=database_url, store=LocalBlobStore(tmp_path / "blobs"),
-                     run_maintenance=False)  # fmt: skip
-    thread = ServerThread(app)
-    port = thread.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        yield RunningArchive(f"{base}/v2", base, database_url, LocalBlobStore(tmp_path / "blobs"))
-    finally:
-        thread.stop()
 
 
 @pytest.fixture
