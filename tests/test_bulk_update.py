@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import random
+import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -33,11 +34,15 @@ from archive.maintenance import sweep_orphans
 from archive.update import UpdateHandler
 from archive.update_request import UPDATE, parse_change_dataset, parse_update_request, update_params
 from bench.synthetic import make_instance, make_study, multipart_body, to_bytes
+from changefeed.fhir import DEFAULT_PATIENT_SYSTEM
 from dicomcore.rewrite import RewriteError, apply_changes
 from indexer.operations import OperationRunner, create_operation
 from storage import LocalBlobStore
 from storage.base import BlobStore
+from tests.fixtures.fhir import RunningFhir
 from tests.fixtures.server import RunningArchive
+from tests.test_fhir_projection import Sync, make_files
+from tests.test_fhir_projection import stow as fhir_stow
 
 NEW_NAME = {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Merged^Patient"}]}}
 CHANGES = {
@@ -568,3 +573,28 @@ async def test_updates_of_one_study_apply_in_queue_order(
     finally:
         await runner.stop()
     assert {name for name, _ in (await _versions(pool)).values()} == {"Second^Name"}
+
+
+async def test_fhir_projection_follows_the_update(
+    local_archive: RunningArchive, fhir_server: RunningFhir
+) -> None:
+    spec = make_study(random.Random(71), series_count=1)
+    series0 = make_files(spec, 0, [1, 2])
+    await fhir_stow(local_archive, series0)
+    sync = Sync(local_archive, fhir_server)
+    assert await sync.run() == {"updated": 1, "unchanged": 0, "deleted": 0}
+    changes = {
+        "00100020": {"vr": "LO", "Value": ["MRN-77"]},
+        "00080050": {"vr": "SH", "Value": ["ACC-NEW"]},
+        "00081030": {"vr": "LO", "Value": ["CT CHEST CORRECTED"]},
+    }
+    async with httpx.AsyncClient(timeout=60) as client:
+        body = {"studyInstanceUids": [spec.study_uid], "changeDataset": changes}
+        response = await _bulk_update(client, local_archive.url, body)
+        assert (await _wait(client, response.json()["href"]))["status"] == "succeeded"
+    assert await sync.run() == {"updated": 1, "unchanged": 0, "deleted": 0}  # two update entries, one rebuild
+    (study,) = fhir_server.store.of_type("ImagingStudy")
+    assert study["identifier"][1]["value"] == "ACC-NEW" and study["description"] == "CT CHEST CORRECTED"
+    patient_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"Patient|{DEFAULT_PATIENT_SYSTEM}|MRN-77"))
+    assert study["subject"] == {"reference": f"Patient/{patient_id}"}
+    assert [len(s["instance"]) for s in study["series"]] == [2]
