@@ -48,6 +48,7 @@ BATCH = 256  # instances per step (one transaction): well under a second of work
 BATCH_BYTES = 64 << 20  # and at most this much stored data, so large objects make small steps
 CHUNK = 16  # instances per call on the ingest thread (a thread hop costs about one small rewrite)
 IN_FLIGHT = 4  # chunks being read, rewritten or written at once
+PART = 64  # instances rewritten while the part before them is indexed
 MAX_OBJECT_SIZE = 512 << 20  # objects are rewritten in memory; larger ones fail with a clear error
 MAX_ERRORS = 100  # error messages kept in the results
 RETRIES = 3  # an instance changed by someone else between read and commit is read again this often
@@ -82,13 +83,22 @@ class _Instance:
 
 
 def _rewrite_chunk(
-    chunk: list[tuple[_Instance, bytes]],
+    chunk: list[tuple[_Instance, bytes | None]],
     changes: dict[str, Any],
     partition: int,
+    read: Callable[[str], bytes] | None,
     write: Callable[[str, bytes], int] | None,
 ) -> None:
-    """On the ingest thread: rewrite, prepare and (local store) write each object; errors per instance."""
+    """On the ingest thread: (local store) read, rewrite, prepare and (local store) write each object;
+    errors per instance. One thread call for all of it saves the thread hops of each read and write."""
     for instance, data in chunk:
+        if data is None:
+            assert read is not None
+            try:
+                data = read(instance.stored.storage_key)
+            except BlobNotFoundError:
+                instance.error = "the stored object is missing"
+                continue
         try:
             rewritten = apply_changes(data, changes)
             prepared = prepare(io.BytesIO(rewritten))
@@ -178,66 +188,75 @@ class UpdateHandler:
         cp: dict[str, Any],
         failed: set[str],
     ) -> None:
+        """Rewrite and re-index the batch in the step's transaction. Parts of it are pipelined: the next
+        part is rewritten (ingest thread, store) while this one is indexed (PostgreSQL)."""
+        changed: list[Change] = []
+        written: list[str] = []
         pending = instances
         for attempt in range(RETRIES):
             if not pending:
-                return
-            await self._rewrite(partition, changes, pending)
-            versions, ready = [], []
-            for instance in pending:
-                if instance.new is not None and instance.new_key is not None and instance.error is None:
-                    ready.append(instance)
-                    record = record_of(instance.new, instance.new_key)
-                    versions.append(NewVersion(instance.instance_key, instance.stored.storage_key, record))
-                else:
-                    _fail(cp, failed, instance, instance.error or "not rewritten")
-                    await _delete_quietly(self.store, instance.new_key)
-            await self.store.make_durable([version.record.storage_key for version in versions])
-            new_keys = await replace_instances(conn, partition, versions)
-            changed = []
-            stale = []
-            for instance, key in zip(ready, new_keys, strict=True):
-                if key is None:
-                    stale.append(instance)
-                else:
-                    stored = instance.stored
-                    changed.append(
-                        Change(
-                            stored.study_instance_uid,
-                            stored.series_instance_uid,
-                            stored.sop_instance_uid,
-                            key,
-                            Action.UPDATE,
+                break
+            stale: list[_Instance] = []
+            parts = [pending[i : i + PART] for i in range(0, len(pending), PART)]
+            ahead = asyncio.ensure_future(self._rewrite(partition, changes, parts[0]))
+            try:
+                for n, part in enumerate(parts):
+                    await ahead
+                    if n + 1 < len(parts):
+                        ahead = asyncio.ensure_future(self._rewrite(partition, changes, parts[n + 1]))
+                    ready = [i for i in part if i.new is not None and i.error is None]
+                    for instance in part:
+                        if instance.new is None or instance.error is not None:
+                            _fail(cp, failed, instance, instance.error or "not rewritten")
+                            await _delete_quietly(self.store, instance.new_key)
+                    versions = [_version(i) for i in ready]
+                    new_keys = await replace_instances(conn, partition, versions)
+                    for instance, version, key in zip(ready, versions, new_keys, strict=True):
+                        if key is None:  # deleted or replaced since it was read
+                            stale.append(instance)
+                            await _delete_quietly(self.store, instance.new_key)  # nothing references it
+                            continue
+                        stored = instance.stored
+                        written.append(version.record.storage_key)
+                        changed.append(
+                            Change(
+                                stored.study_instance_uid,
+                                stored.series_instance_uid,
+                                stored.sop_instance_uid,
+                                key,
+                                Action.UPDATE,
+                            )
                         )
-                    )
-            cp["instanceUpdated"] += len(changed)
-            # the feed entries commit with the rows they describe (with the step)
-            await append(conn, partition, changed)
-            for instance in stale:  # never indexed: nothing references its new object
-                await _delete_quietly(self.store, instance.new_key)
+            finally:
+                ahead.cancel()
             pending = []
             if stale and attempt + 1 < RETRIES:  # as indexed now (those still there), to be done again
                 sop_uids = [i.sop_instance_uid for i in stale]
                 pending = [_Instance(*row) for row in await instances_by_uid(conn, partition, sop_uids)]
             for instance in stale if attempt + 1 == RETRIES else []:
                 _fail(cp, failed, instance, "changed by another writer while it was being updated")
+        await self.store.make_durable(written)  # before the commit: no row commits before its object
+        cp["instanceUpdated"] += len(changed)
+        # the feed entries commit with the rows they describe, with the step; last: the counter lock it
+        # takes serialises every writer's commit until ours
+        await append(conn, partition, changed)
 
     async def _rewrite(self, partition: int, changes: dict[str, Any], instances: list[_Instance]) -> None:
         loop = asyncio.get_running_loop()
-        write = self.store.blocking_writer()
+        read, write = self.store.blocking_reader(), self.store.blocking_writer()
         slots = asyncio.Semaphore(IN_FLIGHT)
 
         async def chunk(part: list[_Instance]) -> None:
             async with slots:
-                loaded = []
-                for instance, data in zip(
-                    part, await asyncio.gather(*(self._read(i) for i in part)), strict=True
-                ):
-                    if data is not None:
-                        loaded.append((instance, data))
+                readable = [i for i in part if _readable(i)]
+                if read is None:  # read on the event loop, several at once
+                    data = await asyncio.gather(*(self._read(i) for i in readable))
+                    loaded = [(i, d) for i, d in zip(readable, data, strict=True) if d is not None]
+                else:
+                    loaded = [(i, None) for i in readable]
                 if loaded:
                     await loop.run_in_executor(
-                        prepare_executor(), _rewrite_chunk, loaded, changes, partition, write
+                        prepare_executor(), _rewrite_chunk, loaded, changes, partition, read, write
                     )
                 unstored = [i for i in part if i.new is not None and i.new.data is not None]
                 await asyncio.gather(*(self._put(instance) for instance in unstored))
@@ -245,11 +264,6 @@ class UpdateHandler:
         await asyncio.gather(*(chunk(instances[i : i + CHUNK]) for i in range(0, len(instances), CHUNK)))
 
     async def _read(self, instance: _Instance) -> bytes | None:
-        instance.new, instance.new_key, instance.error = None, None, None
-        size = instance.stored.size
-        if size > MAX_OBJECT_SIZE:
-            instance.error = f"the object is {size} bytes, over the {MAX_OBJECT_SIZE}-byte limit"
-            return None
         try:
             return await self.store.read(instance.stored.storage_key)
         except BlobNotFoundError:
@@ -264,6 +278,23 @@ class UpdateHandler:
             instance.error, instance.new = f"could not store the new version: {exc.__class__.__name__}", None
             return
         instance.new.data = None
+
+
+def _version(instance: _Instance) -> NewVersion:
+    assert instance.new is not None and instance.new_key is not None
+    return NewVersion(
+        instance.instance_key, instance.stored.storage_key, record_of(instance.new, instance.new_key)
+    )
+
+
+def _readable(instance: _Instance) -> bool:
+    """Reset for a (re)try; False (with the error) for objects too large to rewrite in memory."""
+    instance.new, instance.new_key, instance.error = None, None, None
+    size = instance.stored.size
+    if size > MAX_OBJECT_SIZE:
+        instance.error = f"the object is {size} bytes, over the {MAX_OBJECT_SIZE}-byte limit"
+        return False
+    return True
 
 
 async def _older_update_pending(conn: asyncpg.Connection, op: Operation, uids: list[str]) -> bool:
