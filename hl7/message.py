@@ -193,18 +193,25 @@ def parse(raw: bytes) -> Received:
     except (HL7apyException, ValueError, IndexError, KeyError, AttributeError) as exc:
         raise HL7Error(AR, SEGMENT_SEQUENCE_ERROR, f"the message cannot be parsed: {exc}", "MSH") from exc
     enc = parsed.encoding_chars
-    delimiters = Delimiters(
-        enc["FIELD"], enc["COMPONENT"], enc["REPETITION"], enc["ESCAPE"], enc["SUBCOMPONENT"]
-    )
-    segments = []
-    for seg in parsed.children:
-        fields: dict[int, list[str]] = {}
-        for f in seg.children:
-            number = f.name.rsplit("_", 1)[-1]
-            if number.isdigit():
-                fields.setdefault(int(number), []).append(f.value if isinstance(f.value, str) else f.to_er7())
-        segments.append(Segment(str(seg.name), fields, delimiters))
-    return Received(header, segments, codec)
+    d = Delimiters(enc["FIELD"], enc["COMPONENT"], enc["REPETITION"], enc["ESCAPE"], enc["SUBCOMPONENT"])
+    # Fields are taken by position from each segment hl7apy accepted: its tree names fields only up to the
+    # version's definition of the segment and leaves out empty ones, and handlers read fields by number.
+    lines = [line for line in text.split("\r") if line.strip()]
+    if [line[:3] for line in lines] != [str(seg.name) for seg in parsed.children]:
+        raise HL7Error(AR, SEGMENT_SEQUENCE_ERROR, "the message's segments cannot be told apart", "MSH")
+    return Received(header, [_segment(line, d) for line in lines], codec)
+
+
+def _segment(line: str, d: Delimiters) -> Segment:
+    name = line[:3]
+    parts = line.split(d.field)
+    if name == "MSH":  # MSH-1 is the field separator itself, MSH-2 the encoding characters
+        numbered = {1: [d.field], 2: [parts[1]]} | {
+            n + 1: parts[n].split(d.repetition) for n in range(2, len(parts))
+        }
+    else:
+        numbered = {n: parts[n].split(d.repetition) for n in range(1, len(parts))}
+    return Segment(name, {n: reps for n, reps in numbered.items() if any(reps)}, d)
 
 
 def _check_header(header: Header) -> None:

@@ -13,6 +13,8 @@ import asyncpg
 import httpx
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bench.synthetic import make_instance, make_study, multipart_body, to_bytes
 from dicomweb.cli import main
@@ -361,3 +363,43 @@ async def test_several_messages_on_one_connection_in_order(hl7_archive: Hl7Archi
         assert ack["MSA"][1] == "AA"
         refused = ack_fields(client.send(message("adt_a31_v231.hl7") + b"\x1c\r", framed=False))
         assert refused["MSA"][1] == "AR" and "no <VT>" in reason(refused)
+
+
+def test_garbage_over_the_socket_is_refused_kept_and_changes_nothing(hl7_archive: Hl7Archive) -> None:
+    """Any block gets exactly one ACK; unless it is AA nothing changes; every block is kept."""
+    store_studies(hl7_archive, "PAT-HL7-1", 1, seed=8)
+
+    def counts() -> tuple[int, int, int]:
+        async def query() -> tuple[int, int, int]:
+            rows = await hl7_archive.fetch(
+                "SELECT (SELECT count(*) FROM operation), (SELECT count(*) FROM ups_workitem), "
+                "(SELECT count(*) FROM hl7_message)"
+            )
+            return tuple(rows[0])  # type: ignore[return-value]
+
+        return asyncio.run(query())
+
+    header = "MSH|^~\\&|HIS|HOSP|DICOMWEB|RAD|20261207120000||{kind}|CTRL|P|2.5\r"
+    blocks = st.one_of(
+        st.binary(max_size=300).filter(lambda b: b"\x1c\r" not in b),
+        st.builds(
+            lambda kind, rest: (header.format(kind=kind) + rest).encode(),
+            st.sampled_from(["ADT^A08", "ADT^A40", "ORM^O01", "OMI^O23", "ADT^A01", "QRY^Q01", ""]),
+            st.text(alphabet=st.sampled_from(list("|^~\\&\r PIDMRGORCOBR0123456789ABC-")), max_size=200),
+        ).filter(lambda b: b"\x1c\r" not in b),
+    )
+    with MllpClient(hl7_archive.port) as client:
+
+        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(blocks)
+        def check(raw: bytes) -> None:
+            before = counts()
+            ack = ack_fields(client.send(raw))
+            after = counts()
+            assert ack["MSA"][1] in ("AA", "AE", "AR")
+            assert after[2] == before[2] + 1  # kept
+            if ack["MSA"][1] != "AA":
+                assert ack["ERR"][3].split("^")[0].isdigit() and reason(ack)
+                assert after[:2] == before[:2]  # nothing changed
+
+        check()
