@@ -57,6 +57,9 @@ class Settings:
     # whose studies ADT messages update and where orders become work items
     hl7_port: int | None = None
     hl7_partition: str = DEFAULT_PARTITION
+    # addresses and networks (CIDR), comma-separated, that may connect to it ("*": any); HL7 v2 has no
+    # credentials, so the sender's address is the only one (docs/security.md)
+    hl7_allowed_hosts: str = "127.0.0.1,::1"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

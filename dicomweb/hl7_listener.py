@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncpg
 
 from access.audit import AuditLog
+from access.service import parse_networks
 from dicomweb.config import Settings
 from hl7.server import MllpServer
 from hl7.service import Hl7Service
@@ -23,4 +24,7 @@ def hl7_server(
     if not settings.hl7_port:
         return None
     service = Hl7Service(pool, settings.hl7_partition, operations.poke, audit, settings.dimse_ae_title)
-    return MllpServer(service, settings.host, settings.hl7_port)
+    allowed = (
+        None if settings.hl7_allowed_hosts.strip() == "*" else parse_networks(settings.hl7_allowed_hosts)
+    )
+    return MllpServer(service, settings.host, settings.hl7_port, allowed)

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import socket
 
+from access.service import Network, address_within
 from hl7.message import AR, SEGMENT_SEQUENCE_ERROR, HL7Error
 from hl7.service import Hl7Service
 
@@ -33,10 +34,13 @@ def frame(message: bytes) -> bytes:
 class MllpServer:
     """The listener of one process; started and stopped by the app's lifespan."""
 
-    def __init__(self, service: Hl7Service, host: str, port: int) -> None:
+    def __init__(
+        self, service: Hl7Service, host: str, port: int, allowed: tuple[Network, ...] | None = None
+    ) -> None:
         self.service = service
         self.host = host
         self.port = port
+        self.allowed = allowed  # senders' addresses and networks; None: any
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -68,6 +72,15 @@ class MllpServer:
         self._connections.add(task)
         peer = writer.get_extra_info("peername")
         address = str(peer[0]) if peer else None
+        if self.allowed is not None and not address_within(address or "", self.allowed):
+            # HL7 v2 carries no credentials: a sender is admitted by its address, or not at all
+            log.warning("HL7 connection from %s refused: not an allowed sender", address)
+            self.service.audit_connection(
+                address, f"{address} is not an allowed sender (DICOMWEB_HL7_ALLOWED_HOSTS)"
+            )
+            self._connections.discard(task)
+            writer.close()
+            return
         sock = writer.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):

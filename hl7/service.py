@@ -152,8 +152,18 @@ class Hl7Service:
             codec = "utf-8"
         return text.encode(codec, "replace")
 
+    def audit_connection(self, peer: str | None, detail: str) -> None:
+        """The audit record of a connection refused before any message (its sender is not allowed)."""
+        self._audit(None, peer, Handled(b"", AR, None, detail), 0, time.perf_counter(), path="connect")
+
     def _audit(
-        self, header: Header | None, peer: str | None, done: Handled, code: int, started: float
+        self,
+        header: Header | None,
+        peer: str | None,
+        done: Handled,
+        code: int,
+        started: float,
+        path: str | None = None,
     ) -> None:
         """One audit record per message, as an HTTP request or a DIMSE operation gets one (docs/security.md):
         method HL7, the message type as the path, the HL7 error code (0: accepted) as the status."""
@@ -171,7 +181,7 @@ class Hl7Service:
                 client_address=peer,
                 user_agent=f"MSH-10 {header.control_id}"[:200] if header else None,
                 method="HL7",
-                path=(header.message_type if header and header.message_code else "?")[:200],
+                path=path or (header.message_type if header and header.message_code else "?")[:200],
                 query=None,
                 action="hl7",  # access.policy.Family.HL7
                 action_code="E",

@@ -403,3 +403,24 @@ def test_garbage_over_the_socket_is_refused_kept_and_changes_nothing(hl7_archive
                 assert after[:2] == before[:2]  # nothing changed
 
         check()
+
+
+async def test_a_sender_outside_the_allowed_hosts_is_refused(database_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    thread, archive = start_dimse_archive(
+        database_url, tmp_path, insecure_open=True, hl7_port=port, hl7_allowed_hosts="10.0.0.0/8, 192.0.2.7"
+    )
+    try:
+        hl7 = Hl7Archive(archive, port)
+        with pytest.raises(OSError), MllpClient(port) as client:
+            await asyncio.to_thread(client.send, message("orm_o01_new_v231.hl7"))
+        assert workitems(hl7) == [] and await hl7.fetch("SELECT 1 FROM hl7_message") == []
+        for _ in range(50):
+            rows = await hl7.fetch("SELECT path, outcome, detail FROM audit_event WHERE action = 'hl7'")
+            if rows:
+                break
+            await asyncio.sleep(0.1)
+        assert [(r["path"], r["outcome"]) for r in rows] == [("connect", 4)]
+        assert "127.0.0.1 is not an allowed sender" in rows[0]["detail"]
+    finally:
+        thread.stop()
