@@ -39,6 +39,7 @@ class Family(StrEnum):
     EQT_WRITE = "extendedquerytags.write"
     OPERATIONS = "operations"
     EXPORT = "export"
+    UPDATE = "update"  # bulk update of stored studies (an operation)
     WORKITEMS = "workitems"
     AUDIT = "audit"
     METRICS = "metrics"
@@ -71,6 +72,7 @@ POLICY: dict[Family, frozenset[Role]] = {
     Family.EQT_WRITE: frozenset({OWN}),
     Family.OPERATIONS: frozenset({OWN, WRI, RV}),
     Family.EXPORT: frozenset({OWN}),
+    Family.UPDATE: frozenset({OWN, WRI}),  # a correction of what writers store
     Family.WORKITEMS: frozenset({OWN, WL}),
     Family.AUDIT: frozenset({OWN, AUD}),
     Family.METRICS: frozenset({OWN, AUD}),
@@ -90,12 +92,12 @@ POLICY: dict[Family, frozenset[Role]] = {
 OPEN_FAMILIES = frozenset({Family.HEALTH, Family.PAGE})
 # families whose data lives in one partition: a grant must cover the partition in the URL
 PARTITIONED = frozenset({Family.STOW, Family.WADO, Family.QIDO, Family.DELETE, Family.CHANGEFEED,
-                         Family.WORKITEMS, Family.EXPORT, Family.ACQUIRE})  # fmt: skip
+                         Family.WORKITEMS, Family.EXPORT, Family.ACQUIRE, Family.UPDATE})  # fmt: skip
 # researchers' reads need a grant naming the partition; an all-partition researcher role reads nothing
 NEEDS_NAMED_PARTITION = frozenset({Role.RESEARCHER})
 # ATNA EventActionCode per family (C create, R read, U update, D delete, E execute)
 ACTION_CODES: dict[Family, str] = {
-    Family.STOW: "C", Family.DELETE: "D", Family.EQT_WRITE: "U", Family.EXPORT: "E",
+    Family.STOW: "C", Family.DELETE: "D", Family.EQT_WRITE: "U", Family.EXPORT: "E", Family.UPDATE: "U",
     Family.REQUEST_SUBMIT: "C", Family.REQUEST_REVIEW: "U", Family.REIDENTIFY: "E", Family.ACQUIRE: "E",
 }  # fmt: skip
 
@@ -167,6 +169,8 @@ def _service_target(method: str, partition: str, rest: str) -> Target:
         if method != "GET" or (m.group(2) is not None and m.group(3) == "series"):
             return t
         return Target(Family.QIDO, partition, m.group(1), m.group(2), method=method)
+    if rest == "/studies/$bulkUpdate":
+        return Target(Family.UPDATE, partition, method=method) if method == "POST" else t
     if m := _STUDY.fullmatch(rest):
         study, series, instance = m.groups()
         plain = rest == "/studies/" + study + (f"/series/{series}" if series else "") + (

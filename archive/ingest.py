@@ -46,7 +46,7 @@ _PREPARE_THREADS = 1
 _executor: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-def _prepare_executor() -> concurrent.futures.ThreadPoolExecutor:
+def prepare_executor() -> concurrent.futures.ThreadPoolExecutor:
     global _executor
     if _executor is None:
         _executor = concurrent.futures.ThreadPoolExecutor(_PREPARE_THREADS, thread_name_prefix="ingest")
@@ -83,7 +83,7 @@ _IN_MEMORY_LIMIT = 8 << 20
 
 
 @dataclass(slots=True)
-class _Prepared:
+class Prepared:
     parsed: ParsedInstance
     sha256: bytes
     size: int
@@ -92,8 +92,9 @@ class _Prepared:
     data: bytes | None  # the whole object when small enough to keep in memory
 
 
-def _prepare(fp: BinaryIO) -> _Prepared:
-    """CPU-bound part of ingest (runs in a worker thread): hash, parse, serialise metadata."""
+def prepare(fp: BinaryIO) -> Prepared:
+    """CPU-bound part of ingest (runs in a worker thread): hash, parse, serialise metadata. The bulk
+    update prepares its rewritten objects with it too."""
     fp.seek(0, io.SEEK_END)
     size = fp.tell()
     fp.seek(0)
@@ -109,7 +110,25 @@ def _prepare(fp: BinaryIO) -> _Prepared:
         fp.seek(0)
         parsed = parse_instance(fp)
     bulk = orjson.dumps([[b.path, b.offset, b.length, b.vr] for b in parsed.bulk])
-    return _Prepared(parsed, digest.digest(), size, orjson.dumps(parsed.attrs), bulk, data)
+    return Prepared(parsed, digest.digest(), size, orjson.dumps(parsed.attrs), bulk, data)
+
+
+def record_of(prepared: Prepared, key: str) -> InstanceRecord:
+    """What the index needs of a prepared object stored under `key`."""
+    parsed = prepared.parsed
+    return InstanceRecord(
+        study_instance_uid=parsed.study_instance_uid,
+        series_instance_uid=parsed.series_instance_uid,
+        sop_instance_uid=parsed.sop_instance_uid,
+        sop_class_uid=parsed.sop_class_uid,
+        transfer_syntax_uid=parsed.transfer_syntax_uid,
+        attrs=parsed.attrs,
+        storage_key=key,
+        size=prepared.size,
+        sha256=prepared.sha256,
+        metadata=prepared.metadata,
+        bulk_index=prepared.bulk_index,
+    )
 
 
 def storage_key(partition_key: int, parsed: ParsedInstance) -> str:
@@ -167,7 +186,7 @@ def _prepare_group(
     for item in items:
         outcome = item.outcome
         try:
-            prepared = _prepare(item.fp)
+            prepared = prepare(item.fp)
         except InvalidInstanceError as exc:
             outcome.failure, outcome.message = FailureReason.INVALID_INSTANCE, str(exc)
             outcome.does_not_match = isinstance(exc, NonConformantInstanceError)
@@ -206,19 +225,7 @@ def _prepare_group(
                 continue
             item.stored = True
         item.data = prepared.data
-        item.record = InstanceRecord(
-            study_instance_uid=parsed.study_instance_uid,
-            series_instance_uid=parsed.series_instance_uid,
-            sop_instance_uid=parsed.sop_instance_uid,
-            sop_class_uid=parsed.sop_class_uid,
-            transfer_syntax_uid=parsed.transfer_syntax_uid,
-            attrs=parsed.attrs,
-            storage_key=key,
-            size=prepared.size,
-            sha256=prepared.sha256,
-            metadata=prepared.metadata,
-            bulk_index=prepared.bulk_index,
-        )
+        item.record = record_of(prepared, key)
 
 
 class Ingestor:
@@ -313,7 +320,7 @@ class Ingestor:
     ) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(
-            _prepare_executor(), _prepare_group, group, self._partition_key, self._expected_study, self._write
+            prepare_executor(), _prepare_group, group, self._partition_key, self._expected_study, self._write
         )
         # Objects the worker thread could not write (no blocking writer, or spooled) go through put().
         unstored = [item for item in group if item.record is not None and not item.stored]

@@ -14,6 +14,8 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
 from access.service import AccessControl
 from archive.maintenance import Maintenance
+from archive.update import UpdateHandler
+from archive.update_request import UPDATE
 from changefeed.notify import FeedNotifier
 from deid.export import ExportHandler, export_settings
 from dicomweb.auth import AccessMiddleware, jwt_config
@@ -25,7 +27,19 @@ from dicomweb.errors import HTTPProblem, handle_problem
 from dicomweb.gcpolicy import tune_for_serving
 from dicomweb.hl7_listener import hl7_server
 from dicomweb.metrics import MetricsMiddleware, metrics
-from dicomweb.routes import changefeed, delete, frames, health, qido, rendered, stow, wado, workitems, ws
+from dicomweb.routes import (
+    bulk_update,
+    changefeed,
+    delete,
+    frames,
+    health,
+    qido,
+    rendered,
+    stow,
+    wado,
+    workitems,
+    ws,
+)
 from dicomweb.routes import export as export_routes
 from dicomweb.routes import extended_query_tags as eqt
 from dicomweb.routes import operations as operations_routes
@@ -57,6 +71,7 @@ def dicomweb_routes() -> list[BaseRoute]:
     instance = series + "/instances/{instance}"
     return [
         Route("/studies", stow.store_instances, methods=["POST"]),
+        Route("/studies/$bulkUpdate", bulk_update.bulk_update, methods=["POST"]),  # before {study}
         Route("/studies", qido.search_studies, methods=["GET"]),
         Route("/series", qido.search_series, methods=["GET"]),
         Route("/instances", qido.search_instances, methods=["GET"]),
@@ -173,6 +188,7 @@ def create_app(
                     "reindex": ReindexHandler(),
                     "deleteExtendedQueryTag": TagDeletionHandler(),  # DELETE /extendedquerytags/{tag}
                     "export": ExportHandler(pool, blob_store, export_settings(settings)),  # deid/export.py
+                    UPDATE: UpdateHandler(blob_store),  # bulk update: $bulkUpdate, HL7 (archive/update.py)
                     # DIMSE SCU operations: acquisition from a PACS, $send (dimse/acquire.py, send.py)
                     ACQUIRE: AcquireHandler(pool, blob_store, scu_settings(settings)),
                     SEND: SendHandler(pool, blob_store, scu_settings(settings)),

@@ -6,6 +6,7 @@ holds of a study (acquisition), and the SOP classes of given instances (storage 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -42,6 +43,20 @@ _FROM = """FROM instance i
     JOIN series se ON se.series_key = i.series_key
     JOIN study st ON st.study_key = i.study_key
     WHERE i.partition_key = $1 AND """
+# The first version of updated instances (bulk update), for `msdicom-request-original: true` reads: its
+# columns where there is one, the instance's own otherwise.
+_ORIGINAL = """ LEFT JOIN instance_original o
+    ON o.partition_key = i.partition_key AND o.sop_instance_uid = i.sop_instance_uid"""
+
+
+def _version(column: str, original: bool) -> str:
+    return f"coalesce(o.{column}, i.{column})" if original else f"i.{column}"
+
+
+def _from(original: bool) -> str:
+    return _FROM.replace("\n    WHERE", _ORIGINAL + "\n    WHERE") if original else _FROM
+
+
 _ORDER = " ORDER BY se.series_number NULLS LAST, se.series_key, i.instance_number NULLS LAST, i.instance_key"
 
 
@@ -51,12 +66,17 @@ async def find_instances(
     study_uid: str,
     series_uid: str | None = None,
     sop_uid: str | None = None,
+    *,
+    original: bool = False,
 ) -> list[StoredInstance]:
-    """The stored objects of a study, series or instance, in series/instance-number order."""
+    """The stored objects of a study, series or instance, in series/instance-number order (`original`: the
+    first version of updated instances)."""
     where, args = scope_sql(study_uid, series_uid, sop_uid)
+    v = functools.partial(_version, original=original)
     rows = await conn.fetch(
         f"""SELECT st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.sop_class_uid,
-                   i.transfer_syntax_uid, i.storage_key, i.size {_FROM}{where}{_ORDER}""",
+                   {v("transfer_syntax_uid")}, {v("storage_key")}, {v("size")}
+            {_from(original)}{where}{_ORDER}""",
         partition_key,
         *args,
     )
@@ -69,13 +89,15 @@ async def find_metadata(
     study_uid: str,
     series_uid: str | None = None,
     sop_uid: str | None = None,
+    *,
+    original: bool = False,
 ) -> list[tuple[str, str, str, bytes]]:
     """(study, series, SOP instance UID, stored DICOM JSON as orjson bytes) of each addressed instance,
-    in find_instances order."""
+    in find_instances order (`original`: of the first version of updated instances)."""
     where, args = scope_sql(study_uid, series_uid, sop_uid)
     rows = await conn.fetch(
-        f"""SELECT st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.metadata
-            {_FROM}{where}{_ORDER}""",
+        f"""SELECT st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid,
+                   {_version("metadata", original)} {_from(original)}{where}{_ORDER}""",
         partition_key,
         *args,
     )
@@ -88,12 +110,16 @@ async def find_bulk_index(
     study_uid: str,
     series_uid: str,
     sop_uid: str,
+    *,
+    original: bool = False,
 ) -> tuple[StoredInstance, bytes] | None:
     """The instance and its bulk-data index (orjson [[path, offset, length, vr], ...])."""
     where, args = scope_sql(study_uid, series_uid, sop_uid)
+    v = functools.partial(_version, original=original)
     row = await conn.fetchrow(
         f"""SELECT st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.sop_class_uid,
-                   i.transfer_syntax_uid, i.storage_key, i.size, i.bulk_index {_FROM}{where}""",
+                   {v("transfer_syntax_uid")}, {v("storage_key")}, {v("size")}, {v("bulk_index")}
+            {_from(original)}{where}""",
         partition_key,
         *args,
     )
@@ -103,9 +129,12 @@ async def find_bulk_index(
 
 
 async def is_indexed(conn: asyncpg.Connection | asyncpg.Pool, storage_keys: list[str]) -> set[str]:
-    """Which of these object keys the index references (the orphan sweeper asks)."""
+    """Which of these object keys the index references, as a current or an original version (the orphan
+    sweeper asks)."""
     rows = await conn.fetch(
-        "SELECT storage_key FROM instance WHERE storage_key = ANY($1::text[])", storage_keys
+        """SELECT storage_key FROM instance WHERE storage_key = ANY($1::text[])
+           UNION ALL SELECT storage_key FROM instance_original WHERE storage_key = ANY($1::text[])""",
+        storage_keys,
     )
     return {row[0] for row in rows}
 
@@ -154,22 +183,47 @@ async def study_instance_count(
     )
 
 
+_WALK = """SELECT i.instance_key, s.study_instance_uid, se.series_instance_uid, i.sop_instance_uid,
+                  i.sop_class_uid, i.transfer_syntax_uid, i.storage_key, i.size
+           FROM study s JOIN instance i ON i.study_key = s.study_key
+           JOIN series se ON se.series_key = i.series_key
+           WHERE s.partition_key = $1 AND """
+
+
 async def study_instances_after(
     conn: asyncpg.Connection | asyncpg.Pool, partition_key: int, study_uid: str, after: int, limit: int
 ) -> list[tuple[int, StoredInstance]]:
     """(instance_key, instance) of a study after `after`, in instance_key order: a resumable walk."""
     rows = await conn.fetch(
-        """SELECT i.instance_key, s.study_instance_uid, se.series_instance_uid, i.sop_instance_uid,
-                  i.sop_class_uid, i.transfer_syntax_uid, i.storage_key, i.size
-           FROM study s JOIN instance i ON i.study_key = s.study_key
-           JOIN series se ON se.series_key = i.series_key
-           WHERE s.partition_key = $1 AND s.study_instance_uid = $2 AND i.instance_key > $3
-           ORDER BY i.instance_key LIMIT $4""",
+        _WALK + "s.study_instance_uid = $2 AND i.instance_key > $3 ORDER BY i.instance_key LIMIT $4",
         partition_key,
         study_uid,
         after,
         limit,
     )
+    return [(r[0], StoredInstance(*r[1:])) for r in rows]
+
+
+async def study_instances_after_uid(
+    conn: asyncpg.Connection | asyncpg.Pool, partition_key: int, study_uid: str, after: str, limit: int
+) -> list[tuple[int, StoredInstance]]:
+    """(instance_key, instance) of a study after SOP Instance UID `after`, in UID order: a resumable walk
+    over instances that get new rows (bulk update), which keeps their UIDs but not their instance_keys."""
+    rows = await conn.fetch(
+        _WALK + "s.study_instance_uid = $2 AND i.sop_instance_uid > $3 ORDER BY i.sop_instance_uid LIMIT $4",
+        partition_key,
+        study_uid,
+        after,
+        limit,
+    )
+    return [(r[0], StoredInstance(*r[1:])) for r in rows]
+
+
+async def instances_by_uid(
+    conn: asyncpg.Connection | asyncpg.Pool, partition_key: int, sop_uids: Sequence[str]
+) -> list[tuple[int, StoredInstance]]:
+    """(instance_key, instance) of those of these SOP instances the partition holds."""
+    rows = await conn.fetch(_WALK + "i.sop_instance_uid = ANY($2::text[])", partition_key, list(sop_uids))
     return [(r[0], StoredInstance(*r[1:])) for r in rows]
 
 

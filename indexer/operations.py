@@ -125,6 +125,10 @@ class Step:
     percent: int
     done: bool = False
     results: dict[str, Any] = field(default_factory=dict)  # merged into the operation's results
+    failed: bool = False  # with done: the operation ends `failed` (errors are in its results)
+    # not done, and cannot go on yet (waits for another operation): the lease is released and the
+    # operation may be claimed again after this many seconds, so the worker can run the one it waits for
+    defer: float | None = None
 
 
 class OperationHandler(Protocol):
@@ -216,7 +220,8 @@ class OperationRunner(Periodic):
         return True
 
     async def run_step(self, operation_id: uuid.UUID, token: uuid.UUID) -> bool:
-        """One step under the lease; True while more steps are needed."""
+        """One step under the lease; True while more steps are needed (False too when the step deferred the
+        operation, which released the lease)."""
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 row = await conn.fetchrow(
@@ -230,13 +235,17 @@ class OperationRunner(Periodic):
                 op = _operation(row)
                 step = await self._handlers[op.type].step(conn, op)
                 percent = 100 if step.done else max(0, min(99, step.percent))
+                deferred = step.defer is not None and not step.done
                 await conn.execute(
                     """UPDATE operation SET checkpoint = $2::jsonb, percent_complete = $3,
                            results = results || $4::jsonb, updated_at = clock_timestamp(),
-                           status = CASE WHEN $5 THEN 'succeeded' ELSE status END,
+                           status = CASE WHEN $5 AND $7 THEN 'failed' WHEN $5 THEN 'succeeded'
+                                    ELSE status END,
                            finished_at = CASE WHEN $5 THEN clock_timestamp() END,
-                           lease_token = CASE WHEN $5 THEN NULL ELSE lease_token END,
+                           lease_token = CASE WHEN $5 OR $8 THEN NULL ELSE lease_token END,
+                           leased_by = CASE WHEN $8 THEN NULL ELSE leased_by END,
                            leased_until = CASE WHEN $5 THEN NULL
+                                          WHEN $8 THEN clock_timestamp() + make_interval(secs => $9)
                                           ELSE clock_timestamp() + make_interval(secs => $6) END
                        WHERE operation_id = $1""",
                     operation_id,
@@ -245,8 +254,11 @@ class OperationRunner(Periodic):
                     orjson.dumps(step.results).decode(),
                     step.done,
                     self._lease,
+                    step.failed,
+                    deferred,
+                    step.defer or 0.0,
                 )
-                return not step.done
+                return not step.done and not deferred
         except (LeaseLost, asyncio.CancelledError):
             raise
         except Exception as exc:

@@ -63,6 +63,15 @@ class IndexResult:
 
 
 @dataclass(slots=True)
+class NewVersion:
+    """An updated object of an indexed instance, to replace the version it was made from."""
+
+    instance_key: int  # the version it was made from
+    storage_key: str  # that version's object: the replacement is refused if the instance moved on since
+    record: InstanceRecord
+
+
+@dataclass(slots=True)
 class RemovedInstance:
     study_instance_uid: str
     series_instance_uid: str
@@ -354,6 +363,53 @@ async def _refresh_level_attrs(
         )
 
 
+async def replace_instances(
+    conn: asyncpg.Connection, partition_key: int, versions: Sequence[NewVersion]
+) -> list[int | None]:
+    """Index new versions of instances in the caller's transaction; per version its new instance_key, or
+    None when the instance was deleted or replaced since the version was read (nothing done for it).
+
+    The old row goes and the new one is indexed like a new instance (study, series and patient rows,
+    counters, QIDO members, extended query tags), under a new instance_key: change feed entries of the old
+    version then read as replaced. The instance's first version is kept in instance_original; an
+    intermediate version's object is queued for deletion.
+    """
+    rows = await conn.fetch(
+        """SELECT instance_key, storage_key FROM instance
+           WHERE instance_key = ANY($1::bigint[]) ORDER BY instance_key FOR UPDATE""",
+        [v.instance_key for v in versions],
+    )
+    current = {row["instance_key"]: row["storage_key"] for row in rows}
+    fresh = [v for v in versions if current.get(v.instance_key) == v.storage_key]
+    if not fresh:
+        return [None] * len(versions)
+    keys = [v.instance_key for v in fresh]
+    kept = await conn.fetch(
+        """INSERT INTO instance_original (partition_key, sop_instance_uid, transfer_syntax_uid, storage_key,
+               size, sha256, metadata, bulk_index, created_at)
+           SELECT partition_key, sop_instance_uid, transfer_syntax_uid, storage_key, size, sha256, metadata,
+                  bulk_index, created_at
+           FROM instance WHERE instance_key = ANY($1::bigint[])
+           ON CONFLICT (partition_key, sop_instance_uid) DO NOTHING
+           RETURNING storage_key""",
+        keys,
+    )
+    originals = {row["storage_key"] for row in kept}
+    intermediate = [(v.storage_key,) for v in fresh if v.storage_key not in originals]
+    if intermediate:
+        await conn.executemany(
+            "INSERT INTO blob_deletion (storage_key) VALUES ($1) ON CONFLICT DO NOTHING", intermediate
+        )
+    await conn.execute("DELETE FROM instance WHERE instance_key = ANY($1::bigint[])", keys)
+    results = await index_instances(conn, partition_key, [v.record for v in fresh])
+    new_keys: dict[int, int | None] = {}
+    for version, result in zip(fresh, results, strict=True):
+        if result.outcome is not Outcome.CREATED:  # cannot happen under the row locks; never half-done
+            raise RuntimeError(f"instance {version.record.sop_instance_uid} not re-indexed: {result.reason}")
+        new_keys[version.instance_key] = result.instance_key
+    return [new_keys.get(v.instance_key) for v in versions]
+
+
 async def remove_instances(
     conn: asyncpg.Connection,
     partition_key: int,
@@ -380,9 +436,16 @@ async def remove_instances(
         return []
     instance_keys = [r["instance_key"] for r in rows]
     await conn.execute("DELETE FROM instance WHERE instance_key = ANY($1::bigint[])", instance_keys)
+    # the originals of updated instances go with them (Azure deletes both versions)
+    originals = await conn.fetch(
+        """DELETE FROM instance_original WHERE partition_key = $1 AND sop_instance_uid = ANY($2::text[])
+           RETURNING storage_key""",
+        partition_key,
+        [r["sop_instance_uid"] for r in rows],
+    )
     await conn.executemany(
         "INSERT INTO blob_deletion (storage_key) VALUES ($1) ON CONFLICT DO NOTHING",
-        [(r["storage_key"],) for r in rows],
+        [(r["storage_key"],) for r in [*rows, *originals]],
     )
     study_keys, series_keys = sorted({r["study_key"] for r in rows}), sorted({r["series_key"] for r in rows})
     await refresh_counters(conn, study_keys, series_keys)

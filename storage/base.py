@@ -91,6 +91,12 @@ class BlobStore(abc.ABC):
         for stores whose writes are network I/O that belongs on the event loop (S3): use put()."""
         return None
 
+    def blocking_reader(self) -> Callable[[str], bytes] | None:
+        """A function that reads a whole (small) object, blocking, for callers already on a worker thread
+        (the bulk update's rewrite), raising BlobNotFoundError; None (the default) where reads are network
+        I/O that belongs on the event loop (S3): use read()."""
+        return None
+
     async def make_durable(self, keys: list[str]) -> None:  # noqa: B027 - stores durable on put need nothing
         """Make objects written with durable=False survive a crash; the default is for stores whose puts are
         always durable (S3)."""

@@ -251,6 +251,16 @@ class LocalBlobStore(BlobStore):
     def blocking_writer(self) -> Callable[[str, bytes], int]:
         return self._put_not_durable
 
+    def blocking_reader(self) -> Callable[[str], bytes]:
+        return self._read_whole
+
+    def _read_whole(self, key: str) -> bytes:
+        fd, size = _open_for_read(self._path(key), key)
+        try:
+            return os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+
     def _put_not_durable(self, key: str, data: bytes) -> int:
         return self._put_bytes(data, self._file_name(key), durable=False)
 

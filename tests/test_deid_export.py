@@ -9,7 +9,7 @@ import dataclasses
 import io
 import random
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,11 @@ from bench.synthetic import multipart_body
 from deid import mapping
 from deid.export import ExportHandler, ExportSettings
 from deid.keys import ProjectKeys
-from dicomweb.app import create_app
-from dicomweb.config import Settings
 from indexer.operations import OperationRunner
 from storage import LocalBlobStore
 from tests.deid_data import Canaries, base_instance, leaked, nested, to_file, uids_in
 from tests.fixtures.s3 import S3Server, make_s3_store
-from tests.fixtures.server import RunningArchive, ServerThread
+from tests.fixtures.server import RunningArchive
 
 STUDIES, SERIES, PER_SERIES = 2, 2, 4
 
@@ -281,21 +279,6 @@ async def test_export_by_query_to_a_research_partition(local_archive: RunningArc
         got = await client.get(f"{research}/studies/{study}/series/{series}/instances/{sop}", headers=accept)
         assert got.status_code == 200
         assert leaked(cohort.canaries.made, got.content) == []
-
-
-@pytest.fixture
-def quiet_archive(database_url: str, tmp_path: Path) -> Iterator[RunningArchive]:
-    """An archive whose own operation runner is off: the test runs (and crashes) runners itself."""
-    settings = Settings(data_dir=tmp_path, max_instance_size=64 << 20, insecure_open=True)
-    app = create_app(settings, database_url=database_url, store=LocalBlobStore(tmp_path / "blobs"),
-                     run_maintenance=False)  # fmt: skip
-    thread = ServerThread(app)
-    port = thread.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        yield RunningArchive(f"{base}/v2", base, database_url, LocalBlobStore(tmp_path / "blobs"))
-    finally:
-        thread.stop()
 
 
 @pytest.fixture

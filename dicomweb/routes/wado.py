@@ -50,6 +50,12 @@ _BULK_OFFERS = (
 )
 
 
+def wants_original(request: Request) -> bool:
+    """Azure's `msdicom-request-original: true`: the version an instance had before its first bulk update
+    (the current one for instances never updated)."""
+    return request.headers.get("msdicom-request-original", "").strip().lower() == "true"
+
+
 def _select(request: Request, offers: tuple[Offer, ...]) -> tuple[Offer, str | None]:
     selection = select(
         offers,
@@ -136,7 +142,9 @@ async def retrieve(request: Request) -> Response:
     offers = (_MULTIPART_DICOM, _SINGLE_DICOM) if sop else (_MULTIPART_DICOM,)
     ranked = _rank(request, offers)
     ctx = context(request)
-    instances = await find_instances(ctx.pool, await partition_key(request), study, series, sop)
+    instances = await find_instances(
+        ctx.pool, await partition_key(request), study, series, sop, original=wants_original(request)
+    )
     if not instances:
         raise not_found(study, series, sop)
     if sop:
@@ -235,12 +243,16 @@ async def metadata(request: Request) -> Response:
     offer, _ = _select(request, _METADATA_OFFERS)
     ctx = context(request)
     partition = await partition_key(request)
-    etag = await scope_etag(
-        ctx.pool, partition, (study, series, sop), service_root(request), offer.media_type
-    )
+    original = wants_original(request)
+    # validators name the current versions; originals are answered without one
+    etag = None
+    if not original:
+        etag = await scope_etag(
+            ctx.pool, partition, (study, series, sop), service_root(request), offer.media_type
+        )
     if etag is not None and matches_if_none_match(request, etag):
         return not_modified(etag)
-    rows = await find_metadata(ctx.pool, partition, study, series, sop)
+    rows = await find_metadata(ctx.pool, partition, study, series, sop, original=original)
     if not rows:
         raise not_found(study, series, sop)
     root = service_root(request).encode()
@@ -270,7 +282,9 @@ async def bulkdata(request: Request) -> Response:
     path = request.path_params["path"].strip("/")
     ctx = context(request)
     partition = await partition_key(request)
-    found = await find_bulk_index(ctx.pool, partition, study, series or "", sop or "")
+    found = await find_bulk_index(
+        ctx.pool, partition, study, series or "", sop or "", original=wants_original(request)
+    )
     if found is None:
         raise not_found(study, series, sop)
     instance, index = found
