@@ -1,10 +1,11 @@
 """ADT messages as bulk updates of a patient's studies: A08 / A31 (update patient information) and A40
 (merge patient).
 
-A bulk update is an `update` operation (the `POST /studies/$bulkUpdate` operation): its parameters are the
-partition, the studies and the change data set (the new patient attributes, DICOM JSON). It is created in
-the message's transaction, so the message's AA means the update is queued durably; the operation runner
-of any process applies it (and resumes it after a crash).
+A bulk update is an `update` operation (the `POST /studies/$bulkUpdate` operation, archive/update.py): its
+parameters are the partition, the studies and the change data set (the new patient attributes, DICOM JSON),
+checked and built by archive/update_request.py as for the HTTP route. It is created in the message's
+transaction, so the message's AA means the update is queued durably; the operation runner of any process
+applies it (and resumes it after a crash), updates of one study in the order they were queued.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from typing import Any
 
 import asyncpg
 
+from archive.update_request import UPDATE, UpdateRequest, parse_change_dataset, update_params
 from hl7.handling import Outcome, Target
 from hl7.message import (
     AE,
+    DATA_TYPE_ERROR,
     REQUIRED_FIELD_MISSING,
     SEGMENT_SEQUENCE_ERROR,
     HL7Error,
@@ -26,9 +29,6 @@ from hl7.message import (
 from hl7.values import Identifier, element, identifiers, patient_attributes
 from indexer.lookup import find_patient_studies
 from indexer.operations import create_operation
-
-UPDATE = "update"  # the bulk update operation's type
-MAX_STUDIES = 50  # studies per bulk update operation (Azure's limit); more make several operations
 
 PATIENT_ID, ISSUER_OF_PATIENT_ID = "00100020", "00100021"
 
@@ -61,12 +61,19 @@ async def _queue(
     if target.key is None:
         return []
     studies = await find_patient_studies(conn, target.key, [i.id for i in ids], [i.issuer for i in ids])
-    for start in range(0, len(studies), MAX_STUDIES):
-        chunk = studies[start : start + MAX_STUDIES]
-        params = {"partition": target.name, "studyInstanceUids": chunk, "changeDataset": change}
-        op = await create_operation(conn, UPDATE, params, [f"studies/{uid}" for uid in chunk])
-        outcome.result.setdefault("operations", []).append(op.id_hex)
-        outcome.operations += 1
+    if not studies:
+        return []
+    try:  # the bulk update's own checks, as POST /studies/$bulkUpdate makes them
+        request = UpdateRequest(studies, parse_change_dataset(change))
+    except ValueError as exc:
+        raise HL7Error(
+            AE, DATA_TYPE_ERROR, f"the patient's new attributes cannot be applied: {exc}", "PID"
+        ) from exc
+    op = await create_operation(
+        conn, UPDATE, update_params(target.name, request), [f"studies/{uid}" for uid in studies]
+    )
+    outcome.result.setdefault("operations", []).append(op.id_hex)
+    outcome.operations += 1
     return studies
 
 

@@ -424,3 +424,66 @@ async def test_a_sender_outside_the_allowed_hosts_is_refused(database_url: str, 
         assert "127.0.0.1 is not an allowed sender" in rows[0]["detail"]
     finally:
         thread.stop()
+
+
+# --- end to end with the bulk update: the index and the objects follow the HIS -----------------------------
+
+
+async def wait_for(check, seconds: float = 60.0):  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        result = await asyncio.to_thread(check)
+        if result or asyncio.get_running_loop().time() > deadline:
+            return result
+        await asyncio.sleep(0.1)
+
+
+def qido(archive: Hl7Archive, **query: str) -> list[dict]:
+    response = httpx.get(f"{archive.http.url}/studies", params=query, timeout=30)
+    assert response.status_code in (200, 204), response.text
+    return response.json() if response.status_code == 200 else []
+
+
+async def test_a08_end_to_end_qido_shows_the_new_name(hl7_archive: Hl7Archive) -> None:
+    mine = store_studies(hl7_archive, "PAT-HL7-1", 10, seed=11)
+    assert hl7_archive.send(message("adt_a08_v25.hl7"))["MSA"][1] == "AA"
+
+    def renamed() -> bool:
+        found = qido(hl7_archive, PatientID="PAT-HL7-1", includefield="PatientBirthDate,PatientSex")
+        return len(found) == 10 and all(
+            value(s, "00100010") == {"Alphabetic": "Meier-Schulz^Anna^Maria^Dr."} for s in found
+        )
+
+    assert await wait_for(renamed)
+    found = qido(hl7_archive, PatientName="meier-schulz*", includefield="PatientBirthDate,PatientSex")
+    assert sorted(value(s, "0020000D") for s in found) == sorted(mine)
+    assert {(value(s, "00100030"), value(s, "00100040")) for s in found} == {("19801224", "F")}
+    (op,) = await operations(hl7_archive)
+    assert op["status"] == "succeeded"
+    # the objects are rewritten too: WADO-RS metadata carries the new name
+    response = await asyncio.to_thread(
+        httpx.get, f"{hl7_archive.http.url}/studies/{mine[0]}/metadata", timeout=30
+    )
+    assert value(response.json()[0], "00100010") == {"Alphabetic": "Meier-Schulz^Anna^Maria^Dr."}
+
+
+async def test_a40_end_to_end_studies_under_the_surviving_patient_id(hl7_archive: Hl7Archive) -> None:
+    merged = store_studies(hl7_archive, "PAT-HL7-OLD", 3, seed=12)
+    own = store_studies(hl7_archive, "PAT-HL7-1", 2, seed=13)
+    assert hl7_archive.send(message("adt_a40_v24.hl7"))["MSA"][1] == "AA"
+
+    def moved() -> bool:
+        return (
+            not qido(hl7_archive, PatientID="PAT-HL7-OLD")
+            and len(qido(hl7_archive, PatientID="PAT-HL7-1")) == 5
+        )
+
+    assert await wait_for(moved)
+    found = qido(hl7_archive, PatientID="PAT-HL7-1")
+    assert sorted(value(s, "0020000D") for s in found) == sorted(merged + own)
+    for uid in merged:  # the objects carry the survivor's ID and issuer
+        response = await asyncio.to_thread(
+            httpx.get, f"{hl7_archive.http.url}/studies/{uid}/metadata", timeout=30
+        )
+        (instance,) = response.json()
+        assert (value(instance, "00100020"), value(instance, "00100021")) == ("PAT-HL7-1", "STJOHNS")
