@@ -17,6 +17,7 @@ from typing import Any
 
 async def _run(dsn: str, args: argparse.Namespace) -> int:
     import asyncpg
+    import orjson
 
     from hl7 import journal
     from hl7.service import Hl7Service
@@ -36,6 +37,8 @@ async def _run(dsn: str, args: argparse.Namespace) -> int:
         if args.hl7_command == "show":
             sys.stdout.write(entry.raw.decode("utf-8", "replace").replace("\r", "\n"))
             print(f"-- {entry.ack_code} {entry.error_code or ''} {entry.detail or ''}")
+            if entry.result:
+                print(f"-- {orjson.dumps(entry.result).decode()}")
             return 0
         service = Hl7Service(pool, entry.partition_name or args.partition)
         handled = await service.handle(entry.raw, "replay", replay_of=entry.message_id)
