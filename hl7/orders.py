@@ -20,6 +20,8 @@ import orjson
 from hl7.handling import Outcome, Target
 from hl7.message import (
     AE,
+    APPLICATION_INTERNAL_ERROR,
+    DATA_TYPE_ERROR,
     REQUIRED_FIELD_MISSING,
     SEGMENT_SEQUENCE_ERROR,
     TABLE_VALUE_NOT_FOUND,
@@ -30,7 +32,7 @@ from hl7.message import (
     segments,
     value,
 )
-from hl7.values import code, element, identifiers, patient_attributes, timestamp
+from hl7.values import LOCAL_SCHEME, code, element, identifiers, patient_attributes, timestamp
 from worklist import store
 from worklist.search import Search, parse_filter, search
 from worklist.validate import DatasetError, check_dataset, first, prepare_create, values
@@ -80,8 +82,8 @@ def _uid(*parts: str) -> str:
     return f"2.25.{uuid.uuid5(_NAMESPACE, chr(31).join(parts)).int}"
 
 
-def _placer(order: Order, received: Received) -> tuple[str, str]:
-    """(placer order number, its namespace): ORC-2, else OBR-2; the namespace defaults to the sender."""
+def _placer(order: Order) -> tuple[str, str]:
+    """(placer order number, its namespace): ORC-2, else OBR-2 (EI-1, EI-2)."""
     for segment, number in ((order.orc, 2), (order.first("OBR"), 2)):
         if segment is not None and value(segment, number):
             namespace = value(segment, number, component=2)
@@ -90,6 +92,7 @@ def _placer(order: Order, received: Received) -> tuple[str, str]:
 
 
 def _scope(namespace: str, received: Received) -> str:
+    """The namespace of a placer order number: its own, else the sender's application and facility."""
     return namespace or f"{received.header.sending_application}@{received.header.sending_facility}"
 
 
@@ -123,6 +126,20 @@ def _code_seq(item: dict[str, Any] | None) -> dict[str, Any]:
     return {"vr": "SQ", "Value": [item]} if item else {"vr": "SQ"}
 
 
+def _local_code(
+    segment: Segment | None, field_number: int, *, scheme: str = LOCAL_SCHEME, meaning: str = ""
+) -> dict[str, Any] | None:
+    """A code item whose value is a field's first component (a station's AE title, a modality, a room)."""
+    text = value(segment, field_number)
+    if segment is None or not text:
+        return None
+    return {
+        "00080100": element("SH", text, segment, field_number),
+        "00080102": {"vr": "SH", "Value": [scheme]},
+        "00080104": {"vr": "LO", "Value": [(meaning or text)[:64]]},
+    }
+
+
 def _set(ds: dict[str, Any], key: str, elem: dict[str, Any] | None) -> None:
     if elem is not None:
         ds[key] = elem
@@ -146,25 +163,23 @@ def _workitem(received: Received, order: Order, ipc: Segment | None, step: int) 
     obr = order.first("OBR")
     if obr is None:
         raise HL7Error(AE, SEGMENT_SEQUENCE_ERROR, "an ORC of a new order has no OBR segment", "OBR")
-    number, namespace = _placer(order, received)
+    number, namespace = _placer(order)
     scope = _scope(namespace, received)
     filler = value(order.orc, 3) or value(obr, 3)
-    accession = (value(ipc, 1) if ipc else "") or value(obr, 18) or filler or number
-    requested_id = (value(ipc, 2) if ipc else "") or value(obr, 19) or accession
-    sps_id = (value(ipc, 4) if ipc else "") or value(obr, 20) or str(step)
+    accession = value(ipc, 1) or value(obr, 18) or filler or number
+    requested_id = value(ipc, 2) or value(obr, 19) or accession
+    sps_id = value(ipc, 4) or value(obr, 20) or str(step)
     uid = _uid(scope, number, requested_id, sps_id)
-    study_uid = (value(ipc, 3) if ipc else "") or (
-        value(order.first("ZDS"), 1) if order.first("ZDS") is not None else ""
-    ) or _uid(scope, number, requested_id, "study")  # fmt: skip
+    study_uid = value(ipc, 3) or value(order.first("ZDS"), 1) or _uid(scope, number, requested_id, "study")
     procedure = code(obr, 44) or code(obr, 4)
-    protocol = (code(ipc, 6) if ipc else None) or code(obr, 4)
+    protocol = (code(ipc, 6) if ipc is not None else None) or code(obr, 4)
     description = value(obr, 44, component=2) or value(obr, 4, component=2) or value(obr, 4)
     label = (value(obr, 4, component=2) or value(obr, 4) or description or f"order {number}")[:64]
-    station = (value(ipc, 9) if ipc else "") or value(order.orc, 18)
-    station_name = (value(ipc, 7) if ipc else "") or station
-    modality = (value(ipc, 5) if ipc else "") or value(obr, 24)
-    location = (value(ipc, 8) if ipc else "") or (value(pv1, 3) if pv1 is not None else "")
-
+    # (segment, field) each value comes from, so a refusal names the right field
+    station_at = (ipc, 9) if value(ipc, 9) else (order.orc, 18)
+    modality_at = (ipc, 5) if value(ipc, 5) else (obr, 24)
+    location_at = (ipc, 8) if value(ipc, 8) else (pv1, 3)
+    station_name = value(ipc, 7) or value(*station_at)
     request: dict[str, Any] = {
         "0020000D": {"vr": "UI", "Value": [study_uid]},
         "00080050": element("SH", accession, obr, 18) or {"vr": "SH"},
@@ -180,21 +195,10 @@ def _workitem(received: Received, order: Order, ipc: Segment | None, step: int) 
     # Order Placer Identifier Sequence > Local Namespace Entity ID: the placer's namespace, or the sender
     # when the placer gave none (a cancel finds the order's work items by number and this)
     request["00400026"] = {"vr": "SQ", "Value": [{"00400031": {"vr": "UT", "Value": [scope]}}]}
-    stations = {
-        "00080100": element("SH", station, order.orc, 18),
-        "00080102": {"vr": "SH", "Value": ["99HL7"]},
-        "00080104": {"vr": "LO", "Value": [station_name[:64]]},
-    } if station else None  # fmt: skip
-    modality_code = {
-        "00080100": element("SH", modality, obr, 24),
-        "00080102": {"vr": "SH", "Value": ["DCM"]},
-        "00080104": {"vr": "LO", "Value": [modality]},
-    } if modality else None  # fmt: skip
-    location_code = {
-        "00080100": element("SH", location, obr, 24),
-        "00080102": {"vr": "SH", "Value": ["99HL7"]},
-        "00080104": {"vr": "LO", "Value": [location[:64]]},
-    } if location and len(location) <= 16 else None  # fmt: skip
+    stations = _local_code(*station_at, meaning=station_name)
+    modality_code = _local_code(*modality_at, scheme="DCM")
+    location = value(*location_at)
+    location_code = _local_code(*location_at) if len(location) <= 16 else None  # a code value is SH
 
     ds: dict[str, Any] = {
         _STATE: {"vr": "CS", "Value": ["SCHEDULED"]},
@@ -236,13 +240,15 @@ async def new_order(
         try:
             _, attrs, _ = prepare_create(check_dataset(ds), uid)
         except DatasetError as exc:
-            raise HL7Error(AE, 102, f"the order makes an invalid work item: {exc}", "OBR") from exc
+            raise HL7Error(
+                AE, DATA_TYPE_ERROR, f"the order makes an invalid work item: {exc}", "OBR"
+            ) from exc
         try:
             async with conn.transaction():  # a savepoint: a duplicate leaves the rest of the message intact
                 await store.create_in(conn, partition_key, uid, attrs)
         except store.UpsError as exc:
             if exc.status != 409:
-                raise HL7Error(AE, 207, f"work item {uid}: {exc.message}") from exc
+                raise HL7Error(AE, APPLICATION_INTERNAL_ERROR, f"work item {uid}: {exc.message}") from exc
             outcome.result.setdefault("existing", []).append(uid)  # sent before: its work item is there
             continue
         outcome.result.setdefault("created", []).append(uid)
@@ -267,7 +273,7 @@ async def _order_items(conn: asyncpg.Connection, partition_key: int, number: str
 async def cancel_order(
     conn: asyncpg.Connection, received: Received, partition_key: int | None, order: Order, outcome: Outcome
 ) -> None:
-    number, namespace = _placer(order, received)
+    number, namespace = _placer(order)
     scope = _scope(namespace, received)
     items = await _order_items(conn, partition_key, number, scope) if partition_key is not None else []
     assert partition_key is not None or not items
@@ -280,7 +286,10 @@ async def cancel_order(
     done = [str(first(i, "00080018")) for i in items if first(i, _STATE) == "COMPLETED"]
     if len(done) == len(items):
         raise HL7Error(
-            AE, 207, f"the work items of order {number} are COMPLETED and cannot be canceled", "ORC^1^1"
+            AE,
+            APPLICATION_INTERNAL_ERROR,
+            f"the work items of order {number} are COMPLETED and cannot be canceled",
+            "ORC^1^1",
         )
     for item in items:
         uid = str(first(item, "00080018"))
@@ -289,7 +298,7 @@ async def cancel_order(
         try:
             await store.cancel_in(conn, partition_key, uid, info)
         except store.UpsError as exc:
-            raise HL7Error(AE, 207, f"work item {uid}: {exc.message}") from exc
+            raise HL7Error(AE, APPLICATION_INTERNAL_ERROR, f"work item {uid}: {exc.message}") from exc
         outcome.result.setdefault("canceled", []).append(uid)
 
 

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from hl7.message import AE, DATA_TYPE_ERROR, HL7Error, Segment, repetitions, value
+from hl7.message import AE, DATA_TYPE_ERROR, TABLE_VALUE_NOT_FOUND, HL7Error, Segment, repetitions, value
 from indexer.attributes import parse_da
 from indexer.extended_values import dt_bounds
 
@@ -107,7 +107,7 @@ def sex(segment: Segment, field: int) -> dict[str, Any] | None:
     if text not in _SEX:
         raise HL7Error(
             AE,
-            103,  # table value not found
+            TABLE_VALUE_NOT_FOUND,
             f"{segment.name}-{field} {text!r} is not an administrative sex (HL7 table 0001)",
             where(segment, field),
         )
