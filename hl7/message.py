@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from hl7apy.consts import VALIDATION_LEVEL
@@ -173,8 +174,11 @@ def codec_for(raw: bytes) -> str:
     return codec
 
 
-def parse(raw: bytes) -> Received:
-    """Decode and parse a message and check its header; HL7Error when it must be refused."""
+def parse(raw: bytes, read: Collection[str] | None = None) -> Received:
+    """Decode and parse a message and check its header; HL7Error when it must be refused.
+
+    With `read`, only those segments (and MSH) are parsed and returned: hl7apy costs about 1 ms per segment,
+    and segments nobody reads (EVN, NTE, OBX, AL1 ...) need not pass its checks."""
     codec = codec_for(raw)
     try:
         text = raw.decode(codec)
@@ -188,15 +192,19 @@ def parse(raw: bytes) -> Received:
     if header is None:
         raise HL7Error(AR, SEGMENT_SEQUENCE_ERROR, "the message does not start with an MSH segment", "MSH")
     _check_header(header)
+    lines = [line for line in text.split("\r") if line.strip()]
+    if read is not None:
+        lines = [line for n, line in enumerate(lines) if n == 0 or line[:3] in read]
     try:
-        parsed = parse_message(text, validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=False)
+        parsed = parse_message(
+            "\r".join(lines), validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=False
+        )
     except (HL7apyException, ValueError, IndexError, KeyError, AttributeError) as exc:
         raise HL7Error(AR, SEGMENT_SEQUENCE_ERROR, f"the message cannot be parsed: {exc}", "MSH") from exc
     enc = parsed.encoding_chars
     d = Delimiters(enc["FIELD"], enc["COMPONENT"], enc["REPETITION"], enc["ESCAPE"], enc["SUBCOMPONENT"])
     # Fields are taken by position from each segment hl7apy accepted: its tree names fields only up to the
     # version's definition of the segment and leaves out empty ones, and handlers read fields by number.
-    lines = [line for line in text.split("\r") if line.strip()]
     if [line[:3] for line in lines] != [str(seg.name) for seg in parsed.children]:
         raise HL7Error(AR, SEGMENT_SEQUENCE_ERROR, "the message's segments cannot be told apart", "MSH")
     return Received(header, [_segment(line, d) for line in lines], codec)

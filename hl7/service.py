@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[asyncpg.Connection, Received, Target], Awaitable[Outcome]]
 
+# the segments the handlers read (the rest of a message is kept in the log, not parsed)
+READ = frozenset({"PID", "PV1", "MRG", "ORC", "OBR", "TQ1", "IPC", "ZDS"})
+
 # message code -> trigger event -> handler
 HANDLERS: dict[str, dict[str, Handler]] = {
     "ADT": {"A08": adt.update_patient, "A31": adt.update_patient, "A40": adt.merge_patients},
@@ -85,7 +88,7 @@ class Hl7Service:
         header: Header | None = None
         try:
             # hl7apy takes milliseconds to parse a message: off the event loop, as other CPU work is
-            received = await asyncio.to_thread(parse, raw)
+            received = await asyncio.to_thread(parse, raw, READ)
             header = received.header
             handler = _handler(header)
             async with self.pool.acquire() as conn, conn.transaction():
