@@ -36,7 +36,7 @@ import asyncpg
 from archive.ingest import Prepared, prepare, prepare_executor, record_of, storage_key
 from archive.update_request import UPDATE, parse_change_dataset
 from changefeed.log import Action, Change, append
-from dicomcore.rewrite import RewriteError, apply_changes
+from dicomcore.rewrite import Changes, RewriteError
 from indexer.lookup import StoredInstance, instances_by_uid, partition_key, study_instances_after_uid
 from indexer.operations import Operation, Step
 from indexer.writes import NewVersion, replace_instances
@@ -84,7 +84,7 @@ class _Instance:
 
 def _rewrite_chunk(
     chunk: list[tuple[_Instance, bytes | None]],
-    changes: dict[str, Any],
+    changes: Changes,
     partition: int,
     read: Callable[[str], bytes] | None,
     write: Callable[[str, bytes], int] | None,
@@ -100,7 +100,7 @@ def _rewrite_chunk(
                 instance.error = "the stored object is missing"
                 continue
         try:
-            rewritten = apply_changes(data, changes)
+            rewritten = changes.apply(data)
             prepared = prepare(io.BytesIO(rewritten))
         except (RewriteError, ValueError) as exc:
             instance.error = str(exc)
@@ -137,7 +137,7 @@ class UpdateHandler:
         cp = {**_START, **(op.checkpoint or {})}
         uids: list[str] = op.params["studyInstanceUids"]
         try:
-            changes = parse_change_dataset(op.params["changeDataset"])
+            changes = Changes(parse_change_dataset(op.params["changeDataset"]))
         except ValueError as exc:  # queued by a front door that did not check it
             cp["errors"] = [*cp["errors"], f"changeDataset: {exc}"]
             return Step(cp, 100, done=True, failed=True, results=_results(cp))
@@ -183,7 +183,7 @@ class UpdateHandler:
         self,
         conn: asyncpg.Connection,
         partition: int,
-        changes: dict[str, Any],
+        changes: Changes,
         instances: list[_Instance],
         cp: dict[str, Any],
         failed: set[str],
@@ -241,7 +241,7 @@ class UpdateHandler:
         # takes serialises every writer's commit until ours
         await append(conn, partition, changed)
 
-    async def _rewrite(self, partition: int, changes: dict[str, Any], instances: list[_Instance]) -> None:
+    async def _rewrite(self, partition: int, changes: Changes, instances: list[_Instance]) -> None:
         loop = asyncio.get_running_loop()
         read, write = self.store.blocking_reader(), self.store.blocking_writer()
         slots = asyncio.Semaphore(IN_FLIGHT)

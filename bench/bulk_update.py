@@ -7,7 +7,8 @@ Stores --studies studies of --per-study CT-like instances (--size x --size, 16 b
 `update` operation naming every study (what an HL7 ADT^A40 merge or a POST /studies/$bulkUpdate queues:
 PatientName, PatientID and IssuerOfPatientID), runs it with the real runner and handler (archive/update.py)
 and reports instances/s from queueing the operation to its success, with this process's CPU seconds (the
-rewrite, preparation and store writes; PostgreSQL's own CPU is not included).
+rewrite, preparation and store writes) and the embedded PostgreSQL's, per instance, and the load average
+at the end (the machine is shared: wall clock depends on what else runs, CPU per instance much less).
 """
 
 from __future__ import annotations
@@ -73,10 +74,28 @@ async def load(
     return sorted({o.study_instance_uid for o in outcomes if o.study_instance_uid})
 
 
-async def update(pool: asyncpg.Pool, store: LocalBlobStore, studies: list[str]) -> tuple[float, float, dict]:
+def postgres_pids(root: Path) -> list[int]:
+    """The embedded PostgreSQL's postmaster and its children (backends, WAL writer, checkpointer...)."""
+    pid_files = list(root.rglob("postmaster.pid"))
+    if not pid_files:
+        return []  # an external database (--database-url): its CPU is not measured
+    postmaster = int(pid_files[0].read_text().split()[0])
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                children.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return [postmaster, *children]
+
+
+async def update(
+    pool: asyncpg.Pool, store: LocalBlobStore, studies: list[str], database_pids: list[int]
+) -> tuple[float, float, float, dict]:
     request = parse_update_request({"studyInstanceUids": studies, "changeDataset": CHANGES})
     runner = OperationRunner(pool, {UPDATE: UpdateHandler(store)}, poll_interval=0.05)
-    cpu_before = cpu_seconds([os.getpid()])
+    cpu_before, db_before = cpu_seconds([os.getpid()]), cpu_seconds(database_pids)
     start = time.perf_counter()
     async with pool.acquire() as conn:
         op = await create_operation(conn, UPDATE, update_params("Microsoft.Default", request), [])
@@ -90,12 +109,12 @@ async def update(pool: asyncpg.Pool, store: LocalBlobStore, studies: list[str]) 
                 break
             await asyncio.sleep(0.05)
         elapsed = time.perf_counter() - start
-        cpu = cpu_seconds([os.getpid()]) - cpu_before
+        cpu, db = cpu_seconds([os.getpid()]) - cpu_before, cpu_seconds(database_pids) - db_before
     finally:
         await runner.stop()
     if current.status != "succeeded":
         raise SystemExit(f"update {current.status}: {current.results}")
-    return elapsed, cpu, current.results
+    return elapsed, cpu, db, current.results
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -115,10 +134,12 @@ async def main_async(args: argparse.Namespace) -> None:
         print(f"stored {count} instances of {len(data) / 1024:.0f} KiB in {len(studies)} studies "
               f"in {time.perf_counter() - t0:.1f} s")  # fmt: skip
         await asyncio.to_thread(os.sync)  # the ingest's writeback must not land inside the timed update
-        elapsed, cpu, results = await update(pool, store, studies)
-        print(f"bulk update of {len(studies)} studies, {results['instanceUpdated']} instances: {elapsed:.1f} s, "
-              f"{results['instanceUpdated'] / elapsed:.0f} instances/s; this process {cpu:.1f} CPU s "
-              f"({cpu / max(1, results['instanceUpdated']) * 1e6:.0f} µs/instance); results {results}")  # fmt: skip
+        elapsed, cpu, db, results = await update(pool, store, studies, postgres_pids(root))
+        count = results["instanceUpdated"]
+        load_average = os.getloadavg()[0]
+        print(f"bulk update of {len(studies)} studies, {count} instances: {elapsed:.1f} s, "
+              f"{count / elapsed:.0f} instances/s; CPU µs/instance: this process {cpu / count * 1e6:.0f}, "
+              f"PostgreSQL {db / count * 1e6:.0f}; load average {load_average:.1f}; {results}")  # fmt: skip
         await store.close()
         await pool.close()
 

@@ -12,6 +12,7 @@ before anything is written.
 
 from __future__ import annotations
 
+import bisect
 import io
 from collections.abc import Mapping
 from typing import Any
@@ -20,7 +21,8 @@ import pydicom
 from pydicom import config
 from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VM
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import data_element_generator, read_preamble
 from pydicom.filewriter import write_data_element
@@ -35,6 +37,10 @@ from dicomcore.uids import (
 )
 
 SPECIFIC_CHARACTER_SET = 0x00080005
+DEFER_SIZE = 64  # values longer than this are not read to find where the elements are
+UNDEFINED_LENGTH = 0xFFFFFFFF
+# explicit VR elements whose header is 12 bytes (2 reserved bytes and a 4-byte length), PS3.5 7.1.2
+_LONG_HEADER_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
 UTF8 = "ISO_IR 192"
 _PN_GROUPS = frozenset({"Alphabetic", "Ideographic", "Phonetic"})
 _NUMERIC_STRING = frozenset({"DS", "IS"})
@@ -147,74 +153,144 @@ def _check_widenable(charset: list[str]) -> None:
 def _encode(elem: DataElement, encodings: list[str], implicit: bool, little: bool) -> bytes:
     out = DicomBytesIO()
     out.is_implicit_VR, out.is_little_endian = implicit, little
-    with config.strict_reading():
-        write_data_element(out, elem, encodings)
+    write_data_element(out, elem, encodings)
     return out.getvalue()
+
+
+class Changes:
+    """Checked changes (8-hex-digit key -> DICOM JSON element) to apply to many objects: each element is
+    encoded once per transfer syntax and character set met."""
+
+    def __init__(self, changes: Mapping[str, Mapping[str, Any]]) -> None:
+        self.elements = {int(key, 16): _element(int(key, 16), element) for key, element in changes.items()}
+        self._encoded: dict[tuple[bool, bool, tuple[str, ...]], dict[int, bytes]] = {}
+
+    def _encoded_for(self, implicit: bool, little: bool, charset: list[str]) -> dict[int, bytes]:
+        key = (implicit, little, tuple(charset))
+        encoded = self._encoded.get(key)
+        if encoded is None:
+            elements = dict(self.elements)
+            if not _encodable(list(elements.values()), charset):
+                _check_widenable(charset)
+                charset = [UTF8]
+                elements[SPECIFIC_CHARACTER_SET] = DataElement(SPECIFIC_CHARACTER_SET, "CS", UTF8)
+            encodings = convert_encodings(charset or [""])
+            encoded = {tag: _encode(e, encodings, implicit, little) for tag, e in elements.items()}
+            self._encoded[key] = encoded
+        return encoded
+
+    def apply(self, data: bytes) -> bytes:
+        """The object with each attribute set at the top level of its data set; RewriteError when that is
+        impossible."""
+        try:
+            ds = read_file(data, DEFER_SIZE)
+            syntax = transfer_syntax_uid(ds)
+        except Exception as exc:
+            raise RewriteError(f"the stored object cannot be read: {exc}") from exc
+        if syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+            return _rewrite_whole(read_file(data, None), dict(self.elements))  # values read: written whole
+        implicit = syntax == IMPLICIT_VR_LITTLE_ENDIAN
+        little = syntax != EXPLICIT_VR_BIG_ENDIAN
+        encoded = self._encoded_for(implicit, little, _charset(ds))
+        tags = sorted(encoded)
+        edits = _edits(ds, tags, implicit, len(data))
+        if edits is None:  # where the elements lie is not known from framing: frame them all
+            edits = _edits_from_spans(_generated_spans(data, implicit, little), tags, len(data))
+        view = memoryview(data)
+        parts: list[bytes | memoryview] = []
+        position = 0
+        for start, end, tag in sorted(edits):
+            parts.append(view[position:start])
+            parts.append(encoded[tag])
+            position = end
+        parts.append(view[position:])
+        return b"".join(parts)
 
 
 def apply_changes(data: bytes, changes: Mapping[str, Mapping[str, Any]]) -> bytes:
     """The object with each changed attribute (8-hex-digit key -> checked DICOM JSON element) set, at the
     top level of the data set; raises RewriteError when that is impossible."""
-    new = {int(key, 16): _element(int(key, 16), element) for key, element in changes.items()}
+    return Changes(changes).apply(data)
+
+
+def _charset(ds: Dataset) -> list[str]:
+    raw = ds._dict.get(SPECIFIC_CHARACTER_SET)
+    value = raw.value if raw is not None else None
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return [c.strip() for c in value.split("\\")] if isinstance(value, str) and value.strip() else []
+
+
+def _extent(elem: Any, implicit: bool) -> tuple[int, int] | None:
+    """Where a top-level element lies in the object, when framing recorded it (raw, defined length)."""
+    if type(elem) is not RawDataElement or elem.length == UNDEFINED_LENGTH:
+        return None
+    header = 8 if implicit or elem.VR not in _LONG_HEADER_VRS else 12
+    return elem.value_tell - header, elem.value_tell + elem.length
+
+
+def _edits(ds: Dataset, tags: list[int], implicit: bool, size: int) -> list[tuple[int, int, int]] | None:
+    """(start, end, tag): the bytes each changed element replaces (empty where it is inserted, before the
+    first element with a higher tag); None when framing does not tell where that is."""
+    elements = ds._dict
+    order = list(elements)
+    keys = [int(k) for k in order]
+    if keys != sorted(keys):
+        return None
+    edits = []
+    for tag in tags:
+        n = bisect.bisect_left(keys, tag)
+        if n < len(keys) and keys[n] == tag:
+            extent = _extent(elements[order[n]], implicit)
+        elif n == len(keys):
+            extent = (size, size)
+        elif (following := _extent(elements[order[n]], implicit)) is not None:
+            extent = (following[0], following[0])
+        elif n > 0 and (previous := _extent(elements[order[n - 1]], implicit)) is not None:
+            extent = (previous[1], previous[1])
+        else:
+            extent = None
+        if extent is None:
+            return None
+        edits.append((*extent, tag))
+    return edits
+
+
+def _edits_from_spans(
+    spans: list[tuple[int, int, int]], tags: list[int], size: int
+) -> list[tuple[int, int, int]]:
+    """_edits from every top-level element's (tag, start, end)."""
+    edits = []
+    for tag in tags:
+        following = next((span for span in spans if span[0] >= tag), None)
+        if following is None:
+            edits.append((size, size, tag))
+        elif following[0] == tag:
+            edits.append((following[1], following[2], tag))
+        else:
+            edits.append((following[1], following[1], tag))
+    return edits
+
+
+def _generated_spans(data: bytes, implicit: bool, little: bool) -> list[tuple[int, int, int]]:
+    """(tag, start, end) of each top-level element by pydicom's element generator (slower: every element
+    is framed in Python), which leaves the file after the element it yields; large values are skipped."""
+    fp = io.BytesIO(data)
     try:
-        fp = io.BytesIO(data)
         read_preamble(fp, False)
-        meta = pydicom.filereader._read_file_meta_info(fp)
-        syntax = meta.get("TransferSyntaxUID")
-    except Exception as exc:
-        raise RewriteError(f"the stored object cannot be read: {exc}") from exc
-    if syntax is None:
-        raise RewriteError("the stored object has no transfer syntax in its file meta")
-    if syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-        return _rewrite_whole(data, new)
-    implicit = syntax == IMPLICIT_VR_LITTLE_ENDIAN
-    little = syntax != EXPLICIT_VR_BIG_ENDIAN
-    start = fp.tell()
-    # Top-level elements and where each begins: the generator leaves fp after the element it yields (large
-    # values are skipped, not read).
-    spans: list[tuple[int, int, int]] = []  # (tag, start, end)
-    charset: list[str] | None = None
-    try:
-        elements = data_element_generator(fp, implicit, little, defer_size=256)
-        for elem in elements:
-            end = fp.tell()
-            spans.append((int(elem.tag), start, end))
-            if elem.tag == SPECIFIC_CHARACTER_SET and elem.value:
-                raw = elem.value.decode("ascii", "replace") if isinstance(elem.value, bytes) else elem.value
-                charset = [c.strip() for c in raw.split("\\")]
-            start = end
+        pydicom.filereader._read_file_meta_info(fp)
+        start = fp.tell()
+        spans = []
+        for elem in data_element_generator(fp, implicit, little, defer_size=DEFER_SIZE):
+            spans.append((int(elem.tag), start, fp.tell()))
+            start = fp.tell()
     except Exception as exc:
         raise RewriteError(f"the stored object cannot be parsed: {exc}") from exc
-    charset = charset or []
-    if not _encodable(list(new.values()), charset):
-        _check_widenable(charset)
-        charset = [UTF8]
-        new[SPECIFIC_CHARACTER_SET] = DataElement(SPECIFIC_CHARACTER_SET, "CS", UTF8)
-    encodings = convert_encodings(charset or [""])
-    parts: list[bytes | memoryview] = []
-    view = memoryview(data)
-    position = spans[0][1] if spans else len(data)
-    parts.append(view[:position])
-    pending = sorted(new)
-    for tag, begin, end in spans:
-        while pending and pending[0] < tag:
-            parts.append(_encode(new[pending.pop(0)], encodings, implicit, little))
-        if pending and pending[0] == tag:
-            parts.append(_encode(new[pending.pop(0)], encodings, implicit, little))
-        else:
-            parts.append(view[begin:end])
-        position = end
-    for tag in pending:
-        parts.append(_encode(new[tag], encodings, implicit, little))
-    parts.append(view[position:])
-    return b"".join(parts)
+    return spans
 
 
-def _rewrite_whole(data: bytes, new: dict[int, DataElement]) -> bytes:
+def _rewrite_whole(ds: Dataset, new: dict[int, DataElement]) -> bytes:
     """Deflated objects: pydicom reads the whole data set, sets the values and writes it deflated again."""
-    ds = read_file(io.BytesIO(data), None)
-    if transfer_syntax_uid(ds) != DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:  # pragma: no cover - checked above
-        raise RewriteError("not a deflated object")
     value = ds.get("SpecificCharacterSet")
     charset = [value] if isinstance(value, str) else list(value or [])
     if not _encodable(list(new.values()), charset):

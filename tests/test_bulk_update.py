@@ -35,6 +35,8 @@ from archive.update import UpdateHandler
 from archive.update_request import UPDATE, parse_change_dataset, parse_update_request, update_params
 from bench.synthetic import make_instance, make_study, multipart_body, to_bytes
 from changefeed.fhir import DEFAULT_PATIENT_SYSTEM
+from dicomcore import rewrite
+from dicomcore.framing import read_file
 from dicomcore.rewrite import RewriteError, apply_changes
 from indexer.operations import OperationRunner, create_operation
 from storage import LocalBlobStore
@@ -184,6 +186,24 @@ def test_rewrite_changes_only_the_listed_attributes(syntax: str) -> None:
         pixel_tag = b"\x7f\xe0\x00\x10" if syntax == ExplicitVRBigEndian else b"\xe0\x7f\x10\x00"
         pixel_offset = data.rindex(pixel_tag)
         assert new.endswith(data[pixel_offset:])
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_where_elements_lie_agrees_with_pydicom(syntax: str) -> None:
+    """The edits found from dicomcore.framing's element positions are those pydicom's element generator
+    gives (the fallback), with sequences of undefined length around the changed elements."""
+    ds = make_instance(make_study(random.Random(6)), 0, 1, rows=8, columns=8)
+    item = pydicom.Dataset()
+    item.CodeValue, item.CodingSchemeDesignator = "1", "DCM"
+    ds.OtherPatientIDsSequence = pydicom.Sequence([item])  # (0010,1002), between changed elements
+    ds.ProcedureCodeSequence = pydicom.Sequence([item])  # (0008,1032), after StudyDescription
+    ds.file_meta.TransferSyntaxUID = syntax
+    data = to_bytes(ds)
+    implicit, little = syntax == ImplicitVRLittleEndian, syntax != ExplicitVRBigEndian
+    tags = sorted([*(int(k, 16) for k in CHANGES), 0x00081030, 0x00101001, 0x00102299])
+    framed = rewrite._edits(read_file(data, rewrite.DEFER_SIZE), tags, implicit, len(data))
+    spans = rewrite._generated_spans(data, implicit, little)
+    assert framed == rewrite._edits_from_spans(spans, tags, len(data))
 
 
 def test_rewrite_character_sets() -> None:
