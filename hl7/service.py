@@ -45,8 +45,14 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[asyncpg.Connection, Received, Target], Awaitable[Outcome]]
 
-# the segments the handlers read (the rest of a message is kept in the log, not parsed)
-READ = frozenset({"PID", "PV1", "MRG", "ORC", "OBR", "TQ1", "IPC", "ZDS"})
+# the segments the handlers of each message type read (the rest of a message is kept in the log, not parsed)
+_ORDER_SEGMENTS = frozenset({"PID", "PV1", "ORC", "OBR", "TQ1", "IPC", "ZDS"})
+READ = {"ADT": frozenset({"PID", "MRG"}), "ORM": _ORDER_SEGMENTS, "OMI": _ORDER_SEGMENTS}
+
+
+def segments_read(header: Header) -> frozenset[str] | None:
+    return READ.get(header.message_code.upper())
+
 
 # message code -> trigger event -> handler
 HANDLERS: dict[str, dict[str, Handler]] = {
@@ -88,7 +94,7 @@ class Hl7Service:
         header: Header | None = None
         try:
             # hl7apy takes milliseconds to parse a message: off the event loop, as other CPU work is
-            received = await asyncio.to_thread(parse, raw, READ)
+            received = await asyncio.to_thread(parse, raw, segments_read)
             header = received.header
             handler = _handler(header)
             async with self.pool.acquire() as conn, conn.transaction():
