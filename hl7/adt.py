@@ -78,7 +78,7 @@ async def _queue(
 
 
 def _names(ids: list[Identifier]) -> str:
-    return ", ".join(f"{i.id}^^^{i.issuer}" if i.issuer else i.id for i in ids)
+    return ", ".join(f"{i.id} ({i.issuer})" if i.issuer else i.id for i in ids)
 
 
 async def update_patient(conn: asyncpg.Connection, received: Received, target: Target) -> Outcome:

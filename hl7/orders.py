@@ -296,10 +296,10 @@ async def cancel_order(
         if uid in done:
             continue
         try:
-            await store.cancel_in(conn, partition_key, uid, info)
+            already = await store.cancel_in(conn, partition_key, uid, info)
         except store.UpsError as exc:
             raise HL7Error(AE, APPLICATION_INTERNAL_ERROR, f"work item {uid}: {exc.message}") from exc
-        outcome.result.setdefault("canceled", []).append(uid)
+        outcome.result.setdefault("alreadyCanceled" if already else "canceled", []).append(uid)
 
 
 async def place_orders(conn: asyncpg.Connection, received: Received, target: Target) -> Outcome:
@@ -314,10 +314,16 @@ async def place_orders(conn: asyncpg.Connection, received: Received, target: Tar
         else:
             reason = f"order control {control or '(empty)'} (ORC-1) is not NW, CA, OC or DC"
             raise HL7Error(AE, TABLE_VALUE_NOT_FOUND, reason, "ORC^1^1")
-    parts = [
-        f"{len(outcome.result[k])} work items {k}"
-        for k in ("created", "existing", "canceled")
-        if k in outcome.result
-    ]
-    outcome.detail = ", ".join(parts).replace("items existing", "items already scheduled")
+    outcome.detail = "; ".join(
+        f"{what}: {len(outcome.result[key])}" for key, what in _SAID.items() if outcome.result.get(key)
+    )
     return outcome
+
+
+# the result lists of an order message, as its ACK says them
+_SAID = {
+    "created": "work items created",
+    "existing": "already scheduled (sent before)",
+    "canceled": "work items canceled",
+    "alreadyCanceled": "already canceled",
+}

@@ -152,6 +152,8 @@ async def test_a_canceled_order_cancels_its_work_item(hl7_archive: Hl7Archive) -
     assert value(canceled, "00741002", "00741238") == "Patient request"  # ORC-16, the reason
     results, status = c_find(hl7_archive.dimse, mwl_query(AccessionNumber="ACC-1001"))
     assert (results, status) == ([], 0)  # gone from the modality's worklist
+    again = hl7_archive.send(message("orm_o01_cancel_v231.hl7"))  # sent twice: nothing more to do
+    assert again["MSA"][1] == "AA" and again["MSA"][3] == "already canceled: 1"
 
 
 async def test_a_cancel_of_an_unknown_order_is_an_error_that_changes_nothing(hl7_archive: Hl7Archive) -> None:
