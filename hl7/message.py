@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from hl7apy import SUPPORTED_LIBRARIES
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_message
@@ -38,9 +39,9 @@ UNSUPPORTED_VERSION_ID = 203
 UNKNOWN_KEY_IDENTIFIER = 204
 APPLICATION_INTERNAL_ERROR = 207
 
-# Versions whose segments and fields read here are the same (2.3 adds ORC/OBR as used; 2.5 adds TQ1, which
-# is read beside ORC-7; later versions keep these fields). Tested with 2.3, 2.3.1, 2.4 and 2.5.1 messages.
-_VERSION = re.compile(r"2\.[3-8](\.[0-9]+)?")
+# Versions read: those hl7apy has definitions of, from 2.3 on (the segments and fields read here are the
+# same in all of them; 2.5 adds TQ1, read beside ORC-7). Tested with 2.3.1, 2.4, 2.5 and 2.5.1 messages.
+VERSIONS = tuple(sorted(v for v in SUPPORTED_LIBRARIES if v >= "2.3"))
 _PROCESSING_IDS = frozenset({"P", "T", "D"})  # production, training, debugging (HL7 table 0103)
 
 # MSH-18 character sets (HL7 table 0211) and their codecs. Without MSH-18 HL7 says ASCII; senders that leave
@@ -243,9 +244,12 @@ def _check_header(header: Header) -> None:
             f"processing ID {header.processing_id!r} (MSH-11) is not P, T or D",
             "MSH^1^11",
         )
-    if not _VERSION.fullmatch(header.version):
+    if header.version not in VERSIONS:
         raise HL7Error(
-            AR, UNSUPPORTED_VERSION_ID, f"version {header.version!r} (MSH-12) is not 2.3 to 2.8", "MSH^1^12"
+            AR,
+            UNSUPPORTED_VERSION_ID,
+            f"version {header.version!r} (MSH-12) is not one of {', '.join(VERSIONS)}",
+            "MSH^1^12",
         )
 
 
@@ -364,7 +368,7 @@ def ack(
         f"ACK{comp}{_escape(h.trigger_event, h)}{comp}ACK" if h and h.trigger_event else "ACK",
         uuid.uuid4().hex[:20],
         h.processing_id if h and h.processing_id in _PROCESSING_IDS else "P",
-        h.version if h and _VERSION.fullmatch(h.version) else "2.5",
+        h.version if h and h.version in VERSIONS else "2.5",
     ]
     if h and h.charset:
         msh += [""] * 5 + [_escape(h.charset, h)]
