@@ -55,6 +55,7 @@ class Order:
     """One ORC with the segments that detail it (OBR, TQ1, IPC, ZDS)."""
 
     orc: Segment
+    index: int  # its place among the message's ORC groups, from 1
     details: dict[str, list[Segment]] = field(default_factory=dict)
 
     def first(self, name: str) -> Segment | None:
@@ -68,7 +69,7 @@ def orders_of(received: Received) -> list[Order]:
     for segment in received.segments:
         name = segment.name
         if name == "ORC":
-            out.append(Order(segment))
+            out.append(Order(segment, len(out) + 1))
         elif out and name in ("OBR", "TQ1", "IPC", "ZDS"):
             out[-1].details.setdefault(name, []).append(segment)
     if not out:
@@ -145,8 +146,9 @@ def _set(ds: dict[str, Any], key: str, elem: dict[str, Any] | None) -> None:
         ds[key] = elem
 
 
-def _workitem(received: Received, order: Order, ipc: Segment | None, step: int) -> tuple[str, dict]:
-    """(work item UID, its data set) for one Scheduled Procedure Step of an order."""
+def _workitem(received: Received, order: Order, ipc: Segment | None, step: str) -> tuple[str, dict]:
+    """(work item UID, its data set) for one Scheduled Procedure Step of an order; `step` is its place in
+    the message (ORC group and IPC), the step's identity when neither IPC-4 nor OBR-20 names it."""
     pid = segments(received, "PID")
     if not pid:
         raise HL7Error(
@@ -168,7 +170,7 @@ def _workitem(received: Received, order: Order, ipc: Segment | None, step: int) 
     filler = value(order.orc, 3) or value(obr, 3)
     accession = value(ipc, 1) or value(obr, 18) or filler or number
     requested_id = value(ipc, 2) or value(obr, 19) or accession
-    sps_id = value(ipc, 4) or value(obr, 20) or str(step)
+    sps_id = value(ipc, 4) or value(obr, 20) or step
     uid = _uid(scope, number, requested_id, sps_id)
     study_uid = value(ipc, 3) or value(order.first("ZDS"), 1) or _uid(scope, number, requested_id, "study")
     procedure = code(obr, 44) or code(obr, 4)
@@ -235,8 +237,8 @@ async def new_order(
     conn: asyncpg.Connection, received: Received, partition_key: int, order: Order, outcome: Outcome
 ) -> None:
     steps = order.details.get("IPC") or [None]
-    for step, ipc in enumerate(steps, start=1):
-        uid, ds = _workitem(received, order, ipc, step)
+    for n, ipc in enumerate(steps, start=1):
+        uid, ds = _workitem(received, order, ipc, f"{order.index}.{n}")
         try:
             _, attrs, _ = prepare_create(check_dataset(ds), uid)
         except DatasetError as exc:

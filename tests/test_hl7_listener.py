@@ -489,3 +489,20 @@ async def test_a40_end_to_end_studies_under_the_surviving_patient_id(hl7_archive
         )
         (instance,) = response.json()
         assert (value(instance, "00100020"), value(instance, "00100021")) == ("PAT-HL7-1", "STJOHNS")
+
+
+async def test_an_order_with_two_procedure_steps_and_its_cancel(hl7_archive: Hl7Archive) -> None:
+    """Two ORC/OBR groups of one placer order, without OBR-20 (step IDs): two work items; one cancel of the
+    order cancels both."""
+    lines = message("orm_o01_new_v231.hl7").decode().replace("|SPS-1001|", "||").split("\r")
+    orc, obr = lines[3], lines[4]
+    second = obr.replace("CTCHEST^CT chest with contrast^L", "CTABD^CT abdomen^L").replace("OBR|1|", "OBR|2|")
+    raw = "\r".join([*lines[:5], orc, second, *lines[5:]]).encode()
+    ack = hl7_archive.send(raw)
+    assert ack["MSA"][1] == "AA" and ack["MSA"][3] == "work items created: 2"
+    items = workitems(hl7_archive, **{"ReferencedRequestSequence.AccessionNumber": "ACC-1001"})
+    assert sorted(str(value(i, "00741204")) for i in items) == ["CT abdomen", "CT chest with contrast"]
+    assert hl7_archive.send(raw)["MSA"][3] == "already scheduled (sent before): 2"
+    assert hl7_archive.send(message("orm_o01_cancel_v231.hl7"))["MSA"][3] == "work items canceled: 2"
+    states = {value(retrieve(hl7_archive, str(value(i, "00080018"))), "00741000") for i in items}
+    assert states == {"CANCELED"}
