@@ -52,6 +52,7 @@ class Family(StrEnum):
     ACQUIRE = "acquire"  # pulling studies from a DIMSE peer, sending studies to one (operations)
     DIMSE = "dimse"  # audit records of DIMSE associations and operations (no HTTP route)
     PARTITIONS = "partitions"  # GET /vN/partitions: the partitions the caller may use
+    HL7 = "hl7"  # audit records of HL7 v2 messages received over MLLP (no HTTP route)
     HEALTH = "health"
     PAGE = "page"
     UNKNOWN = "unknown"
@@ -85,6 +86,7 @@ POLICY: dict[Family, frozenset[Role]] = {
     Family.AES: frozenset({OWN}),
     Family.ACQUIRE: frozenset({OWN, WRI}),
     Family.DIMSE: frozenset(),
+    Family.HL7: frozenset(),
     Family.UNKNOWN: frozenset({OWN}),
 }
 # open to anyone: probes carry no data, the request page is static HTML that calls the API with a token

@@ -25,19 +25,22 @@ def parse_networks(text: str | None) -> tuple[Network, ...]:
 def client_address(peer: str | None, forwarded_for: str | None, trusted: tuple[Network, ...]) -> str | None:
     """The caller's address: the peer, unless it is a trusted proxy; then the right-most X-Forwarded-For
     entry that is not itself a trusted proxy (entries left of it could be forged by the client)."""
-    if peer is None or not trusted or not forwarded_for or not _within(peer, trusted):
+    if peer is None or not trusted or not forwarded_for or not address_within(peer, trusted):
         return peer
     for hop in reversed([h.strip() for h in forwarded_for.split(",")]):
-        if not _within(hop, trusted):
+        if not address_within(hop, trusted):
             return hop[:64]
     return peer
 
 
-def _within(address: str, networks: tuple[Network, ...]) -> bool:
+def address_within(address: str, networks: tuple[Network, ...]) -> bool:
+    """Whether an address is in one of the networks (an IPv4-mapped IPv6 address counts as IPv4)."""
     try:
-        ip = ipaddress.ip_address(address)
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
     return any(ip in net for net in networks)
 
 

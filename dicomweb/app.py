@@ -25,6 +25,7 @@ from dicomweb.cors import cors_middleware
 from dicomweb.dimse_listener import dimse_server
 from dicomweb.errors import HTTPProblem, handle_problem
 from dicomweb.gcpolicy import tune_for_serving
+from dicomweb.hl7_listener import hl7_server
 from dicomweb.metrics import MetricsMiddleware, metrics
 from dicomweb.routes import (
     bulk_update,
@@ -208,9 +209,15 @@ def create_app(
             app.state.dimse = dimse_server(settings, pool, blob_store, app.state.access.audit)
             if app.state.dimse is not None:
                 await app.state.dimse.start()
+            # the HL7 v2 front door (hl7/): an MLLP listener in every process when DICOMWEB_HL7_PORT is set
+            app.state.hl7 = hl7_server(settings, pool, app.state.operations, app.state.access.audit)
+            if app.state.hl7 is not None:
+                await app.state.hl7.start()
             try:
                 yield
             finally:
+                if app.state.hl7 is not None:
+                    await app.state.hl7.stop()
                 if app.state.dimse is not None:
                     await app.state.dimse.stop()
                 await scp_status.stop()  # GOING DOWN when this is the last process

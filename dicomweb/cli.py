@@ -43,6 +43,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         insecure_open=getattr(args, "insecure_open", None) or None,
         dimse_port=getattr(args, "dimse_port", None),
         dimse_ae_title=getattr(args, "dimse_ae_title", None),
+        hl7_port=getattr(args, "hl7_port", None),
+        hl7_partition=getattr(args, "hl7_partition", None),
     )
 
 
@@ -93,6 +95,9 @@ def _serve(args: argparse.Namespace) -> int:
         if settings.dimse_port:
             print(f"DIMSE: AE title {settings.dimse_ae_title} on {settings.host}:{settings.dimse_port} "
                   "(register peers with 'dicomweb ae add' or POST /aes)", flush=True)  # fmt: skip
+        if settings.hl7_port:
+            print(f"HL7 (MLLP): {settings.host}:{settings.hl7_port}, partition {settings.hl7_partition}",
+                  flush=True)  # fmt: skip
         # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler that would kill
         # the process before the embedded PostgreSQL is stopped below. Exit through Python instead.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -312,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dimse-port", type=int, help=f"DICOM (DIMSE) listener port ({DEFAULT_DIMSE_PORT}; 0: off)"
     )
     serve.add_argument("--dimse-ae-title", help="the archive's AE title (DICOMWEB)")
+    serve.add_argument("--hl7-port", type=int, help="HL7 v2 (MLLP) listener port (off unless set)")
+    serve.add_argument("--hl7-partition", help="partition HL7 messages update and order into (the default)")
     serve.set_defaults(func=_serve)
     mig = sub.add_parser("migrate", help="apply database migrations and exit")
     _add_common(mig)
@@ -327,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dicomweb.ae_cli import add_ae_command
 
     add_ae_command(sub, _add_common)  # registered DIMSE peers (dimse/aes.py)
+    from dicomweb.hl7_cli import add_hl7_command
+
+    add_hl7_command(sub, _add_common)  # received HL7 messages, replay (hl7/journal.py)
     from deid.files import add_deidentify_command
 
     add_deidentify_command(sub)  # de-identification of files on disk (deid/files.py)

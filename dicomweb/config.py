@@ -55,6 +55,13 @@ class Settings:
     # the AE title peers must call it by
     dimse_port: int | None = None
     dimse_ae_title: str = "DICOMWEB"
+    # HL7 v2 listener (hl7/, docs/hl7.md): its MLLP port on `host` (None or 0: none), and the partition
+    # whose studies ADT messages update and where orders become work items
+    hl7_port: int | None = None
+    hl7_partition: str = DEFAULT_PARTITION
+    # addresses and networks (CIDR), comma-separated, that may connect to it ("*": any); HL7 v2 has no
+    # credentials, so the sender's address is the only one (docs/security.md)
+    hl7_allowed_hosts: str = "127.0.0.1,::1"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -158,14 +158,22 @@ async def all_partitions(conn: asyncpg.Connection | asyncpg.Pool) -> list[asyncp
 
 
 async def find_patient_studies(
-    conn: asyncpg.Connection | asyncpg.Pool, partition_key: int, patient_ids: list[str]
+    conn: asyncpg.Connection | asyncpg.Pool,
+    partition_key: int,
+    patient_ids: Sequence[str],
+    issuers: Sequence[str] | None = None,
 ) -> list[str]:
-    """The Study Instance UIDs of these patients (by Patient ID, any issuer): PATIENT-level C-MOVE/C-GET."""
+    """The Study Instance UIDs of these patients: PATIENT-level C-MOVE/C-GET (by Patient ID, any issuer),
+    HL7 patient updates (`issuers[n]` the Issuer of Patient ID of `patient_ids[n]`; a study stored without an
+    issuer, or an identifier given without one, matches on the ID alone)."""
     rows = await conn.fetch(
-        """SELECT study_instance_uid FROM study
-           WHERE partition_key = $1 AND patient_id = ANY($2::text[]) ORDER BY study_key""",
+        """SELECT st.study_instance_uid FROM study st JOIN patient p ON p.patient_key = st.patient_key
+           JOIN unnest($2::text[], $3::text[]) AS ident(id, issuer) ON st.patient_id = ident.id
+               AND (ident.issuer = '' OR p.issuer_of_patient_id IN ('', ident.issuer))
+           WHERE st.partition_key = $1 GROUP BY st.study_key ORDER BY st.study_key""",
         partition_key,
-        patient_ids,
+        list(patient_ids),
+        list(issuers) if issuers is not None else [""] * len(patient_ids),
     )
     return [row[0] for row in rows]
 

@@ -223,31 +223,36 @@ def partition_lock(partition_key: int) -> int:
 
 
 async def create(pool: asyncpg.Pool, partition_key: int, uid: str, attrs: dict[str, Any]) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        await create_in(conn, partition_key, uid, attrs)
+
+
+async def create_in(conn: asyncpg.Connection, partition_key: int, uid: str, attrs: dict[str, Any]) -> None:
+    """Create Workitem inside the caller's transaction (an HL7 order commits it with its message row)."""
     cols = columns(attrs)
     names = ", ".join(COLUMNS)
     params = ", ".join(f"${n}" for n in range(6, 6 + len(COLUMNS)))
     body = orjson.dumps(attrs)
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", partition_lock(partition_key))
-        key = await conn.fetchval(
-            f"""INSERT INTO ups_workitem (partition_key, sop_instance_uid, state, attrs, body, {names})
-                VALUES ($1, $2, $3, $4::jsonb, $5, {params})
-                ON CONFLICT (partition_key, sop_instance_uid) DO NOTHING RETURNING workitem_key""",
-            partition_key,
-            uid,
-            int(State.SCHEDULED),
-            body.decode(),
-            body,
-            *(cols[c] for c in COLUMNS),
-        )
-        if key is None:
-            raise UpsError(409, f"workitem {uid} already exists")
-        titles = await _subscribe_new(conn, partition_key, key)
-        if titles:
-            created = [events.state_report(uid, attrs)]
-            if any(values(attrs, k) for k in events.ASSIGNMENT_KEYS):
-                created.append(events.from_workitem(uid, events.EventType.ASSIGNED, attrs))
-            await events.emit(conn, partition_key, events.fan_out(titles, created))
+    await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", partition_lock(partition_key))
+    key = await conn.fetchval(
+        f"""INSERT INTO ups_workitem (partition_key, sop_instance_uid, state, attrs, body, {names})
+            VALUES ($1, $2, $3, $4::jsonb, $5, {params})
+            ON CONFLICT (partition_key, sop_instance_uid) DO NOTHING RETURNING workitem_key""",
+        partition_key,
+        uid,
+        int(State.SCHEDULED),
+        body.decode(),
+        body,
+        *(cols[c] for c in COLUMNS),
+    )
+    if key is None:
+        raise UpsError(409, f"workitem {uid} already exists")
+    titles = await _subscribe_new(conn, partition_key, key)
+    if titles:
+        created = [events.state_report(uid, attrs)]
+        if any(values(attrs, k) for k in events.ASSIGNMENT_KEYS):
+            created.append(events.from_workitem(uid, events.EventType.ASSIGNED, attrs))
+        await events.emit(conn, partition_key, events.fan_out(titles, created))
 
 
 async def _subscribe_new(conn: asyncpg.Connection, partition_key: int, key: int) -> list[str]:
@@ -426,37 +431,45 @@ CANCEL_INFO_KEYS = frozenset({"00741238", "0074100E", "0074100A", "0074100C", "0
 
 async def cancel(pool: asyncpg.Pool, partition_key: int, uid: str, info: dict[str, Any]) -> str | None:
     """Request Cancellation; returns the Warning text when the item was already CANCELED."""
+    async with pool.acquire() as conn, conn.transaction():
+        return await cancel_in(conn, partition_key, uid, info)
+
+
+async def cancel_in(
+    conn: asyncpg.Connection, partition_key: int, uid: str, info: dict[str, Any]
+) -> str | None:
+    """Request Cancellation inside the caller's transaction (an HL7 order cancel commits it with its
+    message row)."""
     extra = set(info) - CANCEL_INFO_KEYS
     if extra:
         raise UpsError(400, f"a cancellation request takes no {', '.join(name(k) for k in sorted(extra))}")
-    async with pool.acquire() as conn, conn.transaction():
-        row = await lock_workitem(conn, partition_key, uid)
-        outcome = request_cancel(row.state)
-        if outcome.status is Status.ALREADY_COMPLETED_CANCEL:
-            raise UpsError(409, f"workitem {uid} is COMPLETED and cannot be canceled (C311)", INCONSISTENT)
-        if outcome.status is Status.ALREADY_CANCELED:
-            return ALREADY[Status.ALREADY_CANCELED]
-        if outcome.cancel_requested:
-            titles = await conn.fetchval(
-                "UPDATE ups_workitem SET cancel_requested = true WHERE workitem_key = $1 "
-                f"RETURNING {_SUBSCRIBERS}",
-                row.key,
-            )
-            queued = [events.cancel_requested(uid, info)]
-        else:  # SCHEDULED: the archive cancels it, reporting IN PROGRESS then CANCELED (Table CC.1.1-2)
-            attrs = dict(row.attrs)
-            items = values(attrs, "00741002")
-            progress = dict(items[0]) if items and isinstance(items[0], dict) else {}
-            progress["00404052"] = {"vr": "DT", "Value": [now_dt()]}  # ProcedureStepCancellationDateTime
-            progress.update({k: v for k, v in info.items() if k != "00741236"})
-            attrs["00741002"] = {"vr": "SQ", "Value": [progress]}
-            attrs[PROCEDURE_STEP_STATE] = {"vr": "CS", "Value": [State.CANCELED.code]}
-            attrs["00404010"] = {"vr": "DT", "Value": [now_dt()]}
-            titles = await _write(conn, row, attrs, State.CANCELED, None)
-            queued = [
-                events.state_report(uid, attrs, State.IN_PROGRESS.code),
-                events.state_report(uid, attrs),
-            ]
-        if titles:
-            await events.emit(conn, partition_key, events.fan_out(titles, queued))
+    row = await lock_workitem(conn, partition_key, uid)
+    outcome = request_cancel(row.state)
+    if outcome.status is Status.ALREADY_COMPLETED_CANCEL:
+        raise UpsError(409, f"workitem {uid} is COMPLETED and cannot be canceled (C311)", INCONSISTENT)
+    if outcome.status is Status.ALREADY_CANCELED:
+        return ALREADY[Status.ALREADY_CANCELED]
+    if outcome.cancel_requested:
+        titles = await conn.fetchval(
+            "UPDATE ups_workitem SET cancel_requested = true WHERE workitem_key = $1 "
+            f"RETURNING {_SUBSCRIBERS}",
+            row.key,
+        )
+        queued = [events.cancel_requested(uid, info)]
+    else:  # SCHEDULED: the archive cancels it, reporting IN PROGRESS then CANCELED (Table CC.1.1-2)
+        attrs = dict(row.attrs)
+        items = values(attrs, "00741002")
+        progress = dict(items[0]) if items and isinstance(items[0], dict) else {}
+        progress["00404052"] = {"vr": "DT", "Value": [now_dt()]}  # ProcedureStepCancellationDateTime
+        progress.update({k: v for k, v in info.items() if k != "00741236"})
+        attrs["00741002"] = {"vr": "SQ", "Value": [progress]}
+        attrs[PROCEDURE_STEP_STATE] = {"vr": "CS", "Value": [State.CANCELED.code]}
+        attrs["00404010"] = {"vr": "DT", "Value": [now_dt()]}
+        titles = await _write(conn, row, attrs, State.CANCELED, None)
+        queued = [
+            events.state_report(uid, attrs, State.IN_PROGRESS.code),
+            events.state_report(uid, attrs),
+        ]
+    if titles:
+        await events.emit(conn, partition_key, events.fan_out(titles, queued))
     return None

@@ -79,7 +79,13 @@ def parse_dataset(body: bytes, *, optional: bool = False) -> dict[str, Any]:
         value = value[0]
     if not isinstance(value, dict):
         raise DatasetError("the payload must be a DICOM JSON object (PS3.18 F.2)")
-    return _dataset(value, "")
+    return check_dataset(value)
+
+
+def check_dataset(obj: dict[str, Any]) -> dict[str, Any]:
+    """A DICOM JSON data set built elsewhere (an HL7 order) checked as a request body is: tags, VRs,
+    values."""
+    return _dataset(obj, "")
 
 
 def _dataset(obj: dict[str, Any], where: str) -> dict[str, Any]:

@@ -1,0 +1,129 @@
+"""HL7 v2 messages without a server: parsing the real messages of tests/data/hl7, their values as DICOM,
+the ACKs, and the parser's refusal of anything else (hypothesis)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hl7.message import AE, AR, Delimiters, HL7Error, ack, parse, segments, unescape, value
+from hl7.orders import orders_of
+from hl7.values import code, identifiers, patient_attributes, person_name
+
+DATA = Path(__file__).parent / "data" / "hl7"
+
+
+def received(name: str):  # type: ignore[no-untyped-def]
+    return parse((DATA / name).read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "version", "codec", "ids"),
+    [
+        ("adt_a08_v25.hl7", "ADT^A08", "2.5", "utf-8", ["MSH", "EVN", "PID", "PV1"]),
+        ("adt_a31_v231.hl7", "ADT^A31", "2.3.1", "latin-1", ["MSH", "EVN", "PID", "PV1"]),
+        ("adt_a40_v24.hl7", "ADT^A40", "2.4", "utf-8", ["MSH", "EVN", "PID", "PD1", "MRG"]),
+        ("orm_o01_new_v231.hl7", "ORM^O01", "2.3.1", "utf-8", ["MSH", "PID", "PV1", "ORC", "OBR", "ZDS"]),
+        ("omi_o23_v251.hl7", "OMI^O23", "2.5.1", "utf-8", ["MSH", "PID", "PV1", "ORC", "TQ1", "OBR", "IPC"]),
+    ],
+)
+def test_real_messages_parse(name: str, kind: str, version: str, codec: str, ids: list[str]) -> None:
+    r = received(name)
+    assert (r.header.message_type, r.header.version, r.codec) == (kind, version, codec)
+    assert [s.name for s in r.segments] == ids
+
+
+def test_patient_values_as_dicom() -> None:
+    pid = segments(received("adt_a08_v25.hl7"), "PID")[0]
+    ids = [(i.id, i.issuer) for i in identifiers(pid, 3)]
+    assert ids == [("PAT-HL7-1", "STJOHNS"), ("987-65-4321", "SSA")]
+    # XPN family^given^middle^suffix^prefix^degree^type -> PN family^given^middle^prefix^suffix; legal name
+    assert patient_attributes(pid) == {
+        "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Meier-Schulz^Anna^Maria^Dr."}]},
+        "00100030": {"vr": "DA", "Value": ["19801224"]},
+        "00100040": {"vr": "CS", "Value": ["F"]},
+    }
+    latin = segments(received("adt_a31_v231.hl7"), "PID")[0]
+    assert person_name(latin, 5) == {"vr": "PN", "Value": [{"Alphabetic": "Müller^Jürgen^^Prof. Dr."}]}
+
+
+def test_order_groups_and_codes() -> None:
+    (order,) = orders_of(received("omi_o23_v251.hl7"))
+    assert value(order.orc, 1) == "NW" and sorted(order.details) == ["IPC", "OBR", "TQ1"]
+    assert code(order.details["OBR"][0], 4) == {
+        "00080100": {"vr": "SH", "Value": ["MRBRAIN"]},
+        "00080102": {"vr": "SH", "Value": ["L"]},
+        "00080104": {"vr": "LO", "Value": ["MR brain"]},
+    }
+
+
+def test_unescape() -> None:
+    d = Delimiters()
+    assert unescape(r"Smith\T\Jones \F\ A\S\B\R\C\E\D", d) == "Smith&Jones | A^B~C\\D"
+    assert unescape(r"\X4D\\X7565\ller", d) == "Müller".replace("ü", "ue")  # hex data, as Latin-1 bytes
+    assert unescape(r"bold \H\text\N\ line\.br\two", d) == "bold text line\ntwo"
+    assert unescape("trailing \\", d) == "trailing \\"
+
+
+def test_ack_of_a_message_and_of_garbage() -> None:
+    r = received("orm_o01_new_v231.hl7")
+    text = ack(r.header, AE, error=HL7Error(AE, 204, "no work item was made from order ORD|1^2", "ORC^1^2"))
+    msh, msa, err = text.rstrip("\r").split("\r")
+    assert msh.startswith("MSH|^~\\&|DICOMWEB|RADIOLOGY|HIS|STJOHNS|") and "|ACK^O01^ACK|" in msh
+    assert msa == r"MSA|AE|ORM00000001|no work item was made from order ORD\F\1\S\2"
+    assert err.split("|")[1:5] == ["ORC^1^2^204&Unknown key identifier&HL70357", "ORC^1^2",
+                                   "204^Unknown key identifier^HL70357", "E"]  # fmt: skip
+    # an ACK is itself a message this parser reads
+    assert parse(text.encode()).header.message_type == "ACK^O01"
+    refused = ack(None, AR, error=HL7Error(AR, 100, "the message does not start with an MSH segment", "MSH"))
+    assert refused.split("\r")[1] == "MSA|AR||the message does not start with an MSH segment"
+
+
+# --- hypothesis: the parser refuses garbage with an HL7Error (AR or AE), never another exception ------------
+
+HEADER = "MSH|^~\\&|HIS|HOSP|DICOMWEB|RAD|20261207120000||{type}|CTRL{n}|P|{version}\r"
+SUPPORTED = ("ADT^A08", "ADT^A31", "ADT^A40", "ORM^O01", "OMI^O23")
+
+
+def check_parse(raw: bytes) -> None:
+    try:
+        r = parse(raw)
+    except HL7Error as exc:
+        assert exc.ack in (AE, AR) and 100 <= exc.code <= 207 and exc.text
+        assert ack(None, exc.ack, error=exc)  # it can always be answered
+        return
+    assert r.segments[0].name == "MSH" and r.header.control_id
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=600))
+def test_any_bytes_are_parsed_or_refused(raw: bytes) -> None:
+    check_parse(raw)
+
+
+segment_text = st.text(
+    alphabet=st.sampled_from(list("|^~\\&\r\n ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-éü")), max_size=200
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from([*SUPPORTED, "ADT", "", "ZZZ^Z01", "ADT^A08^ADT_A01^X", "^A08"]),
+    st.sampled_from(["2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.1", "", "3.0", "2.5^x"]),
+    st.integers(0, 10**6),
+    segment_text,
+)
+def test_headers_with_garbage_after_them(kind: str, version: str, n: int, rest: str) -> None:
+    check_parse((HEADER.format(type=kind, n=n, version=version) + rest).encode())
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 200), st.binary(min_size=1, max_size=8))
+def test_real_messages_with_bytes_replaced(at: int, junk: bytes) -> None:
+    """A real message damaged somewhere (its header included) is parsed or refused, never crashes."""
+    raw = (DATA / "adt_a08_v25.hl7").read_bytes()
+    position = at % len(raw)
+    check_parse(raw[:position] + junk + raw[position + len(junk) :])
