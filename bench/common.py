@@ -90,6 +90,26 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / ticks
 
 
+def tree_cpu_seconds(roots: set[int]) -> float:
+    """CPU seconds (user + system) used so far by the processes `roots` and their descendants."""
+    stats: dict[int, tuple[int, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    members, grew = set(roots), True
+    while grew:
+        more = {pid for pid, (ppid, _) in stats.items() if ppid in members} - members
+        members |= more
+        grew = bool(more)
+    return sum(stats[pid][1] for pid in members if pid in stats)
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     if not ordered:

@@ -15,9 +15,10 @@ to S3. Then, alternating between the two archives so that the machine's load fal
   local store to a directory, local store to S3, S3 store to S3, S3 store to a directory; instances/s
   from the POST to the operation's success.
 
-It prints each figure, the ratio local / S3 (1.0: S3 as fast) per round and its median, and the load
-average around each measurement: the machine is shared, so single figures move; the ratios of
-neighbouring runs move much less.
+It prints each figure, the ratio local / S3 (1.0: S3 as fast) per round and its median, the CPU time
+each took in the archive's processes (server, workers, PostgreSQL, de-identifying pool) and in
+SeaweedFS, per instance or per MB, and the load average around each measurement: the machine is
+shared, so single figures move; the ratios of neighbouring runs move much less.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import embedded_archive
+from bench.common import embedded_archive, tree_cpu_seconds
 from bench.deid_export import weed
 from bench.peers import PeerData, make_dataset, retrieval, stow
 
@@ -76,21 +77,53 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
+def roots_of(url: str, fragment: str) -> dict[str, set[int]]:
+    """The `dicomweb serve` process listening on url's port (its workers, PostgreSQL and de-identifying
+    processes are its descendants) and the SeaweedFS process, whose command line holds `fragment`."""
+    port = str(httpx.URL(url).port).encode()
+    archive, weed = set(), set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"serve" in args and port in args:
+                archive.add(int(entry.name))
+            elif b"mini" in args and any(fragment.encode() in a for a in args):
+                weed.add(int(entry.name))
+    return {"archive": archive, "weed": weed}
+
+
 def compare(
-    name: str, unit: str, rounds: int, measure: Callable[[str, int], float], roots: dict[str, str]
+    name: str,
+    unit: str,
+    rounds: int,
+    measure: Callable[[str, int], float],
+    roots: dict[str, str],
+    processes: dict[str, dict[str, set[int]]],
+    per: tuple[str, Callable[[int], float]],
 ) -> dict[str, list[float]]:
-    """`rounds` of measure(root, round) on each archive, local first; prints each pair and the ratios."""
+    """`rounds` of measure(root, round) on each archive, local first; prints each pair, the ratio and the
+    CPU each took (per unit of work: per[1](round) units of per[0]) in the archive and in SeaweedFS."""
     values: dict[str, list[float]] = {"local": [], "s3": []}
     for n in range(rounds):
-        loads = [load()]
+        loads, cpu = [load()], []
         for store in ("local", "s3"):
+            groups = processes[store]
+            before = {group: tree_cpu_seconds(pids) for group, pids in groups.items()}
             values[store].append(measure(roots[store], n))
             loads.append(load())
+            used = {
+                group: 1000 * (tree_cpu_seconds(pids) - before[group]) / per[1](n)
+                for group, pids in groups.items()
+            }
+            cpu.append(f"{store} archive {used['archive']:.2f} + SeaweedFS {used['weed']:.2f}")
         local, s3 = values["local"][-1], values["s3"][-1]
         print(
             f"  {name} round {n + 1}: local {local:.1f} {unit}, S3 {s3:.1f} {unit}, "
-            f"local/S3 {local / s3:.2f} "
-            f"(load average {min(loads):.1f}-{max(loads):.1f})",
+            f"local/S3 {local / s3:.2f} (load average {min(loads):.1f}-{max(loads):.1f}); "
+            f"CPU ms per {per[0]}: {', '.join(cpu)}",
             flush=True,
         )
     return values
@@ -135,14 +168,17 @@ def main() -> None:
     table = ["| figure | unit | local store | S3 store | local / S3, median (range) |", "|---" * 5 + "|"]
     with tempfile.TemporaryDirectory(prefix="s3-vs-local-") as tmp, weed(Path(tmp) / "weed") as (endpoint, _):
         with archives(endpoint, Path(tmp)) as roots:
+            processes = {store: roots_of(root, tmp) for store, root in roots.items()}
+            instance = ("instance", lambda n: parts[n].instances)
             values = compare(
                 "STOW-RS ingest", "instances/s", args.rounds,
-                lambda root, n: stow(root, parts[n], args.clients), roots,
+                lambda root, n: stow(root, parts[n], args.clients), roots, processes, instance,
             )  # fmt: skip
             table.append(summary("STOW-RS ingest", "instances/s", values))
+            megabytes = ("MB", lambda n: args.clients * data.instances * data.instance_bytes / 1e6)
             values = compare(
                 "series retrieval", "MB/s", args.rounds,
-                lambda root, n: retrieval(root, data, args.clients), roots,
+                lambda root, n: retrieval(root, data, args.clients), roots, processes, megabytes,
             )  # fmt: skip
             table.append(summary("series retrieval (multipart, transfer-syntax=*)", "MB/s", values))
             studies = [s.study_uid for s in data.studies]
@@ -160,6 +196,7 @@ def main() -> None:
                 exports[label] = compare(
                     f"export {label}", "instances/s", args.exports,
                     lambda root, n, to=destination: export(root, studies, to(n), data.instances), roots,
+                    processes, ("instance", lambda n: data.instances),
                 )  # fmt: skip
                 name = f"de-identified export {label}, median of {args.exports}"
                 table.append(summary(name, "instances/s", exports[label]))
