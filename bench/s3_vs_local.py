@@ -34,7 +34,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import embedded_archive, tree_cpu_seconds
+from bench.common import embedded_archive, processes_with, serve_processes, tree_cpu_seconds
 from bench.deid_export import weed
 from bench.peers import PeerData, make_dataset, retrieval, stow
 
@@ -77,22 +77,15 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
-def roots_of(url: str, fragment: str) -> dict[str, set[int]]:
-    """The `dicomweb serve` process listening on url's port (its workers, PostgreSQL and de-identifying
-    processes are its descendants) and the SeaweedFS process, whose command line holds `fragment`."""
-    port = str(httpx.URL(url).port).encode()
-    archive, weed = set(), set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"serve" in args and port in args:
-                archive.add(int(entry.name))
-            elif b"mini" in args and any(fragment.encode() in a for a in args):
-                weed.add(int(entry.name))
-    return {"archive": archive, "weed": weed}
+def roots_of(url: str, data_dir: Path, weed_dir: Path) -> dict[str, set[int]]:
+    """The archive's processes: `dicomweb serve` on url's port (its workers and de-identifying processes are
+    its descendants) and its PostgreSQL (a daemon: not one); and SeaweedFS, run from weed_dir."""
+    postmaster = int((data_dir / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
+    flag = f"-dir={weed_dir / 'data'}".encode()
+    return {
+        "archive": serve_processes(url) | {postmaster},
+        "weed": processes_with(lambda args: b"mini" in args and flag in args),
+    }
 
 
 def compare(
@@ -166,9 +159,10 @@ def main() -> None:
         flush=True,
     )
     table = ["| figure | unit | local store | S3 store | local / S3, median (range) |", "|---" * 5 + "|"]
-    with tempfile.TemporaryDirectory(prefix="s3-vs-local-") as tmp, weed(Path(tmp) / "weed") as (endpoint, _):
-        with archives(endpoint, Path(tmp)) as roots:
-            processes = {store: roots_of(root, tmp) for store, root in roots.items()}
+    with tempfile.TemporaryDirectory(prefix="s3-vs-local-") as scratch:
+        tmp = Path(scratch)
+        with weed(tmp / "weed") as (endpoint, _), archives(endpoint, tmp) as roots:
+            processes = {store: roots_of(root, tmp / store, tmp / "weed") for store, root in roots.items()}
             instance = ("instance", lambda n: parts[n].instances)
             values = compare(
                 "STOW-RS ingest", "instances/s", args.rounds,

@@ -39,7 +39,7 @@ import orjson
 import uvloop
 from websockets.asyncio.client import connect
 
-from bench.common import embedded_archive, percentile, tree_cpu_seconds
+from bench.common import embedded_archive, percentile, serve_processes, tree_cpu_seconds
 from bench.ups_synthetic import code, performed, workitem
 from indexer.embedded import EmbeddedPostgres
 from worklist import store
@@ -252,16 +252,7 @@ async def wal_counters(dsn: str) -> tuple[int, int, int, int]:
 
 def server_processes(root: str, data_dir: Path) -> tuple[set[int], set[int]]:
     """(the `dicomweb serve` process, the postmaster) of this run, found by port and data directory."""
-    port = str(httpx.URL(root).port)
-    serve = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"serve" in args and port.encode() in args:
-                serve.add(int(entry.name))
+    serve = serve_processes(root)
     postmaster = int((data_dir / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
     return serve, {postmaster}
 
