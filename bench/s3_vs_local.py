@@ -36,7 +36,7 @@ import httpx
 
 from bench.common import embedded_archive, processes_with, serve_processes, tree_cpu_seconds
 from bench.deid_export import weed
-from bench.peers import PeerData, make_dataset, retrieval, stow
+from bench.peers import PeerData, data_set_arguments, make_dataset, retrieval, stow
 
 BUCKET = "bench"  # created by bench.deid_export.weed
 
@@ -144,10 +144,7 @@ def archives(endpoint: str, tmp: Path) -> Iterator[dict[str, str]]:
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--studies", type=int, default=16)
-    parser.add_argument("--per-study", type=int, default=50)
-    parser.add_argument("--rows", type=int, default=512, help="rows = columns (512: ~500 KB, 128: ~40 KB)")
-    parser.add_argument("--clients", type=int, default=4)
+    data_set_arguments(parser, studies=16, rows=512)
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds of STOW and retrieval")
     parser.add_argument("--exports", type=int, default=5, help="runs of each export")
     args = parser.parse_args()
