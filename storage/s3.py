@@ -53,16 +53,14 @@ def _is_not_found(exc: ClientError) -> bool:
 
 
 def _checksum_options(endpoint_url: str | None) -> dict[str, str]:
-    """One body digest per request, not two. Over plain http botocore signs the payload's SHA-256 into
+    """One digest of an uploaded body, not two. Over plain http botocore signs the payload's SHA-256 into
     SigV4 whatever else is configured (the body is authenticated and integrity-checked), so the CRC32 it
-    adds by default ("flexible checksums") on every PutObject and checks on every GetObject is a second
-    pass over the same bytes, on both ends. Over https (AWS) the default stays: there the CRC32 is what
-    lets botocore send the body unsigned (TLS protects it) instead of hashing it with SHA-256."""
+    adds by default ("flexible checksums") to every PutObject is a second pass over the same bytes, on
+    both ends. Over https (AWS) the default stays: there the CRC32 is what lets botocore send the body
+    unsigned (TLS protects it) instead of hashing it with SHA-256. Reads keep the default: a checksum the
+    server returns (objects stored with one) is still verified."""
     if endpoint_url is not None and endpoint_url.lower().startswith("http://"):
-        return {
-            "request_checksum_calculation": "when_required",
-            "response_checksum_validation": "when_required",
-        }
+        return {"request_checksum_calculation": "when_required"}
     return {}
 
 
