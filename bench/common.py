@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -88,6 +88,46 @@ def cpu_seconds(pids: list[int]) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])
     return total / ticks
+
+
+def processes_with(match: Callable[[list[bytes]], bool]) -> set[int]:
+    """Pids of the processes whose arguments (the command line split at NULs) `match` accepts."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if match(args):
+                found.add(int(entry.name))
+    return found
+
+
+def serve_processes(root: str) -> set[int]:
+    """The `dicomweb serve` process listening on the port of `root` (its workers are its descendants)."""
+    port = str(httpx.URL(root).port).encode()
+    return processes_with(lambda args: b"serve" in args and port in args)
+
+
+def tree_cpu_seconds(roots: set[int]) -> float:
+    """CPU seconds (user + system) used so far by the processes `roots` and their descendants."""
+    stats: dict[int, tuple[int, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    members, grew = set(roots), True
+    while grew:
+        more = {pid for pid, (ppid, _) in stats.items() if ppid in members} - members
+        members |= more
+        grew = bool(more)
+    return sum(stats[pid][1] for pid in members if pid in stats)
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -342,6 +342,14 @@ def table(archive: Figures, peer: Figures) -> str:
     return "\n".join(lines)
 
 
+def data_set_arguments(parser: argparse.ArgumentParser, *, studies: int, rows: int) -> None:
+    """The data set's options (make_dataset) and the number of concurrent clients."""
+    parser.add_argument("--studies", type=int, default=studies)
+    parser.add_argument("--per-study", type=int, default=50)
+    parser.add_argument("--rows", type=int, default=rows, help="rows = columns (128: ~40 KB, 512: ~500 KB)")
+    parser.add_argument("--clients", type=int, default=4)
+
+
 @contextlib.contextmanager
 def archive_on_defaults() -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="dicomweb-peers-") as tmp:
@@ -352,10 +360,7 @@ def archive_on_defaults() -> Iterator[str]:
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--studies", type=int, default=40)
-    parser.add_argument("--per-study", type=int, default=50)
-    parser.add_argument("--rows", type=int, default=128, help="rows = columns (128: ~40 KB, 512: ~500 KB)")
-    parser.add_argument("--clients", type=int, default=4)
+    data_set_arguments(parser, studies=40, rows=128)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--only", choices=["archive", "orthanc"], help="measure one peer (profiling)")
     parser.add_argument("--large", type=int, metavar="STUDIES", help="the QIDO-RS comparison at this size")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import os
 import random
 import signal
 import sys
@@ -40,7 +39,7 @@ import orjson
 import uvloop
 from websockets.asyncio.client import connect
 
-from bench.common import embedded_archive, percentile
+from bench.common import embedded_archive, percentile, serve_processes, tree_cpu_seconds
 from bench.ups_synthetic import code, performed, workitem
 from indexer.embedded import EmbeddedPostgres
 from worklist import store
@@ -232,26 +231,6 @@ async def cycles(root: str, items: list[str], concurrency: int) -> float:
     return time.perf_counter() - started
 
 
-def _tree_cpu(roots: set[int]) -> float:
-    """CPU seconds (user + system) used so far by the processes `roots` and their descendants."""
-    stats: dict[int, tuple[int, float]] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-    members, grew = set(roots), True
-    while grew:
-        more = {pid for pid, (ppid, _) in stats.items() if ppid in members} - members
-        members |= more
-        grew = bool(more)
-    return sum(stats[pid][1] for pid in members if pid in stats)
-
-
 async def wal_counters(dsn: str) -> tuple[int, int, int, int]:
     """(WAL bytes, full-page images, WAL fsyncs, commits) so far: what each cycle costs PostgreSQL in WAL.
 
@@ -273,16 +252,7 @@ async def wal_counters(dsn: str) -> tuple[int, int, int, int]:
 
 def server_processes(root: str, data_dir: Path) -> tuple[set[int], set[int]]:
     """(the `dicomweb serve` process, the postmaster) of this run, found by port and data directory."""
-    port = str(httpx.URL(root).port)
-    serve = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"serve" in args and port.encode() in args:
-                serve.add(int(entry.name))
+    serve = serve_processes(root)
     postmaster = int((data_dir / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
     return serve, {postmaster}
 
@@ -361,9 +331,9 @@ async def run(root: str, dsn: str, args: argparse.Namespace) -> None:
             )  # fmt: skip
             await asyncio.sleep(1)
         wal = await wal_counters(dsn)
-        cpu = _tree_cpu(serve), _tree_cpu(postgres), time.process_time()
+        cpu = tree_cpu_seconds(serve), tree_cpu_seconds(postgres), time.process_time()
         elapsed = await cycles(root, items, args.concurrency)
-        app_cpu, db_cpu = _tree_cpu(serve) - cpu[0], _tree_cpu(postgres) - cpu[1]
+        app_cpu, db_cpu = tree_cpu_seconds(serve) - cpu[0], tree_cpu_seconds(postgres) - cpu[1]
         client_cpu = time.process_time() - cpu[2]
         wal = tuple(b - a for a, b in zip(wal, await wal_counters(dsn), strict=True))
         if spy is not None:

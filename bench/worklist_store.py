@@ -20,8 +20,8 @@ from pathlib import Path
 
 import asyncpg
 
+from bench.common import tree_cpu_seconds
 from bench.ups_synthetic import performed
-from bench.worklist import _tree_cpu
 from dicomweb.app import keep_session
 from indexer.embedded import EmbeddedPostgres
 from worklist import store
@@ -46,10 +46,10 @@ async def run(dsn: str, postmaster: int, items: list[str], remember: bool) -> No
             await store.set_state(pool, 1, item, State.COMPLETED, tuid)
 
     try:
-        db, own, started = _tree_cpu({postmaster}), _own_cpu(), time.perf_counter()
+        db, own, started = tree_cpu_seconds({postmaster}), _own_cpu(), time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(8)))
         elapsed = time.perf_counter() - started
-        own, db = _own_cpu() - own, _tree_cpu({postmaster}) - db
+        own, db = _own_cpu() - own, tree_cpu_seconds({postmaster}) - db
     finally:
         await pool.close()
     n = len(items)

@@ -342,7 +342,11 @@ class ExportHandler:
         if destination["type"] == "partition":
             yield PartitionSink(self.pool, self.store, int(op.params["destinationPartition"]))
             return
-        yield BlobSink(await self._destination_store(op), op.id_hex)
+        sink = BlobSink(await self._destination_store(op), op.id_hex)
+        try:
+            yield sink
+        finally:
+            await sink.abandon()
 
     async def _destination_store(self, op: Operation) -> BlobStore:
         """The operation's destination store, kept open across its steps (an S3 client per step cost
@@ -391,6 +395,7 @@ class ExportHandler:
             async with slots:
                 sources: list[bytes | tuple[str, int]] = []
                 todo: list[int] = []
+                wanted: list[int] = []
                 for position in positions:
                     row = batch[position]
                     if row["size"] > MAX_OBJECT_SIZE:
@@ -398,13 +403,22 @@ class ExportHandler:
                             "failed",
                             f"object of {row['size']} bytes is over the export limit",
                         )
-                        continue
-                    key = row["storage_key"]
+                    else:
+                        wanted.append(position)
+                # network stores: the chunk's objects are read at once, not one round trip after another
+                read: list[bytes | BaseException | None] = (
+                    [None] * len(wanted)
+                    if local_source
+                    else await asyncio.gather(
+                        *(self.store.read(batch[p]["storage_key"]) for p in wanted), return_exceptions=True
+                    )
+                )
+                for position, data in zip(wanted, read, strict=True):
+                    key, size = batch[position]["storage_key"], batch[position]["size"]
                     try:
-                        if local_source:
-                            sources.append((f"{root}/{validate_key(key)}", row["size"]))
-                        else:
-                            sources.append(await self.store.read(key))
+                        if isinstance(data, BaseException):
+                            raise data
+                        sources.append(data if data is not None else (f"{root}/{validate_key(key)}", size))
                     except Exception as exc:
                         results[position] = ("failed", f"could not read the object: {exc.__class__.__name__}")
                         continue

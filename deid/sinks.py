@@ -8,6 +8,7 @@ already stored in the partition. That is what makes a resumed export free of dup
 
 from __future__ import annotations
 
+import asyncio
 import io
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +39,12 @@ class Sink(Protocol):
         ...
 
 
+# Uploads a sink keeps in flight: a network store's PutObject is mostly waiting for the server, so the
+# export overlaps them rather than holding a pool slot through each in turn; bounds the memory held to
+# this many outputs. Below the S3 client's connection pool (storage/s3.py), so none waits for a socket.
+UPLOADS_IN_FLIGHT = 16
+
+
 class BlobSink:
     """Writes `{operation}/results/{study}/{series}/{sop}.dcm` below the store's prefix."""
 
@@ -46,19 +53,32 @@ class BlobSink:
         self.operation = operation
         self._outcomes: list[str | None] = []
         self._written: list[str] = []
+        self._uploads: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(UPLOADS_IN_FLIGHT)
 
     async def add(self, result: Deidentified) -> int:
+        """Starts the upload and returns once it is under way (waiting only while UPLOADS_IN_FLIGHT are);
+        finish() waits for it."""
         key = f"{self.operation}/{output_key(result)}"
         ticket = len(self._outcomes)
         self._outcomes.append(None)
+        await self._slots.acquire()
+        # the coroutine holds the bytes: the caller may drop its reference as soon as this returns
+        task = asyncio.create_task(self._put(ticket, key, result.data))
+        self._uploads.add(task)
+        task.add_done_callback(self._uploads.discard)
+        return ticket
+
+    async def _put(self, ticket: int, key: str, data: bytes) -> None:
         try:
             # made durable for the whole batch in finish(), before the step's checkpoint commits
-            await self.store.put(key, result.data, durable=False)
+            await self.store.put(key, data, durable=False)
         except Exception as exc:
             self._outcomes[ticket] = f"could not write the object: {exc.__class__.__name__}: {exc}"
         else:
             self._written.append(key)
-        return ticket
+        finally:
+            self._slots.release()
 
     def local_directory(self) -> str | None:
         if isinstance(self.store, LocalBlobStore):
@@ -71,9 +91,17 @@ class BlobSink:
         return len(self._outcomes) - 1
 
     async def finish(self) -> list[str | None]:
+        if self._uploads:
+            await asyncio.gather(*self._uploads)
         await self.store.make_durable(self._written)
         outcomes, self._outcomes, self._written = self._outcomes, [], []
         return outcomes
+
+    async def abandon(self) -> None:
+        """Stop the uploads of a batch that will not finish (cancelled, or failed): none outlives it."""
+        for task in self._uploads:
+            task.cancel()
+        await asyncio.gather(*self._uploads, return_exceptions=True)
 
 
 class PartitionSink:

@@ -52,6 +52,18 @@ def _is_not_found(exc: ClientError) -> bool:
     return _error_code(exc) in _NOT_FOUND_CODES
 
 
+def _checksum_options(endpoint_url: str | None) -> dict[str, str]:
+    """One digest of an uploaded body, not two. Over plain http botocore signs the payload's SHA-256 into
+    SigV4 whatever else is configured (the body is authenticated and integrity-checked), so the CRC32 it
+    adds by default ("flexible checksums") to every PutObject is a second pass over the same bytes, on
+    both ends. Over https (AWS) the default stays: there the CRC32 is what lets botocore send the body
+    unsigned (TLS protects it) instead of hashing it with SHA-256. Reads keep the default: a checksum the
+    server returns (objects stored with one) is still verified."""
+    if endpoint_url is not None and endpoint_url.lower().startswith("http://"):
+        return {"request_checksum_calculation": "when_required"}
+    return {}
+
+
 async def _parts_of_bytes(data: bytes, part_size: int) -> AsyncIterator[bytes]:
     for offset in range(0, len(data), part_size):
         yield data[offset : offset + part_size]
@@ -117,6 +129,7 @@ class S3BlobStore(BlobStore):
             s3={"addressing_style": "path"} if endpoint_url else None,
             retries={"mode": "standard", "max_attempts": 3},
             max_pool_connections=max_pool_connections,
+            **_checksum_options(endpoint_url),
         )
         self._session = session or get_session()
         self._client: Any = client
@@ -268,24 +281,31 @@ class S3BlobStore(BlobStore):
 
     # -- reading ---------------------------------------------------------------------------------------
 
-    async def stream(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    async def _get(self, key: str, start: int, end: int | None) -> Any:
+        """The GetObject response for bytes [start, end), None when that range is empty. A missing key
+        costs no HEAD first: the GET's 404 says so (only an empty range needs one)."""
         check_range(start, end)
         full_key = self._full_key(key)
         if end is not None and end == start:
             await self.size(key)  # nothing to read, but a missing key must still raise
-            return
+            return None
         client = await self._get_client()
         kwargs: dict[str, Any] = {}
         if start or end is not None:
             kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         try:
-            response = await client.get_object(Bucket=self.bucket, Key=full_key, **kwargs)
+            return await client.get_object(Bucket=self.bucket, Key=full_key, **kwargs)
         except ClientError as exc:
             if _is_not_found(exc):
                 raise BlobNotFoundError(key) from None
             if _error_code(exc) == "InvalidRange":  # start at or past the end: the clamped range is empty
-                return
+                return None
             raise
+
+    async def stream(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        response = await self._get(key, start, end)
+        if response is None:
+            return
         body = response["Body"]
         try:
             while chunk := await body.read(READ_CHUNK_SIZE):
@@ -293,6 +313,15 @@ class S3BlobStore(BlobStore):
         finally:
             # Releases the connection (or drops it, if the reader stopped early and bytes are still unread).
             body.close()
+
+    async def read(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        """One whole-body read: small objects (series retrieval through read_many, frames, export sources)
+        skip stream()'s chunk loop and the join of its chunks."""
+        response = await self._get(key, start, end)
+        if response is None:
+            return b""
+        async with response["Body"] as body:
+            return await body.read()
 
     async def size(self, key: str) -> int:
         full_key = self._full_key(key)
