@@ -39,6 +39,11 @@ STOW_INSTANCES = Counter(
     "dicomweb_stow_instances_total", "Instances received by STOW-RS, by outcome", ["outcome"]
 )
 
+DIGEST_MISMATCHES = Counter(
+    "dicomweb_digest_mismatches_total",
+    "Stored objects found altered (SHA-256 differs from the one recorded at ingest) while being retrieved",
+)
+
 
 def count_stored(outcomes: list[StoreOutcome]) -> None:
     for outcome in outcomes:

@@ -22,6 +22,8 @@ class StoredInstance:
     transfer_syntax_uid: str
     storage_key: str
     size: int
+    # SHA-256 recorded at ingest, where the reader selected it: whole reads check it (storage.digests)
+    sha256: bytes | None = None
 
 
 def scope_sql(study_uid: str, series_uid: str | None, sop_uid: str | None) -> tuple[str, list[object]]:
@@ -56,7 +58,7 @@ async def find_instances(
     where, args = scope_sql(study_uid, series_uid, sop_uid)
     rows = await conn.fetch(
         f"""SELECT st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.sop_class_uid,
-                   i.transfer_syntax_uid, i.storage_key, i.size {_FROM}{where}{_ORDER}""",
+                   i.transfer_syntax_uid, i.storage_key, i.size, i.sha256 {_FROM}{where}{_ORDER}""",
         partition_key,
         *args,
     )
