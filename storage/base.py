@@ -137,8 +137,11 @@ class BlobStore(abc.ABC):
         """Remove the object; deleting a missing key is not an error (deletes are retried)."""
 
     @abc.abstractmethod
-    def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
-        """Every object whose key starts with prefix, in no particular order (the sweeper uses this)."""
+    def list(self, prefix: str = "", *, start_after: str = "") -> AsyncIterator[BlobInfo]:
+        """Every object whose key starts with prefix, in the store's listing order, from the first one
+        after `start_after` (a key listed before): a walk that can resume from its last key (the scrub).
+        The order is the backend's own: by path segment on the local store (as SeaweedFS lists), by UTF-8
+        bytes on AWS S3; resuming relies only on its being the same from one listing to the next."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections; the store is unusable afterwards."""

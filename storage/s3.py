@@ -314,15 +314,17 @@ class S3BlobStore(BlobStore):
             if not _is_not_found(exc):
                 raise
 
-    async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
+    async def list(self, prefix: str = "", *, start_after: str = "") -> AsyncIterator[BlobInfo]:
         validate_prefix(prefix)
         client = await self._get_client()
         paginator = client.get_paginator("list_objects_v2")
         strip = len(self.prefix)
+        after: dict[str, str] = {"StartAfter": self.prefix + start_after} if start_after else {}
         pages = paginator.paginate(
             Bucket=self.bucket,
             Prefix=self.prefix + prefix,
             PaginationConfig={"PageSize": self._list_page_size},
+            **after,
         )
         async for page in pages:
             for item in page.get("Contents", ()):
