@@ -57,6 +57,29 @@ COLUMNS = [f.name for f in fields(AuditEvent)]
 _ROW = operator.attrgetter(*COLUMNS)
 
 
+def system_event(
+    action: str,
+    method: str,
+    path: str,
+    status: int,
+    outcome: int,
+    detail: str,
+    when: datetime,
+    *,
+    partition: str | None = None,
+    study: str | None = None,
+    series: str | None = None,
+    instance: str | None = None,
+) -> AuditEvent:
+    """A record of something the archive itself did or found (a scrub's findings): subject `system`."""
+    return AuditEvent(
+        event_time=when, subject="system", auth="system", token_id=None, token_name=None, roles=[],
+        client_address=None, user_agent=None, method=method, path=path, query=None, action=action,
+        action_code="E", partition_name=partition, study_uid=study, series_uid=series, instance_uid=instance,
+        status=status, outcome=outcome, detail=detail, duration_ms=0.0,
+    )  # fmt: skip
+
+
 def outcome_of(status: int) -> int:
     """ATNA EventOutcomeIndicator: 0 success, 4 minor failure (refused, bad request), 8 serious failure."""
     return 0 if status < 400 else 4 if status < 500 else 8

@@ -52,6 +52,20 @@ async def drain_deletions(pool: asyncpg.Pool, store: BlobStore, *, batch: int = 
                 return removed
 
 
+async def unreferenced(conn: asyncpg.Connection | asyncpg.Pool, keys: list[str]) -> list[str]:
+    """Those of these object keys that no index row references and that are not queued for deletion
+    either, in the given order. Ask only about objects older than a grace period: a younger one may be an
+    upload whose index row is still to commit."""
+    referenced = await is_indexed(conn, keys)
+    queued = {
+        row[0]
+        for row in await conn.fetch(
+            "SELECT storage_key FROM blob_deletion WHERE storage_key = ANY($1::text[])", keys
+        )
+    }
+    return [key for key in keys if key not in referenced and key not in queued]
+
+
 async def sweep_orphans(
     pool: asyncpg.Pool, store: BlobStore, *, grace: timedelta = timedelta(hours=1), page: int = 500
 ) -> int:
@@ -61,20 +75,11 @@ async def sweep_orphans(
     candidates: list[str] = []
 
     async def settle() -> int:
-        referenced = await is_indexed(pool, candidates)
-        queued = {
-            row[0]
-            for row in await pool.fetch(
-                "SELECT storage_key FROM blob_deletion WHERE storage_key = ANY($1::text[])", candidates
-            )
-        }
-        count = 0
-        for key in candidates:
-            if key not in referenced and key not in queued:
-                await store.delete(key)
-                count += 1
+        orphans = await unreferenced(pool, candidates)
+        for key in orphans:
+            await store.delete(key)
         candidates.clear()
-        return count
+        return len(orphans)
 
     async for info in store.list(""):
         if info.modified.astimezone(UTC) > cutoff:

@@ -14,6 +14,7 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
 from access.service import AccessControl
 from archive.maintenance import Maintenance
+from archive.scrub import SCRUB, ScrubHandler, ScrubSchedule, scrub_params
 from changefeed.notify import FeedNotifier
 from deid.export import ExportHandler, export_settings
 from dicomweb.auth import AccessMiddleware, jwt_config
@@ -24,7 +25,19 @@ from dicomweb.dimse_listener import dimse_server
 from dicomweb.errors import HTTPProblem, handle_problem
 from dicomweb.gcpolicy import tune_for_serving
 from dicomweb.metrics import MetricsMiddleware, metrics
-from dicomweb.routes import changefeed, delete, frames, health, qido, rendered, stow, wado, workitems, ws
+from dicomweb.routes import (
+    changefeed,
+    delete,
+    frames,
+    health,
+    qido,
+    rendered,
+    scrub,
+    stow,
+    wado,
+    workitems,
+    ws,
+)
 from dicomweb.routes import export as export_routes
 from dicomweb.routes import extended_query_tags as eqt
 from dicomweb.routes import operations as operations_routes
@@ -180,6 +193,22 @@ def create_app(
             )
             if run_maintenance:
                 app.state.operations.start()
+            # the scrub has a runner of its own: a scrub of a large archive runs for hours, and must not
+            # hold up exports and re-indexes meanwhile (archive/scrub.py, docs/integrity.md)
+            report, summary = scrub.audit_reporters(app.state.access.audit, app.state.access.clock)
+            app.state.scrubber = OperationRunner(
+                pool, {SCRUB: ScrubHandler(blob_store, report=report, summary=summary)}
+            )
+            schedule = ScrubSchedule(
+                pool,
+                dt.timedelta(hours=settings.scrub_interval_hours),
+                scrub_params(settings.scrub_rate_mb),
+                app.state.scrubber.poke,
+            )
+            if run_maintenance:
+                app.state.scrubber.start()
+                if settings.scrub_interval_hours > 0:
+                    schedule.start()
             # UPS-RS: the bound on unacknowledged event queues, and SCP Status Change reports
             pruner = EventPruner(
                 pool, settings.ups_event_queue_max, dt.timedelta(hours=settings.ups_event_retention_hours)
@@ -199,6 +228,8 @@ def create_app(
                     await app.state.dimse.stop()
                 await scp_status.stop()  # GOING DOWN when this is the last process
                 await pruner.stop()
+                await schedule.stop()
+                await app.state.scrubber.stop()
                 await app.state.operations.stop()
                 await app.state.access.stop()  # after the last request: writes the audit buffer
                 await notifier.stop()
@@ -214,6 +245,8 @@ def create_app(
         Route("/metrics", metrics, methods=["GET"]),
         *access_routes(),
         *ae_routes(),
+        Route("/scrub", scrub.start, methods=["POST"]),
+        Route("/scrub/report", scrub.report, methods=["GET"]),
     ]
     # partition roots first: the plain /vN mount would otherwise claim /vN/partitions/... and 404
     for version in API_VERSIONS:

@@ -55,6 +55,10 @@ class Settings:
     # the AE title peers must call it by
     dimse_port: int | None = None
     dimse_ae_title: str = "DICOMWEB"
+    # the scrub (archive/scrub.py, docs/integrity.md): queued every this many hours (0: never on its own),
+    # reading at most this many MB/s (0: no limit) so that it leaves the disks to requests
+    scrub_interval_hours: int = 168
+    scrub_rate_mb: int = 50
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

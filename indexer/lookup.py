@@ -104,6 +104,33 @@ async def find_bulk_index(
     return StoredInstance(*list(row)[:7]), row["bulk_index"]
 
 
+@dataclass(frozen=True, slots=True)
+class IndexedObject:
+    """An instance row as the scrub checks it: where its object is and what it must hash to."""
+
+    instance_key: int
+    partition_key: int
+    instance: StoredInstance
+
+
+async def objects_after(
+    conn: asyncpg.Connection | asyncpg.Pool, after: int, limit: int
+) -> list[IndexedObject]:
+    """Instance rows of every partition after instance_key `after`, in key order: a resumable walk of
+    everything the index references."""
+    rows = await conn.fetch(
+        """SELECT i.instance_key, i.partition_key, st.study_instance_uid, se.series_instance_uid,
+                  i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax_uid, i.storage_key, i.size, i.sha256
+           FROM instance i
+           JOIN series se ON se.series_key = i.series_key
+           JOIN study st ON st.study_key = i.study_key
+           WHERE i.instance_key > $1 ORDER BY i.instance_key LIMIT $2""",
+        after,
+        limit,
+    )
+    return [IndexedObject(r[0], r[1], StoredInstance(*r[2:])) for r in rows]
+
+
 async def is_indexed(conn: asyncpg.Connection | asyncpg.Pool, storage_keys: list[str]) -> set[str]:
     """Which of these object keys the index references (the orphan sweeper asks)."""
     rows = await conn.fetch(

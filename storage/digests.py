@@ -36,6 +36,26 @@ def check(key: str, data: bytes | memoryview, expected: bytes | None) -> None:
         raise DigestMismatchError(key, expected, actual)
 
 
+def digests(objects: list[bytes | None]) -> list[bytes | None]:
+    """The SHA-256 of each object of a batch (None for None); run it on a worker thread."""
+    return [None if data is None else hashlib.sha256(data).digest() for data in objects]
+
+
+async def _update(digest: hashlib._Hash, chunk: bytes) -> None:
+    if len(chunk) >= _THREAD_HASH_MIN:
+        await asyncio.to_thread(digest.update, chunk)
+    else:
+        digest.update(chunk)
+
+
+async def digest_of(chunks: AsyncIterable[bytes]) -> bytes:
+    """The SHA-256 of a streamed object (large chunks hashed on a worker thread)."""
+    digest = hashlib.sha256()
+    async for chunk in chunks:
+        await _update(digest, chunk)
+    return digest.digest()
+
+
 def check_all(objects: list[tuple[str, bytes | None, bytes | None]]) -> None:
     """check() each (key, data, expected) of a batch; absent objects (data None) are the caller's concern.
     One call per batch: run it on a worker thread, where hashlib runs without the GIL."""
@@ -55,10 +75,7 @@ async def verified(chunks: AsyncIterable[bytes], key: str, expected: bytes | Non
     digest = hashlib.sha256()
     held: bytes | None = None
     async for chunk in chunks:
-        if len(chunk) >= _THREAD_HASH_MIN:
-            await asyncio.to_thread(digest.update, chunk)
-        else:
-            digest.update(chunk)
+        await _update(digest, chunk)
         if held is not None:
             yield held
         held = chunk
