@@ -23,3 +23,7 @@ CREATE TABLE scrub_finding (
 );
 -- the schedule and the metrics: the latest scrub
 CREATE INDEX operation_type_created ON operation (type, created_at);
+
+-- Tamper evidence for the audit log (access/audit_chain.py): SHA-256 over the previous record's hash and
+-- this record's content. Records written before this migration have none; the chain starts after them.
+ALTER TABLE audit_event ADD COLUMN chain_hash bytea;
