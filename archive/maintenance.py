@@ -15,7 +15,7 @@ import asyncpg
 
 from indexer.background import Periodic
 from indexer.lookup import is_indexed
-from storage.base import BlobStore
+from storage.base import BlobRetainedError, BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ async def drain_deletions(pool: asyncpg.Pool, store: BlobStore, *, batch: int = 
                 try:
                     await store.delete(row[0])
                     done.append(row[0])
+                except BlobRetainedError as exc:  # S3 Object Lock: not a failure, a date to come back at
+                    await conn.execute(
+                        "UPDATE blob_deletion SET not_before = $2 WHERE storage_key = $1", row[0], exc.until
+                    )
                 except Exception as exc:
                     log.warning("could not delete object %s: %s", row[0], exc)
                     failed.append(row[0])
@@ -77,7 +81,15 @@ async def sweep_orphans(
     async def settle() -> int:
         orphans = await unreferenced(pool, candidates)
         for key in orphans:
-            await store.delete(key)
+            try:
+                await store.delete(key)
+            except BlobRetainedError as exc:  # S3 Object Lock: the deletion queue removes it when it may
+                await pool.execute(
+                    """INSERT INTO blob_deletion (storage_key, not_before) VALUES ($1, $2)
+                       ON CONFLICT (storage_key) DO NOTHING""",
+                    key,
+                    exc.until,
+                )
         candidates.clear()
         return len(orphans)
 

@@ -54,6 +54,7 @@ from indexer.reindex import ReindexHandler
 from indexer.tag_deletion import TagDeletionHandler
 from storage import open_store
 from storage.base import BlobStore
+from storage.s3 import S3BlobStore
 from worklist.events import CHANNEL as WORKLIST_CHANNEL
 from worklist.retention import EventPruner
 from worklist.scp_status import ScpStatus
@@ -158,12 +159,15 @@ def create_app(
             settings.resolved_storage_url(),
             s3_endpoint_url=settings.s3_endpoint_url,
             s3_region=settings.s3_region,
+            s3_object_lock_days=settings.s3_object_lock_days,
         )
         try:
             async with pool.acquire() as conn:
                 applied = await migrate(conn)
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
+            if isinstance(blob_store, S3BlobStore):
+                await blob_store.check_object_lock()  # a retention asked for must be in force
             maintenance = Maintenance(pool, blob_store)
             if run_maintenance:
                 maintenance.start()

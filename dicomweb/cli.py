@@ -163,6 +163,7 @@ async def _ensure_bucket(settings: Settings) -> None:
         settings.resolved_storage_url(),
         s3_endpoint_url=settings.s3_endpoint_url,
         s3_region=settings.s3_region,
+        s3_object_lock_days=settings.s3_object_lock_days,
     )
     try:
         assert isinstance(store, S3BlobStore)
@@ -185,6 +186,7 @@ def _sweep_cmd(args: argparse.Namespace) -> int:
             settings.resolved_storage_url(),
             s3_endpoint_url=settings.s3_endpoint_url,
             s3_region=settings.s3_region,
+            s3_object_lock_days=settings.s3_object_lock_days,
         )
         try:
             deleted = await drain_deletions(pool, store)
@@ -229,6 +231,7 @@ def _scrub_cmd(args: argparse.Namespace) -> int:
             settings.resolved_storage_url(),
             s3_endpoint_url=settings.s3_endpoint_url,
             s3_region=settings.s3_region,
+            s3_object_lock_days=settings.s3_object_lock_days,
         )
         audit = AuditLog(pool)
         try:

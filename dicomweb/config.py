@@ -20,6 +20,9 @@ class Settings:
     storage_url: str | None = None
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
+    # S3 Object Lock: objects written under a COMPLIANCE retention of this many days (0: none); the bucket
+    # must have Object Lock enabled (storage/s3.py, docs/integrity.md)
+    s3_object_lock_days: int = 0
     # scheme://host[:port] that clients reach this archive at, when a proxy rewrites it (URLs in responses)
     public_url: str | None = None
     # origins a browser viewer may call from ("https://viewer.example.org,http://localhost:3000" or "*");

@@ -22,6 +22,16 @@ class BlobNotFoundError(KeyError):
     """The key names no stored object."""
 
 
+class BlobRetainedError(Exception):
+    """The store keeps the object under a retention lock (S3 Object Lock) until `until`: it cannot be
+    deleted before, by any credential; ask again then."""
+
+    def __init__(self, key: str, until: datetime) -> None:
+        super().__init__(f"object {key} is retained until {until.isoformat()}")
+        self.key = key
+        self.until = until
+
+
 def validate_key(key: str) -> str:
     """Return key unchanged if it is a safe relative '/'-path, else raise ValueError.
 
@@ -134,7 +144,8 @@ class BlobStore(abc.ABC):
 
     @abc.abstractmethod
     async def delete(self, key: str) -> None:
-        """Remove the object; deleting a missing key is not an error (deletes are retried)."""
+        """Remove the object; deleting a missing key is not an error (deletes are retried). Raises
+        BlobRetainedError while a retention lock keeps it."""
 
     @abc.abstractmethod
     def list(self, prefix: str = "", *, start_after: str = "") -> AsyncIterator[BlobInfo]:
