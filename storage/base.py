@@ -13,6 +13,8 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from .digests import check_all
+
 # Chunk size used when a backend streams an object back; large enough to amortise per-chunk overhead,
 # small enough that many concurrent downloads stay cheap in memory.
 READ_CHUNK_SIZE = 1024 * 1024
@@ -117,11 +119,16 @@ class BlobStore(abc.ABC):
         """Read a (small) range fully into memory; for headers, frames and tests."""
         return b"".join([chunk async for chunk in self.stream(key, start, end)])
 
-    async def read_many(self, keys: Sequence[str]) -> list[bytes | None]:
+    async def read_many(
+        self, keys: Sequence[str], *, sha256: Sequence[bytes | None] | None = None
+    ) -> list[bytes | None]:
         """Several whole small objects, None for each one that does not exist (deleted since it was looked
         up). Series retrieval reads its instances this way, so the cost of reaching an object (a thread
         hop, a request's round trip) is paid once a batch or overlapped, not once an instance. This
-        default reads them concurrently."""
+        default reads them concurrently.
+
+        `sha256`: the digest each object must have (None: unknown); a mismatch raises
+        storage.digests.DigestMismatchError. Hashed off the event loop, where the store reads if it can."""
 
         async def one(key: str) -> bytes | None:
             try:
@@ -129,7 +136,10 @@ class BlobStore(abc.ABC):
             except BlobNotFoundError:
                 return None
 
-        return list(await asyncio.gather(*(one(key) for key in keys)))
+        bodies = list(await asyncio.gather(*(one(key) for key in keys)))
+        if sha256 is not None:
+            await asyncio.to_thread(check_all, list(zip(keys, bodies, sha256, strict=True)))
+        return bodies
 
     @abc.abstractmethod
     async def size(self, key: str) -> int:

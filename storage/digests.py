@@ -67,18 +67,35 @@ def check_all(objects: list[tuple[str, bytes | None, bytes | None]]) -> None:
 async def verified(chunks: AsyncIterable[bytes], key: str, expected: bytes | None) -> AsyncIterator[bytes]:
     """Pass a whole object's chunks through, hashing them; after the last, raise DigestMismatchError if the
     digest differs. The last chunk is held back until the digest is known, so a consumer that sends what it
-    gets (an HTTP response) never completes an altered object: the response is cut short instead."""
+    gets (an HTTP response) never completes an altered object: the response is cut short instead.
+
+    Chunk n is hashed on a worker thread while the consumer sends chunk n-1 (and the store reads n+1), so
+    the check costs throughput only where hashing is slower than the rest."""
     if expected is None:
         async for chunk in chunks:
             yield chunk
         return
     digest = hashlib.sha256()
+    hashing: asyncio.Future[None] | None = None
     held: bytes | None = None
-    async for chunk in chunks:
-        await _update(digest, chunk)
-        if held is not None:
-            yield held
-        held = chunk
+    try:
+        async for chunk in chunks:
+            if hashing is not None:
+                await hashing  # updates stay in order
+                hashing = None
+            if len(chunk) >= _THREAD_HASH_MIN:
+                hashing = asyncio.ensure_future(asyncio.to_thread(digest.update, chunk))
+            else:
+                digest.update(chunk)
+            if held is not None:
+                yield held
+            held = chunk
+        if hashing is not None:
+            await hashing
+            hashing = None
+    finally:
+        if hashing is not None:  # the consumer went away: let the thread finish, nobody waits for it
+            hashing.add_done_callback(lambda f: f.cancelled() or f.exception())
     if digest.digest() != expected:
         raise DigestMismatchError(key, expected, digest.digest())
     if held is not None:

@@ -31,6 +31,7 @@ from .base import (
     validate_key,
     validate_prefix,
 )
+from .digests import check_all
 
 T = TypeVar("T")
 
@@ -177,8 +178,11 @@ def _read_whole(path: Path | str, key: str) -> bytes | None:
         os.close(fd)
 
 
-def _read_all(paths: list[tuple[str, str]]) -> list[bytes | None]:
-    return [_read_whole(path, key) for path, key in paths]
+def _read_all(paths: list[tuple[str, str]], sha256: Sequence[bytes | None] | None) -> list[bytes | None]:
+    bodies = [_read_whole(path, key) for path, key in paths]
+    if sha256 is not None:  # in the thread that read them: hashlib releases the GIL
+        check_all([(key, body, digest) for (_, key), body, digest in zip(paths, bodies, sha256, strict=True)])
+    return bodies
 
 
 def _close_result_fd(future: concurrent.futures.Future[tuple[int, int]]) -> None:
@@ -361,9 +365,11 @@ class LocalBlobStore(BlobStore):
             else:
                 os.close(fd)
 
-    async def read_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        """One thread hop for the whole batch: open, read and close each file in turn."""
-        return await self._run(_read_all, [(self._file_name(key), key) for key in keys])
+    async def read_many(
+        self, keys: Sequence[str], *, sha256: Sequence[bytes | None] | None = None
+    ) -> list[bytes | None]:
+        """One thread hop for the whole batch: open, read (and check) and close each file in turn."""
+        return await self._run(_read_all, [(self._file_name(key), key) for key in keys], sha256)
 
     def _size(self, path: Path, key: str) -> int:
         try:
