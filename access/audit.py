@@ -5,6 +5,9 @@ writes the buffer with one COPY every FLUSH_SECONDS, and once more at shutdown. 
 window: if the process is killed (SIGKILL, power loss), the records of at most the last FLUSH_SECONDS of
 requests are lost; a graceful stop (SIGTERM) loses nothing. If PostgreSQL is unavailable the buffer is kept
 and retried, up to MAX_BUFFERED records; beyond that the oldest are dropped and the count logged.
+
+Each record carries a hash chained to the record before it (access/audit_chain.py: tamper evidence,
+`dicomweb audit verify`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from datetime import datetime
 
 import asyncpg
 
+from access.audit_chain import CHAIN_LOCK, chain_head, chained
 from indexer.background import Periodic
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,30 @@ class AuditEvent:
 COLUMNS = [f.name for f in fields(AuditEvent)]
 # a shallow row in column order: dataclasses.astuple deep-copies every field, ~0.1 ms a request
 _ROW = operator.attrgetter(*COLUMNS)
+_CHAINED = [*COLUMNS, "chain_hash"]
+
+
+def system_event(
+    action: str,
+    method: str,
+    path: str,
+    status: int,
+    outcome: int,
+    detail: str,
+    when: datetime,
+    *,
+    partition: str | None = None,
+    study: str | None = None,
+    series: str | None = None,
+    instance: str | None = None,
+) -> AuditEvent:
+    """A record of something the archive itself did or found (a scrub's findings): subject `system`."""
+    return AuditEvent(
+        event_time=when, subject="system", auth="system", token_id=None, token_name=None, roles=[],
+        client_address=None, user_agent=None, method=method, path=path, query=None, action=action,
+        action_code="E", partition_name=partition, study_uid=study, series_uid=series, instance_uid=instance,
+        status=status, outcome=outcome, detail=detail, duration_ms=0.0,
+    )  # fmt: skip
 
 
 def outcome_of(status: int) -> int:
@@ -96,8 +124,11 @@ class AuditLog(Periodic):
             if not batch:
                 return 0
             try:
-                async with self.pool.acquire() as conn:
-                    await conn.copy_records_to_table("audit_event", records=batch, columns=COLUMNS)
+                async with self.pool.acquire() as conn, conn.transaction():
+                    # one batch at a time across processes, chained from the last record (audit_chain)
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", CHAIN_LOCK)
+                    records = chained(await chain_head(conn), batch)
+                    await conn.copy_records_to_table("audit_event", records=records, columns=_CHAINED)
             except BaseException:
                 self._buffer[:0] = batch  # keep them, in order, for the next attempt
                 raise

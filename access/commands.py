@@ -14,7 +14,7 @@ from typing import BinaryIO
 import asyncpg
 import orjson
 
-from access import audit, tokens
+from access import audit, audit_chain, tokens
 from access.clock import Clock
 
 OWNER_TOKEN_FILE = "owner-token"
@@ -70,6 +70,11 @@ async def export_audit(dsn: str, q: audit.AuditQuery, out: BinaryIO) -> int:
             count += 1
     out.flush()
     return count
+
+
+async def verify_audit(dsn: str) -> audit_chain.Verdict:
+    async with _connect(dsn) as conn:
+        return await audit_chain.verify(conn, audit.COLUMNS)
 
 
 def bootstrap_owner_token(dsn: str, data_dir: Path) -> Path | None:

@@ -53,6 +53,7 @@ class Family(StrEnum):
     DIMSE = "dimse"  # audit records of DIMSE associations and operations (no HTTP route)
     PARTITIONS = "partitions"  # GET /vN/partitions: the partitions the caller may use
     HL7 = "hl7"  # audit records of HL7 v2 messages received over MLLP (no HTTP route)
+    SCRUB = "scrub"  # POST /scrub, GET /scrub/report (archive/scrub.py); also the scrub's audit records
     HEALTH = "health"
     PAGE = "page"
     UNKNOWN = "unknown"
@@ -87,6 +88,7 @@ POLICY: dict[Family, frozenset[Role]] = {
     Family.ACQUIRE: frozenset({OWN, WRI}),
     Family.DIMSE: frozenset(),
     Family.HL7: frozenset(),
+    Family.SCRUB: frozenset({OWN}),
     Family.UNKNOWN: frozenset({OWN}),
 }
 # open to anyone: probes carry no data, the request page is static HTML that calls the API with a token
@@ -103,6 +105,7 @@ NEEDS_NAMED_PARTITION = frozenset({Role.RESEARCHER})
 ACTION_CODES: dict[Family, str] = {
     Family.STOW: "C", Family.DELETE: "D", Family.EQT_WRITE: "U", Family.EXPORT: "E", Family.UPDATE: "U",
     Family.REQUEST_SUBMIT: "C", Family.REQUEST_REVIEW: "U", Family.REIDENTIFY: "E", Family.ACQUIRE: "E",
+    Family.SCRUB: "E",
 }  # fmt: skip
 
 
@@ -224,6 +227,9 @@ def classify(method: str, path: str) -> Target:
         return Target(Family.AUDIT, method=method) if method == "GET" else Target(Family.UNKNOWN)
     if path == "/tokens" or (path.startswith("/tokens/") and path.count("/") == 2):
         return Target(Family.TOKENS, method=method)
+    if path == "/scrub" or path == "/scrub/report":
+        allowed = (method == "POST") if path == "/scrub" else (method == "GET")
+        return Target(Family.SCRUB if allowed else Family.UNKNOWN, method=method)
     if path == "/aes" or (path.startswith("/aes/") and path.count("/") == 2):
         return Target(Family.AES, method=method)
     if path.startswith("/reidentify/"):

@@ -15,7 +15,7 @@ import asyncpg
 
 from indexer.background import Periodic
 from indexer.lookup import is_indexed
-from storage.base import BlobStore
+from storage.base import BlobRetainedError, BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ async def drain_deletions(pool: asyncpg.Pool, store: BlobStore, *, batch: int = 
                 try:
                     await store.delete(row[0])
                     done.append(row[0])
+                except BlobRetainedError as exc:  # S3 Object Lock: not a failure, a date to come back at
+                    await conn.execute(
+                        "UPDATE blob_deletion SET not_before = $2 WHERE storage_key = $1", row[0], exc.until
+                    )
                 except Exception as exc:
                     log.warning("could not delete object %s: %s", row[0], exc)
                     failed.append(row[0])
@@ -52,6 +56,20 @@ async def drain_deletions(pool: asyncpg.Pool, store: BlobStore, *, batch: int = 
                 return removed
 
 
+async def unreferenced(conn: asyncpg.Connection | asyncpg.Pool, keys: list[str]) -> list[str]:
+    """Those of these object keys that no index row references and that are not queued for deletion
+    either, in the given order. Ask only about objects older than a grace period: a younger one may be an
+    upload whose index row is still to commit."""
+    referenced = await is_indexed(conn, keys)
+    queued = {
+        row[0]
+        for row in await conn.fetch(
+            "SELECT storage_key FROM blob_deletion WHERE storage_key = ANY($1::text[])", keys
+        )
+    }
+    return [key for key in keys if key not in referenced and key not in queued]
+
+
 async def sweep_orphans(
     pool: asyncpg.Pool, store: BlobStore, *, grace: timedelta = timedelta(hours=1), page: int = 500
 ) -> int:
@@ -61,20 +79,19 @@ async def sweep_orphans(
     candidates: list[str] = []
 
     async def settle() -> int:
-        referenced = await is_indexed(pool, candidates)
-        queued = {
-            row[0]
-            for row in await pool.fetch(
-                "SELECT storage_key FROM blob_deletion WHERE storage_key = ANY($1::text[])", candidates
-            )
-        }
-        count = 0
-        for key in candidates:
-            if key not in referenced and key not in queued:
+        orphans = await unreferenced(pool, candidates)
+        for key in orphans:
+            try:
                 await store.delete(key)
-                count += 1
+            except BlobRetainedError as exc:  # S3 Object Lock: the deletion queue removes it when it may
+                await pool.execute(
+                    """INSERT INTO blob_deletion (storage_key, not_before) VALUES ($1, $2)
+                       ON CONFLICT (storage_key) DO NOTHING""",
+                    key,
+                    exc.until,
+                )
         candidates.clear()
-        return count
+        return len(orphans)
 
     async for info in store.list(""):
         if info.modified.astimezone(UTC) > cutoff:

@@ -68,6 +68,24 @@ def _audit_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_verify_cmd(args: argparse.Namespace) -> int:
+    """Exit 0 when the chain holds (its head printed, to be kept elsewhere), 1 naming the first broken
+    record."""
+    from access import commands
+    from dicomweb.cli import _settings, database
+
+    with database(_settings(args)) as dsn:
+        verdict = asyncio.run(commands.verify_audit(dsn))
+    before = f" ({verdict.before_chain} records from before the chain began)" if verdict.before_chain else ""
+    if not verdict.intact:
+        print(f"audit chain broken at record {verdict.broken_id}: {verdict.reason}; "
+              f"{verdict.records} records before it verify{before}", file=sys.stderr)  # fmt: skip
+        return 1
+    head = f"head: record {verdict.head_id} {verdict.head_hash.hex()}" if verdict.head_hash else "no records"
+    print(f"audit chain intact: {verdict.records} records{before}; {head}")
+    return 0
+
+
 def add_access_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
     token = sub.add_parser("token", help="API tokens for machines and operators: create, list, revoke")
     commands = token.add_subparsers(dest="token_command", required=True)
@@ -93,3 +111,8 @@ def add_access_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser]
     export.add_argument("--to", dest="end", help="ISO date-time (exclusive)")
     export.add_argument("--action", help="route family, e.g. wado, stow, audit")
     export.set_defaults(func=_audit_cmd)
+    verify = audit_commands.add_parser(
+        "verify", help="recompute the audit log's hash chain; exit 1 naming the first broken record"
+    )
+    add_common(verify)
+    verify.set_defaults(func=_audit_verify_cmd)

@@ -14,6 +14,7 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
 from access.service import AccessControl
 from archive.maintenance import Maintenance
+from archive.scrub import SCRUB, ScrubHandler, ScrubSchedule, scrub_params
 from archive.update import UpdateHandler
 from archive.update_request import UPDATE
 from changefeed.notify import FeedNotifier
@@ -35,6 +36,7 @@ from dicomweb.routes import (
     health,
     qido,
     rendered,
+    scrub,
     stow,
     wado,
     workitems,
@@ -56,6 +58,7 @@ from indexer.reindex import ReindexHandler
 from indexer.tag_deletion import TagDeletionHandler
 from storage import open_store
 from storage.base import BlobStore
+from storage.s3 import S3BlobStore
 from worklist.events import CHANNEL as WORKLIST_CHANNEL
 from worklist.retention import EventPruner
 from worklist.scp_status import ScpStatus
@@ -161,12 +164,15 @@ def create_app(
             settings.resolved_storage_url(),
             s3_endpoint_url=settings.s3_endpoint_url,
             s3_region=settings.s3_region,
+            s3_object_lock_days=settings.s3_object_lock_days,
         )
         try:
             async with pool.acquire() as conn:
                 applied = await migrate(conn)
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
+            if isinstance(blob_store, S3BlobStore):
+                await blob_store.check_object_lock()  # a retention asked for must be in force
             maintenance = Maintenance(pool, blob_store)
             if run_maintenance:
                 maintenance.start()
@@ -197,6 +203,22 @@ def create_app(
             )
             if run_maintenance:
                 app.state.operations.start()
+            # the scrub has a runner of its own: a scrub of a large archive runs for hours, and must not
+            # hold up exports and re-indexes meanwhile (archive/scrub.py, docs/integrity.md)
+            report, summary = scrub.audit_reporters(app.state.access.audit, app.state.access.clock)
+            app.state.scrubber = OperationRunner(
+                pool, {SCRUB: ScrubHandler(blob_store, report=report, summary=summary)}
+            )
+            schedule = ScrubSchedule(
+                pool,
+                dt.timedelta(hours=settings.scrub_interval_hours),
+                scrub_params(settings.scrub_rate_mb),
+                app.state.scrubber.poke,
+            )
+            if run_maintenance:
+                app.state.scrubber.start()
+                if settings.scrub_interval_hours > 0:
+                    schedule.start()
             # UPS-RS: the bound on unacknowledged event queues, and SCP Status Change reports
             pruner = EventPruner(
                 pool, settings.ups_event_queue_max, dt.timedelta(hours=settings.ups_event_retention_hours)
@@ -222,6 +244,8 @@ def create_app(
                     await app.state.dimse.stop()
                 await scp_status.stop()  # GOING DOWN when this is the last process
                 await pruner.stop()
+                await schedule.stop()
+                await app.state.scrubber.stop()
                 await app.state.operations.stop()
                 await app.state.access.stop()  # after the last request: writes the audit buffer
                 await notifier.stop()
@@ -237,6 +261,8 @@ def create_app(
         Route("/metrics", metrics, methods=["GET"]),
         *access_routes(),
         *ae_routes(),
+        Route("/scrub", scrub.start, methods=["POST"]),
+        Route("/scrub/report", scrub.report, methods=["GET"]),
     ]
     # partition roots first: the plain /vN mount would otherwise claim /vN/partitions/... and 404
     for version in API_VERSIONS:

@@ -8,6 +8,7 @@ instances are added or deleted: clients revalidate each time and get a cheap 304
 
 from __future__ import annotations
 
+import base64
 import hashlib
 
 import asyncpg
@@ -42,6 +43,13 @@ def matches_if_none_match(request: Request, etag: str) -> bool:
 
 def cache_headers(etag: str, cache_control: str = CACHE_CONTROL) -> dict[str, str]:
     return {"ETag": etag, "Cache-Control": cache_control}
+
+
+def digest_headers(sha256: bytes) -> dict[str, str]:
+    """The SHA-256 of a body that is exactly a stored object: RFC 9530's Repr-Digest, and RFC 3230's
+    Digest, which it obsoletes but older clients and proxies still check."""
+    encoded = base64.b64encode(sha256).decode("ascii")
+    return {"Repr-Digest": f"sha-256=:{encoded}:", "Digest": f"sha-256={encoded}"}
 
 
 def not_modified(etag: str, cache_control: str = CACHE_CONTROL) -> Response:

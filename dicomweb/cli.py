@@ -1,4 +1,4 @@
-"""The `dicomweb` command: serve, migrate, sweep, changefeed (tail, fhir-sync), deidentify."""
+"""The `dicomweb` command: serve, migrate, sweep, scrub, changefeed (tail, fhir-sync), deidentify."""
 
 from __future__ import annotations
 
@@ -15,9 +15,13 @@ from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicomweb.config import Settings
 from dicomweb.server_options import UVICORN_OPTIONS
+
+if TYPE_CHECKING:
+    from storage.base import BlobStore
 
 log = logging.getLogger("dicomweb")
 DEFAULT_DIMSE_PORT = 11112
@@ -160,15 +164,21 @@ def _migrate_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _ensure_bucket(settings: Settings) -> None:
+def _open_store(settings: Settings) -> BlobStore:
     from storage import open_store
-    from storage.s3 import S3BlobStore
 
-    store = open_store(
+    return open_store(
         settings.resolved_storage_url(),
         s3_endpoint_url=settings.s3_endpoint_url,
         s3_region=settings.s3_region,
+        s3_object_lock_days=settings.s3_object_lock_days,
     )
+
+
+async def _ensure_bucket(settings: Settings) -> None:
+    from storage.s3 import S3BlobStore
+
+    store = _open_store(settings)
     try:
         assert isinstance(store, S3BlobStore)
         await store.ensure_bucket()
@@ -180,17 +190,12 @@ def _sweep_cmd(args: argparse.Namespace) -> int:
     import asyncpg
 
     from archive.maintenance import drain_deletions, sweep_orphans
-    from storage import open_store
 
     settings = _settings(args)
 
     async def run(dsn: str) -> tuple[int, int]:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
-        store = open_store(
-            settings.resolved_storage_url(),
-            s3_endpoint_url=settings.s3_endpoint_url,
-            s3_region=settings.s3_region,
-        )
+        store = _open_store(settings)
         try:
             deleted = await drain_deletions(pool, store)
             orphans = await sweep_orphans(pool, store, grace=timedelta(minutes=args.grace_minutes))
@@ -203,6 +208,78 @@ def _sweep_cmd(args: argparse.Namespace) -> int:
         deleted, orphans = asyncio.run(run(dsn))
     print(f"deleted {deleted} queued objects, removed {orphans} unreferenced objects")
     return 0
+
+
+def _scrub_cmd(args: argparse.Namespace) -> int:
+    """Run a scrub in the foreground as an operation of its own (resumable: `--resume ID`, by this command
+    or by any server process once this one is gone); exit 1 when objects are missing or altered."""
+    import asyncpg
+
+    from access.audit import AuditLog
+    from archive.scrub import ALTERED, MISSING, SCRUB, ScrubHandler, findings, scrub_params
+    from dicomweb.routes.scrub import audit_reporters
+    from indexer.operations import (
+        FINISHED,
+        OperationRunner,
+        create_operation,
+        get_operation,
+        parse_operation_id,
+    )
+
+    settings = _settings(args)
+    resume = None
+    if args.resume is not None and (resume := parse_operation_id(args.resume)) is None:
+        print(f"error: {args.resume!r} is not an operation id", file=sys.stderr)
+        return 2
+
+    async def run(dsn: str) -> int:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+        store = _open_store(settings)
+        audit = AuditLog(pool)
+        try:
+            report, summary = audit_reporters(audit)
+            runner = OperationRunner(pool, {SCRUB: ScrubHandler(store, report=report, summary=summary)})
+            async with pool.acquire() as conn:
+                if resume is not None:
+                    op = await get_operation(conn, resume)
+                    if op is None or op.type != SCRUB:
+                        print(f"error: no scrub operation {args.resume}", file=sys.stderr)
+                        return 2
+                else:
+                    params = scrub_params(args.rate_mb, timedelta(minutes=args.grace_minutes))
+                    op = await create_operation(conn, SCRUB, params, [])
+            print(f"scrub {op.id_hex}", file=sys.stderr, flush=True)
+            while op.status not in FINISHED:
+                # waits while another process holds it (or a failed step's backoff runs)
+                if not await runner.run_once(op.id):
+                    await asyncio.sleep(1.0)
+                async with pool.acquire() as conn:
+                    op = await get_operation(conn, op.id) or op
+            await audit.flush()
+            async with pool.acquire() as conn:
+                rows = await findings(conn, op.id, 2**31 - 1)
+        finally:
+            await store.close()
+            await pool.close()
+        for row in rows:
+            uids = "/".join(filter(None, (row["study_instance_uid"], row["series_instance_uid"],
+                                          row["sop_instance_uid"])))  # fmt: skip
+            print(f"{row['kind']}\t{row['storage_key']}\t{uids or '-'}")
+        r = op.results
+        print(
+            f"scrub {op.id_hex} {op.status}: {r.get('checkedObjects', 0)} objects "
+            f"({r.get('checkedBytes', 0)} bytes) checked, {r.get('listedObjects', 0)} listed; "
+            f"{r.get(MISSING, 0)} missing, {r.get(ALTERED, 0)} altered, "
+            f"{r.get('unreferenced', 0)} unreferenced",
+            file=sys.stderr,
+        )
+        if op.status != "succeeded":
+            print(f"error: the scrub did not finish: {r.get('error') or r.get('reason')}", file=sys.stderr)
+            return 2
+        return 1 if r.get(MISSING) or r.get(ALTERED) else 0
+
+    with database(settings) as dsn:
+        return asyncio.run(run(dsn))
 
 
 def _changefeed_cmd(args: argparse.Namespace) -> int:
@@ -327,6 +404,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(sweep)
     sweep.add_argument("--grace-minutes", type=float, default=60.0, help="spare objects younger than this")
     sweep.set_defaults(func=_sweep_cmd)
+    scrub = sub.add_parser(
+        "scrub",
+        help="re-read every stored object: report missing, altered (SHA-256) and unreferenced ones; "
+        "exit 1 when any is missing or altered",
+    )
+    _add_common(scrub)
+    scrub.add_argument("--rate-mb", type=float, default=0.0, help="read at most this many MB/s (0: no limit)")
+    scrub.add_argument(
+        "--grace-minutes", type=float, default=60.0, help="unreferenced objects younger than this are spared"
+    )
+    scrub.add_argument("--resume", metavar="ID", help="go on with an interrupted scrub operation")
+    scrub.set_defaults(func=_scrub_cmd)
     _add_changefeed(sub)
     from dicomweb.access_cli import add_access_commands
 

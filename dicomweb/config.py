@@ -20,6 +20,9 @@ class Settings:
     storage_url: str | None = None
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
+    # S3 Object Lock: objects written under a COMPLIANCE retention of this many days (0: none); the bucket
+    # must have Object Lock enabled (storage/s3.py, docs/integrity.md)
+    s3_object_lock_days: int = 0
     # scheme://host[:port] that clients reach this archive at, when a proxy rewrites it (URLs in responses)
     public_url: str | None = None
     # origins a browser viewer may call from ("https://viewer.example.org,http://localhost:3000" or "*");
@@ -62,6 +65,10 @@ class Settings:
     # addresses and networks (CIDR), comma-separated, that may connect to it ("*": any); HL7 v2 has no
     # credentials, so the sender's address is the only one (docs/security.md)
     hl7_allowed_hosts: str = "127.0.0.1,::1"
+    # the scrub (archive/scrub.py, docs/integrity.md): queued every this many hours (0: never on its own),
+    # reading at most this many MB/s (0: no limit) so that it leaves the disks to requests
+    scrub_interval_hours: int = 168
+    scrub_rate_mb: int = 50
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 
+import orjson
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -26,6 +27,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from archive.ingest import FailureReason, StoreOutcome
+from archive.scrub import latest_scrub
 from dicomweb.context import context
 
 REQUESTS = Counter("dicomweb_http_requests_total", "HTTP requests answered", ["method", "handler", "status"])
@@ -37,6 +39,11 @@ DURATION = Histogram(
 )
 STOW_INSTANCES = Counter(
     "dicomweb_stow_instances_total", "Instances received by STOW-RS, by outcome", ["outcome"]
+)
+
+DIGEST_MISMATCHES = Counter(
+    "dicomweb_digest_mismatches_total",
+    "Stored objects found altered (SHA-256 differs from the one recorded at ingest) while being retrieved",
 )
 
 
@@ -107,6 +114,7 @@ async def _archive_gauges(request: Request) -> list[GaugeMetricFamily]:
                       (SELECT count(*) FROM blob_deletion) AS deletions,
                       (SELECT last_sequence FROM changefeed_counter) AS feed"""
         )
+        scrubbed = await latest_scrub(conn, finished=True)
     families = []
     for name, doc, value in (
         ("dicomweb_partitions", "Data partitions", row["partitions"]),
@@ -116,6 +124,22 @@ async def _archive_gauges(request: Request) -> list[GaugeMetricFamily]:
         ("dicomweb_changefeed_last_sequence", "Sequence of the latest change feed entry", row["feed"]),
     ):
         families.append(GaugeMetricFamily(name, doc, value=float(value)))
+    if scrubbed is not None:  # the latest scrub that finished (archive/scrub.py)
+        results = scrubbed["results"]
+        counts = orjson.loads(results) if isinstance(results, str | bytes) else results
+        for name, doc, value in (
+            ("dicomweb_scrub_last_finished_timestamp_seconds", "When the latest scrub finished",
+             scrubbed["finished_at"].timestamp()),
+            ("dicomweb_scrub_checked_objects", "Objects the latest scrub read", counts["checkedObjects"]),
+            ("dicomweb_scrub_checked_bytes", "Bytes the latest scrub read", counts["checkedBytes"]),
+            ("dicomweb_scrub_missing_objects", "Indexed objects the latest scrub found missing",
+             counts["missing"]),
+            ("dicomweb_scrub_altered_objects", "Objects the latest scrub found altered (SHA-256 differs)",
+             counts["altered"]),
+            ("dicomweb_scrub_unreferenced_objects", "Stored objects no index row references (latest scrub)",
+             counts["unreferenced"]),
+        ):  # fmt: skip
+            families.append(GaugeMetricFamily(name, doc, value=float(value)))
     return families
 
 

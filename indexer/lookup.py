@@ -23,6 +23,8 @@ class StoredInstance:
     transfer_syntax_uid: str
     storage_key: str
     size: int
+    # SHA-256 recorded at ingest, where the reader selected it: whole reads check it (storage.digests)
+    sha256: bytes | None = None
 
 
 def scope_sql(study_uid: str, series_uid: str | None, sop_uid: str | None) -> tuple[str, list[object]]:
@@ -75,7 +77,7 @@ async def find_instances(
     v = functools.partial(_version, original=original)
     rows = await conn.fetch(
         f"""SELECT st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.sop_class_uid,
-                   {v("transfer_syntax_uid")}, {v("storage_key")}, {v("size")}
+                   {v("transfer_syntax_uid")}, {v("storage_key")}, {v("size")}, {v("sha256")}
             {_from(original)}{where}{_ORDER}""",
         partition_key,
         *args,
@@ -126,6 +128,33 @@ async def find_bulk_index(
     if row is None:
         return None
     return StoredInstance(*list(row)[:7]), row["bulk_index"]
+
+
+@dataclass(frozen=True, slots=True)
+class IndexedObject:
+    """An instance row as the scrub checks it: where its object is and what it must hash to."""
+
+    instance_key: int
+    partition_key: int
+    instance: StoredInstance
+
+
+async def objects_after(
+    conn: asyncpg.Connection | asyncpg.Pool, after: int, limit: int
+) -> list[IndexedObject]:
+    """Instance rows of every partition after instance_key `after`, in key order: a resumable walk of
+    everything the index references."""
+    rows = await conn.fetch(
+        """SELECT i.instance_key, i.partition_key, st.study_instance_uid, se.series_instance_uid,
+                  i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax_uid, i.storage_key, i.size, i.sha256
+           FROM instance i
+           JOIN series se ON se.series_key = i.series_key
+           JOIN study st ON st.study_key = i.study_key
+           WHERE i.instance_key > $1 ORDER BY i.instance_key LIMIT $2""",
+        after,
+        limit,
+    )
+    return [IndexedObject(r[0], r[1], StoredInstance(*r[2:])) for r in rows]
 
 
 async def is_indexed(conn: asyncpg.Connection | asyncpg.Pool, storage_keys: list[str]) -> set[str]:

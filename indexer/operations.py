@@ -179,8 +179,9 @@ class OperationRunner(Periodic):
                 )
             self._token = None
 
-    async def claim(self) -> Operation | None:
-        """Take the oldest runnable operation (unleased or with an expired lease) and lease it."""
+    async def claim(self, operation_id: uuid.UUID | None = None) -> Operation | None:
+        """Take the oldest runnable operation (unleased or with an expired lease), or that one, and lease
+        it."""
         token = uuid.uuid4()
         row = await self._pool.fetchrow(
             """UPDATE operation o SET status = 'running', lease_token = $1, leased_by = $2,
@@ -190,21 +191,24 @@ class OperationRunner(Periodic):
                    SELECT operation_id FROM operation
                    WHERE status IN ('notStarted', 'running') AND type = ANY($4::text[])
                      AND (leased_until IS NULL OR leased_until < clock_timestamp())
+                     AND ($5::uuid IS NULL OR operation_id = $5)
                    ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
                RETURNING o.*""",
             token,
             self.worker,
             self._lease,
             list(self._handlers),
+            operation_id,
         )
         if row is None:
             return None
         self._token = token
         return _operation(row)
 
-    async def run_once(self) -> bool:
-        """Claim one operation and run it until it finishes or the lease is lost; False if none waited."""
-        op = await self.claim()
+    async def run_once(self, operation_id: uuid.UUID | None = None) -> bool:
+        """Claim one operation (or that one) and run it until it finishes or the lease is lost; False if
+        none could be claimed. A command runs its own operation this way, in the foreground."""
+        op = await self.claim(operation_id)
         if op is None:
             return False
         token = self._token

@@ -6,9 +6,10 @@ Configuration names a store by URL so deployments switch backends without code c
 
 from __future__ import annotations
 
+from datetime import timedelta
 from urllib.parse import unquote, urlsplit
 
-from .base import READ_CHUNK_SIZE, BlobInfo, BlobNotFoundError, BlobStore, validate_key
+from .base import READ_CHUNK_SIZE, BlobInfo, BlobNotFoundError, BlobRetainedError, BlobStore, validate_key
 from .local import LocalBlobStore
 from .s3 import S3BlobStore
 
@@ -16,6 +17,7 @@ __all__ = [
     "READ_CHUNK_SIZE",
     "BlobInfo",
     "BlobNotFoundError",
+    "BlobRetainedError",
     "BlobStore",
     "LocalBlobStore",
     "S3BlobStore",
@@ -24,8 +26,15 @@ __all__ = [
 ]
 
 
-def open_store(url: str, *, s3_endpoint_url: str | None = None, s3_region: str | None = None) -> BlobStore:
-    """Build the store a URL names.
+def open_store(
+    url: str,
+    *,
+    s3_endpoint_url: str | None = None,
+    s3_region: str | None = None,
+    s3_object_lock_days: int = 0,
+) -> BlobStore:
+    """Build the store a URL names (`s3_object_lock_days`: S3 objects written under a COMPLIANCE retention
+    of that many days, S3BlobStore).
 
     S3 credentials are not part of the URL (it ends up in logs and config files); they come from the
     standard AWS environment variables / botocore credential chain. The S3 client is only created on first
@@ -38,7 +47,14 @@ def open_store(url: str, *, s3_endpoint_url: str | None = None, s3_region: str |
     if scheme == "s3":
         if not parts.netloc:
             raise ValueError(f"s3 URL has no bucket: {url!r}")
-        return S3BlobStore(parts.netloc, unquote(parts.path), endpoint_url=s3_endpoint_url, region=s3_region)
+        lock = timedelta(days=s3_object_lock_days) if s3_object_lock_days > 0 else None
+        return S3BlobStore(
+            parts.netloc,
+            unquote(parts.path),
+            endpoint_url=s3_endpoint_url,
+            region=s3_region,
+            object_lock=lock,
+        )
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise ValueError(f"file URL must be local (file:///abs/path): {url!r}")

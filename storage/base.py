@@ -13,6 +13,8 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from .digests import check_all
+
 # Chunk size used when a backend streams an object back; large enough to amortise per-chunk overhead,
 # small enough that many concurrent downloads stay cheap in memory.
 READ_CHUNK_SIZE = 1024 * 1024
@@ -20,6 +22,16 @@ READ_CHUNK_SIZE = 1024 * 1024
 
 class BlobNotFoundError(KeyError):
     """The key names no stored object."""
+
+
+class BlobRetainedError(Exception):
+    """The store keeps the object under a retention lock (S3 Object Lock) until `until`: it cannot be
+    deleted before, by any credential; ask again then."""
+
+    def __init__(self, key: str, until: datetime) -> None:
+        super().__init__(f"object {key} is retained until {until.isoformat()}")
+        self.key = key
+        self.until = until
 
 
 def validate_key(key: str) -> str:
@@ -113,11 +125,16 @@ class BlobStore(abc.ABC):
         """Read a (small) range fully into memory; for headers, frames and tests."""
         return b"".join([chunk async for chunk in self.stream(key, start, end)])
 
-    async def read_many(self, keys: Sequence[str]) -> list[bytes | None]:
+    async def read_many(
+        self, keys: Sequence[str], *, sha256: Sequence[bytes | None] | None = None
+    ) -> list[bytes | None]:
         """Several whole small objects, None for each one that does not exist (deleted since it was looked
         up). Series retrieval reads its instances this way, so the cost of reaching an object (a thread
         hop, a request's round trip) is paid once a batch or overlapped, not once an instance. This
-        default reads them concurrently."""
+        default reads them concurrently.
+
+        `sha256`: the digest each object must have (None: unknown); a mismatch raises
+        storage.digests.DigestMismatchError. Hashed off the event loop, where the store reads if it can."""
 
         async def one(key: str) -> bytes | None:
             try:
@@ -125,7 +142,10 @@ class BlobStore(abc.ABC):
             except BlobNotFoundError:
                 return None
 
-        return list(await asyncio.gather(*(one(key) for key in keys)))
+        bodies = list(await asyncio.gather(*(one(key) for key in keys)))
+        if sha256 is not None:
+            await asyncio.to_thread(check_all, list(zip(keys, bodies, sha256, strict=True)))
+        return bodies
 
     @abc.abstractmethod
     async def size(self, key: str) -> int:
@@ -140,11 +160,15 @@ class BlobStore(abc.ABC):
 
     @abc.abstractmethod
     async def delete(self, key: str) -> None:
-        """Remove the object; deleting a missing key is not an error (deletes are retried)."""
+        """Remove the object; deleting a missing key is not an error (deletes are retried). Raises
+        BlobRetainedError while a retention lock keeps it."""
 
     @abc.abstractmethod
-    def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
-        """Every object whose key starts with prefix, in no particular order (the sweeper uses this)."""
+    def list(self, prefix: str = "", *, start_after: str = "") -> AsyncIterator[BlobInfo]:
+        """Every object whose key starts with prefix, in the store's listing order, from the first one
+        after `start_after` (a key listed before): a walk that can resume from its last key (the scrub).
+        The order is the backend's own: by path segment on the local store (as SeaweedFS lists), by UTF-8
+        bytes on AWS S3; resuming relies only on its being the same from one listing to the next."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections; the store is unusable afterwards."""

@@ -31,6 +31,7 @@ from .base import (
     validate_key,
     validate_prefix,
 )
+from .digests import check_all
 
 T = TypeVar("T")
 
@@ -177,8 +178,11 @@ def _read_whole(path: Path | str, key: str) -> bytes | None:
         os.close(fd)
 
 
-def _read_all(paths: list[tuple[str, str]]) -> list[bytes | None]:
-    return [_read_whole(path, key) for path, key in paths]
+def _read_all(paths: list[tuple[str, str]], sha256: Sequence[bytes | None] | None) -> list[bytes | None]:
+    bodies = [_read_whole(path, key) for path, key in paths]
+    if sha256 is not None:  # in the thread that read them: hashlib releases the GIL
+        check_all([(key, body, digest) for (_, key), body, digest in zip(paths, bodies, sha256, strict=True)])
+    return bodies
 
 
 def _close_result_fd(future: concurrent.futures.Future[tuple[int, int]]) -> None:
@@ -371,9 +375,11 @@ class LocalBlobStore(BlobStore):
             else:
                 os.close(fd)
 
-    async def read_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        """One thread hop for the whole batch: open, read and close each file in turn."""
-        return await self._run(_read_all, [(self._file_name(key), key) for key in keys])
+    async def read_many(
+        self, keys: Sequence[str], *, sha256: Sequence[bytes | None] | None = None
+    ) -> list[bytes | None]:
+        """One thread hop for the whole batch: open, read (and check) and close each file in turn."""
+        return await self._run(_read_all, [(self._file_name(key), key) for key in keys], sha256)
 
     def _size(self, path: Path, key: str) -> int:
         try:
@@ -411,40 +417,45 @@ class LocalBlobStore(BlobStore):
 
     # -- listing ---------------------------------------------------------------------------------------
 
-    def _walk(self, prefix: str) -> Iterator[BlobInfo]:
+    def _walk(self, prefix: str, start_after: str) -> Iterator[BlobInfo]:
+        """Depth first, each directory's entries sorted by name: keys in the order of their segments (as
+        SeaweedFS lists). Subtrees wholly at or before `start_after` are not entered."""
         directory, _, name_prefix = prefix.rpartition("/")
         start_dir = self.root.joinpath(*directory.split("/")) if directory else self.root
-        key_base = f"{directory}/" if directory else ""
-        stack: list[tuple[str, str, str]] = [(str(start_dir), key_base, name_prefix)]
-        while stack:
-            path, key_prefix, name_filter = stack.pop()
-            try:
-                with os.scandir(path) as entries_iter:
-                    entries = list(entries_iter)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            for entry in entries:
-                if not entry.name.startswith(name_filter):
-                    continue
-                if not key_prefix and entry.name == TMP_DIR_NAME:
-                    continue
-                if entry.name.startswith(TEMP_PREFIX) and entry.name.endswith(TEMP_SUFFIX):
-                    continue
-                key = key_prefix + entry.name
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append((entry.path, key + "/", ""))
-                    elif entry.is_file(follow_symlinks=False):
-                        st = entry.stat(follow_symlinks=False)
-                        yield BlobInfo(
-                            key=key, size=st.st_size, modified=datetime.fromtimestamp(st.st_mtime, UTC)
-                        )
-                except FileNotFoundError:  # deleted while we were walking
-                    continue
+        parts = directory.split("/") if directory else []
+        after = start_after.split("/") if start_after else None
+        yield from self._walk_dir(str(start_dir), parts, name_prefix, after)
 
-    async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
+    def _walk_dir(
+        self, path: str, parts: list[str], name_filter: str, after: list[str] | None
+    ) -> Iterator[BlobInfo]:
+        try:
+            with os.scandir(path) as entries_iter:
+                entries = sorted(entries_iter, key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in entries:
+            name = entry.name
+            if not name.startswith(name_filter) or (not parts and name == TMP_DIR_NAME):
+                continue
+            if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX):
+                continue
+            key_parts = [*parts, name]
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    # every key below sorts before `after` when this directory sorts before its segments
+                    if after is None or key_parts >= after[: len(key_parts)]:
+                        yield from self._walk_dir(entry.path, key_parts, "", after)
+                elif entry.is_file(follow_symlinks=False) and (after is None or key_parts > after):
+                    st = entry.stat(follow_symlinks=False)
+                    key = "/".join(key_parts)
+                    yield BlobInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
+            except FileNotFoundError:  # deleted while we were walking
+                continue
+
+    async def list(self, prefix: str = "", *, start_after: str = "") -> AsyncIterator[BlobInfo]:
         validate_prefix(prefix)
-        walker = self._walk(prefix)
+        walker = self._walk(prefix, start_after)
         while True:
             batch = await self._run(_take, walker, LIST_BATCH_SIZE)
             for info in batch:

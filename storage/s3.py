@@ -3,6 +3,12 @@
 Atomicity comes from S3 itself: an object appears only when its single PutObject or its
 CompleteMultipartUpload succeeds. Streams larger than one part go up as a multipart upload, a few parts in
 flight at once, and any failure aborts the upload so no invisible parts keep costing storage.
+
+Object Lock (`object_lock`, DICOMWEB_S3_OBJECT_LOCK_DAYS): every object is written with a COMPLIANCE
+retention, so that no credential, the archive's included, can destroy it before the period ends (ransomware
+protection). The bucket must have Object Lock enabled (which makes it versioned). A delete then removes every
+version of the key by id, never leaving a delete marker; while a version is retained it raises
+BlobRetainedError with the date, and the deletion queue waits until then (archive/maintenance.py).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiobotocore.config import AioConfig
@@ -23,6 +29,7 @@ from .base import (
     READ_CHUNK_SIZE,
     BlobInfo,
     BlobNotFoundError,
+    BlobRetainedError,
     BlobStore,
     check_range,
     validate_key,
@@ -105,6 +112,7 @@ class S3BlobStore(BlobStore):
         list_page_size: int = 1000,
         session: AioSession | None = None,
         client: Any = None,
+        object_lock: timedelta | None = None,
     ) -> None:
         """client: an already-open aiobotocore S3 client to share (the caller keeps ownership and closes it;
         endpoint/credential/pool arguments are then ignored). Otherwise one is created on first use."""
@@ -124,6 +132,7 @@ class S3BlobStore(BlobStore):
         self._part_size = part_size
         self._part_concurrency = max(1, part_concurrency)
         self._list_page_size = list_page_size
+        self.object_lock = object_lock
         self._config = AioConfig(
             # S3-compatible servers (SeaweedFS, MinIO, ...) rarely have wildcard DNS for bucket subdomains.
             s3={"addressing_style": "path"} if endpoint_url else None,
@@ -181,11 +190,37 @@ class S3BlobStore(BlobStore):
         kwargs: dict[str, Any] = {}
         if self.region != DEFAULT_REGION:
             kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        if self.object_lock is not None:
+            kwargs["ObjectLockEnabledForBucket"] = True
         try:
             await client.create_bucket(Bucket=self.bucket, **kwargs)
         except ClientError as exc:
             if _error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise
+
+    async def check_object_lock(self) -> None:
+        """With object_lock set, fail unless the bucket has Object Lock enabled: retention was asked for,
+        and writing unprotected objects instead would be silent."""
+        if self.object_lock is None:
+            return
+        client = await self._get_client()
+        try:
+            response = await client.get_object_lock_configuration(Bucket=self.bucket)
+            enabled = response.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+        except ClientError as exc:
+            log.debug("no Object Lock configuration: %s", exc)
+            enabled = False
+        if not enabled:
+            raise RuntimeError(
+                f"bucket {self.bucket!r} does not have S3 Object Lock enabled, but a retention was "
+                "configured (DICOMWEB_S3_OBJECT_LOCK_DAYS): create the bucket with Object Lock, or unset it"
+            )
+
+    def _retention(self) -> dict[str, Any]:
+        if self.object_lock is None:
+            return {}
+        until = datetime.now(UTC) + self.object_lock
+        return {"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": until}
 
     # -- writing ---------------------------------------------------------------------------------------
 
@@ -211,7 +246,7 @@ class S3BlobStore(BlobStore):
 
     async def _put_single(self, full_key: str, body: bytes) -> None:
         client = await self._get_client()
-        await client.put_object(Bucket=self.bucket, Key=full_key, Body=body)
+        await client.put_object(Bucket=self.bucket, Key=full_key, Body=body, **self._retention())
 
     async def _upload_part(
         self, client: Any, full_key: str, upload_id: str, number: int, body: bytes
@@ -234,7 +269,7 @@ class S3BlobStore(BlobStore):
         # CRC32 declared up front: current botocore checksums every part by default, and S3 then insists the
         # upload was created with the same algorithm and that Complete lists each part's checksum.
         created = await client.create_multipart_upload(
-            Bucket=self.bucket, Key=full_key, ChecksumAlgorithm="CRC32"
+            Bucket=self.bucket, Key=full_key, ChecksumAlgorithm="CRC32", **self._retention()
         )
         upload_id: str = created["UploadId"]
         in_flight: deque[asyncio.Task[dict[str, Any]]] = deque()
@@ -337,21 +372,49 @@ class S3BlobStore(BlobStore):
     async def delete(self, key: str) -> None:
         full_key = self._full_key(key)
         client = await self._get_client()
+        if self.object_lock is not None:
+            await self._delete_versions(client, key, full_key)
+            return
         try:
             await client.delete_object(Bucket=self.bucket, Key=full_key)
         except ClientError as exc:
             if not _is_not_found(exc):
                 raise
 
-    async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
+    async def _delete_versions(self, client: Any, key: str, full_key: str) -> None:
+        """Every version of the key (a locked bucket is versioned), each by its id: a plain DeleteObject
+        would only hide a retained object behind a delete marker."""
+        response = await client.list_object_versions(Bucket=self.bucket, Prefix=full_key)
+        versions = [
+            v["VersionId"]
+            for v in [*response.get("Versions", []), *response.get("DeleteMarkers", [])]
+            if v["Key"] == full_key
+        ]
+        for version in versions:
+            try:
+                await client.delete_object(Bucket=self.bucket, Key=full_key, VersionId=version)
+            except ClientError as exc:
+                if _is_not_found(exc):
+                    continue
+                if _error_code(exc) != "AccessDenied":
+                    raise
+                head = await client.head_object(Bucket=self.bucket, Key=full_key, VersionId=version)
+                until = head.get("ObjectLockRetainUntilDate")
+                if until is None or until.astimezone(UTC) <= datetime.now(UTC):
+                    raise
+                raise BlobRetainedError(key, until.astimezone(UTC)) from exc
+
+    async def list(self, prefix: str = "", *, start_after: str = "") -> AsyncIterator[BlobInfo]:
         validate_prefix(prefix)
         client = await self._get_client()
         paginator = client.get_paginator("list_objects_v2")
         strip = len(self.prefix)
+        after: dict[str, str] = {"StartAfter": self.prefix + start_after} if start_after else {}
         pages = paginator.paginate(
             Bucket=self.bucket,
             Prefix=self.prefix + prefix,
             PaginationConfig={"PageSize": self._list_page_size},
+            **after,
         )
         async for page in pages:
             for item in page.get("Contents", ()):

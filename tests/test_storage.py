@@ -266,6 +266,22 @@ async def test_list(blob_store: BlobStore) -> None:
     assert await keys_of(blob_store, "nothing/here/") == []
 
 
+async def test_list_resumes_after_any_key(blob_store: BlobStore) -> None:
+    """Listing has an order of its own (the local store: by path segment, as SeaweedFS lists; AWS S3 by
+    bytes), and a walk resumed after any listed key sees exactly the keys after it: how the scrub pages
+    through the store."""
+    keys = ["a.x", "a/b/c", "a/b.d", "a/c", "a0", "b/z/y", "ab", "p1/1.2/1.2.3/9.dcm", "p1/1.2.4"]
+    for key in keys:
+        await blob_store.put(key, key.encode())
+    listed = [info.key async for info in blob_store.list()]
+    assert sorted(listed) == sorted(keys)
+    if isinstance(blob_store, LocalBlobStore):
+        assert listed == sorted(keys, key=lambda k: k.split("/"))
+    for n, after in enumerate(listed):
+        assert [info.key async for info in blob_store.list(start_after=after)] == listed[n + 1 :], after
+    assert [info.key async for info in blob_store.list("a/", start_after="a/b/c")] == ["a/b.d", "a/c"]
+
+
 @pytest.fixture
 def paged_store(
     blob_store: BlobStore, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch

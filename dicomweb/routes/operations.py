@@ -18,16 +18,23 @@ from indexer.operations import FINISHED, create_operation, get_operation, parse_
 
 
 async def start_operation(
-    request: Request, type_: str, params: dict[str, Any], resources: list[str] | None = None
+    request: Request,
+    type_: str,
+    params: dict[str, Any],
+    resources: list[str] | None = None,
+    *,
+    root: str | None = None,
+    runner: str = "operations",
 ) -> Response:
     """Queue an operation and answer 202 with its reference, as Azure's long-running requests do; the
-    process's runner is woken so it starts at once."""
+    process's runner (app.state.<runner>) is woken so it starts at once. `root`: the service root of the
+    reference, for routes outside one (the request's own by default)."""
     async with context(request).pool.acquire() as conn:
         op = await create_operation(conn, type_, params, resources or [])
-    runner = getattr(request.app.state, "operations", None)
-    if runner is not None:
-        runner.poke()
-    href = f"{service_root(request)}/operations/{op.id_hex}"
+    woken = getattr(request.app.state, runner, None)
+    if woken is not None:
+        woken.poke()
+    href = f"{root or service_root(request)}/operations/{op.id_hex}"
     return Response(
         orjson.dumps({"id": op.id_hex, "href": href}),
         status_code=202,

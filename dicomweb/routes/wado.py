@@ -23,15 +23,24 @@ from dicomcore.transcode import (
     transcode_instance,
 )
 from dicomcore.uids import EXPLICIT_VR_BIG_ENDIAN
-from dicomweb.caching import cache_headers, matches_if_none_match, not_modified, scope_etag
+from dicomweb.caching import (
+    cache_headers,
+    digest_headers,
+    make_etag,
+    matches_if_none_match,
+    not_modified,
+    scope_etag,
+)
 from dicomweb.context import context, not_found, partition_key, resource_uids, service_root
 from dicomweb.errors import HTTPProblem
+from dicomweb.metrics import DIGEST_MISMATCHES
 from dicomweb.multipart import multipart_length, new_boundary, write_multipart
 from dicomweb.negotiation import ANY_TRANSFER_SYNTAX, Offer, Selection, describe, select
 from dicomweb.ranges import parse_range
 from dicomweb.routes import frames
 from indexer.lookup import StoredInstance, find_bulk_index, find_instances, find_metadata
 from storage.base import BlobNotFoundError, BlobStore
+from storage.digests import DigestMismatchError, check, verified
 
 DICOM_JSON = "application/dicom+json"
 log = logging.getLogger(__name__)
@@ -96,8 +105,13 @@ class _Undeliverable(Exception):
         )
 
 
-def _transcode_first(data: bytes, stored: str, targets: list[str]) -> tuple[bytes, str, list[str]]:
-    """The object in the first of `targets` that can be produced; reasons for those that could not."""
+def _transcode_first(
+    instance: StoredInstance, data: bytes, targets: list[str]
+) -> tuple[bytes, str, list[str]]:
+    """The object in the first of `targets` that can be produced; reasons for those that could not. The
+    object is checked against its digest first (DigestMismatchError): nothing is made of altered bytes."""
+    check(instance.storage_key, data, instance.sha256)
+    stored = instance.transfer_syntax_uid
     reasons = []
     for target in targets:
         if target in (ANY_TRANSFER_SYNTAX, stored):
@@ -129,9 +143,12 @@ async def _deliver(
     except BlobNotFoundError as exc:
         raise HTTPProblem(404, f"instance {instance.sop_instance_uid} was deleted while it was read") from exc
     try:
-        body, syntax, _ = await asyncio.to_thread(_transcode_first, data, stored, usable)
+        body, syntax, _ = await asyncio.to_thread(_transcode_first, instance, data, usable)
     except ValueError as exc:
         raise _Undeliverable(instance, [str(exc)]) from exc
+    except DigestMismatchError as exc:
+        _report_altered(instance, exc)
+        raise
     return syntax, len(body), body
 
 
@@ -158,9 +175,27 @@ async def retrieve(request: Request) -> Response:
             except _Undeliverable as exc:
                 last = exc
                 continue
+            except DigestMismatchError as exc:
+                raise _altered_problem(instance) from exc
+            # sent as stored (a stream, not transcoded bytes): the representation is fixed by the digest
+            etag = None
+            if instance.sha256 is not None and not isinstance(body, bytes):
+                etag = _instance_etag(request, instance.sha256, media_type)
+                if matches_if_none_match(request, etag):
+                    return not_modified(etag)
             if media_type == "application/dicom":
-                return _single(syntax, length, body)
-            return _multipart(request, ctx.store, [(instance, (syntax, length, body))], [], [])
+                response = _single(syntax, length, body)
+                if etag is not None:
+                    assert instance.sha256 is not None
+                    response.headers.update(cache_headers(etag) | digest_headers(instance.sha256))
+                return response
+            boundary = instance.sha256.hex()[:32] if etag is not None and instance.sha256 else None
+            response = _multipart(
+                request, ctx.store, [(instance, (syntax, length, body))], [], [], boundary=boundary
+            )
+            if etag is not None:
+                response.headers.update(cache_headers(etag))
+            return response
         raise last.problem()
     targets = _targets(ranked)
     for instance in instances:
@@ -172,6 +207,8 @@ async def retrieve(request: Request) -> Response:
         first = await _deliver(ctx.store, instances[0], targets)
     except _Undeliverable as exc:
         raise exc.problem() from exc
+    except DigestMismatchError as exc:
+        raise _altered_problem(instances[0]) from exc
     return _multipart(request, ctx.store, [(instances[0], first)], instances[1:], targets)
 
 
@@ -183,6 +220,14 @@ def _targets(selections: list[Selection]) -> list[str]:
     if any("transfer-syntax" not in selection.media_range.params for selection in selections):
         targets.append(ANY_TRANSFER_SYNTAX)  # last: after every syntax the client did name
     return list(dict.fromkeys(targets))
+
+
+def _instance_etag(request: Request, sha256: bytes, media_type: str) -> str:
+    """Strong ETag of one instance sent as stored: its digest as such for application/dicom (the body is
+    the object), else over what else a multipart body holds (its Content-Location names the root)."""
+    if media_type == "application/dicom":
+        return f'"{sha256.hex()}"'
+    return make_etag(sha256.hex(), media_type, service_root(request))
 
 
 def _single(syntax: str, length: int, body: AsyncIterator[bytes] | bytes) -> Response:
@@ -198,8 +243,12 @@ def _multipart(
     ready: list[tuple[StoredInstance, tuple[str, int, AsyncIterator[bytes] | bytes]]],
     rest: list[StoredInstance],
     targets: list[str],
+    *,
+    boundary: str | None = None,
 ) -> Response:
-    boundary = new_boundary()
+    """`boundary`: a fixed one (derived from the one instance's digest) makes the body the same bytes every
+    time, as its strong ETag promises; otherwise a random one."""
+    boundary = boundary or new_boundary()
     root = service_root(request)
 
     def headers(instance: StoredInstance, syntax: str, length: int) -> dict[str, str]:
@@ -278,7 +327,12 @@ async def _deliver_group(
             # the response is under way: leave this instance out rather than break the others
             log.warning("retrieve: instance %s left out: %s", group[0].sop_instance_uid, exc)
             return []
-    bodies = await store.read_many([instance.storage_key for instance in group])
+    # checked where the store reads them (GIL released while hashing); an altered object cuts the response
+    try:
+        bodies = await store.read_many([i.storage_key for i in group], sha256=[i.sha256 for i in group])
+    except DigestMismatchError as exc:
+        _report_altered(next(i for i in group if i.storage_key == exc.key), exc)
+        raise
     delivered: list[_Delivered] = []
     for instance, body in zip(group, bodies, strict=True):
         if body is None:
@@ -322,12 +376,34 @@ async def _delivered(
 
 
 async def _object(store: BlobStore, instance: StoredInstance) -> AsyncIterator[bytes]:
+    """The stored object, checked against its digest as it streams (its last chunk waits for the check)."""
+    key = instance.storage_key
     try:
-        async for chunk in store.stream(instance.storage_key):
+        async for chunk in verified(store.stream(key), key, instance.sha256):
             yield chunk
     except BlobNotFoundError:
         # deleted between lookup and read: the headers are sent, so all that is left is to end the body
         return
+    except DigestMismatchError as exc:
+        _report_altered(instance, exc)
+        raise  # the response is under way: raising makes the server close the connection mid-body
+
+
+def _report_altered(instance: StoredInstance, exc: DigestMismatchError) -> None:
+    """An object whose bytes no longer match the digest recorded at ingest: never served silently."""
+    DIGEST_MISMATCHES.inc()
+    log.error(
+        "retrieve: instance %s/%s/%s: %s; the response is refused or cut short",
+        instance.study_instance_uid, instance.series_instance_uid, instance.sop_instance_uid, exc,
+    )  # fmt: skip
+
+
+def _altered_problem(instance: StoredInstance) -> HTTPProblem:
+    return HTTPProblem(
+        500,
+        f"instance {instance.sop_instance_uid} is damaged: its stored object no longer matches the SHA-256 "
+        "recorded when it was stored (reported to the archive's log)",
+    )
 
 
 async def metadata(request: Request) -> Response:
