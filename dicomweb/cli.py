@@ -1,4 +1,5 @@
-"""The `dicomweb` command: serve, migrate, sweep, changefeed (tail, fhir-sync), deidentify."""
+"""The `dicomweb` command: serve, migrate, sweep, changefeed (tail, fhir-sync), deidentify, backup, restore,
+replicate."""
 
 from __future__ import annotations
 
@@ -47,8 +48,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 @contextmanager
-def database(settings: Settings) -> Iterator[str]:
-    """The configured PostgreSQL, or the embedded one in the data directory for as long as needed."""
+def database(settings: Settings, *, attach: bool = False) -> Iterator[str]:
+    """The configured PostgreSQL, or the embedded one in the data directory for as long as needed.
+
+    `attach`: use the embedded server a running `dicomweb serve` owns, if there is one (for commands that
+    work on a live archive, such as `dicomweb backup`), instead of refusing the data directory."""
     if settings.database_url:
         yield settings.database_url
         return
@@ -58,6 +62,10 @@ def database(settings: Settings) -> Iterator[str]:
     server = EmbeddedPostgres(
         settings.data_dir.resolve() / "postgres", max_connections=settings.database_connections()
     )
+    if attach and (running := server.running_dsn()) is not None:
+        log.info("using the embedded PostgreSQL of the running archive in %s", settings.data_dir)
+        yield running
+        return
     log.info("starting the embedded PostgreSQL in %s", settings.data_dir / "postgres")
     dsn = server.start()
     try:
@@ -330,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     from deid.files import add_deidentify_command
 
     add_deidentify_command(sub)  # de-identification of files on disk (deid/files.py)
+    from dicomweb.recovery_cli import add_recovery_commands
+
+    add_recovery_commands(sub, _add_common)  # backup, restore (archive/backup.py), replicate
     return parser
 
 
