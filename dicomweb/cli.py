@@ -16,9 +16,13 @@ from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicomweb.config import Settings
 from dicomweb.server_options import UVICORN_OPTIONS
+
+if TYPE_CHECKING:
+    from storage.base import BlobStore
 
 log = logging.getLogger("dicomweb")
 DEFAULT_DIMSE_PORT = 11112
@@ -163,15 +167,21 @@ def _migrate_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _ensure_bucket(settings: Settings) -> None:
+def blob_store(settings: Settings) -> BlobStore:
+    """The configured blob store (the embedded default's directory otherwise), for commands."""
     from storage import open_store
-    from storage.s3 import S3BlobStore
 
-    store = open_store(
+    return open_store(
         settings.resolved_storage_url(),
         s3_endpoint_url=settings.s3_endpoint_url,
         s3_region=settings.s3_region,
     )
+
+
+async def _ensure_bucket(settings: Settings) -> None:
+    from storage.s3 import S3BlobStore
+
+    store = blob_store(settings)
     try:
         assert isinstance(store, S3BlobStore)
         await store.ensure_bucket()
@@ -183,17 +193,12 @@ def _sweep_cmd(args: argparse.Namespace) -> int:
     import asyncpg
 
     from archive.maintenance import drain_deletions, sweep_orphans
-    from storage import open_store
 
     settings = _settings(args)
 
     async def run(dsn: str) -> tuple[int, int]:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
-        store = open_store(
-            settings.resolved_storage_url(),
-            s3_endpoint_url=settings.s3_endpoint_url,
-            s3_region=settings.s3_region,
-        )
+        store = blob_store(settings)
         try:
             deleted = await drain_deletions(pool, store)
             orphans = await sweep_orphans(pool, store, grace=timedelta(minutes=args.grace_minutes))

@@ -7,19 +7,30 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 
-def _store(settings: Any) -> Any:
-    from storage import open_store
+def _on_archive(settings: Any, work: Callable[[str, Any], Awaitable[Any]], *, attach: bool = False) -> Any:
+    """Run `work(dsn, store)` on the configured (or embedded) database and blob store; None after printing
+    the error when a BackupError stops it."""
+    from archive.backup import BackupError
+    from dicomweb.cli import blob_store, database
 
-    return open_store(
-        settings.resolved_storage_url(),
-        s3_endpoint_url=settings.s3_endpoint_url,
-        s3_region=settings.s3_region,
-    )
+    async def run(dsn: str) -> Any:
+        store = blob_store(settings)
+        try:
+            return await work(dsn, store)
+        finally:
+            await store.close()
+
+    try:
+        with database(settings, attach=attach) as dsn:
+            return asyncio.run(run(dsn))
+    except BackupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
 
 
 def _progress(verb: str) -> Callable[[int, int], None]:
@@ -27,25 +38,17 @@ def _progress(verb: str) -> Callable[[int, int], None]:
 
 
 def _backup_cmd(args: argparse.Namespace) -> int:
-    from archive.backup import BackupError, backup
-    from dicomweb.cli import _settings, database
+    from archive.backup import backup
+    from dicomweb.cli import _settings
 
-    settings = _settings(args)
-
-    async def run(dsn: str) -> Any:
-        store = _store(settings)
-        try:
-            return await backup(
-                dsn, store, args.dest, concurrency=args.concurrency, progress=_progress("copied")
-            )
-        finally:
-            await store.close()
-
-    try:
-        with database(settings, attach=True) as dsn:
-            summary = asyncio.run(run(dsn))
-    except BackupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    summary = _on_archive(
+        _settings(args),
+        lambda dsn, store: backup(
+            dsn, store, args.dest, concurrency=args.concurrency, progress=_progress("copied")
+        ),
+        attach=True,  # a running `dicomweb serve` owns the embedded PostgreSQL: use it
+    )
+    if summary is None:
         return 1
     print(
         f"backup in {args.dest}: change feed sequence {summary.changefeed_sequence}, "
@@ -56,7 +59,7 @@ def _backup_cmd(args: argparse.Namespace) -> int:
 
 def _restore_cmd(args: argparse.Namespace) -> int:
     from archive.backup import BackupError, read_manifest, restore
-    from dicomweb.cli import _settings, database
+    from dicomweb.cli import _settings
 
     settings = _settings(args)
     try:
@@ -66,21 +69,13 @@ def _restore_cmd(args: argparse.Namespace) -> int:
         return 1
     if settings.storage_url is None:
         (settings.data_dir / "blobs").mkdir(parents=True, exist_ok=True)
-
-    async def run(dsn: str) -> Any:
-        store = _store(settings)
-        try:
-            return await restore(
-                args.source, dsn, store, concurrency=args.concurrency, progress=_progress("restored")
-            )
-        finally:
-            await store.close()
-
-    try:
-        with database(settings) as dsn:
-            summary = asyncio.run(run(dsn))
-    except BackupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    summary = _on_archive(
+        settings,
+        lambda dsn, store: restore(
+            args.source, dsn, store, concurrency=args.concurrency, progress=_progress("restored")
+        ),
+    )
+    if summary is None:
         return 1
     print(
         f"restored {summary.objects} objects ({summary.bytes} bytes, every digest checked) and the index "
