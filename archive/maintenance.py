@@ -19,12 +19,21 @@ from storage.base import BlobRetainedError, BlobStore
 
 log = logging.getLogger(__name__)
 
+# Held (exclusively, for the whole copy) by `dicomweb backup`; every drain takes it shared for its
+# transaction and skips its round while a backup holds it. So an object that the backup's snapshot still
+# references cannot be deleted before the backup has copied it, and deletions simply wait (archive/backup.py).
+DELETIONS_PAUSED_LOCK = 4405
+
 
 async def drain_deletions(pool: asyncpg.Pool, store: BlobStore, *, batch: int = 200) -> int:
-    """Delete queued objects; returns how many were removed. Failed deletes are retried later."""
+    """Delete queued objects; returns how many were removed. Failed deletes are retried later; none while
+    a backup is copying objects (`DELETIONS_PAUSED_LOCK`)."""
     removed = 0
     while True:
         async with pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock_shared($1)", DELETIONS_PAUSED_LOCK):
+                log.debug("object deletions paused while a backup copies objects")
+                return removed
             rows = await conn.fetch(
                 """SELECT storage_key FROM blob_deletion WHERE not_before <= now()
                    ORDER BY enqueued_at LIMIT $1 FOR UPDATE SKIP LOCKED""",

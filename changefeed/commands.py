@@ -1,10 +1,11 @@
-"""What `dicomweb changefeed tail` and `dicomweb changefeed fhir-sync` do (the CLI only parses arguments)."""
+"""What `dicomweb changefeed tail`, `dicomweb changefeed fhir-sync` and `dicomweb replicate` do (the CLI only
+parses arguments)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -16,6 +17,7 @@ from changefeed.checkpoint import CheckpointStore, FileCheckpoint, MemoryCheckpo
 from changefeed.consumer import ChangeFeedConsumer, ChangeFeedError, Entry
 from changefeed.fhir import DEFAULT_PATIENT_SYSTEM
 from changefeed.fhirsync import ArchiveReader, FhirClient, FhirSync, dicomweb_root_for
+from changefeed.replicate import ReplicationStatus, Replicator, service_base
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +139,37 @@ async def fhir_sync(
         )  # fmt: skip
         await consumer.run(follow=follow)
     return sync.stats
+
+
+async def replicate(
+    source_url: str,
+    target_url: str,
+    *,
+    checkpoint: str,
+    follow: bool = True,
+    batch_size: int = 100,
+    wait: int = 30,
+    source_token: str | None = None,
+    target_token: str | None = None,
+    status_file: Path | None = None,
+    metrics_file: Path | None = None,
+    replicator_ready: Callable[[Replicator], None] | None = None,
+) -> ReplicationStatus:
+    """Apply the source archive's change feed to the target archive (changefeed/replicate.py), resuming
+    after the checkpoint (a file, or `postgresql://.../db#name`); returns what was done."""
+    async with (
+        httpx.AsyncClient(timeout=httpx.Timeout(60, read=wait + 60), headers=bearer(source_token)) as source,
+        httpx.AsyncClient(timeout=120, headers=bearer(target_token)) as target,
+        open_checkpoint(checkpoint, "replicate") as store,
+    ):
+        replicator = Replicator(
+            source, source_url, target, target_url, status_file=status_file, metrics_file=metrics_file
+        )
+        if replicator_ready is not None:
+            replicator_ready(replicator)
+        consumer = ChangeFeedConsumer(
+            f"{service_base(source_url)}/v1", store, replicator, batch_size=batch_size,
+            include_metadata=False, wait=wait if follow else 0, client=source,
+        )  # fmt: skip
+        await consumer.run(follow=follow)
+    return replicator.status

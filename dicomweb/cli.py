@@ -1,4 +1,5 @@
-"""The `dicomweb` command: serve, migrate, sweep, scrub, changefeed (tail, fhir-sync), deidentify."""
+"""The `dicomweb` command: serve, migrate, sweep, scrub, changefeed (tail, fhir-sync), deidentify, backup,
+restore, replicate."""
 
 from __future__ import annotations
 
@@ -53,8 +54,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 @contextmanager
-def database(settings: Settings) -> Iterator[str]:
-    """The configured PostgreSQL, or the embedded one in the data directory for as long as needed."""
+def database(settings: Settings, *, attach: bool = False) -> Iterator[str]:
+    """The configured PostgreSQL, or the embedded one in the data directory for as long as needed.
+
+    `attach`: use the embedded server a running `dicomweb serve` owns, if there is one (for commands that
+    work on a live archive, such as `dicomweb backup`), instead of refusing the data directory."""
     if settings.database_url:
         yield settings.database_url
         return
@@ -64,6 +68,10 @@ def database(settings: Settings) -> Iterator[str]:
     server = EmbeddedPostgres(
         settings.data_dir.resolve() / "postgres", max_connections=settings.database_connections()
     )
+    if attach and (running := server.running_dsn()) is not None:
+        log.info("using the embedded PostgreSQL of the running archive in %s", settings.data_dir)
+        yield running
+        return
     log.info("starting the embedded PostgreSQL in %s", settings.data_dir / "postgres")
     dsn = server.start()
     try:
@@ -164,7 +172,8 @@ def _migrate_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_store(settings: Settings) -> BlobStore:
+def blob_store(settings: Settings) -> BlobStore:
+    """The configured blob store (the embedded default's directory otherwise), for commands."""
     from storage import open_store
 
     return open_store(
@@ -178,7 +187,7 @@ def _open_store(settings: Settings) -> BlobStore:
 async def _ensure_bucket(settings: Settings) -> None:
     from storage.s3 import S3BlobStore
 
-    store = _open_store(settings)
+    store = blob_store(settings)
     try:
         assert isinstance(store, S3BlobStore)
         await store.ensure_bucket()
@@ -195,7 +204,7 @@ def _sweep_cmd(args: argparse.Namespace) -> int:
 
     async def run(dsn: str) -> tuple[int, int]:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
-        store = _open_store(settings)
+        store = blob_store(settings)
         try:
             deleted = await drain_deletions(pool, store)
             orphans = await sweep_orphans(pool, store, grace=timedelta(minutes=args.grace_minutes))
@@ -234,7 +243,7 @@ def _scrub_cmd(args: argparse.Namespace) -> int:
 
     async def run(dsn: str) -> int:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
-        store = _open_store(settings)
+        store = blob_store(settings)
         audit = AuditLog(pool)
         try:
             report, summary = audit_reporters(audit)
@@ -429,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     from deid.files import add_deidentify_command
 
     add_deidentify_command(sub)  # de-identification of files on disk (deid/files.py)
+    from dicomweb.recovery_cli import add_recovery_commands
+
+    add_recovery_commands(sub, _add_common)  # backup, restore (archive/backup.py), replicate
     return parser
 
 

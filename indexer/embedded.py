@@ -565,6 +565,20 @@ class EmbeddedPostgres:
             return f"postgresql://{SUPERUSER}@/{name}?host={quote(self._socket_dir)}&port={port}"
         return f"postgresql://{SUPERUSER}@127.0.0.1:{port}/{name}"
 
+    def running_dsn(self) -> str | None:
+        """The DSN of this cluster's server while another process (a running `dicomweb serve`) owns it, read
+        from postmaster.pid (line 4: port, line 5: socket directory); None when no server is running. Lets
+        `dicomweb backup` work on a live archive without starting (or stopping) anything."""
+        if not self._postmaster_alive():
+            return None
+        try:
+            lines = (self.data_dir / "postmaster.pid").read_text(errors="replace").split("\n")
+            port = int(lines[3])
+        except (OSError, IndexError, ValueError):
+            return None
+        self._socket_dir = lines[4].strip() if len(lines) > 4 else ""
+        return self._url(port, self.database)
+
     def postmaster_pid(self) -> int | None:
         """PID of the running postmaster, from postmaster.pid (None if there is none)."""
         return _read_pid(self.data_dir / "postmaster.pid")

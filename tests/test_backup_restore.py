@@ -1,0 +1,226 @@
+"""`dicomweb backup` of a running archive while it is written to, and `dicomweb restore` onto a new
+embedded data directory and onto external services (S3): the restored archive holds exactly the
+instances the backup's change feed sequence implies, byte for byte, and serves them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+
+from archive.backup import OBJECTS, BackupError, backup, read_manifest, read_object_list, restore
+from archive.maintenance import DELETIONS_PAUSED_LOCK, drain_deletions
+from changefeed.replicate import DEFAULT_PARTITION
+from dicomweb.cli import main
+from dicomweb.config import Settings
+from indexer.embedded import EmbeddedPostgres
+from storage import LocalBlobStore
+from tests.fixtures.postgres import fresh_database
+from tests.fixtures.s3 import make_s3_store
+from tests.fixtures.server import RunningArchive, start_archive
+from tests.recovery_support import Holdings, delete, holdings, instances, stow
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A directory outside pytest's tmp dir: as root the embedded PostgreSQL runs as another account that
+    must keep access, and concurrent pytest sessions chmod /tmp/pytest-of-root (see fixtures/postgres.py)."""
+    path = Path(tempfile.mkdtemp(prefix="dicomweb-test-restore-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def state_at(client: httpx.AsyncClient, base: str, sequence: int) -> set[tuple[str, str]]:
+    """The instances the source's change feed implies at `sequence` (creates minus deletes)."""
+    r = await client.get(f"{base}/v1/changefeed", params={"offset": "0", "limit": "10000"})
+    held: set[tuple[str, str]] = set()
+    for entry in r.json():
+        if entry["Sequence"] > sequence:
+            break
+        key = (entry["PartitionName"], entry["SopInstanceUid"])
+        if entry["Action"] == "delete":
+            held.discard(key)
+        else:
+            held.add(key)
+    return held
+
+
+async def keep_writing(client: httpx.AsyncClient, root: str, written: dict[str, bytes], stop: asyncio.Event):
+    """Store instances one request at a time and delete every third, until stopped."""
+    seed = 1000
+    while not stop.is_set():
+        seed += 1
+        files = instances(seed, 3)
+        refs = await stow(client, root, files)
+        written.update({ref.sop: data for ref, data in zip(refs, files, strict=True)})
+        await delete(client, root, refs[0])
+
+
+@contextlib.asynccontextmanager
+async def embedded_archive(data_dir: Path) -> AsyncIterator[RunningArchive]:
+    """Serve a restored embedded data directory (its own PostgreSQL, its blobs)."""
+    server = EmbeddedPostgres(data_dir / "postgres")
+    dsn = await asyncio.to_thread(server.start)
+    store = LocalBlobStore(data_dir / "blobs")
+    thread, running = start_archive(
+        Settings(data_dir=data_dir), dsn, store, LocalBlobStore(data_dir / "blobs")
+    )
+    try:
+        yield running
+    finally:
+        thread.stop()
+        await asyncio.to_thread(server.stop)
+
+
+async def test_backup_of_a_live_archive_restores_onto_a_new_data_dir(
+    local_archive: RunningArchive, tmp_path: Path, scratch: Path
+) -> None:
+    root = local_archive.url
+    first, other = instances(1, 12), instances(2, 4)
+    written = {}
+    async with httpx.AsyncClient(timeout=60) as client:
+        refs = await stow(client, root, first)
+        refs += await stow(client, root, other, partition="other")
+        written.update({ref.sop: data for ref, data in zip(refs, first + other, strict=True)})
+        await delete(client, root, refs[0])
+        await delete(client, root, refs[-1])
+        stop = asyncio.Event()
+        writer = asyncio.create_task(keep_writing(client, root, written, stop))
+        await asyncio.sleep(0.3)
+        dest = tmp_path / "backup"
+        code = await asyncio.to_thread(
+            main, ["backup", str(dest), "--database-url", local_archive.database_url,
+                   "--storage-url", f"file://{tmp_path / 'blobs'}"],
+        )  # fmt: skip
+        stop.set()
+        await writer
+        assert code == 0
+        manifest = read_manifest(dest)
+        sequence = manifest["changefeed_sequence"]
+        expected = await state_at(client, local_archive.base, sequence)
+        assert {(DEFAULT_PARTITION, refs[1].sop), ("other", refs[-2].sop)} <= expected
+        assert (DEFAULT_PARTITION, refs[0].sop) not in expected
+        listed = read_object_list(dest)
+        assert len(listed) == len(expected) == manifest["objects"]
+        assert all((dest / OBJECTS / e.key).stat().st_size == e.size for e in listed)
+
+        restored_dir = scratch / "restored"
+        code = await asyncio.to_thread(main, ["restore", str(dest), "--data-dir", str(restored_dir)])
+        assert code == 0
+
+    async with embedded_archive(restored_dir) as restored, httpx.AsyncClient(timeout=60) as client:
+        held = await holdings(client, restored.url, restored.database_url)
+        assert set(held) == expected
+        assert all(data == written[sop] for (_, sop), data in held.items())
+        latest = await client.get(f"{restored.base}/v1/changefeed/latest")
+        assert latest.json()["Sequence"] == sequence
+        r = await client.get(f"{restored.url}/partitions/other/instances")
+        assert {i["00080018"]["Value"][0] for i in r.json()} == {sop for p, sop in expected if p == "other"}
+        # the restored archive takes new instances, and its feed goes on after the backup's sequence
+        new = await stow(client, restored.url, instances(99, 1))
+        r = await client.get(f"{restored.base}/v1/changefeed", params={"offset": str(sequence)})
+        assert [(e["Sequence"], e["SopInstanceUid"]) for e in r.json()] == [(sequence + 1, new[0].sop)]
+        # a backup of a running embedded archive attaches to its PostgreSQL (the server holds the lock)
+        again = tmp_path / "again"
+        code = await asyncio.to_thread(main, ["backup", str(again), "--data-dir", str(restored_dir)])
+        assert code == 0
+        assert read_manifest(again)["changefeed_sequence"] == sequence + 1
+        assert read_manifest(again)["objects"] == len(expected) + 1
+
+
+async def test_deletions_wait_while_a_backup_copies(local_archive: RunningArchive, tmp_path: Path) -> None:
+    store = local_archive.store
+    async with httpx.AsyncClient(timeout=60) as client:
+        refs = await stow(client, local_archive.url, instances(3, 2))
+    pool = await asyncpg.create_pool(local_archive.database_url, min_size=1, max_size=2)
+    guard = await asyncpg.connect(local_archive.database_url)
+    try:
+        key = await pool.fetchval("SELECT storage_key FROM instance WHERE sop_instance_uid = $1", refs[0].sop)
+        await guard.execute("SELECT pg_advisory_lock($1)", DELETIONS_PAUSED_LOCK)
+        async with httpx.AsyncClient(timeout=60) as client:
+            await delete(client, local_archive.url, refs[0])
+        assert await drain_deletions(pool, store) == 0
+        await asyncio.sleep(2.5)  # the server's own drain runs every 2 s: it must have skipped too
+        assert await store.exists(key)
+        assert await pool.fetchval("SELECT count(*) FROM blob_deletion") == 1
+        await guard.execute("SELECT pg_advisory_unlock($1)", DELETIONS_PAUSED_LOCK)
+        await drain_deletions(pool, store)
+        assert not await store.exists(key)
+    finally:
+        await guard.close()
+        await pool.close()
+
+
+async def test_backup_and_restore_on_s3_and_an_external_database(
+    request: pytest.FixtureRequest, database_url: str, postgres_server: str, tmp_path: Path
+) -> None:
+    s3_server, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
+    prefix = f"source-{uuid.uuid4().hex}"
+    source = make_s3_store(s3_server, bucket, prefix)  # the test's client; the server has its own
+    thread, archive = start_archive(
+        Settings(data_dir=tmp_path), database_url, make_s3_store(s3_server, bucket, prefix), source
+    )
+    try:
+        files = instances(4, 6)
+        async with httpx.AsyncClient(timeout=60) as client:
+            refs = await stow(client, archive.url, files)
+            await delete(client, archive.url, refs[2])
+            summary = await backup(database_url, source, tmp_path / "backup")
+            assert summary.objects == 5
+            target_prefix = f"target-{uuid.uuid4().hex}"
+            target = make_s3_store(s3_server, bucket, target_prefix)
+            async with fresh_database(postgres_server) as target_url:
+                restored = await restore(tmp_path / "backup", target_url, target)
+                assert (restored.objects, restored.changefeed_sequence) == (5, summary.changefeed_sequence)
+                thread2, copy = start_archive(
+                    Settings(data_dir=tmp_path),
+                    target_url,
+                    make_s3_store(s3_server, bucket, target_prefix),
+                    target,
+                )
+                try:
+                    held: Holdings = await holdings(client, copy.url, target_url)
+                finally:
+                    thread2.stop()
+            expected = {
+                (DEFAULT_PARTITION, r.sop): f for r, f in zip(refs, files, strict=True) if r != refs[2]
+            }
+            assert held == expected
+    finally:
+        thread.stop()
+
+
+async def test_restore_refuses_what_it_cannot_restore_cleanly(
+    local_archive: RunningArchive, postgres_server: str, tmp_path: Path
+) -> None:
+    async with httpx.AsyncClient(timeout=60) as client:
+        await stow(client, local_archive.url, instances(5, 2))
+    dest = tmp_path / "backup"
+    await backup(local_archive.database_url, local_archive.store, dest)
+    with pytest.raises(BackupError, match="not empty"):
+        await backup(local_archive.database_url, local_archive.store, dest)
+    # onto an archive that already holds data
+    with pytest.raises(BackupError, match="already holds an archive"):
+        await restore(dest, local_archive.database_url, LocalBlobStore(tmp_path / "elsewhere"))
+    # an incomplete backup (no manifest): the CLI says so and exits 1
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(dest, incomplete)
+    (incomplete / "manifest.json").unlink()
+    assert main(["restore", str(incomplete), "--data-dir", str(tmp_path / "never")]) == 1
+    assert not (tmp_path / "never").exists()
+    # a damaged object copy: the digest check refuses it
+    entry = read_object_list(dest)[0]
+    (dest / OBJECTS / entry.key).write_bytes(b"not the object")
+    async with fresh_database(postgres_server) as target_url:
+        with pytest.raises(BackupError, match="does not match its digest"):
+            await restore(dest, target_url, LocalBlobStore(tmp_path / "target"))
+    assert orjson.loads((dest / "manifest.json").read_bytes())["objects"] == 2

@@ -1,0 +1,218 @@
+"""`dicomweb replicate`: a standby archive kept in step through the source's change feed. Both sides hold
+exactly the same instances byte for byte, in the same partitions; deletes and updates propagate; a restart
+resumes from the checkpoint without repeating or missing an entry; re-applying is harmless; and after a
+failover (source stopped, replication stopped) clients carry on against the standby."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from io import BytesIO
+from pathlib import Path
+
+import httpx
+import orjson
+import pydicom
+import pytest
+
+from bench.common import embedded_archive
+from changefeed.checkpoint import FileCheckpoint
+from changefeed.commands import replicate
+from changefeed.replicate import DEFAULT_PARTITION, ReplicationStatus, Replicator, stow_body
+from dicomweb.config import Settings
+from storage import LocalBlobStore
+from tests.fixtures.postgres import fresh_database
+from tests.fixtures.server import RunningArchive, start_archive
+from tests.recovery_support import delete, holdings, instances, stow
+
+
+@pytest.fixture
+async def standby(postgres_server: str, tmp_path: Path) -> AsyncIterator[RunningArchive]:
+    """A second archive on a database and blob directory of its own."""
+    async with fresh_database(postgres_server) as url:
+        blobs = tmp_path / "standby-blobs"
+        settings = Settings(data_dir=tmp_path / "standby", max_instance_size=64 << 20)
+        thread, running = start_archive(settings, url, LocalBlobStore(blobs), LocalBlobStore(blobs))
+        try:
+            yield running
+        finally:
+            thread.stop()
+
+
+async def latest(client: httpx.AsyncClient, archive: RunningArchive) -> int:
+    return (await client.get(f"{archive.base}/v1/changefeed/latest")).json()["Sequence"]
+
+
+async def run_once(source: RunningArchive, target: RunningArchive, checkpoint: Path) -> ReplicationStatus:
+    return await replicate(source.url, target.url, checkpoint=str(checkpoint), follow=False, batch_size=7)
+
+
+async def test_standby_holds_exactly_the_source_and_resumes_from_its_checkpoint(
+    local_archive: RunningArchive, standby: RunningArchive, tmp_path: Path
+) -> None:
+    source, checkpoint = local_archive, tmp_path / "replica.checkpoint"
+    async with httpx.AsyncClient(timeout=60) as client:
+        refs = await stow(client, source.url, instances(1, 10))
+        others = await stow(client, source.url, instances(2, 4), partition="other")
+        await delete(client, source.url, refs[3])
+        await delete(client, source.url, others[0])
+        status = await run_once(source, standby, checkpoint)
+        assert (status.copied, status.deleted, status.already_present) == (12, 0, 0)
+        assert status.skipped == 2  # created then deleted before replication: never copied
+        assert await FileCheckpoint(checkpoint).load() == await latest(client, source) == 16
+        expected = await holdings(client, source.url, source.database_url)
+        assert len(expected) == 12 and {p for p, _ in expected} == {DEFAULT_PARTITION, "other"}
+        assert await holdings(client, standby.url, standby.database_url) == expected
+
+        # more changes; a second run starts after the checkpoint: nothing repeated, nothing missed
+        more = await stow(client, source.url, instances(3, 3), partition="other")
+        await delete(client, source.url, refs[0])
+        await delete(client, source.url, others[1])
+        status = await run_once(source, standby, checkpoint)
+        assert (status.copied, status.deleted, status.already_present, status.skipped) == (3, 2, 0, 0)
+        expected = await holdings(client, source.url, source.database_url)
+        assert (DEFAULT_PARTITION, refs[0].sop) not in expected and ("other", more[2].sop) in expected
+        assert await holdings(client, standby.url, standby.database_url) == expected
+        r = await client.get(f"{standby.url}/partitions/other/instances")
+        assert {i["00080018"]["Value"][0] for i in r.json()} == {sop for p, sop in expected if p == "other"}
+
+        # re-applying the whole feed (a lost checkpoint) changes nothing on the standby
+        standby_feed = await latest(client, standby)
+        checkpoint.unlink()
+        status = await run_once(source, standby, checkpoint)
+        assert (status.copied, status.replaced, status.deleted) == (0, 0, 0)
+        assert status.already_present == len(expected)
+        assert await latest(client, standby) == standby_feed  # not a single write on the standby
+        assert await holdings(client, standby.url, standby.database_url) == expected
+
+
+def changed_copy(data: bytes, name: str) -> bytes:
+    """The same SOP instance with another PatientName (what an update or a corrected re-send carries)."""
+    ds = pydicom.dcmread(BytesIO(data))
+    ds.PatientName = name
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+async def test_updated_and_re_stored_instances_replace_the_standby_copy(
+    local_archive: RunningArchive, standby: RunningArchive, tmp_path: Path
+) -> None:
+    source, checkpoint = local_archive, tmp_path / "replica.checkpoint"
+    files = instances(4, 3)
+    async with httpx.AsyncClient(timeout=60) as client:
+        refs = await stow(client, source.url, files)
+        await run_once(source, standby, checkpoint)
+        # deleted and stored again with other content, between two runs: the standby gets the new bytes
+        await delete(client, source.url, refs[0])
+        await stow(client, source.url, [changed_copy(files[0], "Changed^Once")])
+        status = await run_once(source, standby, checkpoint)
+        assert (status.replaced, status.copied, status.deleted) == (1, 0, 0)
+        expected = await holdings(client, source.url, source.database_url)
+        assert await holdings(client, standby.url, standby.database_url) == expected
+
+        # an `update` entry (bulk update) re-copies the instance; applied twice, it writes once
+        await delete(client, source.url, refs[1])
+        await stow(client, source.url, [changed_copy(files[1], "Changed^Twice")])
+        entry = {
+            "Sequence": 10**6, "StudyInstanceUid": refs[1].study, "SeriesInstanceUid": refs[1].series,
+            "SopInstanceUid": refs[1].sop, "Action": "update", "State": "current",
+            "PartitionName": DEFAULT_PARTITION, "Timestamp": "2026-01-01T00:00:00Z",
+        }  # fmt: skip
+        replicator = Replicator(client, source.url, client, standby.url, status_file=tmp_path / "status.json")
+        await replicator([entry])
+        await replicator([entry])
+        assert (replicator.status.replaced, replicator.status.already_present) == (1, 1)
+        expected = await holdings(client, source.url, source.database_url)
+        assert await holdings(client, standby.url, standby.database_url) == expected
+        status_file = orjson.loads((tmp_path / "status.json").read_bytes())
+        assert status_file["position"] == 10**6 and status_file["replaced"] == 1
+        assert status_file["lag_seconds"] > 0
+
+
+# ------------------------------------------------------------------------------------------- failover
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """Outside pytest's tmp dir: as root each embedded PostgreSQL runs as another account (see
+    tests/fixtures/postgres.py)."""
+    path = Path(tempfile.mkdtemp(prefix="dicomweb-test-failover-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def bearer(data_dir: Path) -> dict[str, str]:
+    return {"Authorization": f"Bearer {(data_dir / 'owner-token').read_text().strip()}"}
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_failover_to_the_standby(scratch: Path) -> None:
+    """Two `dicomweb serve` processes (embedded default, access control on) and `dicomweb replicate
+    --follow` between them; the source is stopped, replication stopped, and clients use the standby."""
+    src_dir, dr_dir = scratch / "source", scratch / "standby"
+    status_file, checkpoint = scratch / "replica.json", scratch / "replica.checkpoint"
+    args = ["--dimse-port", "0"]
+    files = instances(5, 8)
+    with embedded_archive(1, dr_dir, insecure_open=False, extra_args=args) as standby_url:
+        standby = httpx.Client(headers=bearer(dr_dir), timeout=60)
+        with embedded_archive(1, src_dir, insecure_open=False, extra_args=args) as source_url:
+            source = httpx.Client(headers=bearer(src_dir), timeout=60)
+            replicator = subprocess.Popen(
+                [sys.executable, "-m", "dicomweb.cli", "replicate", "--source", source_url,
+                 "--target", standby_url, "--source-token-file", str(src_dir / "owner-token"),
+                 "--target-token-file", str(dr_dir / "owner-token"), "--checkpoint", str(checkpoint),
+                 "--follow", "--status-file", str(status_file)],
+                start_new_session=True,
+            )  # fmt: skip
+            try:
+                for data in files:  # one request each, as a modality sends
+                    body, content_type = stow_body([data])
+                    r = source.post(
+                        f"{source_url}/studies", content=body, headers={"Content-Type": content_type}
+                    )
+                    assert r.status_code == 200, r.text
+                feed = source_url.removesuffix("/v2") + "/v1/changefeed/latest"
+                last = source.get(feed).json()["Sequence"]
+                assert last == len(files)
+
+                def caught_up() -> bool:
+                    return status_file.exists() and orjson.loads(status_file.read_bytes())["position"] == last
+
+                wait_for(caught_up)
+                assert 0 < orjson.loads(status_file.read_bytes())["lag_seconds"] < 30
+                assert replicator.poll() is None
+            finally:
+                replicator.send_signal(signal.SIGTERM)  # promotion: stop replicating into the standby
+                replicator.wait(timeout=30)
+            expected = {i["00080018"]["Value"][0] for i in source.get(f"{source_url}/instances").json()}
+            source.close()
+        # the source is stopped; clients switch to the standby's URL and carry on
+        r = standby.get(f"{standby_url}/instances")
+        assert {i["00080018"]["Value"][0] for i in r.json()} == expected
+        for data in files:
+            sop = pydicom.dcmread(BytesIO(data)).SOPInstanceUID
+            ds = pydicom.dcmread(BytesIO(data))
+            r = standby.get(
+                f"{standby_url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{sop}",
+                headers={"Accept": "application/dicom; transfer-syntax=*"},
+            )
+            assert r.status_code == 200 and r.content == data
+        new = instances(6, 1)
+        body, content_type = stow_body(new)
+        r = standby.post(f"{standby_url}/studies", content=body, headers={"Content-Type": content_type})
+        assert r.status_code == 200, r.text
+        r = standby.get(f"{standby_url}/instances")
+        assert len({i["00080018"]["Value"][0] for i in r.json()}) == len(expected) + 1
+        standby.close()
