@@ -24,7 +24,6 @@ from tests.test_deid_export import (
     pool,
     post_export,
     progress,
-    quiet_archive,
     read_dir,
     request_body,
     stow,
@@ -32,7 +31,7 @@ from tests.test_deid_export import (
     wait_done,
 )
 
-__all__ = ["pool", "quiet_archive"]  # fixtures, used by name
+__all__ = ["pool"]  # a fixture, used by name
 
 
 @pytest.mark.parametrize("length", [0, 1, 4096, (1 << 20) + 3, (3 << 20) + 1])
