@@ -54,6 +54,10 @@ class Family(StrEnum):
     PARTITIONS = "partitions"  # GET /vN/partitions: the partitions the caller may use
     HL7 = "hl7"  # audit records of HL7 v2 messages received over MLLP (no HTTP route)
     SCRUB = "scrub"  # POST /scrub, GET /scrub/report (archive/scrub.py); also the scrub's audit records
+    # a partition's retention policy (GET|PUT|DELETE /retention) and a study's legal hold (retention/)
+    RETENTION = "retention"
+    RETENTION_READ = "retention.read"  # GET /studies/{study}/retention: a study's hold, dates, restore window
+    RESTORE = "restore"  # POST /studies/{study}/$restore: undo a delayed deletion within its window
     HEALTH = "health"
     PAGE = "page"
     UNKNOWN = "unknown"
@@ -89,13 +93,17 @@ POLICY: dict[Family, frozenset[Role]] = {
     Family.DIMSE: frozenset(),
     Family.HL7: frozenset(),
     Family.SCRUB: frozenset({OWN}),
+    Family.RETENTION: frozenset({OWN}),
+    Family.RETENTION_READ: frozenset({OWN, WRI, REA}),
+    Family.RESTORE: frozenset({OWN, WRI}),  # those who may delete may undo it
     Family.UNKNOWN: frozenset({OWN}),
 }
 # open to anyone: probes carry no data, the request page is static HTML that calls the API with a token
 OPEN_FAMILIES = frozenset({Family.HEALTH, Family.PAGE})
 # families whose data lives in one partition: a grant must cover the partition in the URL
 PARTITIONED = frozenset({Family.STOW, Family.WADO, Family.QIDO, Family.DELETE, Family.CHANGEFEED,
-                         Family.WORKITEMS, Family.EXPORT, Family.ACQUIRE, Family.UPDATE})  # fmt: skip
+                         Family.WORKITEMS, Family.EXPORT, Family.ACQUIRE, Family.UPDATE, Family.RETENTION,
+                         Family.RETENTION_READ, Family.RESTORE})  # fmt: skip
 # Listing partitions: every role that may use some partition; each caller sees only the partitions its
 # grants reach (partition_visible), so the list discloses nothing the caller could not address anyway.
 POLICY[Family.PARTITIONS] = frozenset().union(*(POLICY[f] for f in PARTITIONED))
@@ -105,7 +113,7 @@ NEEDS_NAMED_PARTITION = frozenset({Role.RESEARCHER})
 ACTION_CODES: dict[Family, str] = {
     Family.STOW: "C", Family.DELETE: "D", Family.EQT_WRITE: "U", Family.EXPORT: "E", Family.UPDATE: "U",
     Family.REQUEST_SUBMIT: "C", Family.REQUEST_REVIEW: "U", Family.REIDENTIFY: "E", Family.ACQUIRE: "E",
-    Family.SCRUB: "E",
+    Family.SCRUB: "E", Family.RESTORE: "C",
 }  # fmt: skip
 
 
@@ -131,7 +139,7 @@ class Target:
 
     @property
     def action_code(self) -> str:
-        if self.family in (Family.TOKENS, Family.AES):
+        if self.family in (Family.TOKENS, Family.AES, Family.RETENTION):
             return {"POST": "C", "PUT": "U", "DELETE": "D"}.get(self.method, "R")
         return ACTION_CODES.get(self.family, "R")
 
@@ -170,7 +178,15 @@ _ROOT = re.compile(r"/v[12](?:/partitions/([^/]*))?(/.*)?")
 _WADO_TAIL = r"(?:|/metadata|/rendered|/thumbnail|/bulkdata/.+|/frames/[^/]+(?:/rendered|/thumbnail)?)"
 _STUDY = re.compile(rf"/studies/{_SEG}(?:/series/{_SEG}(?:/instances/{_SEG})?)?{_WADO_TAIL}")
 _SEND = re.compile(rf"/studies/{_SEG}/\$send")
+_STUDY_RETENTION = re.compile(rf"/studies/{_SEG}/(legalhold|retention|\$restore)")
 _STUDY_SEARCH = re.compile(rf"/studies/{_SEG}(?:/series/{_SEG})?/(series|instances)")
+
+
+def _retention_target(method: str, partition: str, study: str, what: str) -> Target:
+    """/studies/{study}/legalhold (PUT, DELETE), /retention (GET), /$restore (POST)."""
+    allowed = {"legalhold": ("PUT", "DELETE"), "retention": ("GET",), "$restore": ("POST",)}[what]
+    family = {"legalhold": Family.RETENTION, "retention": Family.RETENTION_READ, "$restore": Family.RESTORE}
+    return Target(family[what] if method in allowed else Family.UNKNOWN, partition, study, method=method)
 
 
 def _service_target(method: str, partition: str, rest: str) -> Target:
@@ -184,6 +200,11 @@ def _service_target(method: str, partition: str, rest: str) -> Target:
         if method != "GET" or (m.group(2) is not None and m.group(3) == "series"):
             return t
         return Target(Family.QIDO, partition, m.group(1), m.group(2), method=method)
+    if m := _STUDY_RETENTION.fullmatch(rest):
+        return _retention_target(method, partition, m.group(1), m.group(2))
+    if rest == "/retention":
+        family = Family.RETENTION if method in ("GET", "PUT", "DELETE") else Family.UNKNOWN
+        return Target(family, partition, method=method)
     if rest == "/studies/$bulkUpdate":
         return Target(Family.UPDATE, partition, method=method) if method == "POST" else t
     if m := _STUDY.fullmatch(rest):

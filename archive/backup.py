@@ -134,8 +134,11 @@ async def _dump_at_snapshot(dsn: str, dest: Path) -> tuple[int, list[ObjectEntry
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
             sequence = int(await conn.fetchval("SELECT last_sequence FROM changefeed_counter"))
+            # with the objects kept for a restore window (retention/): the restored index references them
             rows = await conn.fetch(
-                "SELECT storage_key, encode(sha256, 'hex'), size FROM instance ORDER BY storage_key"
+                """SELECT storage_key, encode(sha256, 'hex'), size FROM instance
+                   UNION ALL SELECT storage_key, encode(sha256, 'hex'), size FROM deleted_object
+                   ORDER BY 1"""
             )
             entries = [ObjectEntry(r[0], r[1], int(r[2])) for r in rows]
             # The snapshot stays importable only while this transaction is open.

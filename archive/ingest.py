@@ -141,7 +141,8 @@ def storage_key(partition_key: int, parsed: ParsedInstance) -> str:
     )
 
 
-def _created(records: list[InstanceRecord], results: list[IndexResult]) -> list[Change]:
+def created_changes(records: list[InstanceRecord], results: list[IndexResult]) -> list[Change]:
+    """The change feed entries of the instances an index batch created (also used by retention restores)."""
     return [
         Change(
             r.study_instance_uid,
@@ -369,7 +370,7 @@ class Ingestor:
             async with self._pool.acquire() as conn, conn.transaction():
                 results = await index_instances(conn, self._partition_key, records)
                 # the feed entries commit with the rows they describe; append is the last statement
-                await append(conn, self._partition_key, _created(records, results))
+                await append(conn, self._partition_key, created_changes(records, results))
                 await durable  # a failed flush raises here and rolls the batch back
         except Exception as exc:
             results = [

@@ -31,9 +31,8 @@ from typing import Any
 import asyncpg
 
 from archive.maintenance import unreferenced
-from indexer.background import Periodic
 from indexer.lookup import IndexedObject, is_indexed, objects_after
-from indexer.operations import FINISHED, Operation, Step, create_operation
+from indexer.operations import Operation, OperationSchedule, Step, schedule_operation
 from storage.base import BlobNotFoundError, BlobStore
 from storage.digests import digest_of, digests
 
@@ -310,22 +309,12 @@ async def findings(
 
 async def schedule_scrub(pool: asyncpg.Pool, interval: timedelta, params: dict[str, Any]) -> uuid.UUID | None:
     """Queue a scrub when none is unfinished and the last one was queued `interval` ago or more; the id of
-    the new operation, else None. Every process may call it: an advisory lock makes the check and the
-    insert one step across processes, so a scrub is queued once, and one process's runner claims it."""
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEDULE_LOCK)
-        last = await latest_scrub(conn)
-        if last is not None:
-            if last["status"] not in FINISHED:
-                return None
-            if last["created_at"] > await conn.fetchval("SELECT clock_timestamp()") - interval:
-                return None
-        return (await create_operation(conn, SCRUB, params, [])).id
+    the new operation, else None (indexer.operations.schedule_operation)."""
+    return await schedule_operation(pool, SCRUB, interval, params, lock=_SCHEDULE_LOCK)
 
 
-class ScrubSchedule(Periodic):
-    """Queues a scrub every `interval` (checked every `check_every` seconds, first a while after start, so
-    that a process restarting often does not scrub on each start) and pokes the runner that claims it."""
+class ScrubSchedule(OperationSchedule):
+    """Queues a scrub every `interval` and pokes the runner that claims it."""
 
     def __init__(
         self,
@@ -336,16 +325,4 @@ class ScrubSchedule(Periodic):
         *,
         check_every: float = 600.0,
     ) -> None:
-        super().__init__(
-            "scrub-schedule", self._check, check_every, lambda _exc: log.exception("scrub schedule failed")
-        )
-        self._pool, self._interval, self._params, self._poke = pool, interval, params, poke
-        self._first = True
-
-    async def _check(self) -> None:
-        if self._first:
-            self._first = False
-            return
-        if await schedule_scrub(self._pool, self._interval, self._params) is not None:
-            log.info("scheduled scrub queued")
-            self._poke()
+        super().__init__(pool, SCRUB, interval, params, poke, lock=_SCHEDULE_LOCK, check_every=check_every)

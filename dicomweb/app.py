@@ -46,6 +46,7 @@ from dicomweb.routes import export as export_routes
 from dicomweb.routes import extended_query_tags as eqt
 from dicomweb.routes import operations as operations_routes
 from dicomweb.routes import partitions as partition_routes
+from dicomweb.routes import retention as retention_routes
 from dicomweb.routes.access import access_routes
 from dicomweb.routes.acquire import acquire_routes, scu_settings
 from dicomweb.routes.aes import ae_routes
@@ -53,9 +54,10 @@ from dicomweb.routing import SegmentRouter
 from dimse.acquire import ACQUIRE, AcquireHandler
 from dimse.send import SEND, SendHandler
 from indexer.migrate import migrate
-from indexer.operations import OperationRunner
+from indexer.operations import OperationRunner, OperationSchedule
 from indexer.reindex import ReindexHandler
 from indexer.tag_deletion import TagDeletionHandler
+from retention.sweep import RETENTION_SWEEP, SCHEDULE_LOCK, RetentionSweepHandler
 from storage import open_store
 from storage.base import BlobStore
 from storage.s3 import S3BlobStore
@@ -83,6 +85,7 @@ def dicomweb_routes() -> list[BaseRoute]:
         Route(study, wado.retrieve, methods=["GET"]),
         Route(study, delete.delete, methods=["DELETE"]),
         Route(study + "/metadata", wado.metadata, methods=["GET"]),
+        *retention_study_routes(study),
         Route(study + "/series", qido.search_series, methods=["GET"]),
         Route(study + "/instances", qido.search_instances, methods=["GET"]),
         Route(series, wado.retrieve, methods=["GET"]),
@@ -113,8 +116,28 @@ def dicomweb_routes() -> list[BaseRoute]:
         Route("/extendedquerytags/{tag}/errors", eqt.errors, methods=["GET"]),
         Route("/operations/{operation}", operations_routes.get, methods=["GET"]),
         Route("/export", export_routes.export, methods=["POST"]),
+        *retention_policy_routes(),
         *acquire_routes(),  # POST /acquire, POST /studies/{study}/$send (dimse/acquire.py, send.py)
         *worklist_routes(),
+    ]
+
+
+def retention_policy_routes() -> list[BaseRoute]:
+    """The partition's retention policy (retention/, docs/retention.md)."""
+    return [
+        Route("/retention", retention_routes.read_policy, methods=["GET"]),
+        Route("/retention", retention_routes.put_policy, methods=["PUT"]),
+        Route("/retention", retention_routes.delete_policy, methods=["DELETE"]),
+    ]
+
+
+def retention_study_routes(study: str) -> list[BaseRoute]:
+    """A study's legal hold, retention status and restore (retention/, docs/retention.md)."""
+    return [
+        Route(study + "/legalhold", retention_routes.put_hold, methods=["PUT"]),
+        Route(study + "/legalhold", retention_routes.delete_hold, methods=["DELETE"]),
+        Route(study + "/retention", retention_routes.read_status, methods=["GET"]),
+        Route(study + "/$restore", retention_routes.restore, methods=["POST"]),
     ]
 
 
@@ -199,6 +222,10 @@ def create_app(
                     # DIMSE SCU operations: acquisition from a PACS, $send (dimse/acquire.py, send.py)
                     ACQUIRE: AcquireHandler(pool, blob_store, scu_settings(settings)),
                     SEND: SendHandler(pool, blob_store, scu_settings(settings)),
+                    # expiry and the end of restore windows (retention/sweep.py)
+                    RETENTION_SWEEP: RetentionSweepHandler(
+                        app.state.access.clock.now, app.state.access.audit.record
+                    ),
                 },
             )
             if run_maintenance:
@@ -215,10 +242,21 @@ def create_app(
                 scrub_params(settings.scrub_rate_mb),
                 app.state.scrubber.poke,
             )
+            retention_schedule = OperationSchedule(
+                pool,
+                RETENTION_SWEEP,
+                dt.timedelta(hours=settings.retention_sweep_hours),
+                {},
+                app.state.operations.poke,
+                lock=SCHEDULE_LOCK,
+                check_every=60.0,
+            )
             if run_maintenance:
                 app.state.scrubber.start()
                 if settings.scrub_interval_hours > 0:
                     schedule.start()
+                if settings.retention_sweep_hours > 0:
+                    retention_schedule.start()
             # UPS-RS: the bound on unacknowledged event queues, and SCP Status Change reports
             pruner = EventPruner(
                 pool, settings.ups_event_queue_max, dt.timedelta(hours=settings.ups_event_retention_hours)
@@ -245,6 +283,7 @@ def create_app(
                 await scp_status.stop()  # GOING DOWN when this is the last process
                 await pruner.stop()
                 await schedule.stop()
+                await retention_schedule.stop()
                 await app.state.scrubber.stop()
                 await app.state.operations.stop()
                 await app.state.access.stop()  # after the last request: writes the audit buffer

@@ -170,7 +170,8 @@ class AccessMiddleware:
                 instance_uid=(target.instance or "")[:_MAX_TEXT] or None,
                 status=status,
                 outcome=outcome_of(status),
-                detail=detail,
+                # a refusal's reason, or what a handler says it did (retention routes: request.state)
+                detail=detail or scope.get("state", {}).get("audit_detail"),
                 duration_ms=(time.perf_counter() - started) * 1000,
             )
         )

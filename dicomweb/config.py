@@ -69,6 +69,9 @@ class Settings:
     # reading at most this many MB/s (0: no limit) so that it leaves the disks to requests
     scrub_interval_hours: int = 168
     scrub_rate_mb: int = 50
+    # the retention sweep (retention/sweep.py, docs/retention.md): queued every this many hours (0: never);
+    # it ends restore windows and deletes studies past their partition's expireAfterDays
+    retention_sweep_hours: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

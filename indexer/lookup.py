@@ -158,11 +158,12 @@ async def objects_after(
 
 
 async def is_indexed(conn: asyncpg.Connection | asyncpg.Pool, storage_keys: list[str]) -> set[str]:
-    """Which of these object keys the index references, as a current or an original version (the orphan
-    sweeper asks)."""
+    """Which of these object keys the index references, as a current or an original version, or as a
+    deleted instance's object kept for its restore window (the orphan sweeper and the scrub ask)."""
     rows = await conn.fetch(
         """SELECT storage_key FROM instance WHERE storage_key = ANY($1::text[])
-           UNION ALL SELECT storage_key FROM instance_original WHERE storage_key = ANY($1::text[])""",
+           UNION ALL SELECT storage_key FROM instance_original WHERE storage_key = ANY($1::text[])
+           UNION ALL SELECT storage_key FROM deleted_object WHERE storage_key = ANY($1::text[])""",
         storage_keys,
     )
     return {row[0] for row in rows}

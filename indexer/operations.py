@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -286,3 +286,57 @@ class OperationRunner(Periodic):
             MAX_FAILURES,
             message,
         )
+
+
+async def schedule_operation(
+    pool: asyncpg.Pool, type_: str, interval: dt.timedelta, params: dict[str, Any], *, lock: int
+) -> uuid.UUID | None:
+    """Queue an operation of this type when none is unfinished and the last one was queued `interval` ago
+    or more; the new operation's id, else None. Every process may call it: the advisory lock `lock` makes
+    the check and the insert one step across processes, so it is queued once."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", lock)
+        last = await conn.fetchrow(
+            "SELECT status, created_at FROM operation WHERE type = $1 ORDER BY created_at DESC LIMIT 1", type_
+        )
+        if last is not None:
+            if last["status"] not in FINISHED:
+                return None
+            if last["created_at"] > await conn.fetchval("SELECT clock_timestamp()") - interval:
+                return None
+        return (await create_operation(conn, type_, params, [])).id
+
+
+class OperationSchedule(Periodic):
+    """Queues an operation every `interval` (checked every `check_every` seconds, first a while after
+    start, so that a process restarting often does not queue one on each start) and pokes the runner that
+    claims it."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        type_: str,
+        interval: dt.timedelta,
+        params: dict[str, Any],
+        poke: Callable[[], None],
+        *,
+        lock: int,
+        check_every: float = 600.0,
+    ) -> None:
+        super().__init__(
+            f"{type_}-schedule",
+            self._check,
+            check_every,
+            lambda _exc: log.exception("%s schedule failed", type_),
+        )
+        self._pool, self._type, self._interval, self._params = pool, type_, interval, params
+        self._poke, self._lock = poke, lock
+        self._first = True
+
+    async def _check(self) -> None:
+        if self._first:
+            self._first = False
+            return
+        if await schedule_operation(self._pool, self._type, self._interval, self._params, lock=self._lock):
+            log.info("scheduled %s queued", self._type)
+            self._poke()

@@ -416,10 +416,13 @@ async def remove_instances(
     study_uid: str,
     series_uid: str | None = None,
     sop_uid: str | None = None,
+    *,
+    keep_objects: bool = False,
 ) -> list[RemovedInstance]:
     """Delete the addressed instances from the index and queue their objects for deletion.
 
     Runs in the caller's transaction; returns what was removed (empty: nothing matched, i.e. 404).
+    `keep_objects`: queue nothing, because the caller keeps the objects for a restore window (retention/).
     """
     where, args = scope_sql(study_uid, series_uid, sop_uid)
     rows = await conn.fetch(
@@ -443,10 +446,11 @@ async def remove_instances(
         partition_key,
         [r["sop_instance_uid"] for r in rows],
     )
-    await conn.executemany(
-        "INSERT INTO blob_deletion (storage_key) VALUES ($1) ON CONFLICT DO NOTHING",
-        [(r["storage_key"],) for r in [*rows, *originals]],
-    )
+    if not keep_objects:
+        await conn.executemany(
+            "INSERT INTO blob_deletion (storage_key) VALUES ($1) ON CONFLICT DO NOTHING",
+            [(r["storage_key"],) for r in [*rows, *originals]],
+        )
     study_keys, series_keys = sorted({r["study_key"] for r in rows}), sorted({r["series_key"] for r in rows})
     await refresh_counters(conn, study_keys, series_keys)
     await _refresh_level_attrs(conn, study_keys, series_keys)
