@@ -50,6 +50,10 @@ EXPECTED: dict[str, set[str]] = {
     "datarequests-review": {"owner", "reviewer"},
     # the list itself shows each role only the partitions it may use (tests/test_partitions_list.py)
     "partitions": {"owner", "writer", "reader", "worklist", "researcher"},
+    # retention policies and legal holds are owners'; the status is readable, a restore undoes a delete
+    "retention": {"owner"},
+    "retention-read": {"owner", "writer", "reader"},
+    "restore": {"owner", "writer"},
     "health": ALL,
     "page": ALL,
     "unknown": {"owner"},
@@ -108,12 +112,22 @@ ROUTES: list[tuple[str, str, str]] = [
     ("datarequests-review", "POST", "/datarequests/00000000-0000-0000-0000-000000000000/revoke"),
     ("partitions", "GET", "/v2/partitions"),
     ("partitions", "GET", "/v1/partitions"),
+    ("retention", "GET", "/v2/retention"),
+    ("retention", "PUT", "/v2/retention"),  # no body: 415 when allowed, nothing changes
+    ("retention", "DELETE", "/v1/partitions/Microsoft.Default/retention"),
+    ("retention", "PUT", f"{S}/legalhold"),
+    ("retention", "DELETE", f"{S}/legalhold"),
+    ("retention-read", "GET", f"{S}/retention"),
+    ("restore", "POST", f"{S}/$restore"),
     ("health", "GET", "/health/live"),
     ("health", "GET", "/health/ready"),
     ("page", "GET", "/datarequests/page"),
     ("unknown", "GET", "/v2/nothing-here"),
     ("unknown", "PUT", S),
     ("unknown", "GET", "/v3/studies"),
+    ("unknown", "POST", "/v2/retention"),
+    ("unknown", "GET", f"{S}/legalhold"),
+    ("unknown", "PUT", f"{S}/$restore"),
 ]
 
 DENIED = {"error": {"code": 403, "message": "not permitted"}}
