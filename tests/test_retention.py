@@ -434,3 +434,41 @@ async def test_expiry_with_a_delay_is_restorable(client: httpx.AsyncClient, db: 
     assert detail[0].endswith("; 2 instances deleted, restorable for 3 days")
     assert (await client.post(f"/studies/{study}/$restore")).json()["restoredInstances"] == 2
     assert len((await client.get(f"/studies/{study}/instances")).json()) == 2
+
+
+@pytest.mark.parametrize("archive", ["local"], indirect=True)
+async def test_restore_brings_back_both_versions_of_updated_instances(
+    client: httpx.AsyncClient, db: asyncpg.Pool, archive: RunningArchive
+) -> None:
+    study, files = await stored_study(client, 11, count=2)
+    original_name = str(pydicom.dcmread(io.BytesIO(files[0])).PatientName)
+    update = await client.post(
+        "/studies/$bulkUpdate",
+        json={
+            "studyInstanceUids": [study],
+            "changeDataset": {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Kept^Patient"}]}},
+        },
+    )
+    assert update.status_code == 202, update.text
+    for _ in range(200):
+        if (await client.get(update.json()["href"])).json()["status"] == "succeeded":
+            break
+        await asyncio.sleep(0.05)
+    keys = await stored_keys(archive)
+    assert len(keys) == 4  # two versions of two instances
+    await put_policy(client, {"deleteDelayDays": 1})
+    assert (await client.delete(f"/studies/{study}")).status_code == 204
+    assert await db.fetchval("SELECT count(*) FROM deleted_object WHERE original") == 2
+    assert (await client.post(f"/studies/{study}/$restore")).json() == {
+        "restoredInstances": 2,
+        "supersededObjects": 0,
+    }
+
+    def names(metadata: list[dict]) -> set[str]:
+        return {m["00100010"]["Value"][0]["Alphabetic"] for m in metadata}
+
+    assert names((await client.get(f"/studies/{study}/metadata")).json()) == {"Kept^Patient"}
+    original = {"msdicom-request-original": "true"}
+    assert names((await client.get(f"/studies/{study}/metadata", headers=original)).json()) == {original_name}
+    await asyncio.sleep(0.3)
+    assert await stored_keys(archive) == keys
