@@ -384,16 +384,7 @@ async def replace_instances(
     if not fresh:
         return [None] * len(versions)
     keys = [v.instance_key for v in fresh]
-    kept = await conn.fetch(
-        """INSERT INTO instance_original (partition_key, sop_instance_uid, transfer_syntax_uid, storage_key,
-               size, sha256, metadata, bulk_index, created_at)
-           SELECT partition_key, sop_instance_uid, transfer_syntax_uid, storage_key, size, sha256, metadata,
-                  bulk_index, created_at
-           FROM instance WHERE instance_key = ANY($1::bigint[])
-           ON CONFLICT (partition_key, sop_instance_uid) DO NOTHING
-           RETURNING storage_key""",
-        keys,
-    )
+    kept = await conn.fetch(keep_originals_sql("instance", "instance_key = ANY($1::bigint[])"), keys)
     originals = {row["storage_key"] for row in kept}
     intermediate = [(v.storage_key,) for v in fresh if v.storage_key not in originals]
     if intermediate:
@@ -408,6 +399,15 @@ async def replace_instances(
             raise RuntimeError(f"instance {version.record.sop_instance_uid} not re-indexed: {result.reason}")
         new_keys[version.instance_key] = result.instance_key
     return [new_keys.get(v.instance_key) for v in versions]
+
+
+def keep_originals_sql(source: str, where: str) -> str:
+    """INSERT of instance_original rows from `source` (a table with the instance's columns: `instance`, or
+    retention's `deleted_object` on a restore); keeps an existing original, returns the keys it kept."""
+    columns = "partition_key, sop_instance_uid, transfer_syntax_uid, storage_key, size, sha256, metadata, "
+    columns += "bulk_index, created_at"
+    return f"""INSERT INTO instance_original ({columns}) SELECT {columns} FROM {source} WHERE {where}
+               ON CONFLICT (partition_key, sop_instance_uid) DO NOTHING RETURNING storage_key"""
 
 
 async def remove_instances(

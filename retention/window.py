@@ -18,7 +18,7 @@ import orjson
 from archive.ingest import created_changes
 from changefeed.log import append
 from indexer.lookup import scope_sql
-from indexer.writes import InstanceRecord, Outcome, index_instances
+from indexer.writes import InstanceRecord, Outcome, index_instances, keep_originals_sql
 from retention.guard import lock_study
 
 _COLUMNS = """storage_key, partition_key, study_instance_uid, series_instance_uid, sop_instance_uid, original,
@@ -122,13 +122,7 @@ async def restore_in(conn: asyncpg.Connection, partition_key: int, study_uid: st
     back_sops = {r["sop_instance_uid"] for r in current if r["storage_key"] in back}
     originals = [r for r in rows if r["original"] and r["sop_instance_uid"] in back_sops]
     kept_originals = await conn.fetch(
-        """INSERT INTO instance_original (partition_key, sop_instance_uid, transfer_syntax_uid, storage_key,
-               size, sha256, metadata, bulk_index, created_at)
-           SELECT partition_key, sop_instance_uid, transfer_syntax_uid, storage_key, size, sha256, metadata,
-                  bulk_index, created_at
-           FROM deleted_object WHERE storage_key = ANY($1::text[])
-           ON CONFLICT (partition_key, sop_instance_uid) DO NOTHING
-           RETURNING storage_key""",
+        keep_originals_sql("deleted_object", "storage_key = ANY($1::text[])"),
         [r["storage_key"] for r in originals],
     )
     back |= {row[0] for row in kept_originals}
