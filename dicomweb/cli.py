@@ -1,5 +1,5 @@
 """The `dicomweb` command: serve, migrate, sweep, scrub, changefeed (tail, fhir-sync), deidentify, backup,
-restore, replicate."""
+restore, replicate, retention."""
 
 from __future__ import annotations
 
@@ -441,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dicomweb.recovery_cli import add_recovery_commands
 
     add_recovery_commands(sub, _add_common)  # backup, restore (archive/backup.py), replicate
+    from dicomweb.retention_cli import add_retention_command
+
+    add_retention_command(sub, _add_common)  # retention policies (retention/policy.py)
     return parser
 
 

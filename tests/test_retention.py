@@ -5,6 +5,7 @@ and the audit records of each."""
 from __future__ import annotations
 
 import asyncio
+import getpass
 import io
 from datetime import UTC, datetime, timedelta
 
@@ -16,7 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from archive.maintenance import sweep_orphans
+from dicomweb.cli import main
 from indexer.operations import schedule_operation
+from retention.hold import place_hold
 from retention.policy import MAX_DAYS, PolicyError, RetentionPolicy, parse_policy
 from retention.sweep import RETENTION_SWEEP, SCHEDULE_LOCK
 from tests.fixtures.server import RunningArchive
@@ -472,3 +475,88 @@ async def test_restore_brings_back_both_versions_of_updated_instances(
     assert names((await client.get(f"/studies/{study}/metadata", headers=original)).json()) == {original_name}
     await asyncio.sleep(0.3)
     assert await stored_keys(archive) == keys
+
+
+# -- the command line, partitions, concurrency, a long sweep ----------------------------------------------
+
+
+async def test_cli_show_set_clear(
+    pool: asyncpg.Pool, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def cli(*args: str) -> int:
+        return main(["retention", *args, "--database-url", database_url])
+
+    assert await asyncio.to_thread(cli, "show") == 0
+    assert (
+        capsys.readouterr().out
+        == '{"minimumRetentionDays":null,"expireAfterDays":null,"deleteDelayDays":0}\n'
+    )
+    assert await asyncio.to_thread(cli, "set", "--minimum-days", "30", "--expire-after-days", "20") == 2
+    assert (
+        capsys.readouterr().err == "error: expireAfterDays (20) is shorter than minimumRetentionDays (30)\n"
+    )
+    assert await asyncio.to_thread(cli, "set", "--expire-after-days", "20", "--partition", "trial-9") == 0
+    set_line = 'retention policy set: {"minimumRetentionDays":null,"expireAfterDays":20,"deleteDelayDays":0}'
+    assert capsys.readouterr().out == set_line + "\n"
+    assert await asyncio.to_thread(cli, "clear") == 1  # the default partition has none
+    assert await asyncio.to_thread(cli, "clear", "--partition", "trial-9") == 0
+    assert await asyncio.to_thread(cli, "show", "--partition", "nowhere") == 1
+    rows = await pool.fetch(
+        "SELECT subject, auth, method, partition_name, detail FROM audit_event ORDER BY event_id"
+    )
+    login = f"cli:{getpass.getuser()}"
+    assert [tuple(r) for r in rows] == [
+        (login, "cli", "PUT", "trial-9", set_line),
+        (login, "cli", "DELETE", "trial-9", "retention policy removed"),
+    ]
+
+
+@pytest.mark.parametrize("archive", ["local"], indirect=True)
+async def test_policies_are_per_partition(client: httpx.AsyncClient, archive: RunningArchive) -> None:
+    trial = f"{archive.base}/v2/partitions/trial-1"
+    await put_policy(client, {"minimumRetentionDays": 365}, trial)
+    study, files = study_files(12, 2)
+    assert (await stow(client, files)).status_code == 200
+    assert (await stow(client, files, f"{trial}/studies")).status_code == 200
+    assert (await client.delete(f"{trial}/studies/{study.study_uid}")).status_code == 409
+    assert (await client.delete(f"/studies/{study.study_uid}")).status_code == 204  # the default: no minimum
+    status = (await client.get(f"{trial}/studies/{study.study_uid}/retention")).json()
+    assert status["policy"] == {**DEFAULT, "minimumRetentionDays": 365}
+
+
+@pytest.mark.parametrize("archive", ["local"], indirect=True)
+async def test_a_hold_placed_while_a_delete_waits_wins(client: httpx.AsyncClient, db: asyncpg.Pool) -> None:
+    """A hold and a delete of one study serialise on the study's lock: the delete that comes second sees the
+    hold committed before it."""
+    study, _ = await stored_study(client, 13, count=1)
+    async with db.acquire() as conn:
+        transaction = conn.transaction()
+        await transaction.start()
+        await place_hold(conn, 1, study, datetime.now(UTC), "test", None)  # holds the lock until commit
+        delete = asyncio.create_task(client.delete(f"/studies/{study}"))
+        await asyncio.sleep(0.5)
+        assert not delete.done()  # waiting for the study's lock
+        await transaction.commit()
+    response = await delete
+    assert response.status_code == 409
+    assert "is under legal hold since" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("archive", ["local"], indirect=True)
+async def test_sweep_pages_through_partitions(
+    client: httpx.AsyncClient, db: asyncpg.Pool, archive: RunningArchive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("retention.sweep.STUDIES_PER_STEP", 2)  # the server runs in this process
+    old = datetime.now(UTC) - timedelta(days=40)
+    roots = ["", f"{archive.base}/v2/partitions/a", f"{archive.base}/v2/partitions/b"]
+    for n, root in enumerate(roots):
+        await put_policy(client, {"expireAfterDays": 30}, root)
+        for seed in range(3):
+            spec, files = study_files(100 + 10 * n + seed, 1)
+            assert (await stow(client, files, f"{root}/studies")).status_code == 200
+            await db.execute(
+                "UPDATE study SET created_at = $2 WHERE study_instance_uid = $1", spec.study_uid, old
+            )
+    young, _ = await stored_study(client, 130, count=1)
+    assert await run_sweep(client, db) == {"purgedObjects": 0, "expiredStudies": 9, "skippedStudies": 0}
+    assert [r[0] for r in await db.fetch("SELECT study_instance_uid FROM study")] == [young]
