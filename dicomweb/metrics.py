@@ -112,6 +112,8 @@ async def _archive_gauges(request: Request) -> list[GaugeMetricFamily]:
                       (SELECT coalesce(sum(instance_count), 0) FROM study) AS instances,
                       (SELECT count(*) FROM study) AS studies,
                       (SELECT count(*) FROM blob_deletion) AS deletions,
+                      (SELECT count(*) FROM deleted_object) AS kept,
+                      (SELECT count(*) FROM legal_hold) AS holds,
                       (SELECT last_sequence FROM changefeed_counter) AS feed"""
         )
         scrubbed = await latest_scrub(conn, finished=True)
@@ -121,6 +123,13 @@ async def _archive_gauges(request: Request) -> list[GaugeMetricFamily]:
         ("dicomweb_instances", "Instances indexed", row["instances"]),
         ("dicomweb_studies", "Studies indexed", row["studies"]),
         ("dicomweb_blob_deletions_pending", "Objects queued for deletion from storage", row["deletions"]),
+        # retention/: deleted instances' objects kept for their restore window, studies under legal hold
+        (
+            "dicomweb_retention_restorable_objects",
+            "Objects of deleted instances kept to be restorable",
+            row["kept"],
+        ),
+        ("dicomweb_retention_legal_holds", "Studies under legal hold", row["holds"]),
         ("dicomweb_changefeed_last_sequence", "Sequence of the latest change feed entry", row["feed"]),
     ):
         families.append(GaugeMetricFamily(name, doc, value=float(value)))

@@ -23,6 +23,7 @@ from retention.hold import place_hold
 from retention.policy import MAX_DAYS, PolicyError, RetentionPolicy, parse_policy
 from retention.sweep import RETENTION_SWEEP, SCHEDULE_LOCK
 from tests.fixtures.server import RunningArchive
+from tests.test_metrics import sample
 from tests.test_stow_wado_delete import ANY_SYNTAX, parts_of, stow, study_files
 
 DEFAULT = {"minimumRetentionDays": None, "expireAfterDays": None, "deleteDelayDays": 0}
@@ -363,6 +364,9 @@ async def test_window_end_purges_through_the_sweep_except_held_studies(
     await wait_for_keys(archive, held_keys)  # the held study's objects stay
     status = (await client.get(f"/studies/{held}/retention")).json()
     assert (status["legalHold"], status["deletedInstances"]) == (True, 2)
+    metrics = (await client.get(f"{archive.base}/metrics")).text
+    assert sample(metrics, "dicomweb_retention_restorable_objects") == 2
+    assert sample(metrics, "dicomweb_retention_legal_holds") == 1
     assert (await client.get(f"/studies/{study}/retention")).status_code == 404
     system = await audit_rows(db, "retention", 3)
     purges = [
