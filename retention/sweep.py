@@ -25,6 +25,8 @@ from retention.window import purge_due
 RETENTION_SWEEP = "retentionSweep"
 SCHEDULE_LOCK = 4421  # queueing a sweep, once across processes (indexer.operations.schedule_operation)
 STUDIES_PER_STEP = 20
+# a step also ends once it has deleted this many instances, so that it commits well within its lease
+INSTANCES_PER_STEP = 5000
 
 
 class RetentionSweepHandler:
@@ -89,7 +91,10 @@ class RetentionSweepHandler:
                 now - timedelta(days=policy.expire_after_days),
                 STUDIES_PER_STEP,
             )
+            deleted = 0
             for row in rows:
+                if deleted >= INSTANCES_PER_STEP:
+                    return Step(cp, 50, results=_results(cp))
                 study_uid = row["study_instance_uid"]
                 try:
                     removed = await delete_in(conn, partition_key, study_uid, None, None, now, policy)
@@ -98,6 +103,7 @@ class RetentionSweepHandler:
                     self._audit(names, partition_key, study_uid, 409, f"expiry skipped: {exc}", now)
                 else:
                     cp["expired"] += 1
+                    deleted += len(removed)
                     delay = (
                         f", restorable for {policy.delete_delay_days} days"
                         if policy.delete_delay_days

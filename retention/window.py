@@ -67,10 +67,10 @@ async def keep_objects(
 
 async def queue_for_deletion(conn: asyncpg.Connection, storage_keys: list[str]) -> None:
     """Hand objects to the normal deletion queue (archive.maintenance removes them)."""
-    if storage_keys:
-        await conn.executemany(
-            "INSERT INTO blob_deletion (storage_key) VALUES ($1) ON CONFLICT DO NOTHING",
-            [(key,) for key in storage_keys],
+    if storage_keys:  # one statement: a purged study can have many thousands
+        await conn.execute(
+            "INSERT INTO blob_deletion (storage_key) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+            storage_keys,
         )
 
 

@@ -550,7 +550,8 @@ async def test_a_hold_placed_while_a_delete_waits_wins(client: httpx.AsyncClient
 async def test_sweep_pages_through_partitions(
     client: httpx.AsyncClient, db: asyncpg.Pool, archive: RunningArchive, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("retention.sweep.STUDIES_PER_STEP", 2)  # the server runs in this process
+    monkeypatch.setattr("retention.sweep.STUDIES_PER_STEP", 3)  # the server runs in this process
+    monkeypatch.setattr("retention.sweep.INSTANCES_PER_STEP", 2)  # and ends a step after 2 instances
     old = datetime.now(UTC) - timedelta(days=40)
     roots = ["", f"{archive.base}/v2/partitions/a", f"{archive.base}/v2/partitions/b"]
     for n, root in enumerate(roots):
@@ -562,5 +563,15 @@ async def test_sweep_pages_through_partitions(
                 "UPDATE study SET created_at = $2 WHERE study_instance_uid = $1", spec.study_uid, old
             )
     young, _ = await stored_study(client, 130, count=1)
-    assert await run_sweep(client, db) == {"purgedObjects": 0, "expiredStudies": 9, "skippedStudies": 0}
+    operation = await schedule_operation(db, RETENTION_SWEEP, timedelta(0), {}, lock=SCHEDULE_LOCK)
+    assert operation is not None
+    body = {}
+    for _ in range(200):
+        body = (await client.get(f"/operations/{operation.hex}")).json()
+        if body["status"] == "succeeded":
+            break
+        await asyncio.sleep(0.05)
+    assert body["results"] == {"purgedObjects": 0, "expiredStudies": 9, "skippedStudies": 0}
     assert [r[0] for r in await db.fetch("SELECT study_instance_uid FROM study")] == [young]
+    attempts = await db.fetchval("SELECT attempts FROM operation WHERE operation_id = $1", operation)
+    assert attempts == 1  # one claim ran every step
