@@ -8,6 +8,7 @@ import asyncio
 import getpass
 import io
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -16,13 +17,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from archive.backup import backup, read_object_list, restore
 from archive.maintenance import sweep_orphans
 from dicomweb.cli import main
+from dicomweb.config import Settings
 from indexer.operations import schedule_operation
 from retention.hold import place_hold
 from retention.policy import MAX_DAYS, PolicyError, RetentionPolicy, parse_policy
 from retention.sweep import RETENTION_SWEEP, SCHEDULE_LOCK
-from tests.fixtures.server import RunningArchive
+from storage import LocalBlobStore
+from tests.fixtures.postgres import fresh_database
+from tests.fixtures.server import RunningArchive, start_archive
 from tests.test_metrics import sample
 from tests.test_stow_wado_delete import ANY_SYNTAX, parts_of, stow, study_files
 
@@ -575,3 +580,30 @@ async def test_sweep_pages_through_partitions(
     assert [r[0] for r in await db.fetch("SELECT study_instance_uid FROM study")] == [young]
     attempts = await db.fetchval("SELECT attempts FROM operation WHERE operation_id = $1", operation)
     assert attempts == 1  # one claim ran every step
+
+
+@pytest.mark.parametrize("archive", ["local"], indirect=True)
+async def test_a_backup_keeps_the_restore_window(
+    client: httpx.AsyncClient, archive: RunningArchive, postgres_server: str, tmp_path: Path
+) -> None:
+    await put_policy(client, {"deleteDelayDays": 5})
+    study, files = await stored_study(client, 14, count=2)
+    kept = await stored_keys(archive)
+    assert (await client.delete(f"/studies/{study}")).status_code == 204
+    dest = tmp_path / "backup"
+    await backup(archive.database_url, archive.store, dest)
+    assert {entry.key for entry in read_object_list(dest)} == kept
+    async with fresh_database(postgres_server) as target_url:
+        await restore(dest, target_url, LocalBlobStore(tmp_path / "restored"))
+        settings = Settings(data_dir=tmp_path / "target", max_instance_size=64 << 20)
+        thread, target = start_archive(
+            settings, target_url, LocalBlobStore(tmp_path / "restored"), LocalBlobStore(tmp_path / "restored")
+        )
+        try:
+            async with httpx.AsyncClient(base_url=target.url, timeout=30) as other:
+                restored = await other.post(f"/studies/{study}/$restore")
+                assert restored.json() == {"restoredInstances": 2, "supersededObjects": 0}
+                parts = await parts_of(await other.get(f"/studies/{study}", headers={"Accept": ANY_SYNTAX}))
+                assert sorted(body for _, body in parts) == sorted(files)
+        finally:
+            thread.stop()
