@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from archive.backup import backup, read_object_list, restore
 from archive.maintenance import sweep_orphans
+from bench.synthetic import multipart_body
 from dicomweb.cli import main
 from dicomweb.config import Settings
 from indexer.operations import schedule_operation
@@ -26,6 +27,7 @@ from retention.hold import place_hold
 from retention.policy import MAX_DAYS, PolicyError, RetentionPolicy, parse_policy
 from retention.sweep import RETENTION_SWEEP, SCHEDULE_LOCK
 from storage import LocalBlobStore
+from tests.access_support import bearer, hs256, start_secure
 from tests.fixtures.postgres import fresh_database
 from tests.fixtures.server import RunningArchive, start_archive
 from tests.test_metrics import sample
@@ -607,3 +609,46 @@ async def test_a_backup_keeps_the_restore_window(
                 assert sorted(body for _, body in parts) == sorted(files)
         finally:
             thread.stop()
+
+
+async def test_hold_records_who_placed_it_and_roles_are_enforced(database_url: str, tmp_path: Path) -> None:
+    """With authentication on: the hold names its owner's subject; a partition-scoped owner holds only in
+    its partition; a reader sees the status but cannot hold; a writer's restore is allowed."""
+    secure = start_secure(database_url, tmp_path)
+    try:
+        owner = bearer(hs256(sub="alice", roles=["owner"]))
+        trial_owner = bearer(hs256(sub="bob", roles=["owner:trial-3"]))
+        reader = bearer(hs256(sub="carol", roles=["reader"]))
+        async with httpx.AsyncClient(base_url=secure.running.url, timeout=30) as client:
+            spec, files = study_files(15, 1)
+            body, content_type = multipart_body(files)
+            stored = await client.post(
+                "/studies", content=body, headers={**owner, "Content-Type": content_type}
+            )
+            assert stored.status_code == 200
+            study = spec.study_uid
+            placed = await client.put(f"/studies/{study}/legalhold", headers=owner)
+            assert (placed.status_code, placed.json()["heldBy"]) == (201, "alice")
+            assert (await client.put(f"/studies/{study}/legalhold", headers=trial_owner)).status_code == 403
+            assert (await client.delete(f"/studies/{study}/legalhold", headers=reader)).status_code == 403
+            status = await client.get(f"/studies/{study}/retention", headers=reader)
+            assert (status.status_code, status.json()["heldBy"]) == (200, "alice")
+            trial = f"{secure.running.base}/v2/partitions/trial-3"
+            assert (await client.put(f"{trial}/retention", json={}, headers=trial_owner)).status_code == 200
+        await secure.flush_audit()
+        rows = await _audit_of(database_url, "retention")
+        assert [(r["subject"], r["method"], r["status"]) for r in rows] == [
+            ("alice", "PUT", 201), ("bob", "PUT", 403), ("carol", "DELETE", 403), ("bob", "PUT", 200)
+        ]  # fmt: skip
+    finally:
+        secure.thread.stop()
+
+
+async def _audit_of(database_url: str, action: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetch(
+            "SELECT subject, method, status FROM audit_event WHERE action = $1 ORDER BY event_id", action
+        )
+    finally:
+        await conn.close()
