@@ -18,7 +18,7 @@ SEGMENTS = st.sampled_from(
     ["v1", "v2", "v3", "partitions", "alpha", "beta", "ALPHA", "alpha.", "research-1", "..", ".", "",
      "studies", "series", "instances", "1.2.3", "metadata", "frames", "1", "bulkdata", "changefeed", "audit",
      "workitems", "extendedquerytags", "operations", "export", "datarequests", "page", "health", "live",
-     "metrics", "%2F", "alpha/../beta", "ws", "subscribers"]
+     "metrics", "%2F", "alpha/../beta", "ws", "subscribers", "retention", "legalhold", "$restore"]
 )  # fmt: skip
 METHODS = st.sampled_from(["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
 
@@ -54,6 +54,37 @@ def test_examples() -> None:
     read = classify("GET", "/v2/partitions/research-1/studies")
     assert allows(expiring, read, NOW) and not allows(expiring, read, NOW + timedelta(seconds=1))
     assert not allows([Grant(Role.RESEARCHER)], classify("GET", "/v2/studies"), NOW)
+
+
+@given(
+    METHODS,
+    st.sampled_from(["", "/v1/partitions/alpha", "/v2/partitions/research-1"]),
+    st.from_regex(r"[0-9]{1,8}(\.[0-9]{1,8}){0,6}", fullmatch=True),
+    st.sampled_from(["legalhold", "retention", "$restore"]),
+)
+def test_retention_routes_of_a_study(method: str, root: str, study: str, what: str) -> None:
+    """Each of a study's retention resources answers its own methods, in its family; others are UNKNOWN."""
+    target = classify(method, f"{root or '/v2'}/studies/{study}/{what}")
+    allowed = {"legalhold": {"PUT", "DELETE"}, "retention": {"GET", "HEAD"}, "$restore": {"POST"}}[what]
+    family = {"legalhold": Family.RETENTION, "retention": Family.RETENTION_READ, "$restore": Family.RESTORE}[
+        what
+    ]
+    if method in allowed:
+        assert (target.family, target.study) == (family, study)
+        assert target.partition == (root.rsplit("/", 1)[1] if root else "Microsoft.Default")
+    else:
+        assert target.family is Family.UNKNOWN
+
+
+def test_retention_examples() -> None:
+    assert classify("PUT", "/v2/retention").family is Family.RETENTION
+    assert classify("GET", "/v1/partitions/p1/retention").partition == "p1"
+    assert classify("POST", "/v2/retention").family is Family.UNKNOWN
+    assert classify("PUT", "/v2/retention/x").family is Family.UNKNOWN
+    assert classify("PUT", "/v2/studies/1.2/series/1.3/legalhold").family is Family.UNKNOWN
+    assert classify("PUT", "/v2/studies/1.2/legalhold").action_code == "U"
+    assert classify("DELETE", "/v2/studies/1.2/legalhold").action_code == "D"
+    assert classify("POST", "/v2/studies/1.2/$restore").action_code == "C"
 
 
 def test_roles_claim() -> None:
