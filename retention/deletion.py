@@ -6,6 +6,7 @@ change feed entries). With a delete delay the objects are kept for the restore w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -17,6 +18,12 @@ from retention.policy import RetentionPolicy, get_policy
 from retention.window import keep_objects, queue_for_deletion
 
 
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    removed: list[RemovedInstance]  # empty: nothing matched (404)
+    restorable_until: datetime | None  # the end of the restore window; None: the objects go at once
+
+
 async def delete_in(
     conn: asyncpg.Connection,
     partition_key: int,
@@ -25,21 +32,22 @@ async def delete_in(
     sop_uid: str | None,
     now: datetime,
     policy: RetentionPolicy | None = None,
-) -> list[RemovedInstance]:
-    """Delete the addressed instances in the caller's transaction; what was removed (empty: nothing
-    matched). Raises DeletionRefused when the study is held or younger than the minimum."""
+) -> Deletion:
+    """Delete the addressed instances in the caller's transaction. Raises DeletionRefused when the study is
+    held or younger than the minimum."""
     await lock_study(conn, partition_key, study_uid)
     policy = policy or await get_policy(conn, partition_key)
     await check_deletion(conn, partition_key, study_uid, policy, now)
     if policy.delete_delay_days == 0:
-        return await remove_in(conn, partition_key, study_uid, series_uid, sop_uid)
+        return Deletion(await remove_in(conn, partition_key, study_uid, series_uid, sop_uid), None)
     scope = (study_uid, series_uid, sop_uid)
-    kept = await keep_objects(conn, partition_key, scope, now, now + timedelta(days=policy.delete_delay_days))
+    until = now + timedelta(days=policy.delete_delay_days)
+    kept = await keep_objects(conn, partition_key, scope, now, until)
     removed = await remove_in(conn, partition_key, *scope, keep_objects=True)
     # an instance stored into the study after the copy and removed with it is deleted at once, as without a
     # delay, rather than left to the orphan sweep
     await queue_for_deletion(conn, [r.storage_key for r in removed if r.storage_key not in kept])
-    return removed
+    return Deletion(removed, until)
 
 
 async def delete_instances(
@@ -49,7 +57,7 @@ async def delete_instances(
     series_uid: str | None,
     sop_uid: str | None,
     now: datetime,
-) -> list[RemovedInstance]:
+) -> Deletion:
     """delete_in in a transaction of its own (a DELETE request)."""
     async with pool.acquire() as conn, conn.transaction():
         return await delete_in(conn, partition_key, study_uid, series_uid, sop_uid, now)

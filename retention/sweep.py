@@ -17,7 +17,7 @@ import asyncpg
 
 from access.audit import AuditEvent, outcome_of, system_event
 from indexer.operations import Operation, Step
-from retention.deletion import delete_in
+from retention.deletion import Deletion, delete_in
 from retention.guard import DeletionRefused
 from retention.policy import partitions_with_policy
 from retention.window import purge_due
@@ -97,21 +97,16 @@ class RetentionSweepHandler:
                     return Step(cp, 50, results=_results(cp))
                 study_uid = row["study_instance_uid"]
                 try:
-                    removed = await delete_in(conn, partition_key, study_uid, None, None, now, policy)
+                    deletion = await delete_in(conn, partition_key, study_uid, None, None, now, policy)
                 except DeletionRefused as exc:  # held since the query: the hold wins
                     cp["skipped"] += 1
                     self._audit(names, partition_key, study_uid, 409, f"expiry skipped: {exc}", now)
                 else:
                     cp["expired"] += 1
-                    deleted += len(removed)
-                    delay = (
-                        f", restorable for {policy.delete_delay_days} days"
-                        if policy.delete_delay_days
-                        else ""
-                    )
+                    deleted += len(deletion.removed)
                     detail = (
                         f"expired: first ingest {row['created_at'].isoformat()}, expireAfterDays "
-                        f"{policy.expire_after_days}; {len(removed)} instances deleted{delay}"
+                        f"{policy.expire_after_days}; {_deleted(deletion)}"
                     )
                     self._audit(names, partition_key, study_uid, 204, detail, now)
                 cp["study"] = row["study_key"]
@@ -119,6 +114,13 @@ class RetentionSweepHandler:
                 return Step(cp, 50, results=_results(cp))
             cp.update(partition=partition_key + 1, study=0)
         return Step(cp, 100, done=True, results=_results(cp))
+
+
+def _deleted(deletion: Deletion) -> str:
+    """What a deletion did, for its audit record."""
+    until = deletion.restorable_until
+    restorable = f", restorable until {until.isoformat()}" if until is not None else ""
+    return f"{len(deletion.removed)} instances deleted{restorable}"
 
 
 def _results(cp: dict[str, Any]) -> dict[str, Any]:

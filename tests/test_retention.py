@@ -259,7 +259,7 @@ async def test_legal_hold_blocks_deletion_until_removed(
     assert (await client.delete(f"/studies/{study}/legalhold")).status_code == 404
     assert (await client.get(f"/studies/{study}/retention")).json()["legalHold"] is False
     assert (await client.delete(f"/studies/{study}")).status_code == 204
-    records = [(r["method"], r["status"], r["detail"]) for r in await audit_rows(db, "retention", 6)]
+    records = [(r["method"], r["status"], r["detail"]) for r in await audit_rows(db, "retention", 8)]
     assert records[:6] == [
         ("PUT", 404, "study 1.2.3 not found"),
         ("PUT", 201, "legal hold placed (reason: case 2026-117)"),
@@ -311,6 +311,8 @@ async def test_delayed_delete_is_restorable_within_the_window(
     status = (await client.get(f"/studies/{study}/retention")).json()
     deleted_at = await db.fetchval("SELECT min(deleted_at) FROM deleted_object")
     assert status["deletionScheduledAt"] == (deleted_at + timedelta(days=7)).isoformat()
+    deletes = [(r["status"], r["detail"]) for r in await audit_rows(db, "delete", 2)]
+    assert deletes[0] == (204, f"restorable until {(deleted_at + timedelta(days=7)).isoformat()}")
     assert (status["deletedInstances"], status["firstIngestedAt"], status["legalHold"]) == (3, None, False)
     # and the orphan sweep does not take them for orphans
     assert await sweep_orphans(db, archive.store, grace=timedelta(0)) == 0
@@ -445,7 +447,8 @@ async def test_expiry_with_a_delay_is_restorable(client: httpx.AsyncClient, db: 
     assert (await run_sweep(client, db))["expiredStudies"] == 1
     assert (await client.get(f"/studies/{study}/instances")).json() == []
     detail = [r["detail"] for r in await audit_rows(db, "retention", 2) if r["subject"] == "system"]
-    assert detail[0].endswith("; 2 instances deleted, restorable for 3 days")
+    until = await db.fetchval("SELECT purge_after FROM deleted_object LIMIT 1")
+    assert detail[0].endswith(f"; 2 instances deleted, restorable until {until.isoformat()}")
     assert (await client.post(f"/studies/{study}/$restore")).json()["restoredInstances"] == 2
     assert len((await client.get(f"/studies/{study}/instances")).json()) == 2
 

@@ -19,12 +19,14 @@ async def delete(request: Request) -> Response:
     study, series, sop = resource_uids(request)
     ctx = context(request)
     try:
-        removed = await delete_instances(
+        deletion = await delete_instances(
             ctx.pool, await partition_key(request), study, series, sop, now(request)
         )
     except DeletionRefused as exc:
         raise refused_deletion(request, exc) from exc
-    if not removed:
+    if not deletion.removed:
         raise not_found(study, series, sop)
+    if deletion.restorable_until is not None:
+        request.state.audit_detail = f"restorable until {deletion.restorable_until.isoformat()}"
     ctx.maintenance.poke()  # the objects are queued for deletion; remove them promptly
     return Response(status_code=204)
