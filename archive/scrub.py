@@ -52,7 +52,7 @@ READ_AHEAD = 3
 LIST_PAGE = 1000
 DEFAULT_GRACE = timedelta(hours=1)  # as the orphan sweeper's
 # one scheduler at a time decides whether a scrub is due (pg_advisory_xact_lock)
-_SCHEDULE_LOCK = 4405
+_SCHEDULE_LOCK = 4407  # not 4405: that is maintenance.DELETIONS_PAUSED_LOCK
 MISSING, ALTERED, UNREFERENCED = "missing", "altered", "unreferenced"
 
 
