@@ -200,6 +200,7 @@ def create_app(
                     ACQUIRE: AcquireHandler(pool, blob_store, scu_settings(settings)),
                     SEND: SendHandler(pool, blob_store, scu_settings(settings)),
                 },
+                lease_seconds=settings.operation_lease_seconds,
             )
             if run_maintenance:
                 app.state.operations.start()
@@ -207,7 +208,9 @@ def create_app(
             # hold up exports and re-indexes meanwhile (archive/scrub.py, docs/integrity.md)
             report, summary = scrub.audit_reporters(app.state.access.audit, app.state.access.clock)
             app.state.scrubber = OperationRunner(
-                pool, {SCRUB: ScrubHandler(blob_store, report=report, summary=summary)}
+                pool,
+                {SCRUB: ScrubHandler(blob_store, report=report, summary=summary)},
+                lease_seconds=settings.operation_lease_seconds,
             )
             schedule = ScrubSchedule(
                 pool,

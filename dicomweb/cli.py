@@ -84,6 +84,9 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = _settings(args)
+    if settings.operation_lease_seconds < 1:
+        print("error: DICOMWEB_OPERATION_LEASE_SECONDS must be at least 1", file=sys.stderr)
+        return 2
     if settings.dimse_port is None:
         settings = replace(settings, dimse_port=DEFAULT_DIMSE_PORT)
     workers = settings.worker_count()

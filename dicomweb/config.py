@@ -69,6 +69,10 @@ class Settings:
     # reading at most this many MB/s (0: no limit) so that it leaves the disks to requests
     scrub_interval_hours: int = 168
     scrub_rate_mb: int = 50
+    # background operations (indexer/operations.py): how long a claim lasts without a step's heartbeat. A
+    # process that dies mid-operation hands it to another node after at most this long; a step must be
+    # much shorter than it (operations' steps take well under a second)
+    operation_lease_seconds: int = 30
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
