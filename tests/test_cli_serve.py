@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -57,3 +59,18 @@ def test_workers_default_to_the_cores_and_size_the_database() -> None:
         == 170
     )
     assert EmbeddedPostgres("/nonexistent", max_connections=20).max_connections == 100
+
+
+def test_serve_refuses_an_operation_lease_under_a_second() -> None:
+    """A lease of 0 runs out between one step's commit and the next, so nodes would take a running
+    operation from each other at every step: refused before anything starts (the database named here does
+    not exist, and is never reached)."""
+    env = {**os.environ, "DICOMWEB_OPERATION_LEASE_SECONDS": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "dicomweb.cli", "serve", "--database-url", "postgresql://nowhere.invalid/x"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip().splitlines()[-1] == "error: DICOMWEB_OPERATION_LEASE_SECONDS must be at least 1"
+    )

@@ -27,6 +27,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 from websockets.asyncio.client import connect
 
+from access.commands import verify_audit
 from bench.synthetic import instance_variants, make_instance, make_study, multipart_body
 from dicomcore.uids import new_uid
 from tests.access_support import bearer, make_token
@@ -416,3 +417,36 @@ async def test_the_dimse_listener_works_on_every_node(archive: Archive) -> None:
             r = await on_other.get(f"/studies/{spec.study_uid}/instances")
             assert r.status_code == 200, r.text
             assert sop_uids(r.json()) == sorted(str(ds.SOPInstanceUID) for ds in datasets)
+
+
+async def test_the_audit_log_of_every_node_is_one_intact_chain(archive: Archive) -> None:
+    """Every node's audit writer appends to one hash chain (under an advisory lock), so requests to all
+    nodes at once leave a chain that `dicomweb audit verify` proves, with every request's record in it."""
+    marker = new_uid()  # a study nobody stored: each request is a 404, audited with this study UID
+    per_node = 40
+    clients = [archive.client(node) for node in archive.nodes]
+    try:
+
+        async def requests(client: httpx.AsyncClient) -> None:
+            for _ in range(per_node):
+                assert (await client.get(f"/studies/{marker}/metadata")).status_code == 404
+
+        await asyncio.gather(*(requests(client) for client in clients for _ in range(2)))
+    finally:
+        for client in clients:
+            await client.aclose()
+    expected = 2 * per_node * len(clients)
+    conn = await asyncpg.connect(archive.cluster.database_url)
+    try:
+        async with asyncio.timeout(10):  # each node writes its buffer every 0.1 s
+            while True:
+                written = await conn.fetchval("SELECT count(*) FROM audit_event WHERE study_uid = $1", marker)
+                if written >= expected:
+                    break
+                await asyncio.sleep(0.1)
+        assert written == expected
+    finally:
+        await conn.close()
+    verdict = await verify_audit(archive.cluster.database_url)
+    assert verdict.intact, verdict
+    assert verdict.before_chain == 0
