@@ -55,6 +55,7 @@ from dimse.send import SEND, SendHandler
 from indexer.migrate import migrate
 from indexer.operations import OperationRunner
 from indexer.reindex import ReindexHandler
+from indexer.sessions import server_settings
 from indexer.tag_deletion import TagDeletionHandler
 from storage import open_store
 from storage.base import BlobStore
@@ -158,8 +159,9 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         pool = await asyncpg.create_pool(
-            database_url, min_size=1, max_size=settings.db_pool_size, reset=keep_session
-        )
+            database_url, min_size=1, max_size=settings.db_pool_size, reset=keep_session,
+            server_settings=server_settings(),  # a dead node's locks go within a minute (indexer/sessions.py)
+        )  # fmt: skip
         blob_store = store or open_store(
             settings.resolved_storage_url(),
             s3_endpoint_url=settings.s3_endpoint_url,

@@ -237,6 +237,7 @@ def _scrub_cmd(args: argparse.Namespace) -> int:
         get_operation,
         parse_operation_id,
     )
+    from indexer.sessions import server_settings
 
     settings = _settings(args)
     resume = None
@@ -245,7 +246,8 @@ def _scrub_cmd(args: argparse.Namespace) -> int:
         return 2
 
     async def run(dsn: str) -> int:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+        # its steps hold the operation row as a server's do (indexer/sessions.py)
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4, server_settings=server_settings())
         store = blob_store(settings)
         audit = AuditLog(pool)
         try:
