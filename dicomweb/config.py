@@ -99,10 +99,15 @@ class Settings:
             return self.workers
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
+    def connections_per_worker(self) -> int:
+        """PostgreSQL connections one server process may hold: its pool, its three LISTEN connections
+        (change feed, UPS-RS events, access control) and the UPS-RS status lock's."""
+        return self.db_pool_size + 4
+
     def database_connections(self) -> int:
-        """PostgreSQL connections the server's processes may hold at once: each worker's pool, its
-        LISTEN connection and the UPS-RS status watcher's, and a few for the CLI and migrations."""
-        return self.worker_count() * (self.db_pool_size + 2) + 10
+        """PostgreSQL connections the server's processes may hold at once, and a few for the CLI and
+        migrations."""
+        return self.worker_count() * self.connections_per_worker() + 10
 
     def resolved_storage_url(self) -> str:
         return self.storage_url or (self.data_dir.resolve() / "blobs").as_uri()

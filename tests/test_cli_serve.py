@@ -47,16 +47,17 @@ def test_embedded_default_keeps_data_across_restarts(tmp_path: Path) -> None:
 
 def test_workers_default_to_the_cores_and_size_the_database() -> None:
     """Unset, a worker per core this process may run on; the embedded PostgreSQL takes every worker's pool
-    (plus LISTEN and UPS status connections) and some to spare, never fewer than PostgreSQL's 100."""
+    (plus LISTEN and UPS status connections: counted in tests/test_dead_client_settings.py) and some to
+    spare, never fewer than PostgreSQL's 100."""
     cores = len(os.sched_getaffinity(0))
     assert Settings.from_env({}).worker_count() == cores
     assert Settings.from_env({"DICOMWEB_WORKERS": "3"}).worker_count() == 3
     assert Settings.from_env({}, workers=5).worker_count() == 5
     sixteen = Settings(workers=16, db_pool_size=8)
-    assert sixteen.database_connections() == 16 * 10 + 10
+    assert sixteen.database_connections() == 16 * 12 + 10
     assert (
         EmbeddedPostgres("/nonexistent", max_connections=sixteen.database_connections()).max_connections
-        == 170
+        == 202
     )
     assert EmbeddedPostgres("/nonexistent", max_connections=20).max_connections == 100
 

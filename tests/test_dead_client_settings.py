@@ -67,7 +67,8 @@ async def test_every_connection_of_a_serving_process_is_probed_within_30_s(
     finally:
         await conn.close()
     # an archive: its pool, its LISTEN connections (change feed, worklist, access) and the UPS-RS status lock
-    settings = Settings(data_dir=tmp_path, scrub_interval_hours=0)
+    # a pool of one, so that the count is exact: what Settings.connections_per_worker budgets
+    settings = Settings(data_dir=tmp_path, scrub_interval_hours=0, db_pool_size=1)
     thread, _ = start_archive(
         settings, url, LocalBlobStore(tmp_path / "blobs"), LocalBlobStore(tmp_path / "b")
     )
@@ -76,9 +77,11 @@ async def test_every_connection_of_a_serving_process_is_probed_within_30_s(
         async with asyncio.timeout(30):  # until every connection is idle with its timer armed
             while True:
                 sockets = server_sockets(tcp_postgres)
-                if len(sockets) >= 4 and all(kind == KEEPALIVE_TIMER for kind, _ in sockets):
+                if len(sockets) >= 5 and all(kind == KEEPALIVE_TIMER for kind, _ in sockets):
                     break
                 await asyncio.sleep(0.2)
         assert all(left <= idle for _, left in sockets), sockets
+        await asyncio.sleep(0.5)  # nothing else connects
+        assert len(server_sockets(tcp_postgres)) == settings.connections_per_worker() == 5
     finally:
         thread.stop()
