@@ -10,8 +10,11 @@ tests/test_scale_out.py does (tests/fixtures/nodes.py: one worker each, access c
   token cached; it polls every millisecond);
 - UPS-RS event: from sending a state change to A until a WebSocket subscriber on B receives its event;
 - change feed wake-up: from sending a one-instance STOW to A until a long-poll (`wait=10`) on B returns it;
-- visibility: from the STOW's answer on A to the first QIDO on B that finds the instance (one query: 0 ms
-  means the first one did).
+- visibility: from the STOW's answer on A until a QIDO on B has found the instance (the first query
+  after the answer must find it);
+- hand-over (`--handovers` times): an update of about 1,000 instances through A, its holder SIGKILLed after
+  its first committed step; seconds until another node claimed it (the nodes' lease is 3 s) and until it
+  succeeded.
 
 It prints p50, p95 and max of each, with the load average before and after: the machine may be shared.
 """
@@ -41,7 +44,7 @@ from bench.synthetic import instance_variants, make_study, multipart_body
 from bench.ups_synthetic import workitem
 from dicomcore.uids import new_uid
 from indexer.embedded import EmbeddedPostgres
-from tests.fixtures.nodes import Cluster
+from tests.fixtures.nodes import TEST_LEASE_SECONDS, Cluster
 from tests.fixtures.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Server
 
 WORKLIST = "1.2.840.10008.5.1.4.34.5"
@@ -134,7 +137,46 @@ async def feed_and_visibility(
     return wakes, visible
 
 
-async def measure(cluster: Cluster, samples: int) -> None:
+async def handover(cluster: Cluster, owner: dict[str, str], count: int) -> tuple[float, float]:
+    """An update of `count` instances through A; SIGKILL its holder after its first committed step. Seconds
+    from the kill until another node has claimed it, and until it succeeded."""
+    spec = make_study(random.Random(count), series_count=1)
+    files = instance_variants(spec, 0, count, start=10_000_000 + count * 1000, rows=16, columns=16)
+    a = cluster.nodes[0]
+    async with httpx.AsyncClient(timeout=120, headers=owner) as http:
+        for part in range(0, count, 200):
+            body, content_type = multipart_body(files[part : part + 200])
+            r = await http.post(f"{a.url}/studies", content=body, headers={"Content-Type": content_type})
+            assert r.status_code == 200, r.text
+        change = {"00100010": {"vr": "PN", "Value": [{"Alphabetic": f"Bench^{count}"}]}}
+        body = {"studyInstanceUids": [spec.study_uid], "changeDataset": change}
+        r = await http.post(f"{a.url}/studies/$bulkUpdate", json=body)
+        op = uuid.UUID(r.json()["id"])
+        conn = await asyncpg.connect(cluster.database_url)
+        try:
+            query = "SELECT status, leased_by, checkpoint FROM operation WHERE operation_id = $1"
+            while True:  # its first step committed
+                row = await conn.fetchrow(query, op)
+                if row["checkpoint"] is not None and row["leased_by"] is not None:
+                    break
+                await asyncio.sleep(0.01)
+            holder = row["leased_by"]
+            victim = next(n for n in cluster.nodes if n.pid == int(holder.split(":")[1]))
+            cluster.kill(victim)
+            killed = time.perf_counter()
+            claimed = None
+            while (row := await conn.fetchrow(query, op))["status"] != "succeeded":
+                if claimed is None and row["leased_by"] not in (None, holder):
+                    claimed = time.perf_counter() - killed
+                await asyncio.sleep(0.01)
+            finished = time.perf_counter() - killed
+        finally:
+            await conn.close()
+    await asyncio.to_thread(cluster.start)  # the killed node again
+    return claimed if claimed is not None else finished, finished
+
+
+async def measure(cluster: Cluster, samples: int, handovers: int) -> None:
     conn = await asyncpg.connect(cluster.database_url)
     try:
         owner_text, _ = await tokens.create(conn, "owner", now=Clock().now(), name="bench-owner")
@@ -148,6 +190,12 @@ async def measure(cluster: Cluster, samples: int) -> None:
     wakes, visible = await feed_and_visibility(a, b, owner, samples)
     print(line("change feed wake A->B", wakes))
     print(line("QIDO on B after STOW A", visible))
+    for n in range(handovers):
+        claimed, finished = await handover(cluster, owner, 1024 + n)
+        print(
+            f"hand-over {n + 1}: claimed by another node {claimed:.2f} s after the SIGKILL (lease "
+            f"{TEST_LEASE_SECONDS} s, poll 2 s), update of {1024 + n} instances done {finished:.2f} s after"
+        )
     print(f"load after: {load()}")
 
 
@@ -155,6 +203,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--samples", type=int, default=50)
+    parser.add_argument("--handovers", type=int, default=3, help="updates whose node is killed midway")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dicomweb-bench-scale-out-"))
     try:
@@ -169,7 +218,7 @@ def main() -> None:
             try:
                 cluster.start()
                 print(f"{args.nodes} nodes on one PostgreSQL (TCP) and one SeaweedFS bucket, one worker each")
-                asyncio.run(measure(cluster, args.samples))
+                asyncio.run(measure(cluster, args.samples, args.handovers))
             finally:
                 cluster.stop_all()
     finally:
