@@ -141,7 +141,7 @@ async def handover(cluster: Cluster, owner: dict[str, str], count: int) -> tuple
     """An update of `count` instances through A; SIGKILL its holder after its first committed step. Seconds
     from the kill until another node has claimed it, and until it succeeded."""
     spec = make_study(random.Random(count), series_count=1)
-    files = instance_variants(spec, 0, count, start=10_000_000 + count * 1000, rows=16, columns=16)
+    files = instance_variants(spec, 0, count, start=20_000_000 + count * 10_000, rows=16, columns=16)
     a = cluster.nodes[0]
     async with httpx.AsyncClient(timeout=120, headers=owner) as http:
         for part in range(0, count, 200):

@@ -450,3 +450,50 @@ async def test_the_audit_log_of_every_node_is_one_intact_chain(archive: Archive)
     verdict = await verify_audit(archive.cluster.database_url)
     assert verdict.intact, verdict
     assert verdict.before_chain == 0
+
+
+async def test_an_extended_query_tag_added_on_one_node_while_the_others_store(archive: Archive) -> None:
+    """Adding a tag waits for writes in flight on every node (INGEST_LOCK is PostgreSQL's), so each instance
+    gets its value exactly once: from the re-index (any node's) if it was committed before, from its own
+    write if after."""
+    a, b, c = archive.nodes
+    requests, per_request = 8, 5
+    async with archive.client(a) as on_a, archive.client(b) as on_b, archive.client(c) as on_c:
+        added = asyncio.Event()
+
+        async def writer(client: httpx.AsyncClient, seed: int) -> dict[str, list[str]]:
+            studies: dict[str, list[str]] = {}
+            for request in range(requests):
+                if request == 2:
+                    await added.wait()  # the tag is added while these requests run and before the rest
+                study, files = study_files(seed * 100 + request, per_request)
+                studies[study] = await stow(client, files)
+            return studies
+
+        writing = [asyncio.create_task(writer(client, seed)) for client, seed in ((on_b, 500), (on_c, 510))]
+        await asyncio.sleep(0.2)
+        r = await on_a.post("/extendedquerytags", json=[{"Path": "SliceThickness", "Level": "Instance"}])
+        assert r.status_code == 202, r.text
+        added.set()
+        written = await asyncio.gather(*writing)
+        done = await wait_operation(on_c, r.json()["href"].removeprefix(a.url))
+        assert done["status"] == "succeeded", done
+        stored = {study: sops for studies in written for study, sops in studies.items()}
+        assert len(stored) == 2 * requests
+        for study, sops in stored.items():
+            r = await on_b.get(f"/studies/{study}/instances", params={"SliceThickness": "1.25"})
+            assert r.status_code == 200, r.text
+            assert sop_uids(r.json()) == sorted(sops)
+            r = await on_a.get(f"/studies/{study}/instances", params={"SliceThickness": "2.5"})
+            assert r.json() == []
+    conn = await asyncpg.connect(archive.cluster.database_url)
+    try:
+        tag = await conn.fetchval("SELECT tag_key FROM extended_query_tag WHERE path = '00180050'")
+        values, rows, instances = await conn.fetchrow(
+            """SELECT count(*), count(DISTINCT row_key), (SELECT count(*) FROM instance)
+               FROM ext_double WHERE tag_key = $1""",
+            tag,
+        )
+    finally:
+        await conn.close()
+    assert values == rows == instances  # every instance of the archive once, none twice
