@@ -417,6 +417,14 @@ async def test_the_dimse_listener_works_on_every_node(archive: Archive) -> None:
             r = await on_other.get(f"/studies/{spec.study_uid}/instances")
             assert r.status_code == 200, r.text
             assert sop_uids(r.json()) == sorted(str(ds.SOPInstanceUID) for ds in datasets)
+    # the registry is read per association: an AE removed through one node is refused by every other at once
+    async with archive.client(archive.nodes[1]) as on_b:
+        assert (await on_b.delete(f"{archive.nodes[1].base}/aes/SCANNER")).status_code == 204
+    for node in archive.nodes:
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context(Verification)
+        assoc = await asyncio.to_thread(ae.associate, "127.0.0.1", node.dimse_port, ae_title="DICOMWEB")
+        assert assoc.is_rejected, f"node {node.name} admitted a removed AE"
 
 
 async def test_the_audit_log_of_every_node_is_one_intact_chain(archive: Archive) -> None:
