@@ -3,8 +3,9 @@
 Each node is a separate process with its own HTTP and DIMSE ports (tests/fixtures/nodes.py), as separate
 machines would be; access control is on. The tests show that what one node does is seen at once by the
 others: stored instances, the change feed (exactly once, with writers on every node), background operations
-(run once, and handed over when the node running one is killed), token revocation, UPS-RS events and the
-DIMSE listener.
+(run once, and handed over when the node running one is killed or stopped), token revocation, UPS-RS events,
+the DIMSE listener and its AE registry, an extended query tag added while other nodes store, and the audit
+log's one hash chain.
 """
 
 from __future__ import annotations
