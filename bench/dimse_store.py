@@ -63,6 +63,7 @@ def serve_null(port: int) -> None:
     own server class (immediate ACKs): what pynetdicom alone costs per C-STORE, the archive's ceiling."""
     from pynetdicom import AE, _config, evt
 
+    from dimse.pacing import make_responsive
     from dimse.server import _ReusePortServer
 
     _config.UNRESTRICTED_STORAGE_SERVICE = True
@@ -70,7 +71,12 @@ def serve_null(port: int) -> None:
     ae.maximum_pdu_size = 0
     ae.add_supported_context("1.2.840.10008.1.1")  # Verification: the bench waits for a C-ECHO
     server = ae.make_server(
-        ("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, lambda event: 0)], server_class=_ReusePortServer
+        ("127.0.0.1", port),
+        evt_handlers=[
+            (evt.EVT_C_STORE, lambda event: 0),
+            (evt.EVT_CONN_OPEN, lambda event: make_responsive(event.assoc)),  # as the archive's listener
+        ],
+        server_class=_ReusePortServer,
     )
     server.serve_forever()
 

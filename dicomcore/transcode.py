@@ -165,6 +165,11 @@ def transcode_instance(data: bytes, target: str) -> bytes:
         except Exception as exc:
             raise TranscodeError(f"cannot encode this image as {_name(target)}: {exc}") from exc
     ds.file_meta.TransferSyntaxUID = UID(target)
+    # Every element parsed (VR looked up): a file whose data set is not encoded as its meta says (implicit VR
+    # under an explicit syntax, as some writers produce) keeps raw elements without a VR otherwise, which
+    # pydicom cannot write in an explicit syntax.
+    for _ in ds.iterall():
+        pass
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()

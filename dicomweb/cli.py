@@ -54,11 +54,12 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 @contextmanager
-def database(settings: Settings, *, attach: bool = False) -> Iterator[str]:
+def database(settings: Settings, *, attach: bool = True) -> Iterator[str]:
     """The configured PostgreSQL, or the embedded one in the data directory for as long as needed.
 
-    `attach`: use the embedded server a running `dicomweb serve` owns, if there is one (for commands that
-    work on a live archive, such as `dicomweb backup`), instead of refusing the data directory."""
+    `attach`: use the embedded server a running `dicomweb serve` owns, if there is one, so that commands
+    (scrub, sweep, tokens, backup ...) work on a live archive as they do on a stopped one; `serve` itself
+    must own the server and passes False."""
     if settings.database_url:
         yield settings.database_url
         return
@@ -91,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings = replace(settings, dimse_port=DEFAULT_DIMSE_PORT)
     workers = settings.worker_count()
     settings = replace(settings, workers=workers)
-    with database(settings) as dsn:
+    with database(settings, attach=False) as dsn:
         # Run migrations once before workers start, so they never race at first start.
         asyncio.run(_migrate(dsn))
         if not settings.database_url:
@@ -452,7 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    from indexer.embedded import EmbeddedPostgresError
+
+    try:
+        return int(args.func(args) or 0)
+    except EmbeddedPostgresError as exc:  # a data directory that cannot be used: say why, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

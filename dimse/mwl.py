@@ -20,7 +20,7 @@ from pynetdicom import AE, evt
 from dimse import find
 from dimse.aes import Service
 from dimse.gateway import Gateway, Peer
-from dimse.mwl_map import Query, QueryError, answer, parse_identifier, time_of_day_matches
+from dimse.mwl_map import Query, QueryError, answer, parse_identifier, sps_id_matches, time_of_day_matches
 from dimse.storescp import peer_of, response
 from worklist.search import Search, search
 
@@ -83,7 +83,9 @@ def _items(gateway: Gateway, peer: Peer, query: Query) -> Iterator[Dataset]:
         page = gateway.run(search(gateway.pool, key, Search(list(query.filters), page_size, offset)))
         for body in page.results:
             item = Dataset.from_json(orjson.loads(body))
-            if query.time_of_day is None or time_of_day_matches(item, query.time_of_day):
+            if query.time_of_day is not None and not time_of_day_matches(item, query.time_of_day):
+                continue
+            if query.sps_ids is None or sps_id_matches(item, query.sps_ids):
                 yield item
         if not page.more or not page.results:
             return

@@ -11,6 +11,7 @@ Pure functions of pydicom data sets: no I/O, no pynetdicom.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,7 +22,6 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from dicomcore.uids import is_valid_uid
 from worklist.search import Args, Filter, parse_filter, where_sql
 
 SPS_SEQUENCE = 0x00400100  # Scheduled Procedure Step Sequence
@@ -72,7 +72,7 @@ TOP = (
 )
 
 # Attributes of the Scheduled Procedure Step Sequence item. Start and end date/time, ID and status are
-# computed (see `_sps_value`); the ID is the work item's SOP Instance UID, the status always SCHEDULED.
+# computed (see `_sps_value`); the ID is `sps_id`'s, the status always SCHEDULED.
 SPS = (
     Key("ScheduledStationAETitle", "ScheduledStationNameCodeSequence.CodeValue", True),
     Key("ScheduledStationName", "ScheduledStationNameCodeSequence.CodeMeaning", False),
@@ -85,7 +85,7 @@ SPS = (
     Key("ScheduledProcedureStepStartTime", _START_DT, True),
     Key("ScheduledProcedureStepEndDate", _END_DT, False),
     Key("ScheduledProcedureStepEndTime", _END_DT, False),
-    Key("ScheduledProcedureStepID", "SOPInstanceUID", True),
+    Key("ScheduledProcedureStepID", "ScheduledProcedureStepID", True),
     Key("ScheduledProcedureStepStatus", None, True),
 )
 
@@ -106,6 +106,9 @@ class Query:
     time_of_day: tuple[str, str] | None = None  # a start time range without a date: checked per item
     impossible: bool = False  # a key no SCHEDULED work item can match (status other than SCHEDULED, ...)
     unsupported: list[str] = field(default_factory=list)  # matching values on return-only keys
+    sps_ids: list[str] | None = (
+        None  # Scheduled Procedure Step ID values (wildcards allowed): checked per item
+    )
 
 
 def _text(elem: DataElement) -> str:
@@ -207,14 +210,36 @@ def _add_special(query: Query, sps: Dataset) -> None:
     if _SPS_ID in sps:
         value = _text(sps[_SPS_ID])
         if not _universal(value):
-            if "*" in value or "?" in value or all(is_valid_uid(v) for v in value.split("\\")):
-                query.filters.append(parse_filter("SOPInstanceUID", value))
-            else:
-                query.impossible = True  # every Scheduled Procedure Step ID is a UID
+            query.sps_ids = value.split("\\")
     if _SPS_STATUS in sps:
         value = _text(sps[_SPS_STATUS])
         if not _universal(value) and "SCHEDULED" not in value.split("\\"):
             query.impossible = True
+
+
+SPS_ID_LENGTH = 16  # VR SH
+
+
+def sps_id(item: Dataset) -> str:
+    """The Scheduled Procedure Step ID of a work item (SH: at most 16 characters). Its own, where it has one
+    that fits (an HL7 order's IPC-4 or OBR-20 keeps it); otherwise 16 hex digits of the SHA-256 of its SOP
+    Instance UID, stable for the item's life: the UID itself (up to 64 characters) is no valid SH, and a
+    modality that copies the ID into its images or MPPS would truncate or refuse it."""
+    own = str(item.get("ScheduledProcedureStepID", "") or "").strip()
+    if own and len(own) <= SPS_ID_LENGTH:
+        return own
+    digest = hashlib.sha256(str(item.get("SOPInstanceUID", "")).encode("ascii", "replace")).hexdigest()
+    return digest[:SPS_ID_LENGTH].upper()
+
+
+def sps_id_matches(item: Dataset, values: list[str]) -> bool:
+    """List or single value matching of the item's SPS ID, `*` and `?` allowed (PS3.4 C.2.2.2)."""
+    ident = sps_id(item)
+    for value in values:
+        pattern = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value)
+        if re.fullmatch(pattern, ident, re.DOTALL):
+            return True
+    return False
 
 
 def time_of_day_matches(item: Dataset, bounds: tuple[str, str]) -> bool:
@@ -269,6 +294,8 @@ def _sps_value(tag: int, item: Dataset) -> Any:
         return parts[0] if tag in (_START_DATE, _END_DATE) else parts[1] or None
     if tag == _SPS_STATUS:
         return "SCHEDULED"
+    if tag == _SPS_ID:
+        return sps_id(item)
     key = _SPS[tag]
     return _value(item, key.ups)
 
@@ -352,4 +379,15 @@ def _needs_unicode(ds: Dataset) -> bool:
     return False
 
 
-__all__ = ["SPS", "TOP", "Key", "Query", "QueryError", "answer", "parse_identifier", "time_of_day_matches"]
+__all__ = [
+    "SPS",
+    "TOP",
+    "Key",
+    "Query",
+    "QueryError",
+    "answer",
+    "parse_identifier",
+    "sps_id",
+    "sps_id_matches",
+    "time_of_day_matches",
+]

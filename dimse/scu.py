@@ -43,6 +43,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from dimse.pacing import make_responsive
+
 log = logging.getLogger(__name__)
 
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -117,6 +119,7 @@ def associate(
     if assoc.is_established:
         no_delay(assoc)
         keep_reactor_off_queue(assoc)
+        make_responsive(assoc)
         return assoc
     if assoc.is_rejected:
         raise PeerUnavailable(f"{peer} rejected the association (is the archive known to it as {calling}?)")

@@ -29,6 +29,7 @@ from dicomcore.transcode import MAX_TRANSCODE_SIZE, TranscodeError, transcode_in
 from dicomcore.uids import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 from dimse import scu
 from dimse.gateway import Gateway
+from dimse.pacing import make_responsive
 from indexer.lookup import StoredInstance
 from storage import LocalBlobStore
 from storage.base import validate_key
@@ -37,8 +38,6 @@ log = logging.getLogger(__name__)
 
 # An association carries at most 128 presentation contexts (PS3.8: odd context IDs 1-255)
 MAX_CONTEXTS = 128
-# The association's DUL polling interval while sub-operations run (pynetdicom's idle default is 1 ms)
-SENDING_LOOP_DELAY = 0.0001
 # Uncompressed syntaxes an object can be transcoded to when the peer accepted none with the stored syntax
 _FALLBACK = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
 
@@ -121,17 +120,10 @@ def send_instances(
     for cx in assoc.accepted_contexts:
         if cx.as_scu:
             syntaxes.setdefault(str(cx.abstract_syntax), set()).update(str(ts) for ts in cx.transfer_syntax)
-    dul = assoc.dul
-    idle_delay = getattr(dul, "_run_loop_delay", None)
-    if idle_delay is not None:
-        # pynetdicom's DUL thread sleeps this long (1 ms) whenever it finds nothing to do, and a sub-operation
-        # crosses it several times (request out, response in, pending response out): shorter while we send.
-        dul._run_loop_delay = SENDING_LOOP_DELAY
-    try:
-        return _send_all(assoc, gateway, instances, counts, syntaxes, cancelled, progress, originator)
-    finally:
-        if idle_delay is not None:
-            dul._run_loop_delay = idle_delay
+    # a sub-operation crosses pynetdicom's polling threads several times (request out, response in, pending
+    # response out): they keep up with the traffic (dimse/pacing.py)
+    make_responsive(assoc)
+    return _send_all(assoc, gateway, instances, counts, syntaxes, cancelled, progress, originator)
 
 
 def _send_all(

@@ -28,6 +28,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dimse import services
 from dimse.aes import get_ae, host_matches
 from dimse.gateway import Gateway, Peer, open_peer
+from dimse.pacing import make_responsive
 
 log = logging.getLogger(__name__)
 # pynetdicom logs every association and DIMSE message at INFO, which the CLI's root logger would print: about
@@ -188,6 +189,7 @@ class DimseServer:
             record(event, "A-ABORT", 0, True, "association aborted")
 
         return [
+            (evt.EVT_CONN_OPEN, lambda event: make_responsive(event.assoc)),  # dimse/pacing.py
             (evt.EVT_ACCEPTED, accepted),
             (evt.EVT_REJECTED, rejected),
             (evt.EVT_RELEASED, released),

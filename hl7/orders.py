@@ -170,7 +170,8 @@ def _workitem(received: Received, order: Order, ipc: Segment | None, step: str) 
     filler = value(order.orc, 3) or value(obr, 3)
     accession = value(ipc, 1) or value(obr, 18) or filler or number
     requested_id = value(ipc, 2) or value(obr, 19) or accession
-    sps_id = value(ipc, 4) or value(obr, 20) or step
+    own_sps_id = value(ipc, 4) or value(obr, 20)
+    sps_id = own_sps_id or step
     uid = _uid(scope, number, requested_id, sps_id)
     study_uid = value(ipc, 3) or value(order.first("ZDS"), 1) or _uid(scope, number, requested_id, "study")
     procedure = code(obr, 44) or code(obr, 4)
@@ -230,6 +231,9 @@ def _workitem(received: Received, order: Order, ipc: Segment | None, step: str) 
     ds.update(patient_attributes(patient))
     if pv1 is not None:
         _set(ds, "00380010", element("LO", value(pv1, 19), pv1, 19))  # Admission ID: the visit number
+    if own_sps_id and len(own_sps_id) <= 16:  # VR SH
+        # not a UPS attribute: kept so the Modality Worklist answers the order's own SPS ID (dimse.mwl_map)
+        ds["00400009"] = {"vr": "SH", "Value": [own_sps_id]}
     return uid, ds
 
 

@@ -4,6 +4,7 @@ pynetdicom and by DCMTK findscu -W."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,14 @@ import httpx
 import orjson
 import pydicom
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
 from dicomcore.uids import new_uid
-from dimse.mwl_map import start_filter
+from dimse.mwl_map import sps_id, sps_id_matches, start_filter
 from tests.fixtures.dimse import ARCHIVE_AE, DimseArchive
 from tests.worklist_data import code, performed, workitem
 
@@ -134,13 +137,18 @@ def sps_ids(results: list[Dataset]) -> list[str]:
     return [r.ScheduledProcedureStepSequence[0].ScheduledProcedureStepID for r in results]
 
 
+def derived_sps_id(uid: str) -> str:
+    """The SPS ID of a work item without its own: 16 hex digits of its UID's SHA-256 (an SH is <= 16)."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:16].upper()
+
+
 async def test_worklist_queries_select_exactly_the_scheduled_items(open_dimse_archive: DimseArchive) -> None:
     uids = await load_worklist(open_dimse_archive)
 
     def find(**keys: str) -> list[str]:
         results, final = c_find(open_dimse_archive, mwl_query(**keys))
         assert final == 0
-        return [name for uid in sps_ids(results) for name, u in uids.items() if u == uid]
+        return [name for sid in sps_ids(results) for name, u in uids.items() if derived_sps_id(u) == sid]
 
     # everything scheduled, in scheduled order; COMPLETED and IN PROGRESS items are not worklist entries
     assert find() == ["a", "c", "b", "d"]
@@ -168,8 +176,13 @@ async def test_worklist_queries_select_exactly_the_scheduled_items(open_dimse_ar
     assert find(PatientID="PAT-D") == ["d"]
     assert find(AccessionNumber="ACC-B") == ["b"]
     assert find(AccessionNumber="ACC-E") == []  # COMPLETED
-    assert find(ScheduledProcedureStepID=uids["c"]) == ["c"]
-    assert find(ScheduledProcedureStepID="42") == []  # every SPS ID is a UID
+    assert find(ScheduledProcedureStepID=derived_sps_id(uids["c"])) == ["c"]
+    both_ids = "\\".join(derived_sps_id(uids[n]) for n in ("d", "a"))
+    assert find(ScheduledProcedureStepID=both_ids) == ["a", "d"]  # a list: any of them
+    assert find(ScheduledProcedureStepID=derived_sps_id(uids["b"])[:5] + "*") == ["b"]
+    assert find(ScheduledProcedureStepID=derived_sps_id(uids["b"]).lower()) == []  # SH: case counts
+    assert find(ScheduledProcedureStepID=uids["c"]) == []  # the UID is not the ID (64 characters: no SH)
+    assert find(ScheduledProcedureStepID="42") == []
     assert find(ScheduledProcedureStepStatus="STARTED") == []
 
 
@@ -199,7 +212,7 @@ async def test_worklist_response_carries_the_requested_keys(open_dimse_archive: 
     )
     assert sps.Modality == "CT"
     assert sps.ScheduledProcedureStepDescription == "CT chest"
-    assert sps.ScheduledProcedureStepID == uids["a"]
+    assert sps.ScheduledProcedureStepID == derived_sps_id(uids["a"])  # 16 characters: an SH
     assert sps.ScheduledPerformingPhysicianName == ""
     assert set(sps.keys()) == set(mwl_query().ScheduledProcedureStepSequence[0].keys())
 
@@ -318,7 +331,7 @@ async def test_dcmtk_findscu_gets_the_same_items(open_dimse_archive: DimseArchiv
     assert proc.returncode == 0, proc.stderr
     results = [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
     assert [r.AccessionNumber for r in results] == ["ACC-A", "ACC-B", "ACC-D"]
-    assert sps_ids(results) == [uids["a"], uids["b"], uids["d"]]
+    assert sps_ids(results) == [derived_sps_id(uids[n]) for n in ("a", "b", "d")]
     same, final = c_find(
         open_dimse_archive,
         mwl_query(
@@ -352,7 +365,7 @@ async def test_each_ae_sees_the_worklist_of_its_partition(dimse_archive: DimseAr
             key = await partition_key(pool, partition, create=True)
             uid, attrs, _ = prepare_create(item_body(name), new_uid())
             await store.create(pool, key, uid, attrs)
-            created[uid] = name
+            created[derived_sps_id(uid)] = name
     finally:
         await pool.close()
     east, final = c_find(dimse_archive, mwl_query(), "CT-EAST")
@@ -360,3 +373,21 @@ async def test_each_ae_sees_the_worklist_of_its_partition(dimse_archive: DimseAr
     assert [created[u] for u in sps_ids(east)] == ["a"]
     west, _ = c_find(dimse_archive, mwl_query(), "CT-WEST")
     assert [created[u] for u in sps_ids(west)] == ["c", "b"]
+
+
+@given(
+    uid=st.from_regex(r"[12](\.[1-9][0-9]{0,8}){2,6}", fullmatch=True),
+    own=st.text(alphabet="ABC-0123456789 ", max_size=24),
+)
+def test_every_sps_id_is_an_sh_and_matches_itself(uid: str, own: str) -> None:
+    item = Dataset()
+    item.SOPInstanceUID = uid
+    if own:
+        item.ScheduledProcedureStepID = own
+    ident = sps_id(item)
+    assert 0 < len(ident) <= 16
+    kept = own.strip()
+    assert ident == (kept if kept and len(kept) <= 16 else derived_sps_id(uid))
+    assert sps_id_matches(item, [ident]) and sps_id_matches(item, ["*"])
+    assert sps_id_matches(item, ["nothing", ident[:1] + "*"])
+    assert not sps_id_matches(item, [ident + "?"])

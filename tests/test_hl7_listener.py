@@ -132,7 +132,7 @@ async def test_an_order_is_a_scheduled_work_item_in_ups_rs_and_the_modality_work
     start = (sps.ScheduledProcedureStepStartDate, sps.ScheduledProcedureStepStartTime)
     assert start == ("20261208", "093000")
     assert sps.ScheduledProcedureStepDescription == "CT chest with contrast"
-    assert sps.ScheduledProcedureStepID == value(item, "00080018")
+    assert sps.ScheduledProcedureStepID == "SPS-1001"  # the order's own (OBR-20), kept on the work item
 
     # the interface engine sends it again (its ACK was lost): the same work item, no second one
     again = hl7_archive.send(message("orm_o01_new_v231.hl7"))

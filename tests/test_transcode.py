@@ -328,3 +328,27 @@ def test_jpeg_2000_lossless_targets() -> None:
     data = _read("CT_small.dcm")
     for target in (JPEG_2000_LOSSLESS, JPEG_2000, JPEG_LS_LOSSLESS):
         assert np.array_equal(reference_pixels(transcode_instance(data, target)), reference_pixels(data))
+
+
+def test_a_data_set_encoded_otherwise_than_its_meta_says_transcodes() -> None:
+    """pydicom's SC_rgb_jpeg.dcm says JPEG Baseline (explicit VR) in its meta but its data set is implicit VR:
+    read, its elements have no VR until parsed, and writing them explicitly used to fail (a 500 on WADO)."""
+    from pydicom.data import get_testdata_file
+
+    from dicomcore.transcode import EXPLICIT_VR_LITTLE_ENDIAN
+
+    path = get_testdata_file("SC_rgb_jpeg.dcm")
+    assert path is not None
+    data = Path(path).read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns that it found implicit VR
+        original = pydicom.dcmread(io.BytesIO(data))
+        out = pydicom.dcmread(io.BytesIO(transcode_instance(data, EXPLICIT_VR_LITTLE_ENDIAN)))
+        expected = decode_as_reference(
+            lambda plugin: pixel_array(original, decoding_plugin=plugin),
+            str(original.file_meta.TransferSyntaxUID),
+        )
+    assert out.file_meta.TransferSyntaxUID == EXPLICIT_VR_LITTLE_ENDIAN
+    assert out.ImageType == ["DERIVED", "SECONDARY", "OTHER"]
+    assert out.SOPInstanceUID == original.SOPInstanceUID
+    assert np.array_equal(out.pixel_array, expected)
