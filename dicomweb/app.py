@@ -56,6 +56,7 @@ from dimse.send import SEND, SendHandler
 from indexer.migrate import migrate
 from indexer.operations import OperationRunner, OperationSchedule
 from indexer.reindex import ReindexHandler
+from indexer.sessions import server_settings
 from indexer.tag_deletion import TagDeletionHandler
 from retention.sweep import RETENTION_SWEEP, SCHEDULE_LOCK, RetentionSweepHandler
 from storage import open_store
@@ -181,8 +182,9 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         pool = await asyncpg.create_pool(
-            database_url, min_size=1, max_size=settings.db_pool_size, reset=keep_session
-        )
+            database_url, min_size=1, max_size=settings.db_pool_size, reset=keep_session,
+            server_settings=server_settings(),  # a dead node's locks go within a minute (indexer/sessions.py)
+        )  # fmt: skip
         blob_store = store or open_store(
             settings.resolved_storage_url(),
             s3_endpoint_url=settings.s3_endpoint_url,
@@ -227,6 +229,7 @@ def create_app(
                         app.state.access.clock.now, app.state.access.audit.record
                     ),
                 },
+                lease_seconds=settings.operation_lease_seconds,
             )
             if run_maintenance:
                 app.state.operations.start()
@@ -234,7 +237,9 @@ def create_app(
             # hold up exports and re-indexes meanwhile (archive/scrub.py, docs/integrity.md)
             report, summary = scrub.audit_reporters(app.state.access.audit, app.state.access.clock)
             app.state.scrubber = OperationRunner(
-                pool, {SCRUB: ScrubHandler(blob_store, report=report, summary=summary)}
+                pool,
+                {SCRUB: ScrubHandler(blob_store, report=report, summary=summary)},
+                lease_seconds=settings.operation_lease_seconds,
             )
             schedule = ScrubSchedule(
                 pool,

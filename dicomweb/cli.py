@@ -85,6 +85,9 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = _settings(args)
+    if settings.operation_lease_seconds < 1:
+        print("error: DICOMWEB_OPERATION_LEASE_SECONDS must be at least 1", file=sys.stderr)
+        return 2
     if settings.dimse_port is None:
         settings = replace(settings, dimse_port=DEFAULT_DIMSE_PORT)
     workers = settings.worker_count()
@@ -235,6 +238,7 @@ def _scrub_cmd(args: argparse.Namespace) -> int:
         get_operation,
         parse_operation_id,
     )
+    from indexer.sessions import server_settings
 
     settings = _settings(args)
     resume = None
@@ -243,7 +247,8 @@ def _scrub_cmd(args: argparse.Namespace) -> int:
         return 2
 
     async def run(dsn: str) -> int:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+        # its steps hold the operation row as a server's do (indexer/sessions.py)
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4, server_settings=server_settings())
         store = blob_store(settings)
         audit = AuditLog(pool)
         try:

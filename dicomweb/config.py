@@ -72,6 +72,10 @@ class Settings:
     # the retention sweep (retention/sweep.py, docs/retention.md): queued every this many hours (0: never);
     # it ends restore windows and deletes studies past their partition's expireAfterDays
     retention_sweep_hours: int = 1
+    # background operations (indexer/operations.py): how long a claim lasts without a step's heartbeat. A
+    # process that dies mid-operation hands it to another node after at most this long; a step must be
+    # much shorter than it (operations' steps take well under a second)
+    operation_lease_seconds: int = 30
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -98,10 +102,15 @@ class Settings:
             return self.workers
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
+    def connections_per_worker(self) -> int:
+        """PostgreSQL connections one server process may hold: its pool, its three LISTEN connections
+        (change feed, UPS-RS events, access control) and the UPS-RS status lock's."""
+        return self.db_pool_size + 4
+
     def database_connections(self) -> int:
-        """PostgreSQL connections the server's processes may hold at once: each worker's pool, its
-        LISTEN connection and the UPS-RS status watcher's, and a few for the CLI and migrations."""
-        return self.worker_count() * (self.db_pool_size + 2) + 10
+        """PostgreSQL connections the server's processes may hold at once, and a few for the CLI and
+        migrations."""
+        return self.worker_count() * self.connections_per_worker() + 10
 
     def resolved_storage_url(self) -> str:
         return self.storage_url or (self.data_dir.resolve() / "blobs").as_uri()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import asyncpg
 
 from indexer.background import BackgroundTask
+from indexer.sessions import server_settings
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Listener(BackgroundTask):
             conn: asyncpg.Connection | None = None
             lost = asyncio.Event()
             try:
-                conn = await asyncpg.connect(self._database_url)
+                conn = await asyncpg.connect(self._database_url, server_settings=server_settings())
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(self.channel, self._notified)
                 self.connected.set()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -45,15 +47,31 @@ def test_embedded_default_keeps_data_across_restarts(tmp_path: Path) -> None:
 
 def test_workers_default_to_the_cores_and_size_the_database() -> None:
     """Unset, a worker per core this process may run on; the embedded PostgreSQL takes every worker's pool
-    (plus LISTEN and UPS status connections) and some to spare, never fewer than PostgreSQL's 100."""
+    (plus LISTEN and UPS status connections: counted in tests/test_dead_client_settings.py) and some to
+    spare, never fewer than PostgreSQL's 100."""
     cores = len(os.sched_getaffinity(0))
     assert Settings.from_env({}).worker_count() == cores
     assert Settings.from_env({"DICOMWEB_WORKERS": "3"}).worker_count() == 3
     assert Settings.from_env({}, workers=5).worker_count() == 5
     sixteen = Settings(workers=16, db_pool_size=8)
-    assert sixteen.database_connections() == 16 * 10 + 10
+    assert sixteen.database_connections() == 16 * 12 + 10
     assert (
         EmbeddedPostgres("/nonexistent", max_connections=sixteen.database_connections()).max_connections
-        == 170
+        == 202
     )
     assert EmbeddedPostgres("/nonexistent", max_connections=20).max_connections == 100
+
+
+def test_serve_refuses_an_operation_lease_under_a_second() -> None:
+    """A lease of 0 runs out between one step's commit and the next, so nodes would take a running
+    operation from each other at every step: refused before anything starts (the database named here does
+    not exist, and is never reached)."""
+    env = {**os.environ, "DICOMWEB_OPERATION_LEASE_SECONDS": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "dicomweb.cli", "serve", "--database-url", "postgresql://nowhere.invalid/x"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip().splitlines()[-1] == "error: DICOMWEB_OPERATION_LEASE_SECONDS must be at least 1"
+    )

@@ -502,15 +502,25 @@ async def test_deleting_while_a_step_runs_waits_for_it(pool: asyncpg.Pool) -> No
         async def step(self, conn: asyncpg.Connection, op: Any) -> Any:
             result = await super().step(conn, op)
             written.set()  # the batch's values are written, not yet committed
-            await asyncio.sleep(0.5)
-            return result
+            # until the DELETE waits for this step's lock (a fixed pause lost that race on a loaded machine)
+            waiting = """SELECT EXISTS (SELECT FROM pg_stat_activity
+                         WHERE datname = current_database() AND wait_event_type = 'Lock')"""
+            async with asyncio.timeout(30):
+                while True:
+                    if await pool.fetchval(waiting):
+                        return result
+                    await asyncio.sleep(0.01)
 
     runner = OperationRunner(pool, {"reindex": Slow(10)})
     task = asyncio.create_task(runner.run_once())
     await asyncio.wait_for(written.wait(), 30)
     assert await delete(pool, "StationName") is not None
+    # it returned after the step committed: that step's 10 values are there. (A next step may have taken the
+    # row first: PostgreSQL lets a new locker of a row that was just released in before a waiter.)
+    written_values = await pool.fetchval("SELECT count(*) FROM ext_string")
+    assert written_values in (10, 20, 30, 40), written_values
     await task
-    assert await pool.fetchval("SELECT count(*) FROM ext_string") == 10  # the step's commit
+    assert await pool.fetchval("SELECT count(*) FROM ext_string") == written_values  # no step after it
     assert await pool.fetchval("SELECT status FROM operation WHERE type = 'reindex'") == "canceled"
     await run_deletions(pool)
     assert await pool.fetchval("SELECT count(*) FROM ext_string") == 0

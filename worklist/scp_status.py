@@ -35,6 +35,7 @@ import logging
 
 import asyncpg
 
+from indexer.sessions import server_settings
 from worklist import events
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class ScpStatus:
 
     async def start(self) -> bool:
         """Join the live processes; True when the archive was down and this process reported RESTARTED."""
-        conn = await asyncpg.connect(self._dsn)
+        conn = await asyncpg.connect(self._dsn, server_settings=server_settings())
         first = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", ALIVE_LOCK))
         try:
             return await self._join(conn, first)
@@ -115,7 +116,7 @@ class ScpStatus:
     async def _join_again(self) -> None:
         while True:
             try:
-                conn = await asyncpg.connect(self._dsn)
+                conn = await asyncpg.connect(self._dsn, server_settings=server_settings())
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("UPS SCP status: cannot connect (%s); retrying", exc)
                 await asyncio.sleep(self._retry_seconds)

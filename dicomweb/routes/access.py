@@ -108,7 +108,8 @@ async def list_tokens(request: Request) -> Response:
 
 
 async def revoke_token(request: Request) -> Response:
-    """DELETE /tokens/{id or name}: 204; every process refuses it from its next request."""
+    """DELETE /tokens/{id or name}: 204; this process refuses it from its next request, the others (any
+    node) once the NOTIFY arrives, milliseconds later."""
     async with context(request).pool.acquire() as conn:
         revoked = await tokens.revoke(
             conn, request.path_params["token"], now=request.app.state.access.clock.now()
