@@ -147,7 +147,8 @@ async def replicate(
     *,
     checkpoint: str,
     follow: bool = True,
-    batch_size: int = 100,
+    batch_size: int = 500,
+    parallel: int = 8,
     wait: int = 30,
     source_token: str | None = None,
     target_token: str | None = None,
@@ -163,7 +164,13 @@ async def replicate(
         open_checkpoint(checkpoint, "replicate") as store,
     ):
         replicator = Replicator(
-            source, source_url, target, target_url, status_file=status_file, metrics_file=metrics_file
+            source,
+            source_url,
+            target,
+            target_url,
+            parallel=parallel,
+            status_file=status_file,
+            metrics_file=metrics_file,
         )
         if replicator_ready is not None:
             replicator_ready(replicator)

@@ -95,7 +95,8 @@ def _replicate_cmd(args: argparse.Namespace) -> int:
         status = asyncio.run(
             replicate(
                 args.source, args.target, checkpoint=args.checkpoint, follow=args.follow,
-                batch_size=args.batch_size, source_token=_token(args.source_token_file, "DICOMWEB_TOKEN"),
+                batch_size=args.batch_size, parallel=args.parallel,
+                source_token=_token(args.source_token_file, "DICOMWEB_TOKEN"),
                 target_token=_token(args.target_token_file, "DICOMWEB_TARGET_TOKEN"),
                 status_file=args.status_file, metrics_file=args.metrics_file,
             )
@@ -139,7 +140,8 @@ def add_recovery_commands(sub: Any, add_common: Callable[[argparse.ArgumentParse
     rep.add_argument(
         "--follow", action="store_true", help="keep following the feed (else stop when caught up)"
     )
-    rep.add_argument("--batch-size", type=int, default=100, help="change feed entries per batch (100)")
+    rep.add_argument("--batch-size", type=int, default=500, help="change feed entries per batch (500)")
+    rep.add_argument("--parallel", type=int, default=8, help="reads and stores in flight at once (8)")
     rep.add_argument(
         "--status-file", type=Path, help="JSON status (position, lag) rewritten after each batch"
     )
