@@ -4,7 +4,8 @@ A backup is a directory:
 
     manifest.json    written last: a backup without it is incomplete and restore refuses it
     database.dump    pg_dump (custom format) of the index, change feed, tokens, operations, ...
-    objects.jsonl    every object the dumped index references: {"key", "sha256", "size"}, sorted by key
+    objects.jsonl    every object the dumped index references (current versions and the originals that bulk
+                     updates keep): {"key", "sha256", "size"}, sorted by key
     objects/<key>    a copy of each of them, verified against its digest as it was copied
 
 Consistency: one REPEATABLE READ transaction exports its snapshot; `pg_dump --snapshot` dumps exactly that
@@ -35,6 +36,7 @@ import orjson
 
 from archive.maintenance import DELETIONS_PAUSED_LOCK
 from indexer.embedded import EmbeddedPostgresError, PgBinaries, find_pg_binaries
+from indexer.lookup import all_objects
 from indexer.migrate import migrate
 from storage.base import READ_CHUNK_SIZE, BlobNotFoundError, BlobStore, validate_key
 
@@ -134,9 +136,7 @@ async def _dump_at_snapshot(dsn: str, dest: Path) -> tuple[int, list[ObjectEntry
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
             sequence = int(await conn.fetchval("SELECT last_sequence FROM changefeed_counter"))
-            rows = await conn.fetch(
-                "SELECT storage_key, encode(sha256, 'hex'), size FROM instance ORDER BY storage_key"
-            )
+            rows = await all_objects(conn)
             entries = [ObjectEntry(r[0], r[1], int(r[2])) for r in rows]
             # The snapshot stays importable only while this transaction is open.
             await _run_tool(

@@ -28,6 +28,7 @@ from tests.fixtures.postgres import fresh_database
 from tests.fixtures.s3 import make_s3_store
 from tests.fixtures.server import RunningArchive, start_archive
 from tests.recovery_support import Holdings, delete, holdings, instances, stow
+from tests.test_bulk_update import NEW_NAME, _bulk_update, _wait
 
 
 @pytest.fixture
@@ -224,3 +225,39 @@ async def test_restore_refuses_what_it_cannot_restore_cleanly(
         with pytest.raises(BackupError, match="does not match its digest"):
             await restore(dest, target_url, LocalBlobStore(tmp_path / "target"))
     assert orjson.loads((dest / "manifest.json").read_bytes())["objects"] == 2
+
+
+async def test_originals_kept_by_bulk_updates_are_backed_up_and_restored(
+    local_archive: RunningArchive, postgres_server: str, tmp_path: Path
+) -> None:
+    """The objects of `instance_original` are in the backup, restored, served with
+    `msdicom-request-original: true`, and the restored archive scrubs clean."""
+    files = instances(6, 3)
+    async with httpx.AsyncClient(timeout=60) as client:
+        refs = await stow(client, local_archive.url, files)
+        response = await _bulk_update(
+            client, local_archive.url, {"studyInstanceUids": [refs[0].study], "changeDataset": NEW_NAME}
+        )
+        assert (await _wait(client, response.json()["href"]))["status"] == "succeeded"
+        updated = await holdings(client, local_archive.url, local_archive.database_url)
+        summary = await backup(local_archive.database_url, local_archive.store, tmp_path / "backup")
+        assert summary.objects == 6  # three current versions, three originals
+        keys = {e.key for e in read_object_list(tmp_path / "backup")}
+        async with fresh_database(postgres_server) as target_url:
+            target = LocalBlobStore(tmp_path / "target")
+            assert (await restore(tmp_path / "backup", target_url, target)).objects == 6
+            assert {info.key async for info in target.list()} == keys
+            thread, copy = start_archive(Settings(data_dir=tmp_path), target_url, target, target)
+            try:
+                assert await holdings(client, copy.url, target_url) == updated
+                original = {
+                    "Accept": "application/dicom; transfer-syntax=*",
+                    "msdicom-request-original": "true",
+                }
+                for ref, data in zip(refs, files, strict=True):
+                    r = await client.get(f"{copy.url}{ref.path()}", headers=original)
+                    assert r.status_code == 200 and r.content == data
+            finally:
+                thread.stop()
+            scrub = ["scrub", "--database-url", target_url, "--storage-url", (tmp_path / "target").as_uri()]
+            assert await asyncio.to_thread(main, [*scrub, "--grace-minutes", "0"]) == 0
