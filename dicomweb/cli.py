@@ -88,6 +88,12 @@ def _serve(args: argparse.Namespace) -> int:
         settings = replace(settings, dimse_port=DEFAULT_DIMSE_PORT)
     workers = settings.worker_count()
     settings = replace(settings, workers=workers)
+    if settings.s3_object_lock_days > 0:
+        try:
+            asyncio.run(_check_object_lock(settings))
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     with database(settings) as dsn:
         # Run migrations once before workers start, so they never race at first start.
         asyncio.run(_migrate(dsn))
@@ -191,6 +197,20 @@ async def _ensure_bucket(settings: Settings) -> None:
     try:
         assert isinstance(store, S3BlobStore)
         await store.ensure_bucket()
+    finally:
+        await store.close()
+
+
+async def _check_object_lock(settings: Settings) -> None:
+    """Refuse a retention on a bucket without Object Lock before any worker starts: each worker checks too
+    (dicomweb/app.py), but with several workers uvicorn's supervisor exits 0 when they fail to start, which
+    a service manager would take for a clean stop."""
+    from storage.s3 import S3BlobStore
+
+    store = blob_store(settings)
+    try:
+        if isinstance(store, S3BlobStore):
+            await store.check_object_lock()
     finally:
         await store.close()
 
