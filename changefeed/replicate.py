@@ -17,9 +17,11 @@ checkpoint only after the handler returns, so delivery is at least once, and app
 Collapsing a batch to each instance's last action is safe because the target only has to end up as the
 source is; intermediate states inside one batch are never observable afterwards.
 
-Lag is how long after the source committed an entry (its Timestamp) the target had it applied. The status
-file (JSON) and the metrics file (Prometheus text format, for node_exporter's textfile collector) are
-rewritten after every batch.
+Lag is how long after the source committed an entry (its Timestamp) the target had it applied; and
+`caught_up_at` is the last time every entry the source's feed held had been applied, so `now - caught_up_at`
+bounds the lag while the replicator is behind or stuck (source down, target refusing). The status file
+(JSON) and the metrics file (Prometheus text format, for node_exporter's textfile collector) are
+rewritten after every batch and whenever it catches up; `--metrics-port` serves the same, live.
 """
 
 from __future__ import annotations
@@ -33,13 +35,16 @@ import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import httpx
 import orjson
+from prometheus_client import CollectorRegistry, Metric, start_http_server
+from prometheus_client.parser import text_string_to_metric_families
 
 from changefeed.consumer import ChangeFeedError, Entry
 
@@ -92,13 +97,16 @@ class ReplicationStatus:
     skipped: int = 0
     last_lag_seconds: float = 0.0
     last_applied: str | None = None
+    caught_up_at: float | None = None  # time.time() when it last had applied all the source's feed held
     lags: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+    started_at: float = field(default_factory=time.time)
 
     def as_json(self) -> dict[str, Any]:
         return {
             "position": self.position,
             "lag_seconds": round(self.last_lag_seconds, 3),
             "last_applied": self.last_applied,
+            "behind_seconds": round(self.behind(), 3),
             "copied": self.copied,
             "already_present": self.already_present,
             "replaced": self.replaced,
@@ -106,11 +114,24 @@ class ReplicationStatus:
             "skipped": self.skipped,
         }
 
+    def behind(self, now: float | None = None) -> float:
+        """Seconds since the replicator last had everything applied (since start, if it never had)."""
+        since = self.caught_up_at if self.caught_up_at is not None else self.started_at
+        return max(0.0, (time.time() if now is None else now) - since)
+
     def prometheus(self) -> str:
         lines = [
             "# HELP dicomweb_replication_lag_seconds Source commit to target apply, of the last batch.",
             "# TYPE dicomweb_replication_lag_seconds gauge",
             f"dicomweb_replication_lag_seconds {self.last_lag_seconds:.3f}",
+            "# HELP dicomweb_replication_behind_seconds Since every entry of the source's feed was last "
+            "applied (as of this rendering).",
+            "# TYPE dicomweb_replication_behind_seconds gauge",
+            f"dicomweb_replication_behind_seconds {self.behind():.3f}",
+            "# HELP dicomweb_replication_caught_up_timestamp_seconds When every entry of the source's feed "
+            "was last applied (alert on time() minus this).",
+            "# TYPE dicomweb_replication_caught_up_timestamp_seconds gauge",
+            f"dicomweb_replication_caught_up_timestamp_seconds {self.caught_up_at or 0:.3f}",
             "# HELP dicomweb_replication_sequence Last source change feed sequence applied to the target.",
             "# TYPE dicomweb_replication_sequence gauge",
             f"dicomweb_replication_sequence {self.position}",
@@ -121,6 +142,25 @@ class ReplicationStatus:
             count = getattr(self, outcome)
             lines.append(f'dicomweb_replication_applied_total{{outcome="{outcome}"}} {count}')
         return "\n".join(lines) + "\n"
+
+
+class StatusCollector:
+    """A prometheus_client collector over a ReplicationStatus, rendered at each scrape (`--metrics-port`),
+    so that `dicomweb_replication_behind_seconds` grows while the replicator is stuck."""
+
+    def __init__(self, status: ReplicationStatus) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        yield from text_string_to_metric_families(self.status.prometheus())
+
+
+def serve_metrics(status: ReplicationStatus, port: int, host: str = "127.0.0.1") -> WSGIServer:
+    """Serve the status as Prometheus metrics on host:port (a thread); `.shutdown()` stops it."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatusCollector(status))
+    server, _ = start_http_server(port, host, registry=registry)
+    return server
 
 
 def _write_atomically(path: Path, data: str) -> None:
@@ -278,6 +318,17 @@ class Replicator:
         await self._store([ref for ref in refs if ref.sop in held], held)
         self.status.skipped += sum(1 for ref in refs if ref.sop not in held)
 
+    def caught_up(self, as_of: float) -> None:
+        """The consumer's hook: everything the source's feed held at `as_of` is applied."""
+        self.status.caught_up_at = as_of
+        self._write_status()
+
+    def _write_status(self) -> None:
+        if self.status_file is not None:
+            _write_atomically(self.status_file, orjson.dumps(self.status.as_json()).decode() + "\n")
+        if self.metrics_file is not None:
+            _write_atomically(self.metrics_file, self.status.prometheus())
+
     def _applied(self, entries: list[Entry]) -> None:
         now = time.time()
         lags = [now - t for e in entries if (t := _timestamp(e)) is not None]
@@ -285,10 +336,7 @@ class Replicator:
         self.status.last_lag_seconds = max(lags, default=0.0)
         self.status.position = int(entries[-1]["Sequence"])
         self.status.last_applied = dt.datetime.fromtimestamp(now, dt.UTC).isoformat()
-        if self.status_file is not None:
-            _write_atomically(self.status_file, orjson.dumps(self.status.as_json()).decode() + "\n")
-        if self.metrics_file is not None:
-            _write_atomically(self.metrics_file, self.status.prometheus())
+        self._write_status()
 
     async def _delete(self, ref: InstanceRef) -> None:
         response = await self.target.delete(f"{self.target_root}{ref.path()}")

@@ -98,7 +98,8 @@ def _replicate_cmd(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size, parallel=args.parallel,
                 source_token=_token(args.source_token_file, "DICOMWEB_TOKEN"),
                 target_token=_token(args.target_token_file, "DICOMWEB_TARGET_TOKEN"),
-                status_file=args.status_file, metrics_file=args.metrics_file,
+                status_file=args.status_file, metrics_file=args.metrics_file, metrics_port=args.metrics_port,
+                metrics_host=args.metrics_host,
             )
         )  # fmt: skip
     except CheckpointAheadError as exc:
@@ -145,5 +146,7 @@ def add_recovery_commands(sub: Any, add_common: Callable[[argparse.ArgumentParse
     rep.add_argument(
         "--status-file", type=Path, help="JSON status (position, lag) rewritten after each batch"
     )
-    rep.add_argument("--metrics-file", type=Path, help="Prometheus text file (lag gauge) for node_exporter")
+    rep.add_argument("--metrics-file", type=Path, help="Prometheus text file (lag gauges) for node_exporter")
+    rep.add_argument("--metrics-port", type=int, help="serve the lag gauges for Prometheus on this port")
+    rep.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (127.0.0.1)")
     rep.set_defaults(func=_replicate_cmd)

@@ -22,7 +22,7 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 
-from bench.common import embedded_archive, serve_processes
+from bench.common import embedded_archive, free_port, serve_processes
 from changefeed.checkpoint import FileCheckpoint
 from changefeed.commands import replicate
 from changefeed.replicate import DEFAULT_PARTITION, ReplicationStatus, Replicator, stow_body
@@ -67,6 +67,7 @@ async def test_standby_holds_exactly_the_source_and_resumes_from_its_checkpoint(
         status = await run_once(source, standby, checkpoint)
         assert (status.copied, status.deleted, status.already_present) == (12, 0, 0)
         assert status.skipped == 2  # created then deleted before replication: never copied
+        assert status.caught_up_at is not None and 0 <= status.behind() < 30  # its end of the feed reached
         assert await FileCheckpoint(checkpoint).load() == await latest(client, source) == 16
         expected = await holdings(client, source.url, source.database_url)
         assert len(expected) == 12 and {p for p, _ in expected} == {DEFAULT_PARTITION, "other"}
@@ -161,6 +162,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
+def scraped(url: str, name: str) -> float:
+    """The value of an unlabelled metric on a Prometheus endpoint."""
+    for line in httpx.get(url, timeout=10).text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in {url}")
+
+
 def test_failover_to_the_standby(scratch: Path) -> None:
     """Two `dicomweb serve` processes (embedded default, access control on) and `dicomweb replicate
     --follow` between them. The source is killed (SIGKILL, as a lost machine), the standby promoted (the
@@ -171,6 +180,7 @@ def test_failover_to_the_standby(scratch: Path) -> None:
     checkpoint = scratch / "replica.checkpoint"
     args = ["--dimse-port", "0"]
     files = instances(5, 8)
+    metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
     with embedded_archive(1, dr_dir, insecure_open=False, extra_args=args) as standby_url:
         standby = httpx.Client(headers=bearer(dr_dir), timeout=60)
         with embedded_archive(1, src_dir, insecure_open=False, extra_args=args) as source_url:
@@ -179,7 +189,8 @@ def test_failover_to_the_standby(scratch: Path) -> None:
                 [sys.executable, "-m", "dicomweb.cli", "replicate", "--source", source_url,
                  "--target", standby_url, "--source-token-file", str(src_dir / "owner-token"),
                  "--target-token-file", str(dr_dir / "owner-token"), "--checkpoint", str(checkpoint),
-                 "--follow", "--status-file", str(status_file), "--metrics-file", str(metrics_file)],
+                 "--follow", "--status-file", str(status_file), "--metrics-file", str(metrics_file),
+                 "--metrics-port", metrics_url.split(":")[2].split("/")[0]],
                 start_new_session=True,
             )  # fmt: skip
             try:
@@ -201,6 +212,7 @@ def test_failover_to_the_standby(scratch: Path) -> None:
                 metrics = metrics_file.read_text()
                 assert f"dicomweb_replication_sequence {last}\n" in metrics
                 assert 'dicomweb_replication_applied_total{outcome="copied"} 8\n' in metrics
+                assert scraped(metrics_url, "dicomweb_replication_sequence") == last
                 expected = {i["00080018"]["Value"][0] for i in source.get(f"{source_url}/instances").json()}
                 source.close()
                 # the source's machine is lost: no shutdown, no last words (its PostgreSQL runs in a
@@ -210,8 +222,11 @@ def test_failover_to_the_standby(scratch: Path) -> None:
                 for pid in {*serve_processes(source_url), postmaster}:
                     os.kill(pid, signal.SIGKILL)
                 wait_for(lambda: not serve_processes(source_url))
-                time.sleep(1)
-                assert replicator.poll() is None  # it keeps retrying a source that is gone
+                behind = scraped(metrics_url, "dicomweb_replication_behind_seconds")
+                time.sleep(1.5)
+                assert replicator.poll() is None  # it keeps retrying a source that is gone ...
+                # ... and the metric an alert watches grows while it cannot catch up
+                assert scraped(metrics_url, "dicomweb_replication_behind_seconds") >= behind + 1.5
             finally:
                 replicator.send_signal(signal.SIGTERM)  # promotion: stop replicating into the standby
                 replicator.wait(timeout=30)
