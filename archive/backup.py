@@ -30,6 +30,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import asyncpg
 import orjson
@@ -107,7 +108,9 @@ async def backup(
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise BackupError(f"{dest} is not empty; back up into a new directory")
-    dest.mkdir(parents=True, exist_ok=True)
+    # the whole archive is in here (patient data, token hashes, the audit log): its owner's only
+    dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+    dest.chmod(0o700)
     guard = await asyncpg.connect(dsn)
     try:
         # Waits for drains in flight (they hold the lock shared) to commit; then no deletion can start.
@@ -143,6 +146,7 @@ async def _dump_at_snapshot(dsn: str, dest: Path) -> tuple[int, list[ObjectEntry
                 binaries, "pg_dump", "--format=custom", f"--snapshot={snapshot}", f"--file={dest / DUMP}",
                 f"--dbname={dsn}",
             )  # fmt: skip
+            (dest / DUMP).chmod(0o600)
         version = conn.get_server_version()
         server_version = f"{version.major}.{version.minor}"
     finally:
@@ -166,7 +170,8 @@ async def _bounded(
     async def worker() -> None:
         nonlocal total, done
         for entry in queue:
-            total += await work(entry)
+            size = await work(entry)  # not `total += await ...`: that reads total before the await
+            total += size
             done += 1
             if progress is not None and (done % 1000 == 0 or done == len(items)):
                 progress(done, len(items))
@@ -189,10 +194,10 @@ async def _copy_objects(
 ) -> int:
     async def copy(entry: ObjectEntry) -> int:
         path = _object_path(dest, entry.key)
-        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True, mode=0o700)
         digest, size = hashlib.sha256(), 0
         try:
-            with path.open("wb") as out:
+            with _create_private(path) as out:
                 async for chunk in store.stream(entry.key):
                     digest.update(chunk)
                     size += len(chunk)
@@ -217,9 +222,14 @@ def _check(entry: ObjectEntry, sha256: str, size: int, where: str) -> None:
         )
 
 
+def _create_private(path: Path) -> BinaryIO:
+    """A new file (or one left by an interrupted copy, emptied) that only its owner can read."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+
+
 def _write_durably(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
+    with _create_private(tmp) as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

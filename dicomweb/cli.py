@@ -151,7 +151,12 @@ def _owner_token(dsn: str, settings: Settings) -> None:
     elif path is not None:
         print(f"owner API token in {path} (send it as 'Authorization: Bearer <token>')", flush=True)
     else:
-        print("the owner token file was removed; create tokens with 'dicomweb token create'", flush=True)
+        print(
+            "no owner-token file, and the database already has an owner token (the file was removed, or "
+            "the archive was restored from a backup, whose tokens are the backed-up archive's); create "
+            "tokens with 'dicomweb token create'",
+            flush=True,
+        )
 
 
 async def _migrate(dsn: str) -> list[str]:

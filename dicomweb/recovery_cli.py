@@ -81,6 +81,11 @@ def _restore_cmd(args: argparse.Namespace) -> int:
         f"restored {summary.objects} objects ({summary.bytes} bytes, every digest checked) and the index "
         f"at change feed sequence {summary.changefeed_sequence}"
     )
+    print(
+        "the restored archive has the backed-up archive's tokens, AE registrations and audit log: the "
+        "owner-token of the archive that was backed up works on it"
+        + ("" if settings.database_url else f" (copy that file to {settings.data_dir / 'owner-token'})")
+    )
     return 0
 
 

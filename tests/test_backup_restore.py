@@ -242,10 +242,21 @@ async def test_originals_kept_by_bulk_updates_are_backed_up_and_restored(
         updated = await holdings(client, local_archive.url, local_archive.database_url)
         summary = await backup(local_archive.database_url, local_archive.store, tmp_path / "backup")
         assert summary.objects == 6  # three current versions, three originals
-        keys = {e.key for e in read_object_list(tmp_path / "backup")}
+        listed = read_object_list(tmp_path / "backup")
+        # patient data, token hashes and the audit log: readable by the backup's owner only
+        assert (tmp_path / "backup").stat().st_mode & 0o777 == 0o700
+        made = [p for p in (tmp_path / "backup").rglob("*") if p.is_file()]
+        assert len(made) == 3 + 6 and all(p.stat().st_mode & 0o777 == 0o600 for p in made)
+        keys = {e.key for e in listed}
+        assert (
+            summary.bytes
+            == sum(e.size for e in listed)
+            == sum(map(len, updated.values())) + sum(map(len, files))
+        )
         async with fresh_database(postgres_server) as target_url:
             target = LocalBlobStore(tmp_path / "target")
-            assert (await restore(tmp_path / "backup", target_url, target)).objects == 6
+            restored = await restore(tmp_path / "backup", target_url, target)
+            assert (restored.objects, restored.bytes) == (6, summary.bytes)
             assert {info.key async for info in target.list()} == keys
             thread, copy = start_archive(Settings(data_dir=tmp_path), target_url, target, target)
             try:
