@@ -253,3 +253,38 @@ def test_failover_to_the_standby(scratch: Path) -> None:
             (before + 1, "create", new.SOPInstanceUID)
         ]
         standby.close()
+
+
+async def test_a_series_the_batch_mostly_wants_is_read_in_one_request(
+    local_archive: RunningArchive, standby: RunningArchive, tmp_path: Path
+) -> None:
+    """Per study of a batch: one QIDO of its series, then one WADO-RS read per series of which the batch
+    wants at least half (its other instances are left to their own entries), one per instance otherwise."""
+    source = local_archive
+    async with httpx.AsyncClient(timeout=60) as client:
+        whole = await stow(client, source.url, instances(7, 6))  # two series of three
+        lone = await stow(client, source.url, instances(8, 1))
+        feed = (await client.get(f"{source.base}/v1/changefeed", params={"offset": "0"})).json()
+        assert len(feed) == 7
+        seen: list[str] = []
+
+        async def record(request: httpx.Request) -> None:
+            seen.append(f"{request.method} {request.url.path}")
+
+        async with httpx.AsyncClient(timeout=60, event_hooks={"request": [record]}) as reader:
+            replicator = Replicator(reader, source.url, client, standby.url)
+            # the batch holds two of series 0's three instances, all of series 1's, and the lone one
+            batch = [e for e in feed if e["SopInstanceUid"] != whole[4].sop]
+            await replicator(batch)
+        study, series0, series1 = whole[0].study, whole[0].series, whole[1].series
+        assert sorted(seen) == sorted(
+            [f"GET /v2/studies/{study}/series", f"GET /v2/studies/{study}/series/{series0}",
+             f"GET /v2/studies/{study}/series/{series1}", f"GET /v2{lone[0].path()}"]
+        )  # fmt: skip
+        assert (replicator.status.copied, replicator.status.skipped) == (6, 0)
+        held = await holdings(client, standby.url, standby.database_url)
+        assert set(held) == {(DEFAULT_PARTITION, ref.sop) for ref in whole + lone} - {
+            (DEFAULT_PARTITION, whole[4].sop)
+        }
+        expected = await holdings(client, source.url, source.database_url)
+        assert all(expected[key] == data for key, data in held.items())
