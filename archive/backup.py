@@ -147,8 +147,8 @@ async def _dump_at_snapshot(dsn: str, dest: Path) -> tuple[int, list[ObjectEntry
                 f"--dbname={dsn}",
             )  # fmt: skip
             (dest / DUMP).chmod(0o600)
-        version = conn.get_server_version()
-        server_version = f"{version.major}.{version.minor}"
+        # asyncpg reads "15.14" as major 15, minor 0, micro 14: the server's own text says which release
+        server_version = str(await conn.fetchval("SHOW server_version")).split()[0]
     finally:
         await conn.close()
     lines = (orjson.dumps({"key": e.key, "sha256": e.sha256, "size": e.size}) for e in entries)

@@ -107,6 +107,12 @@ async def test_backup_of_a_live_archive_restores_onto_a_new_data_dir(
         assert code == 0
         manifest = read_manifest(dest)
         sequence = manifest["changefeed_sequence"]
+        conn = await asyncpg.connect(local_archive.database_url)
+        try:
+            server = await conn.fetchval("SHOW server_version")  # "15.14 (Debian ...)": the release
+        finally:
+            await conn.close()
+        assert manifest["postgres"] == server.split()[0]
         expected = await state_at(client, local_archive.base, sequence)
         assert {(DEFAULT_PARTITION, refs[1].sop), ("other", refs[-2].sop)} <= expected
         assert (DEFAULT_PARTITION, refs[0].sop) not in expected
