@@ -4,7 +4,8 @@ A backup is a directory:
 
     manifest.json    written last: a backup without it is incomplete and restore refuses it
     database.dump    pg_dump (custom format) of the index, change feed, tokens, operations, ...
-    objects.jsonl    every object the dumped index references: {"key", "sha256", "size"}, sorted by key
+    objects.jsonl    every object the dumped index references (current versions and the originals that bulk
+                     updates keep): {"key", "sha256", "size"}, sorted by key
     objects/<key>    a copy of each of them, verified against its digest as it was copied
 
 Consistency: one REPEATABLE READ transaction exports its snapshot; `pg_dump --snapshot` dumps exactly that
@@ -29,12 +30,14 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import asyncpg
 import orjson
 
 from archive.maintenance import DELETIONS_PAUSED_LOCK
 from indexer.embedded import EmbeddedPostgresError, PgBinaries, find_pg_binaries
+from indexer.lookup import all_objects
 from indexer.migrate import migrate
 from storage.base import READ_CHUNK_SIZE, BlobNotFoundError, BlobStore, validate_key
 
@@ -105,7 +108,9 @@ async def backup(
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise BackupError(f"{dest} is not empty; back up into a new directory")
-    dest.mkdir(parents=True, exist_ok=True)
+    # the whole archive is in here (patient data, token hashes, the audit log): its owner's only
+    dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+    dest.chmod(0o700)
     guard = await asyncpg.connect(dsn)
     try:
         # Waits for drains in flight (they hold the lock shared) to commit; then no deletion can start.
@@ -134,20 +139,16 @@ async def _dump_at_snapshot(dsn: str, dest: Path) -> tuple[int, list[ObjectEntry
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
             sequence = int(await conn.fetchval("SELECT last_sequence FROM changefeed_counter"))
-            # with the objects kept for a restore window (retention/): the restored index references them
-            rows = await conn.fetch(
-                """SELECT storage_key, encode(sha256, 'hex'), size FROM instance
-                   UNION ALL SELECT storage_key, encode(sha256, 'hex'), size FROM deleted_object
-                   ORDER BY 1"""
-            )
+            rows = await all_objects(conn)
             entries = [ObjectEntry(r[0], r[1], int(r[2])) for r in rows]
             # The snapshot stays importable only while this transaction is open.
             await _run_tool(
                 binaries, "pg_dump", "--format=custom", f"--snapshot={snapshot}", f"--file={dest / DUMP}",
                 f"--dbname={dsn}",
             )  # fmt: skip
-        version = conn.get_server_version()
-        server_version = f"{version.major}.{version.minor}"
+            (dest / DUMP).chmod(0o600)
+        # asyncpg reads "15.14" as major 15, minor 0, micro 14: the server's own text says which release
+        server_version = str(await conn.fetchval("SHOW server_version")).split()[0]
     finally:
         await conn.close()
     lines = (orjson.dumps({"key": e.key, "sha256": e.sha256, "size": e.size}) for e in entries)
@@ -169,7 +170,8 @@ async def _bounded(
     async def worker() -> None:
         nonlocal total, done
         for entry in queue:
-            total += await work(entry)
+            size = await work(entry)  # not `total += await ...`: that reads total before the await
+            total += size
             done += 1
             if progress is not None and (done % 1000 == 0 or done == len(items)):
                 progress(done, len(items))
@@ -192,10 +194,10 @@ async def _copy_objects(
 ) -> int:
     async def copy(entry: ObjectEntry) -> int:
         path = _object_path(dest, entry.key)
-        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True, mode=0o700)
         digest, size = hashlib.sha256(), 0
         try:
-            with path.open("wb") as out:
+            with _create_private(path) as out:
                 async for chunk in store.stream(entry.key):
                     digest.update(chunk)
                     size += len(chunk)
@@ -220,9 +222,14 @@ def _check(entry: ObjectEntry, sha256: str, size: int, where: str) -> None:
         )
 
 
+def _create_private(path: Path) -> BinaryIO:
+    """A new file (or one left by an interrupted copy, emptied) that only its owner can read."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+
+
 def _write_durably(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
+    with _create_private(tmp) as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -6,6 +6,7 @@ and runs in one process at a time. Two phases, each a resumable walk:
 1. the index, in instance_key order: each object is read whole and hashed; one that is gone is *missing*,
    one whose SHA-256 differs from the digest recorded at ingest is *altered*. A row deleted meanwhile (its
    object with it) is not a finding: both are re-checked against the index before they are reported.
+   Then the same for the original versions that bulk updates keep (`instance_original`, by its key).
 2. the store's listing, in its own order (BlobStore.list(start_after=)): an object that no index row
    references, that is not queued for deletion, and that is older than the grace period is *unreferenced*.
    The grace period spares uploads whose index rows are still to commit, as the orphan sweeper does; the
@@ -31,7 +32,7 @@ from typing import Any
 import asyncpg
 
 from archive.maintenance import unreferenced
-from indexer.lookup import IndexedObject, is_indexed, objects_after
+from indexer.lookup import IndexedObject, is_indexed, objects_after, originals_after
 from indexer.operations import Operation, OperationSchedule, Step, schedule_operation
 from storage.base import BlobNotFoundError, BlobStore
 from storage.digests import digest_of, digests
@@ -111,15 +112,18 @@ class ScrubHandler:
 
     async def step(self, conn: asyncpg.Connection, op: Operation) -> Step:
         cp = op.checkpoint or {
-            "phase": "index", "after": 0, "listedAfter": "", "checked": 0, "bytes": 0, "listed": 0,
-            MISSING: 0, ALTERED: 0, UNREFERENCED: 0,
+            "phase": "index", "after": 0, "originalAfter": [0, ""], "listedAfter": "", "checked": 0,
+            "bytes": 0, "listed": 0, MISSING: 0, ALTERED: 0, UNREFERENCED: 0,
             "last": await conn.fetchval("SELECT coalesce(max(instance_key), 0) FROM instance"),
         }  # fmt: skip
         rate = float(op.params.get("rateMBps") or 0) * 1e6
         pace = _Pace(rate)
         if cp["phase"] == "index":
             found = await self._index_step(conn, cp, pace)
-            percent = int(90 * min(1.0, cp["after"] / cp["last"])) if cp["last"] else 90
+            percent = int(85 * min(1.0, cp["after"] / cp["last"])) if cp["last"] else 85
+        elif cp["phase"] == "originals":
+            found = await self._originals_step(conn, cp, pace)
+            percent = 90
         else:
             grace = timedelta(seconds=float(op.params.get("graceSeconds", DEFAULT_GRACE.total_seconds())))
             found = await self._store_step(conn, cp, grace)
@@ -139,6 +143,45 @@ class ScrubHandler:
 
     async def _index_step(self, conn: asyncpg.Connection, cp: dict[str, Any], pace: _Pace) -> list[Finding]:
         rows = await objects_after(conn, cp["after"], STEP_ROWS)
+        taken, suspects = await self._check_rows(rows, pace)
+        if not taken:
+            cp["phase"] = "originals"
+            return []
+        cp["after"] = taken[-1].instance_key
+        return await self._settle(conn, cp, taken, suspects)
+
+    async def _originals_step(
+        self, conn: asyncpg.Connection, cp: dict[str, Any], pace: _Pace
+    ) -> list[Finding]:
+        after = cp.setdefault("originalAfter", [0, ""])  # a scrub begun before originals were checked
+        rows = await originals_after(conn, (after[0], after[1]), STEP_ROWS)
+        taken, suspects = await self._check_rows(rows, pace)
+        if not taken:
+            cp["phase"] = "store"
+            return []
+        cp["originalAfter"] = [taken[-1].partition_key, taken[-1].instance.sop_instance_uid]
+        return await self._settle(conn, cp, taken, suspects)
+
+    async def _settle(
+        self,
+        conn: asyncpg.Connection,
+        cp: dict[str, Any],
+        taken: list[IndexedObject],
+        suspects: list[Finding],
+    ) -> list[Finding]:
+        """Count a checked slice; its suspects that the index still references are the findings."""
+        cp["checked"] += len(taken)
+        cp["bytes"] += sum(row.instance.size for row in taken)
+        if not suspects:
+            return []
+        # deleted (or replaced by a new version) since the page was read: the row went with the object
+        still = await is_indexed(conn, [f.storage_key for f in suspects])
+        return [f for f in suspects if f.storage_key in still]
+
+    async def _check_rows(
+        self, rows: list[IndexedObject], pace: _Pace
+    ) -> tuple[list[IndexedObject], list[Finding]]:
+        """Read and hash as many of `rows` as this step's byte budget allows: (those checked, suspects)."""
         budget = pace.step_bytes()
         taken, total = [], 0
         for row in rows:
@@ -146,9 +189,6 @@ class ScrubHandler:
                 break
             taken.append(row)
             total += row.instance.size
-        if not taken:
-            cp["phase"] = "store"
-            return []
         # batches of small objects, large ones alone; READ_AHEAD at once, so that one is read while
         # another is hashed (hashlib and the reads release the GIL)
         units: list[list[IndexedObject]] = []
@@ -175,14 +215,7 @@ class ScrubHandler:
                 return found
 
         suspects = [f for found in await asyncio.gather(*(check(u) for u in units)) for f in found]
-        cp["after"] = taken[-1].instance_key
-        cp["checked"] += len(taken)
-        cp["bytes"] += total
-        if not suspects:
-            return []
-        # deleted (or replaced by a new version) since the page was read: the row went with the object
-        still = await is_indexed(conn, [f.storage_key for f in suspects])
-        return [f for f in suspects if f.storage_key in still]
+        return taken, suspects
 
     async def _check_batch(self, batch: list[IndexedObject]) -> list[Finding]:
         bodies = await self.store.read_many([row.instance.storage_key for row in batch])

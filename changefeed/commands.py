@@ -3,6 +3,7 @@ parses arguments)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -17,7 +18,7 @@ from changefeed.checkpoint import CheckpointStore, FileCheckpoint, MemoryCheckpo
 from changefeed.consumer import ChangeFeedConsumer, ChangeFeedError, Entry
 from changefeed.fhir import DEFAULT_PATIENT_SYSTEM
 from changefeed.fhirsync import ArchiveReader, FhirClient, FhirSync, dicomweb_root_for
-from changefeed.replicate import ReplicationStatus, Replicator, service_base
+from changefeed.replicate import ReplicationStatus, Replicator, serve_metrics, service_base
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +148,15 @@ async def replicate(
     *,
     checkpoint: str,
     follow: bool = True,
-    batch_size: int = 100,
+    batch_size: int = 500,
+    parallel: int = 8,
     wait: int = 30,
     source_token: str | None = None,
     target_token: str | None = None,
     status_file: Path | None = None,
     metrics_file: Path | None = None,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
     replicator_ready: Callable[[Replicator], None] | None = None,
 ) -> ReplicationStatus:
     """Apply the source archive's change feed to the target archive (changefeed/replicate.py), resuming
@@ -163,13 +167,27 @@ async def replicate(
         open_checkpoint(checkpoint, "replicate") as store,
     ):
         replicator = Replicator(
-            source, source_url, target, target_url, status_file=status_file, metrics_file=metrics_file
+            source,
+            source_url,
+            target,
+            target_url,
+            parallel=parallel,
+            status_file=status_file,
+            metrics_file=metrics_file,
         )
         if replicator_ready is not None:
             replicator_ready(replicator)
         consumer = ChangeFeedConsumer(
             f"{service_base(source_url)}/v1", store, replicator, batch_size=batch_size,
-            include_metadata=False, wait=wait if follow else 0, client=source,
+            include_metadata=False, wait=wait if follow else 0, client=source, caught_up=replicator.caught_up,
         )  # fmt: skip
-        await consumer.run(follow=follow)
+        metrics = (
+            None if metrics_port is None else serve_metrics(replicator.status, metrics_port, metrics_host)
+        )
+        try:
+            await consumer.run(follow=follow)
+        finally:
+            if metrics is not None:
+                await asyncio.to_thread(metrics.shutdown)
+                metrics.server_close()
     return replicator.status

@@ -79,7 +79,9 @@ class _Retryable(Exception):
 class ChangeFeedConsumer:
     """Tails `{root}/changefeed` (root: `http://host:port/v1` or `.../v1/partitions/{name}`).
 
-    `token` is sent as `Authorization: Bearer` (when the consumer makes its own client).
+    `token` is sent as `Authorization: Bearer` (when the consumer makes its own client). `caught_up(t)` is
+    called whenever everything the feed held at `t` (time.time() when the page arrived) has been handled:
+    after a batch shorter than `batch_size`, or an empty page. `now - t` bounds how far behind it is.
     `handler` receives each non-empty batch in Sequence order; when it raises, the same batch is retried
     after a backoff, except for a `ChangeFeedError`, which stops the consumer (the checkpoint stays before
     the batch). `run()` returns when caught up if `follow` is false, and otherwise runs until cancelled.
@@ -98,6 +100,7 @@ class ChangeFeedConsumer:
         client: httpx.AsyncClient | None = None,
         token: str | None = None,
         min_poll_interval: float = 0.5,
+        caught_up: Callable[[float], None] | None = None,
     ) -> None:
         if not 1 <= batch_size <= MAX_LIMIT:
             raise ValueError(f"batch_size must be within 1..{MAX_LIMIT}")
@@ -112,6 +115,7 @@ class ChangeFeedConsumer:
         self.backoff = backoff or Backoff()
         self.min_poll_interval = min_poll_interval
         self._client = client
+        self._caught_up = caught_up
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.position: int | None = None  # last Sequence processed, once loaded
         self._verified = False  # checked once per run that the checkpoint is not ahead of the feed
@@ -155,7 +159,10 @@ class ChangeFeedConsumer:
                 raise CheckpointAheadError(offset, latest)
             self._verified = True
         entries = await self._fetch(client, offset, wait)
+        read_at = time.time()
         if not entries:
+            if self._caught_up is not None:
+                self._caught_up(read_at)
             return 0
         self._check_order(offset, entries)
         try:
@@ -171,6 +178,8 @@ class ChangeFeedConsumer:
         except Exception as exc:  # disk full, checkpoint database down: the batch is redone, as after a crash
             raise _Retryable(f"checkpoint not saved: {exc!r}") from exc
         self.position = last
+        if len(entries) < self.batch_size and self._caught_up is not None:
+            self._caught_up(read_at)
         return len(entries)
 
     async def _fetch(self, client: httpx.AsyncClient, offset: int, wait: int) -> list[Entry]:

@@ -3,8 +3,9 @@
 `Replicator` is a `ChangeFeedConsumer` handler. For each batch it works out every touched instance's last
 action and applies it to the target over DICOMweb: a created or updated instance is read from the source
 with WADO-RS (as stored, `transfer-syntax=*`) and stored on the target with STOW-RS into the same
-partition; a deleted one is deleted there. The consumer saves its checkpoint only after the handler
-returns, so delivery is at least once, and applying is idempotent:
+partition; a deleted one is deleted there. Instances of one series that a batch mostly wants are read in
+one series retrieve (its size from a QIDO of the study) and stored in one STOW. The consumer saves its
+checkpoint only after the handler returns, so delivery is at least once, and applying is idempotent:
 
 * STOW of an instance the target already holds answers 45070. The target's copy is then compared with the
   source's; equal means applied already (a replayed batch), different means the source changed it (an
@@ -16,9 +17,11 @@ returns, so delivery is at least once, and applying is idempotent:
 Collapsing a batch to each instance's last action is safe because the target only has to end up as the
 source is; intermediate states inside one batch are never observable afterwards.
 
-Lag is how long after the source committed an entry (its Timestamp) the target had it applied. The status
-file (JSON) and the metrics file (Prometheus text format, for node_exporter's textfile collector) are
-rewritten after every batch.
+Lag is how long after the source committed an entry (its Timestamp) the target had it applied; and
+`caught_up_at` is the last time every entry the source's feed held had been applied, so `now - caught_up_at`
+bounds the lag while the replicator is behind or stuck (source down, target refusing). The status file
+(JSON) and the metrics file (Prometheus text format, for node_exporter's textfile collector) are
+rewritten after every batch and whenever it catches up; `--metrics-port` serves the same, live.
 """
 
 from __future__ import annotations
@@ -32,12 +35,16 @@ import tempfile
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import httpx
 import orjson
+from prometheus_client import CollectorRegistry, Metric, start_http_server
+from prometheus_client.parser import text_string_to_metric_families
 
 from changefeed.consumer import ChangeFeedError, Entry
 
@@ -46,6 +53,10 @@ log = logging.getLogger(__name__)
 DEFAULT_PARTITION = "Microsoft.Default"
 ALREADY_STORED = 45070
 DICOM_AS_STORED = "application/dicom; transfer-syntax=*"
+MULTIPART_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+SERIES_INSTANCES = "00201209"  # NumberOfSeriesRelatedInstances
+WHOLE_SERIES_MAX = 64  # a series read whole holds at most this many instances (all in memory at once)
+_BOUNDARY = re.compile(r'boundary="?([^";\s]+)"?', re.IGNORECASE)
 _VERSIONED = re.compile(r"/v\d+$")
 
 
@@ -86,13 +97,16 @@ class ReplicationStatus:
     skipped: int = 0
     last_lag_seconds: float = 0.0
     last_applied: str | None = None
+    caught_up_at: float | None = None  # time.time() when it last had applied all the source's feed held
     lags: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+    started_at: float = field(default_factory=time.time)
 
     def as_json(self) -> dict[str, Any]:
         return {
             "position": self.position,
             "lag_seconds": round(self.last_lag_seconds, 3),
             "last_applied": self.last_applied,
+            "behind_seconds": round(self.behind(), 3),
             "copied": self.copied,
             "already_present": self.already_present,
             "replaced": self.replaced,
@@ -100,11 +114,24 @@ class ReplicationStatus:
             "skipped": self.skipped,
         }
 
+    def behind(self, now: float | None = None) -> float:
+        """Seconds since the replicator last had everything applied (since start, if it never had)."""
+        since = self.caught_up_at if self.caught_up_at is not None else self.started_at
+        return max(0.0, (time.time() if now is None else now) - since)
+
     def prometheus(self) -> str:
         lines = [
             "# HELP dicomweb_replication_lag_seconds Source commit to target apply, of the last batch.",
             "# TYPE dicomweb_replication_lag_seconds gauge",
             f"dicomweb_replication_lag_seconds {self.last_lag_seconds:.3f}",
+            "# HELP dicomweb_replication_behind_seconds Since every entry of the source's feed was last "
+            "applied (as of this rendering).",
+            "# TYPE dicomweb_replication_behind_seconds gauge",
+            f"dicomweb_replication_behind_seconds {self.behind():.3f}",
+            "# HELP dicomweb_replication_caught_up_timestamp_seconds When every entry of the source's feed "
+            "was last applied (alert on time() minus this).",
+            "# TYPE dicomweb_replication_caught_up_timestamp_seconds gauge",
+            f"dicomweb_replication_caught_up_timestamp_seconds {self.caught_up_at or 0:.3f}",
             "# HELP dicomweb_replication_sequence Last source change feed sequence applied to the target.",
             "# TYPE dicomweb_replication_sequence gauge",
             f"dicomweb_replication_sequence {self.position}",
@@ -115,6 +142,25 @@ class ReplicationStatus:
             count = getattr(self, outcome)
             lines.append(f'dicomweb_replication_applied_total{{outcome="{outcome}"}} {count}')
         return "\n".join(lines) + "\n"
+
+
+class StatusCollector:
+    """A prometheus_client collector over a ReplicationStatus, rendered at each scrape (`--metrics-port`),
+    so that `dicomweb_replication_behind_seconds` grows while the replicator is stuck."""
+
+    def __init__(self, status: ReplicationStatus) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        yield from text_string_to_metric_families(self.status.prometheus())
+
+
+def serve_metrics(status: ReplicationStatus, port: int, host: str = "127.0.0.1") -> WSGIServer:
+    """Serve the status as Prometheus metrics on host:port (a thread); `.shutdown()` stops it."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatusCollector(status))
+    server, _ = start_http_server(port, host, registry=registry)
+    return server
 
 
 def _write_atomically(path: Path, data: str) -> None:
@@ -144,6 +190,27 @@ def stow_body(files: list[bytes]) -> tuple[bytes, str]:
         chunks += [f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(), data, b"\r\n"]
     chunks.append(f"--{boundary}--\r\n".encode())
     return b"".join(chunks), f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def split_multipart(body: bytes, content_type: str) -> dict[str, bytes]:
+    """SOP Instance UID -> object, of each part of this archive's WADO-RS multipart/related answer (the
+    last segment of each part's Content-Location names the instance). dicomweb/multipart.py parses
+    streaming request bodies in the HTTP package, which this one may not import; an answer held whole in
+    memory is cut at its delimiters, which a random 128-bit boundary keeps out of the objects."""
+    match = _BOUNDARY.search(content_type)
+    if match is None:
+        raise ReplicationError(f"a WADO-RS answer without a multipart boundary: {content_type!r}")
+    delimiter = b"\r\n--" + match.group(1).encode()
+    parts: dict[str, bytes] = {}
+    for piece in (b"\r\n" + body).split(delimiter)[1:]:
+        if piece.startswith(b"--"):
+            return parts  # the closing delimiter
+        head, _, data = piece.partition(b"\r\n\r\n")
+        for line in head.decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-location":
+                parts[value.strip().rsplit("/", 1)[-1]] = data
+    raise ReplicationError("a WADO-RS answer cut short (no closing delimiter)")
 
 
 class Replicator:
@@ -185,22 +252,82 @@ class Replicator:
         deletes = [ref for ref, e in last.items() if e["Action"] == "delete"]
         copies = [ref for ref, e in last.items() if e["Action"] != "delete" and e.get("State") != "deleted"]
         self.status.skipped += len(last) - len(deletes) - len(copies)
-        chunks: list[list[InstanceRef]] = []
-        for partition in dict.fromkeys(ref.partition for ref in copies):
-            mine = [ref for ref in copies if ref.partition == partition]
-            chunks += [mine[i : i + self.stow_batch] for i in range(0, len(mine), self.stow_batch)]
+        studies: dict[tuple[str, str], list[InstanceRef]] = {}
+        for ref in copies:
+            studies.setdefault((ref.partition, ref.study), []).append(ref)
         limit = asyncio.Semaphore(self.parallel)
-
-        async def bounded(work: Any) -> None:
-            async with limit:
-                await work
-
         async with asyncio.TaskGroup() as group:
             for ref in deletes:
-                group.create_task(bounded(self._delete(ref)))
-            for chunk in chunks:
-                group.create_task(bounded(self._copy(chunk)))
+                group.create_task(_bounded(limit, self._delete(ref)))
+            for refs in studies.values():
+                group.create_task(self._copy_study(refs, group, limit))
         self._applied(entries)
+
+    async def _copy_study(
+        self,
+        refs: list[InstanceRef],
+        group: asyncio.TaskGroup,
+        limit: asyncio.Semaphore,
+    ) -> None:
+        """Copy a study's instances of this batch: a series whose instances this batch mostly wants is
+        read in one WADO-RS request (a QIDO of the study's series first tells their sizes); the rest one
+        request per instance. One request per instance cost the source and this process about 1 ms of CPU
+        each, which held replication under the ingest rate it follows (docs/performance.md)."""
+        series: dict[str, list[InstanceRef]] = {}
+        for ref in refs:
+            series.setdefault(ref.series, []).append(ref)
+        sizes: dict[str, int] = {}
+        if len(refs) > 1:
+            async with limit:
+                sizes = await self._series_sizes(refs[0])
+        singles: list[InstanceRef] = []
+        for uid, wanted in series.items():
+            size = sizes.get(uid)
+            if len(wanted) > 1 and size is not None and size <= min(WHOLE_SERIES_MAX, 2 * len(wanted)):
+                group.create_task(_bounded(limit, self._copy_series(wanted)))
+            else:
+                singles += wanted
+        for i in range(0, len(singles), self.stow_batch):
+            group.create_task(_bounded(limit, self._copy(singles[i : i + self.stow_batch])))
+
+    async def _series_sizes(self, ref: InstanceRef) -> dict[str, int]:
+        """Series Instance UID -> its number of instances on the source, for each series of `ref`'s study."""
+        url = f"{self.source_root}{ref.partition_root()}/studies/{ref.study}/series"
+        response = await self.source.get(url, params={"includefield": SERIES_INSTANCES})
+        found: dict[str, int] = {}
+        if response.status_code in (204, 404):
+            return found  # the study is gone: every instance is read alone, and skipped
+        _expect(response, 200)
+        for item in response.json():
+            uid = item.get("0020000E", {}).get("Value", [None])[0]
+            count = item.get(SERIES_INSTANCES, {}).get("Value", [None])[0]
+            if isinstance(uid, str) and isinstance(count, int):
+                found[uid] = count
+        return found
+
+    async def _copy_series(self, refs: list[InstanceRef]) -> None:
+        """Read the series of `refs` whole from the source; store the instances of it that are wanted."""
+        first = refs[0]
+        url = f"{self.source_root}{first.partition_root()}/studies/{first.study}/series/{first.series}"
+        response = await self.source.get(url, headers={"Accept": MULTIPART_AS_STORED})
+        if response.status_code == 404:
+            self.status.skipped += len(refs)
+            return
+        _expect(response, 200)
+        held = split_multipart(response.content, response.headers.get("content-type", ""))
+        await self._store([ref for ref in refs if ref.sop in held], held)
+        self.status.skipped += sum(1 for ref in refs if ref.sop not in held)
+
+    def caught_up(self, as_of: float) -> None:
+        """The consumer's hook: everything the source's feed held at `as_of` is applied."""
+        self.status.caught_up_at = as_of
+        self._write_status()
+
+    def _write_status(self) -> None:
+        if self.status_file is not None:
+            _write_atomically(self.status_file, orjson.dumps(self.status.as_json()).decode() + "\n")
+        if self.metrics_file is not None:
+            _write_atomically(self.metrics_file, self.status.prometheus())
 
     def _applied(self, entries: list[Entry]) -> None:
         now = time.time()
@@ -209,10 +336,7 @@ class Replicator:
         self.status.last_lag_seconds = max(lags, default=0.0)
         self.status.position = int(entries[-1]["Sequence"])
         self.status.last_applied = dt.datetime.fromtimestamp(now, dt.UTC).isoformat()
-        if self.status_file is not None:
-            _write_atomically(self.status_file, orjson.dumps(self.status.as_json()).decode() + "\n")
-        if self.metrics_file is not None:
-            _write_atomically(self.metrics_file, self.status.prometheus())
+        self._write_status()
 
     async def _delete(self, ref: InstanceRef) -> None:
         response = await self.target.delete(f"{self.target_root}{ref.path()}")
@@ -233,10 +357,14 @@ class Replicator:
         found = await asyncio.gather(*(self._read_source(ref) for ref in refs))
         objects = {ref.sop: data for ref, data in zip(refs, found, strict=True) if data is not None}
         self.status.skipped += len(refs) - len(objects)
-        if not objects:
+        await self._store([ref for ref in refs if ref.sop in objects], objects)
+
+    async def _store(self, refs: list[InstanceRef], objects: dict[str, bytes]) -> None:
+        """STOW `objects` of `refs` (all of one partition) on the target; reconcile those it already held."""
+        if not refs:
             return
-        duplicates = await self._stow(refs[0].partition_root(), list(objects.values()))
-        self.status.copied += len(objects) - len(duplicates)
+        duplicates = await self._stow(refs[0].partition_root(), [objects[ref.sop] for ref in refs])
+        self.status.copied += len(refs) - len(duplicates)
         for ref in refs:
             if ref.sop in duplicates:
                 await self._reconcile(ref, objects[ref.sop])
@@ -278,6 +406,11 @@ class Replicator:
         if await self._stow(ref.partition_root(), [data]):
             raise ReplicationError(f"{ref.sop}: still 'already stored' on the target after deleting it")
         self.status.replaced += 1
+
+
+async def _bounded(limit: asyncio.Semaphore, work: Awaitable[None]) -> None:
+    async with limit:
+        await work
 
 
 def _expect(response: httpx.Response, *statuses: int) -> None:

@@ -92,6 +92,12 @@ def _serve(args: argparse.Namespace) -> int:
         settings = replace(settings, dimse_port=DEFAULT_DIMSE_PORT)
     workers = settings.worker_count()
     settings = replace(settings, workers=workers)
+    if settings.s3_object_lock_days > 0:
+        try:
+            asyncio.run(_check_object_lock(settings))
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     with database(settings, attach=False) as dsn:
         # Run migrations once before workers start, so they never race at first start.
         asyncio.run(_migrate(dsn))
@@ -149,7 +155,12 @@ def _owner_token(dsn: str, settings: Settings) -> None:
     elif path is not None:
         print(f"owner API token in {path} (send it as 'Authorization: Bearer <token>')", flush=True)
     else:
-        print("the owner token file was removed; create tokens with 'dicomweb token create'", flush=True)
+        print(
+            "no owner-token file, and the database already has an owner token (the file was removed, or "
+            "the archive was restored from a backup, whose tokens are the backed-up archive's); create "
+            "tokens with 'dicomweb token create'",
+            flush=True,
+        )
 
 
 async def _migrate(dsn: str) -> list[str]:
@@ -195,6 +206,20 @@ async def _ensure_bucket(settings: Settings) -> None:
     try:
         assert isinstance(store, S3BlobStore)
         await store.ensure_bucket()
+    finally:
+        await store.close()
+
+
+async def _check_object_lock(settings: Settings) -> None:
+    """Refuse a retention on a bucket without Object Lock before any worker starts: each worker checks too
+    (dicomweb/app.py), but with several workers uvicorn's supervisor exits 0 when they fail to start, which
+    a service manager would take for a clean stop."""
+    from storage.s3 import S3BlobStore
+
+    store = blob_store(settings)
+    try:
+        if isinstance(store, S3BlobStore):
+            await store.check_object_lock()
     finally:
         await store.close()
 

@@ -81,6 +81,11 @@ def _restore_cmd(args: argparse.Namespace) -> int:
         f"restored {summary.objects} objects ({summary.bytes} bytes, every digest checked) and the index "
         f"at change feed sequence {summary.changefeed_sequence}"
     )
+    print(
+        "the restored archive has the backed-up archive's tokens, AE registrations and audit log: the "
+        "owner-token of the archive that was backed up works on it"
+        + ("" if settings.database_url else f" (copy that file to {settings.data_dir / 'owner-token'})")
+    )
     return 0
 
 
@@ -95,9 +100,11 @@ def _replicate_cmd(args: argparse.Namespace) -> int:
         status = asyncio.run(
             replicate(
                 args.source, args.target, checkpoint=args.checkpoint, follow=args.follow,
-                batch_size=args.batch_size, source_token=_token(args.source_token_file, "DICOMWEB_TOKEN"),
+                batch_size=args.batch_size, parallel=args.parallel,
+                source_token=_token(args.source_token_file, "DICOMWEB_TOKEN"),
                 target_token=_token(args.target_token_file, "DICOMWEB_TARGET_TOKEN"),
-                status_file=args.status_file, metrics_file=args.metrics_file,
+                status_file=args.status_file, metrics_file=args.metrics_file, metrics_port=args.metrics_port,
+                metrics_host=args.metrics_host,
             )
         )  # fmt: skip
     except CheckpointAheadError as exc:
@@ -139,9 +146,12 @@ def add_recovery_commands(sub: Any, add_common: Callable[[argparse.ArgumentParse
     rep.add_argument(
         "--follow", action="store_true", help="keep following the feed (else stop when caught up)"
     )
-    rep.add_argument("--batch-size", type=int, default=100, help="change feed entries per batch (100)")
+    rep.add_argument("--batch-size", type=int, default=500, help="change feed entries per batch (500)")
+    rep.add_argument("--parallel", type=int, default=8, help="reads and stores in flight at once (8)")
     rep.add_argument(
         "--status-file", type=Path, help="JSON status (position, lag) rewritten after each batch"
     )
-    rep.add_argument("--metrics-file", type=Path, help="Prometheus text file (lag gauge) for node_exporter")
+    rep.add_argument("--metrics-file", type=Path, help="Prometheus text file (lag gauges) for node_exporter")
+    rep.add_argument("--metrics-port", type=int, help="serve the lag gauges for Prometheus on this port")
+    rep.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (127.0.0.1)")
     rep.set_defaults(func=_replicate_cmd)

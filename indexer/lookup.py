@@ -157,6 +157,40 @@ async def objects_after(
     return [IndexedObject(r[0], r[1], StoredInstance(*r[2:])) for r in rows]
 
 
+async def originals_after(
+    conn: asyncpg.Connection | asyncpg.Pool, after: tuple[int, str], limit: int
+) -> list[IndexedObject]:
+    """Original versions kept by bulk updates (instance_original), of every partition after (partition_key,
+    SOP Instance UID) `after`, in that order (its primary key): a resumable walk of the objects the index
+    references besides the current versions. `instance_key` is the current version's."""
+    rows = await conn.fetch(
+        """SELECT i.instance_key, o.partition_key, st.study_instance_uid, se.series_instance_uid,
+                  o.sop_instance_uid, i.sop_class_uid, o.transfer_syntax_uid, o.storage_key, o.size, o.sha256
+           FROM instance_original o
+           JOIN instance i ON i.partition_key = o.partition_key AND i.sop_instance_uid = o.sop_instance_uid
+           JOIN series se ON se.series_key = i.series_key
+           JOIN study st ON st.study_key = i.study_key
+           WHERE (o.partition_key, o.sop_instance_uid) > ($1, $2::text COLLATE "C")
+           ORDER BY o.partition_key, o.sop_instance_uid LIMIT $3""",
+        after[0],
+        after[1],
+        limit,
+    )
+    return [IndexedObject(r[0], r[1], StoredInstance(*r[2:])) for r in rows]
+
+
+async def all_objects(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """(storage_key, sha256 as hex, size) of every object the index references, current versions, the
+    originals bulk updates keep and deleted instances' objects kept for a restore window (retention/), by
+    key: what a backup must copy."""
+    return await conn.fetch(
+        """SELECT storage_key, encode(sha256, 'hex'), size FROM instance
+           UNION ALL SELECT storage_key, encode(sha256, 'hex'), size FROM instance_original
+           UNION ALL SELECT storage_key, encode(sha256, 'hex'), size FROM deleted_object
+           ORDER BY 1"""
+    )
+
+
 async def is_indexed(conn: asyncpg.Connection | asyncpg.Pool, storage_keys: list[str]) -> set[str]:
     """Which of these object keys the index references, as a current or an original version, or as a
     deleted instance's object kept for its restore window (the orphan sweeper and the scrub ask)."""

@@ -28,6 +28,7 @@ from tests.fixtures.postgres import fresh_database
 from tests.fixtures.s3 import make_s3_store
 from tests.fixtures.server import RunningArchive, start_archive
 from tests.recovery_support import Holdings, delete, holdings, instances, stow
+from tests.test_bulk_update import NEW_NAME, _bulk_update, _wait
 
 
 @pytest.fixture
@@ -106,6 +107,12 @@ async def test_backup_of_a_live_archive_restores_onto_a_new_data_dir(
         assert code == 0
         manifest = read_manifest(dest)
         sequence = manifest["changefeed_sequence"]
+        conn = await asyncpg.connect(local_archive.database_url)
+        try:
+            server = await conn.fetchval("SHOW server_version")  # "15.14 (Debian ...)": the release
+        finally:
+            await conn.close()
+        assert manifest["postgres"] == server.split()[0]
         expected = await state_at(client, local_archive.base, sequence)
         assert {(DEFAULT_PARTITION, refs[1].sop), ("other", refs[-2].sop)} <= expected
         assert (DEFAULT_PARTITION, refs[0].sop) not in expected
@@ -224,3 +231,50 @@ async def test_restore_refuses_what_it_cannot_restore_cleanly(
         with pytest.raises(BackupError, match="does not match its digest"):
             await restore(dest, target_url, LocalBlobStore(tmp_path / "target"))
     assert orjson.loads((dest / "manifest.json").read_bytes())["objects"] == 2
+
+
+async def test_originals_kept_by_bulk_updates_are_backed_up_and_restored(
+    local_archive: RunningArchive, postgres_server: str, tmp_path: Path
+) -> None:
+    """The objects of `instance_original` are in the backup, restored, served with
+    `msdicom-request-original: true`, and the restored archive scrubs clean."""
+    files = instances(6, 3)
+    async with httpx.AsyncClient(timeout=60) as client:
+        refs = await stow(client, local_archive.url, files)
+        response = await _bulk_update(
+            client, local_archive.url, {"studyInstanceUids": [refs[0].study], "changeDataset": NEW_NAME}
+        )
+        assert (await _wait(client, response.json()["href"]))["status"] == "succeeded"
+        updated = await holdings(client, local_archive.url, local_archive.database_url)
+        summary = await backup(local_archive.database_url, local_archive.store, tmp_path / "backup")
+        assert summary.objects == 6  # three current versions, three originals
+        listed = read_object_list(tmp_path / "backup")
+        # patient data, token hashes and the audit log: readable by the backup's owner only
+        assert (tmp_path / "backup").stat().st_mode & 0o777 == 0o700
+        made = [p for p in (tmp_path / "backup").rglob("*") if p.is_file()]
+        assert len(made) == 3 + 6 and all(p.stat().st_mode & 0o777 == 0o600 for p in made)
+        keys = {e.key for e in listed}
+        assert (
+            summary.bytes
+            == sum(e.size for e in listed)
+            == sum(map(len, updated.values())) + sum(map(len, files))
+        )
+        async with fresh_database(postgres_server) as target_url:
+            target = LocalBlobStore(tmp_path / "target")
+            restored = await restore(tmp_path / "backup", target_url, target)
+            assert (restored.objects, restored.bytes) == (6, summary.bytes)
+            assert {info.key async for info in target.list()} == keys
+            thread, copy = start_archive(Settings(data_dir=tmp_path), target_url, target, target)
+            try:
+                assert await holdings(client, copy.url, target_url) == updated
+                original = {
+                    "Accept": "application/dicom; transfer-syntax=*",
+                    "msdicom-request-original": "true",
+                }
+                for ref, data in zip(refs, files, strict=True):
+                    r = await client.get(f"{copy.url}{ref.path()}", headers=original)
+                    assert r.status_code == 200 and r.content == data
+            finally:
+                thread.stop()
+            scrub = ["scrub", "--database-url", target_url, "--storage-url", (tmp_path / "target").as_uri()]
+            assert await asyncio.to_thread(main, [*scrub, "--grace-minutes", "0"]) == 0

@@ -5,6 +5,7 @@ failover (source stopped, replication stopped) clients carry on against the stan
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -19,12 +20,14 @@ import httpx
 import orjson
 import pydicom
 import pytest
+from dicomweb_client.api import DICOMwebClient
 
-from bench.common import embedded_archive
+from bench.common import embedded_archive, free_port, serve_processes
 from changefeed.checkpoint import FileCheckpoint
 from changefeed.commands import replicate
 from changefeed.replicate import DEFAULT_PARTITION, ReplicationStatus, Replicator, stow_body
 from dicomweb.config import Settings
+from indexer.embedded import EmbeddedPostgres
 from storage import LocalBlobStore
 from tests.fixtures.postgres import fresh_database
 from tests.fixtures.server import RunningArchive, start_archive
@@ -64,6 +67,7 @@ async def test_standby_holds_exactly_the_source_and_resumes_from_its_checkpoint(
         status = await run_once(source, standby, checkpoint)
         assert (status.copied, status.deleted, status.already_present) == (12, 0, 0)
         assert status.skipped == 2  # created then deleted before replication: never copied
+        assert status.caught_up_at is not None and 0 <= status.behind() < 30  # its end of the feed reached
         assert await FileCheckpoint(checkpoint).load() == await latest(client, source) == 16
         expected = await holdings(client, source.url, source.database_url)
         assert len(expected) == 12 and {p for p, _ in expected} == {DEFAULT_PARTITION, "other"}
@@ -158,13 +162,25 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
+def scraped(url: str, name: str) -> float:
+    """The value of an unlabelled metric on a Prometheus endpoint."""
+    for line in httpx.get(url, timeout=10).text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in {url}")
+
+
 def test_failover_to_the_standby(scratch: Path) -> None:
     """Two `dicomweb serve` processes (embedded default, access control on) and `dicomweb replicate
-    --follow` between them; the source is stopped, replication stopped, and clients use the standby."""
+    --follow` between them. The source is killed (SIGKILL, as a lost machine), the standby promoted (the
+    replicator stopped: docs/recovery.md), and a client pointed at the standby reads what had been
+    replicated, byte for byte, and stores new instances, which the standby's change feed goes on from."""
     src_dir, dr_dir = scratch / "source", scratch / "standby"
-    status_file, checkpoint = scratch / "replica.json", scratch / "replica.checkpoint"
+    status_file, metrics_file = scratch / "replica.json", scratch / "replica.prom"
+    checkpoint = scratch / "replica.checkpoint"
     args = ["--dimse-port", "0"]
     files = instances(5, 8)
+    metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
     with embedded_archive(1, dr_dir, insecure_open=False, extra_args=args) as standby_url:
         standby = httpx.Client(headers=bearer(dr_dir), timeout=60)
         with embedded_archive(1, src_dir, insecure_open=False, extra_args=args) as source_url:
@@ -173,7 +189,8 @@ def test_failover_to_the_standby(scratch: Path) -> None:
                 [sys.executable, "-m", "dicomweb.cli", "replicate", "--source", source_url,
                  "--target", standby_url, "--source-token-file", str(src_dir / "owner-token"),
                  "--target-token-file", str(dr_dir / "owner-token"), "--checkpoint", str(checkpoint),
-                 "--follow", "--status-file", str(status_file)],
+                 "--follow", "--status-file", str(status_file), "--metrics-file", str(metrics_file),
+                 "--metrics-port", metrics_url.split(":")[2].split("/")[0]],
                 start_new_session=True,
             )  # fmt: skip
             try:
@@ -192,27 +209,82 @@ def test_failover_to_the_standby(scratch: Path) -> None:
 
                 wait_for(caught_up)
                 assert 0 < orjson.loads(status_file.read_bytes())["lag_seconds"] < 30
-                assert replicator.poll() is None
+                metrics = metrics_file.read_text()
+                assert f"dicomweb_replication_sequence {last}\n" in metrics
+                assert 'dicomweb_replication_applied_total{outcome="copied"} 8\n' in metrics
+                assert scraped(metrics_url, "dicomweb_replication_sequence") == last
+                expected = {i["00080018"]["Value"][0] for i in source.get(f"{source_url}/instances").json()}
+                source.close()
+                # the source's machine is lost: no shutdown, no last words (its PostgreSQL runs in a
+                # session of its own, so it is killed by name of its data directory too)
+                postmaster = EmbeddedPostgres(src_dir / "postgres").postmaster_pid()
+                assert postmaster is not None
+                for pid in {*serve_processes(source_url), postmaster}:
+                    os.kill(pid, signal.SIGKILL)
+                wait_for(lambda: not serve_processes(source_url))
+                behind = scraped(metrics_url, "dicomweb_replication_behind_seconds")
+                time.sleep(1.5)
+                assert replicator.poll() is None  # it keeps retrying a source that is gone ...
+                # ... and the metric an alert watches grows while it cannot catch up
+                assert scraped(metrics_url, "dicomweb_replication_behind_seconds") >= behind + 1.5
             finally:
                 replicator.send_signal(signal.SIGTERM)  # promotion: stop replicating into the standby
                 replicator.wait(timeout=30)
-            expected = {i["00080018"]["Value"][0] for i in source.get(f"{source_url}/instances").json()}
-            source.close()
-        # the source is stopped; clients switch to the standby's URL and carry on
-        r = standby.get(f"{standby_url}/instances")
-        assert {i["00080018"]["Value"][0] for i in r.json()} == expected
+        # clients switch to the standby's URL and carry on
+        client = DICOMwebClient(url=standby_url, headers=bearer(dr_dir))
+        assert {i["00080018"]["Value"][0] for i in client.search_for_instances()} == expected
         for data in files:
-            sop = pydicom.dcmread(BytesIO(data)).SOPInstanceUID
             ds = pydicom.dcmread(BytesIO(data))
             r = standby.get(
-                f"{standby_url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{sop}",
+                f"{standby_url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+                f"/instances/{ds.SOPInstanceUID}",
                 headers={"Accept": "application/dicom; transfer-syntax=*"},
             )
             assert r.status_code == 200 and r.content == data
-        new = instances(6, 1)
-        body, content_type = stow_body(new)
-        r = standby.post(f"{standby_url}/studies", content=body, headers={"Content-Type": content_type})
-        assert r.status_code == 200, r.text
-        r = standby.get(f"{standby_url}/instances")
-        assert len({i["00080018"]["Value"][0] for i in r.json()}) == len(expected) + 1
+        standby_feed = standby_url.removesuffix("/v2") + "/v1/changefeed"
+        before = standby.get(f"{standby_feed}/latest").json()["Sequence"]
+        assert before == len(files)  # one create entry each, from the replicator's STOWs
+        new = pydicom.dcmread(BytesIO(instances(6, 1)[0]))
+        response = client.store_instances([new])
+        assert len(response.ReferencedSOPSequence) == 1 and "FailedSOPSequence" not in response
+        assert len(client.search_for_instances()) == len(expected) + 1
+        after = standby.get(standby_feed, params={"offset": before}).json()
+        assert [(e["Sequence"], e["Action"], e["SopInstanceUid"]) for e in after] == [
+            (before + 1, "create", new.SOPInstanceUID)
+        ]
         standby.close()
+
+
+async def test_a_series_the_batch_mostly_wants_is_read_in_one_request(
+    local_archive: RunningArchive, standby: RunningArchive, tmp_path: Path
+) -> None:
+    """Per study of a batch: one QIDO of its series, then one WADO-RS read per series of which the batch
+    wants at least half (its other instances are left to their own entries), one per instance otherwise."""
+    source = local_archive
+    async with httpx.AsyncClient(timeout=60) as client:
+        whole = await stow(client, source.url, instances(7, 6))  # two series of three
+        lone = await stow(client, source.url, instances(8, 1))
+        feed = (await client.get(f"{source.base}/v1/changefeed", params={"offset": "0"})).json()
+        assert len(feed) == 7
+        seen: list[str] = []
+
+        async def record(request: httpx.Request) -> None:
+            seen.append(f"{request.method} {request.url.path}")
+
+        async with httpx.AsyncClient(timeout=60, event_hooks={"request": [record]}) as reader:
+            replicator = Replicator(reader, source.url, client, standby.url)
+            # the batch holds two of series 0's three instances, all of series 1's, and the lone one
+            batch = [e for e in feed if e["SopInstanceUid"] != whole[4].sop]
+            await replicator(batch)
+        study, series0, series1 = whole[0].study, whole[0].series, whole[1].series
+        assert sorted(seen) == sorted(
+            [f"GET /v2/studies/{study}/series", f"GET /v2/studies/{study}/series/{series0}",
+             f"GET /v2/studies/{study}/series/{series1}", f"GET /v2{lone[0].path()}"]
+        )  # fmt: skip
+        assert (replicator.status.copied, replicator.status.skipped) == (6, 0)
+        held = await holdings(client, standby.url, standby.database_url)
+        assert set(held) == {(DEFAULT_PARTITION, ref.sop) for ref in whole + lone} - {
+            (DEFAULT_PARTITION, whole[4].sop)
+        }
+        expected = await holdings(client, source.url, source.database_url)
+        assert all(expected[key] == data for key, data in held.items())

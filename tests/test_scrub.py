@@ -21,6 +21,8 @@ from access.policy import Family, Grant, Role, allows, classify
 from archive import scrub
 from archive.ingest import Ingestor
 from archive.scrub import SCRUB, ScrubHandler, schedule_scrub, scrub_params
+from archive.update import UpdateHandler
+from archive.update_request import UPDATE, parse_update_request, update_params
 from bench.synthetic import instance_variants, make_study
 from dicomweb.cli import main
 from dicomweb.routes.scrub import audit_reporters
@@ -28,6 +30,7 @@ from indexer.operations import OperationRunner, create_operation, get_operation
 from indexer.writes import remove_instances
 from storage import LocalBlobStore
 from tests.fixtures.server import RunningArchive
+from tests.test_bulk_update import NEW_NAME
 from tests.test_stow_wado_delete import stow
 
 
@@ -104,6 +107,47 @@ async def test_cli_reports_missing_altered_and_unreferenced(
     assert len(altered) == 2 and altered[0]["status"] == 409 and altered[0]["outcome"] == 8
     assert altered[0]["study_uid"] == study and "altered: SHA-256" in altered[0]["detail"]
     assert [r["status"] for r in records if r["path"] == keys[2]] == [404, 404]
+
+
+async def bulk_update(pool: asyncpg.Pool, store: LocalBlobStore, study: str) -> dict[str, str]:
+    """Update a study's PatientName (a new version of each instance, the original kept); SOP Instance UID ->
+    the storage key of its original."""
+    async with pool.acquire() as conn:
+        request = parse_update_request({"studyInstanceUids": [study], "changeDataset": NEW_NAME})
+        op = await create_operation(conn, UPDATE, update_params("Microsoft.Default", request), [])
+    assert await OperationRunner(pool, {UPDATE: UpdateHandler(store)}).run_once(op.id)
+    rows = await pool.fetch("SELECT sop_instance_uid, storage_key FROM instance_original")
+    return {r[0]: r[1] for r in rows}
+
+
+async def test_originals_of_bulk_updates_are_checked_and_never_unreferenced(
+    pool: asyncpg.Pool, database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    study, _ = await ingest(pool, store, 4, 3)
+    await ingest(pool, store, 5, 2)  # not updated: no original
+    originals = await bulk_update(pool, store, study)
+    assert len(originals) == 3
+    common = ["--database-url", database_url, "--storage-url", (tmp_path / "blobs").as_uri()]
+    assert await run_cli(*common, "--grace-minutes", "0") == 0
+    out, err = capsys.readouterr()
+    # 5 current versions and 3 originals read; the originals are not unreferenced objects
+    assert out == "" and "8 objects" in err and "0 missing, 0 altered, 0 unreferenced" in err
+
+    first, second, _ = sorted(originals.values())
+    await flip_byte(store, first)
+    await store.delete(second)
+    assert await run_cli(*common, "--grace-minutes", "0") == 1
+    out, err = capsys.readouterr()
+    sop = {key: uid for uid, key in originals.items()}
+    lines = sorted(line.split("\t")[:3] for line in out.splitlines())
+    assert [(kind, key, uids.split("/")[0], uids.split("/")[2]) for kind, key, uids in lines] == [
+        ("altered", first, study, sop[first]),
+        ("missing", second, study, sop[second]),
+    ]
+    assert "1 missing, 1 altered, 0 unreferenced" in err
+    rows = await pool.fetch("SELECT kind, storage_key, sop_instance_uid FROM scrub_finding ORDER BY kind")
+    assert [tuple(r) for r in rows][-2:] == [("altered", first, sop[first]), ("missing", second, sop[second])]
 
 
 async def test_resumes_after_a_crash_without_counting_twice(
