@@ -139,10 +139,16 @@ def series_paths(data: PeerData) -> list[str]:
 
 def retrieval(root: str, data: PeerData, clients: int) -> float:
     """MB/s of series retrieval: `clients` curl processes, each reading every series once (its own order)."""
+    total, elapsed = retrieve_series(root, data, clients)
+    return total / elapsed / 1e6
+
+
+def retrieve_series(root: str, data: PeerData, clients: int, passes: int = 1) -> tuple[int, float]:
+    """(bytes, seconds) of `clients` curl processes each reading every series `passes` times."""
     paths = series_paths(data)
 
     def one_client(n: int) -> int:
-        order = paths[n:] + paths[:n]
+        order = (paths[n:] + paths[:n]) * passes
         args = ["curl", "-s", "-f", "-H", f"Accept: {MULTIPART_ANY}", "-w", "%{size_download}\n"]
         for path in order:
             args += ["-o", "/dev/null", f"{root}{path}"]
@@ -153,10 +159,10 @@ def retrieval(root: str, data: PeerData, clients: int) -> float:
     with ThreadPoolExecutor(clients) as pool:
         total = sum(pool.map(one_client, range(clients)))
     elapsed = time.perf_counter() - start
-    expected = clients * data.instances * data.instance_bytes
+    expected = clients * passes * data.instances * data.instance_bytes
     if total < expected * 0.99:
         raise RuntimeError(f"{root}: series retrieval returned {total} bytes, expected ~{expected}")
-    return total / elapsed / 1e6
+    return total, elapsed
 
 
 def check_series_parts(root: str, data: PeerData) -> None:

@@ -1,0 +1,81 @@
+"""Series retrieval, A/B: MB/s and the server's CPU per MB for two or more checkouts, in interleaved rounds.
+
+    python -m bench.wado_series [--code base=/work/wt-base] [--code branch=.] [--rows 128] [--rounds 6]
+
+The data and the clients are bench.peers' (one series of `--per-study` CT instances per study, `--clients`
+curl processes each reading every series `--passes` times, multipart with transfer-syntax=*). Every checkout
+named by `--code NAME=DIR` gets its own `dicomweb serve` on its defaults (the server imports DIR's packages)
+and the same data; then the rounds alternate between them (A B B A A B ...), so that the shared machine's
+load falls on all alike. Per round and checkout it prints MB/s and the CPU milliseconds per MB of the server's
+process tree (workers and PostgreSQL): on 2 cores shared with the curl clients, CPU per MB is the figure that
+the rest of the machine does not move. The load average is printed with each round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from bench.common import embedded_archive, serve_processes, tree_cpu_seconds
+from bench.peers import check_series_parts, data_set_arguments, make_dataset, retrieval, retrieve_series, stow
+
+
+def _checkouts(values: list[str]) -> dict[str, Path]:
+    named = {}
+    for value in values or ["branch=."]:
+        name, _, path = value.partition("=")
+        named[name] = Path(path or ".").resolve()
+    return named
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    data_set_arguments(parser, studies=40, rows=128)
+    parser.add_argument("--code", action="append", default=[], metavar="NAME=DIR")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--passes", type=int, default=3, help="retrievals of every series per client a round")
+    args = parser.parse_args()
+    checkouts = _checkouts(args.code)
+    data = make_dataset(args.studies, args.per_study, args.rows)
+    size = data.instance_bytes / 1024
+    print(f"data: {args.studies} studies x {args.per_study} CT instances of {size:.0f} KiB")
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in checkouts}
+    with contextlib.ExitStack() as stack:
+        roots = {}
+        for name, code in checkouts.items():
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"dicomweb-ab-{name}-")))
+            root = stack.enter_context(
+                embedded_archive(workers=None, data_dir=tmp, extra_args=["--dimse-port", "0"], code=code)
+            )
+            stow(root, data, args.clients)
+            check_series_parts(root, data)
+            retrieval(root, data, args.clients)  # warm: page cache, connections, imports
+            roots[name] = root
+        names = list(checkouts)
+        for n in range(args.rounds):
+            order = names if n % 2 == 0 else names[::-1]
+            for name in order:
+                pids = serve_processes(roots[name])
+                cpu = tree_cpu_seconds(pids)
+                total, elapsed = retrieve_series(roots[name], data, args.clients, args.passes)
+                megabytes = total / 1e6
+                cpu_ms = (tree_cpu_seconds(pids) - cpu) * 1000
+                results[name].append((megabytes / elapsed, cpu_ms / megabytes))
+                rate, cost = results[name][-1]
+                load = f"load {os.getloadavg()[0]:.2f}"
+                print(f"round {n + 1} {name}: {rate:.0f} MB/s, {cost:.2f} CPU ms/MB ({load})", flush=True)
+    for name, rows in results.items():
+        rates, costs = [r for r, _ in rows], [c for _, c in rows]
+        print(
+            f"{name}: median {statistics.median(rates):.0f} MB/s ({min(rates):.0f}-{max(rates):.0f}), "
+            f"{statistics.median(costs):.2f} CPU ms/MB ({min(costs):.2f}-{max(costs):.2f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
