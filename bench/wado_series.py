@@ -6,19 +6,27 @@ The data and the clients are bench.peers' (one series of `--per-study` CT instan
 curl processes each reading every series `--passes` times, multipart with transfer-syntax=*). Every checkout
 named by `--code NAME=DIR` gets its own `dicomweb serve` on its defaults (the server imports DIR's packages)
 and the same data; then the rounds alternate between them (A B B A A B ...), so that the shared machine's
-load falls on all alike. Per round and checkout it prints MB/s and the CPU milliseconds per MB of the server's
-process tree (workers and PostgreSQL): on 2 cores shared with the curl clients, CPU per MB is the figure that
-the rest of the machine does not move. The load average is printed with each round.
+load falls on all alike. Per round and checkout it prints MB/s, the CPU milliseconds per MB of the server's
+process tree (workers and PostgreSQL), the load average, and how the clients' connections fell on the
+worker processes, which moves MB/s more than most changes do (see connections_per_process). On 2 cores
+shared with the curl clients, CPU per MB is the figure that the rest of the machine does not move.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import os
+import re
 import statistics
+import subprocess
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import httpx
 
 from bench.common import embedded_archive, serve_processes, tree_cpu_seconds
 from bench.peers import check_series_parts, data_set_arguments, make_dataset, retrieval, retrieve_series, stow
@@ -30,6 +38,17 @@ def _checkouts(values: list[str]) -> dict[str, Path]:
         name, _, path = value.partition("=")
         named[name] = Path(path or ".").resolve()
     return named
+
+
+def connections_per_process(root: str) -> list[int]:
+    """How the clients' connections to `root` are spread over the server's worker processes (ss): the
+    workers share one listening socket, and whichever wakes first accepts, so 4 keep-alive clients on 2
+    workers often end up 3 + 1 or 4 + 0, and one worker then carries most of the round."""
+    port = httpx.URL(root).port
+    out = subprocess.run(
+        ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True
+    ).stdout
+    return sorted(collections.Counter(re.findall(r"pid=(\d+)", out)).values())
 
 
 def main() -> None:
@@ -62,13 +81,21 @@ def main() -> None:
             for name in order:
                 pids = serve_processes(roots[name])
                 cpu = tree_cpu_seconds(pids)
-                total, elapsed = retrieve_series(roots[name], data, args.clients, args.passes)
+                with ThreadPoolExecutor(1) as pool:
+                    running = pool.submit(retrieve_series, roots[name], data, args.clients, args.passes)
+                    time.sleep(0.3)  # the clients are connected: which worker took which connection
+                    spread = connections_per_process(roots[name])
+                    total, elapsed = running.result()
                 megabytes = total / 1e6
                 cpu_ms = (tree_cpu_seconds(pids) - cpu) * 1000
                 results[name].append((megabytes / elapsed, cpu_ms / megabytes))
                 rate, cost = results[name][-1]
                 load = f"load {os.getloadavg()[0]:.2f}"
-                print(f"round {n + 1} {name}: {rate:.0f} MB/s, {cost:.2f} CPU ms/MB ({load})", flush=True)
+                print(
+                    f"round {n + 1} {name}: {rate:.0f} MB/s, {cost:.2f} CPU ms/MB ({load}, connections per "
+                    f"worker {spread})",
+                    flush=True,
+                )
     for name, rows in results.items():
         rates, costs = [r for r, _ in rows], [c for _, c in rows]
         print(

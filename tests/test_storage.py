@@ -543,7 +543,9 @@ async def test_read_joined(blob_store: BlobStore) -> None:
     assert got is not None and bytes(got) == expected
     assert await blob_store.read_joined([], [], []) in (b"", bytearray())
     assert await blob_store.read_joined([*keys[:2], "joined/none.dcm"], [*sizes[:2], 5], prefixes[:3]) is None
-    assert await blob_store.read_joined(keys[:2], [sizes[0], sizes[1] + 1], prefixes[:2]) is None
+    longer = [sizes[0], sizes[1] + 1]
+    assert await blob_store.read_joined(keys[:2], longer, prefixes[:2]) is None
+    assert await blob_store.read_joined(keys[:2], longer, prefixes[:2], sha256=digests[:2]) is None
     wrong = [digests[0], digests[2], *digests[2:]]
     with pytest.raises(DigestMismatchError) as caught:
         await blob_store.read_joined(keys, sizes, prefixes, sha256=wrong)
