@@ -1,4 +1,4 @@
-"""Series retrieval, A/B: MB/s and the server's CPU per MB for two or more checkouts, in interleaved rounds.
+"""Series retrieval and rendered JPEG, A/B: two or more checkouts measured in interleaved rounds.
 
     python -m bench.wado_series [--code base=/work/wt-base] [--code branch=.] [--rows 128] [--rounds 6]
 
@@ -8,8 +8,10 @@ named by `--code NAME=DIR` gets its own `dicomweb serve` on its defaults (the se
 and the same data; then the rounds alternate between them (A B B A A B ...), so that the shared machine's
 load falls on all alike. Per round and checkout it prints MB/s, the CPU milliseconds per MB of the server's
 process tree (workers and PostgreSQL), the load average, and how the clients' connections fell on the
-worker processes, which moves MB/s more than most changes do (see connections_per_process). On 2 cores
-shared with the curl clients, CPU per MB is the figure that the rest of the machine does not move.
+worker processes, which moves MB/s more than most changes do (see connections_per_process); then the median
+of `--rendered` rendered JPEGs (bench.peers' figure: one instance of each series in turn, sequential on one
+connection) and the server's CPU an image. On 2 cores shared with the clients, CPU per MB and per image are
+the figures that the rest of the machine does not move.
 """
 
 from __future__ import annotations
@@ -29,7 +31,17 @@ from pathlib import Path
 import httpx
 
 from bench.common import embedded_archive, serve_processes, tree_cpu_seconds
-from bench.peers import check_series_parts, data_set_arguments, make_dataset, retrieval, retrieve_series, stow
+from bench.peers import (
+    JPEG,
+    check_series_parts,
+    data_set_arguments,
+    latencies,
+    make_dataset,
+    retrieval,
+    retrieve_series,
+    series_paths,
+    stow,
+)
 
 
 def _checkouts(values: list[str]) -> dict[str, Path]:
@@ -58,12 +70,18 @@ def main() -> None:
     parser.add_argument("--code", action="append", default=[], metavar="NAME=DIR")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--passes", type=int, default=3, help="retrievals of every series per client a round")
+    parser.add_argument("--rendered", type=int, default=200, help="rendered JPEG requests a round")
     args = parser.parse_args()
     checkouts = _checkouts(args.code)
     data = make_dataset(args.studies, args.per_study, args.rows)
     size = data.instance_bytes / 1024
     print(f"data: {args.studies} studies x {args.per_study} CT instances of {size:.0f} KiB")
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in checkouts}
+    images: dict[str, list[tuple[float, float]]] = {name: [] for name in checkouts}
+    rendered = [
+        f"{series}/instances/{sops[len(sops) // 2]}/rendered"
+        for series, sops in zip(series_paths(data), data.sop_uids, strict=True)
+    ]
     with contextlib.ExitStack() as stack:
         roots = {}
         for name, code in checkouts.items():
@@ -89,18 +107,26 @@ def main() -> None:
                 megabytes = total / 1e6
                 cpu_ms = (tree_cpu_seconds(pids) - cpu) * 1000
                 results[name].append((megabytes / elapsed, cpu_ms / megabytes))
+                cpu = tree_cpu_seconds(pids)
+                times = latencies(roots[name], rendered, JPEG, args.rendered)
+                cpu_ms = (tree_cpu_seconds(pids) - cpu) * 1000
+                images[name].append((statistics.median(times), cpu_ms / len(times)))
                 rate, cost = results[name][-1]
                 load = f"load {os.getloadavg()[0]:.2f}"
                 print(
                     f"round {n + 1} {name}: {rate:.0f} MB/s, {cost:.2f} CPU ms/MB ({load}, connections per "
-                    f"worker {spread})",
+                    f"worker {spread}); rendered JPEG median {images[name][-1][0]:.2f} ms, "
+                    f"{images[name][-1][1]:.2f} CPU ms an image",
                     flush=True,
                 )
     for name, rows in results.items():
         rates, costs = [r for r, _ in rows], [c for _, c in rows]
+        medians, per_image = [m for m, _ in images[name]], [c for _, c in images[name]]
         print(
             f"{name}: median {statistics.median(rates):.0f} MB/s ({min(rates):.0f}-{max(rates):.0f}), "
-            f"{statistics.median(costs):.2f} CPU ms/MB ({min(costs):.2f}-{max(costs):.2f})"
+            f"{statistics.median(costs):.2f} CPU ms/MB ({min(costs):.2f}-{max(costs):.2f}); rendered "
+            f"{statistics.median(medians):.2f} ms ({min(medians):.2f}-{max(medians):.2f}), "
+            f"{statistics.median(per_image):.2f} CPU ms an image"
         )
 
 
