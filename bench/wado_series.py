@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--passes", type=int, default=3, help="retrievals of every series per client a round")
     parser.add_argument("--rendered", type=int, default=200, help="rendered JPEG requests a round")
+    parser.add_argument("--workers", type=int, help="server processes (default: the server's, one per core)")
     args = parser.parse_args()
     checkouts = _checkouts(args.code)
     data = make_dataset(args.studies, args.per_study, args.rows)
@@ -87,7 +88,9 @@ def main() -> None:
         for name, code in checkouts.items():
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"dicomweb-ab-{name}-")))
             root = stack.enter_context(
-                embedded_archive(workers=None, data_dir=tmp, extra_args=["--dimse-port", "0"], code=code)
+                embedded_archive(
+                    workers=args.workers, data_dir=tmp, extra_args=["--dimse-port", "0"], code=code
+                )
             )
             stow(root, data, args.clients)
             check_series_parts(root, data)
