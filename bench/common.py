@@ -115,6 +115,13 @@ def serve_processes(root: str) -> set[int]:
     return processes_with(lambda args: b"serve" in args and port in args)
 
 
+def archive_processes(root: str, data_dir: Path) -> set[int]:
+    """`dicomweb serve` on the port of `root` and its embedded PostgreSQL in data_dir, which runs as a
+    daemon (not a descendant): with tree_cpu_seconds, all the CPU the archive spends."""
+    postmaster = int((data_dir / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
+    return serve_processes(root) | {postmaster}
+
+
 def tree_cpu_seconds(roots: set[int]) -> float:
     """CPU seconds (user + system) used so far by the processes `roots` and their descendants."""
     stats: dict[int, tuple[int, float]] = {}

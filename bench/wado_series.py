@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import embedded_archive, serve_processes, tree_cpu_seconds
+from bench.common import archive_processes, embedded_archive, tree_cpu_seconds
 from bench.peers import (
     JPEG,
     check_series_parts,
@@ -84,7 +84,7 @@ def main() -> None:
         for series, sops in zip(series_paths(data), data.sop_uids, strict=True)
     ]
     with contextlib.ExitStack() as stack:
-        roots = {}
+        roots, dirs = {}, {}
         for name, code in checkouts.items():
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"dicomweb-ab-{name}-")))
             root = stack.enter_context(
@@ -95,12 +95,12 @@ def main() -> None:
             stow(root, data, args.clients)
             check_series_parts(root, data)
             retrieval(root, data, args.clients)  # warm: page cache, connections, imports
-            roots[name] = root
+            roots[name], dirs[name] = root, tmp
         names = list(checkouts)
         for n in range(args.rounds):
             order = names if n % 2 == 0 else names[::-1]
             for name in order:
-                pids = serve_processes(roots[name])
+                pids = archive_processes(roots[name], dirs[name])
                 cpu = tree_cpu_seconds(pids)
                 with ThreadPoolExecutor(1) as pool:
                     running = pool.submit(retrieve_series, roots[name], data, args.clients, args.passes)
