@@ -1,6 +1,6 @@
 """Series retrieval and rendered JPEG, A/B: two or more checkouts measured in interleaved rounds.
 
-    python -m bench.wado_series [--code base=/work/wt-base] [--code branch=.] [--rows 128] [--rounds 6]
+    python -m bench.wado_series [--code base=../base] [--code branch=.] [--rows 128] [--rounds 6]
 
 The data and the clients are bench.peers' (one series of `--per-study` CT instances per study, `--clients`
 curl processes each reading every series `--passes` times, multipart with transfer-syntax=*). Every checkout
