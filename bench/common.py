@@ -31,10 +31,12 @@ def embedded_archive(
     insecure_open: bool = True,
     extra_args: list[str] | None = None,
     env: dict[str, str] | None = None,
+    code: Path | None = None,
 ) -> Iterator[str]:
     """Run `dicomweb serve` (embedded default unless database_url) in a scratch directory; yields /v2 root.
 
-    workers=None leaves the worker count to the server's default (as many as cores)."""
+    workers=None leaves the worker count to the server's default (as many as cores). `code`: another checkout
+    whose packages the server imports instead of this one's (A/B runs of two commits side by side)."""
     port = free_port()
     with contextlib.ExitStack() as stack:
         if data_dir is None:
@@ -50,7 +52,10 @@ def embedded_archive(
         cmd += extra_args or []
         if database_url:
             cmd += ["--database-url", database_url]
-        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True)
+        env = {**os.environ, **(env or {})}
+        if code is not None:  # `-m` puts the working directory first on sys.path, PYTHONPATH after it
+            env["PYTHONPATH"] = str(code)
+        proc = subprocess.Popen(cmd, env=env, cwd=code, start_new_session=True)
         try:
             url = f"http://127.0.0.1:{port}"
             if not wait_ready(f"{url}/health/ready", proc, timeout=120):
@@ -108,6 +113,13 @@ def serve_processes(root: str) -> set[int]:
     """The `dicomweb serve` process listening on the port of `root` (its workers are its descendants)."""
     port = str(httpx.URL(root).port).encode()
     return processes_with(lambda args: b"serve" in args and port in args)
+
+
+def archive_processes(root: str, data_dir: Path) -> set[int]:
+    """`dicomweb serve` on the port of `root` and its embedded PostgreSQL in data_dir, which runs as a
+    daemon (not a descendant): with tree_cpu_seconds, all the CPU the archive spends."""
+    postmaster = int((data_dir / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
+    return serve_processes(root) | {postmaster}
 
 
 def tree_cpu_seconds(roots: set[int]) -> float:

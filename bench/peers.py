@@ -1,6 +1,7 @@
 """Side by side with Orthanc: the same data into both, one table of figures and ratios.
 
     python -m bench.peers [--studies 40] [--per-study 50] [--rows 128] [--clients 4] [--rounds 40]
+                          [--passes 1]
 
 Starts this archive as the README does (`dicomweb serve` with its defaults: embedded PostgreSQL, local
 store, as many workers as cores; only a scratch --data-dir, a free port and --insecure-open, since Orthanc
@@ -12,7 +13,8 @@ machine, it measures:
 - QIDO-RS by PatientID: p50 and p95 of sequential requests on one keep-alive connection;
 - series metadata: median;
 - series retrieval (multipart, transfer-syntax=*): MB/s with `--clients` concurrent `curl` clients, each
-  reading every series once (curl as the client, so a Python client's read loop is not what is measured);
+  reading every series `--passes` times (curl as the client, so a Python client's read loop is not what
+  is measured);
 - single instance (multipart, transfer-syntax=*), one frame (octet-stream, transfer-syntax=*) and rendered
   (image/jpeg): median latency.
 
@@ -137,12 +139,19 @@ def series_paths(data: PeerData) -> list[str]:
     return [f"/studies/{s.study_uid}/series/{s.series[0][0]}" for s in data.studies]
 
 
-def retrieval(root: str, data: PeerData, clients: int) -> float:
-    """MB/s of series retrieval: `clients` curl processes, each reading every series once (its own order)."""
+def retrieval(root: str, data: PeerData, clients: int, passes: int = 1) -> float:
+    """MB/s of series retrieval: `clients` curl processes, each reading every series `passes` times (its
+    own order)."""
+    total, elapsed = retrieve_series(root, data, clients, passes)
+    return total / elapsed / 1e6
+
+
+def retrieve_series(root: str, data: PeerData, clients: int, passes: int = 1) -> tuple[int, float]:
+    """(bytes, seconds) of `clients` curl processes each reading every series `passes` times."""
     paths = series_paths(data)
 
     def one_client(n: int) -> int:
-        order = paths[n:] + paths[:n]
+        order = (paths[n:] + paths[:n]) * passes
         args = ["curl", "-s", "-f", "-H", f"Accept: {MULTIPART_ANY}", "-w", "%{size_download}\n"]
         for path in order:
             args += ["-o", "/dev/null", f"{root}{path}"]
@@ -153,10 +162,10 @@ def retrieval(root: str, data: PeerData, clients: int) -> float:
     with ThreadPoolExecutor(clients) as pool:
         total = sum(pool.map(one_client, range(clients)))
     elapsed = time.perf_counter() - start
-    expected = clients * data.instances * data.instance_bytes
+    expected = clients * passes * data.instances * data.instance_bytes
     if total < expected * 0.99:
         raise RuntimeError(f"{root}: series retrieval returned {total} bytes, expected ~{expected}")
-    return total / elapsed / 1e6
+    return total, elapsed
 
 
 def check_series_parts(root: str, data: PeerData) -> None:
@@ -170,7 +179,7 @@ def check_series_parts(root: str, data: PeerData) -> None:
             raise RuntimeError(f"{root}: a series came back in {parts} parts, not {len(data.sop_uids[0])}")
 
 
-def measure(root: str, data: PeerData, clients: int, rounds: int) -> Figures:
+def measure(root: str, data: PeerData, clients: int, rounds: int, passes: int = 1) -> Figures:
     figures = Figures()
     values = figures.values
     values["stow"] = stow(root, data, clients)
@@ -180,7 +189,7 @@ def measure(root: str, data: PeerData, clients: int, rounds: int) -> Figures:
     metadata = [p + "/metadata" for p in series_paths(data)]
     values["metadata"] = statistics.median(latencies(root, metadata, JSON, rounds))
     check_series_parts(root, data)
-    values["retrieval"] = retrieval(root, data, clients)
+    values["retrieval"] = retrieval(root, data, clients, passes)
     instances = [
         f"{series}/instances/{sops[len(sops) // 2]}"
         for series, sops in zip(series_paths(data), data.sop_uids, strict=True)
@@ -362,6 +371,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     data_set_arguments(parser, studies=40, rows=128)
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument(
+        "--passes", type=int, default=1, help="series retrievals per client (one takes <1 s: noisy, loaded)"
+    )
     parser.add_argument("--only", choices=["archive", "orthanc"], help="measure one peer (profiling)")
     parser.add_argument("--large", type=int, metavar="STUDIES", help="the QIDO-RS comparison at this size")
     args = parser.parse_args()
@@ -378,7 +390,7 @@ def main() -> None:
         if args.only and name != args.only:
             continue
         with start() as root:
-            results[name] = measure(root, data, args.clients, args.rounds)
+            results[name] = measure(root, data, args.clients, args.rounds, args.passes)
         print(name, {k: round(v, 1) for k, v in results[name].values.items()}, flush=True)
     if len(results) == 2:
         print(table(results["archive"], results["orthanc"]))

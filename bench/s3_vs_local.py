@@ -34,7 +34,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import embedded_archive, processes_with, serve_processes, tree_cpu_seconds
+from bench.common import archive_processes, embedded_archive, processes_with, tree_cpu_seconds
 from bench.deid_export import weed
 from bench.peers import PeerData, data_set_arguments, make_dataset, retrieval, stow
 
@@ -80,10 +80,9 @@ def load() -> float:
 def roots_of(url: str, data_dir: Path, weed_dir: Path) -> dict[str, set[int]]:
     """The archive's processes: `dicomweb serve` on url's port (its workers and de-identifying processes are
     its descendants) and its PostgreSQL (a daemon: not one); and SeaweedFS, run from weed_dir."""
-    postmaster = int((data_dir / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
     flag = f"-dir={weed_dir / 'data'}".encode()
     return {
-        "archive": serve_processes(url) | {postmaster},
+        "archive": archive_processes(url, data_dir),
         "weed": processes_with(lambda args: b"mini" in args and flag in args),
     }
 

@@ -31,9 +31,11 @@ __all__ = [
     "PartTooLargeError",
     "SpooledBody",
     "check_boundary",
+    "closing",
     "iter_parts",
     "multipart_length",
     "new_boundary",
+    "part_head",
     "write_multipart",
 ]
 
@@ -432,16 +434,27 @@ def _encode_headers(headers: dict[str, str]) -> bytes:
     return "".join(lines).encode("latin-1")
 
 
+def part_head(headers: dict[str, str], boundary: bytes, *, first: bool) -> bytes:
+    """What goes before a part's body: the delimiter line (after the CRLF that ends the previous part's
+    body, unless it is the first part) and the part's headers. Callers that frame parts themselves (series
+    retrieval reads a batch of bodies into one buffer behind their heads) use it with `closing`."""
+    return (b"--" if first else b"\r\n--") + boundary + b"\r\n" + _encode_headers(headers) + b"\r\n"
+
+
+def closing(boundary: bytes, *, empty: bool = False) -> bytes:
+    """The close delimiter that ends a multipart body (`empty`: no part came before it)."""
+    return (b"--" if empty else b"\r\n--") + boundary + b"--\r\n"
+
+
 def multipart_length(parts: Iterable[tuple[dict[str, str], int]], boundary: str) -> int:
     """The exact length of what write_multipart makes of parts with these headers and body lengths, so a
     response whose parts are all known in advance can declare it (Content-Length: no chunked framing,
     which costs a copy of every byte in the server, and a client sees its progress)."""
-    delimiter = len(check_boundary(boundary)) + 2
-    total, separator = 0, delimiter
-    for headers, length in parts:
-        total += separator + 2 + len(_encode_headers(headers)) + 2 + length
-        separator = delimiter + 2
-    return total + separator + 4
+    raw = check_boundary(boundary)
+    total = 0
+    for n, (headers, length) in enumerate(parts):
+        total += len(part_head(headers, raw, first=n == 0)) + length
+    return total + len(closing(raw, empty=total == 0))
 
 
 async def write_multipart(
@@ -463,13 +476,13 @@ async def write_multipart(
     raises it; one that makes each part slowly keeps it small so that bytes leave as they are made.
     Larger bodies are yielded as they are, never copied.
     """
-    delimiter = b"--" + check_boundary(boundary)
-    separator = delimiter  # the first delimiter opens the body; later ones end the previous part
+    raw = check_boundary(boundary)
+    first = True
     pending: list[bytes] = []
     pending_size = 0
     async for headers, body in parts:
-        pending.append(separator + b"\r\n" + _encode_headers(headers) + b"\r\n")
-        separator = b"\r\n" + delimiter
+        pending.append(part_head(headers, raw, first=first))
+        first = False
         if isinstance(body, bytes | bytearray | memoryview) and len(body) <= _COALESCE_LIMIT:
             pending.append(bytes(body) if not isinstance(body, bytes) else body)
             pending_size += len(body) + 100
@@ -485,5 +498,5 @@ async def write_multipart(
             async for piece in body:
                 if piece:
                     yield piece
-    pending.append(separator + b"--\r\n")
+    pending.append(closing(raw, empty=first))
     yield b"".join(pending)

@@ -147,6 +147,26 @@ class BlobStore(abc.ABC):
             await asyncio.to_thread(check_all, list(zip(keys, bodies, sha256, strict=True)))
         return bodies
 
+    async def read_joined(
+        self,
+        keys: Sequence[str],
+        sizes: Sequence[int],
+        prefixes: Sequence[bytes],
+        *,
+        sha256: Sequence[bytes | None] | None = None,
+    ) -> bytes | bytearray | None:
+        """`prefixes[0] + object[0] + prefixes[1] + object[1] + ...` in one buffer, for objects whose sizes
+        are known (series retrieval: each object framed as a multipart part, the batch sent in one write).
+        None when an object is missing or not of its size (the caller falls back to read_many, which says
+        which one). `sha256` as for read_many. This default joins what read_many reads."""
+        bodies = await self.read_many(keys, sha256=sha256)
+        pieces: list[bytes] = []
+        for prefix, body, size in zip(prefixes, bodies, sizes, strict=True):
+            if body is None or len(body) != size:
+                return None
+            pieces += (prefix, body)
+        return b"".join(pieces)
+
     @abc.abstractmethod
     async def size(self, key: str) -> int:
         """Size in bytes; raises BlobNotFoundError."""

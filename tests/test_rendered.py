@@ -23,6 +23,7 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import pixel_array
 
 from bench.synthetic import make_instance, make_study, to_bytes
+from dicomcore import render as render_module
 from dicomcore.render import Viewport, Window, parse_viewport, parse_window
 from dicomweb.routes import rendered as rendered_route
 from tests.fixtures.server import RunningArchive
@@ -122,6 +123,32 @@ async def client(local_archive: RunningArchive):
 
 
 # ------------------------------------------------------------------------------------------- parsers
+
+
+@pytest.mark.parametrize(
+    ("name", "bits_stored", "signed", "frames"),
+    [("CT_small.dcm", 12, 0, 1), ("CT_small.dcm", 12, 1, 3), ("CT_small.dcm", 16, 1, 1),
+     ("MR_small_padded.dcm", 16, 0, 2), ("examples_palette.dcm", 6, 0, 1),
+     ("examples_overlay.dcm", 12, 1, 1)],
+)  # fmt: skip
+def test_native_frames_are_pydicoms(name: str, bits_stored: int, signed: int, frames: int) -> None:
+    """The fast path for native grayscale pixel data gives pydicom's arrays exactly, with the unused high
+    bits set to garbage (shifted out, sign-extended when signed); other pixel data is left to pydicom."""
+    ds = bundled(name)
+    dtype = "<u1" if ds.BitsAllocated == 8 else "<u2"
+    size = ds.Rows * ds.Columns * np.dtype(dtype).itemsize
+    raw = np.frombuffer(ds.PixelData[:size] * frames, dtype).copy()
+    if bits_stored < ds.BitsAllocated:
+        raw |= np.array((0xFFFF << bits_stored) & 0xFFFF, dtype=np.uint32).astype(dtype)
+    ds.PixelData, ds.BitsStored, ds.HighBit = raw.tobytes(), bits_stored, bits_stored - 1
+    ds.PixelRepresentation, ds.NumberOfFrames = signed, frames
+    got = render_module._native_frames(ds, list(range(frames)))
+    assert got is not None and len(got) == frames
+    for index, arr in enumerate(got):
+        expected = pixel_array(ds, index=index)
+        assert arr.dtype == expected.dtype and np.array_equal(arr, expected) and arr.flags.writeable
+    for other in ("SC_rgb_small_odd.dcm", "JPEG2000.dcm", "rtdose.dcm", "MR_truncated.dcm"):
+        assert render_module._native_frames(bundled(other), [0]) is None  # pydicom decodes or refuses
 
 
 def test_parse_window_and_viewport() -> None:

@@ -7,6 +7,7 @@ the end.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import random
 from collections.abc import AsyncIterator, Iterable
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 import storage.local
 from storage import BlobNotFoundError, BlobStore, LocalBlobStore, S3BlobStore, open_store
 from storage.base import READ_CHUNK_SIZE
+from storage.digests import DigestMismatchError
 from storage.local import TMP_DIR_NAME
 from storage.s3 import DEFAULT_PART_SIZE
 from tests.fixtures.s3 import S3Server, make_s3_store
@@ -524,3 +526,27 @@ async def test_read_many(blob_store: BlobStore) -> None:
     assert await blob_store.read_many([]) == []
     with pytest.raises(ValueError):
         await blob_store.read_many(["../escape"])
+
+
+async def test_read_joined(blob_store: BlobStore) -> None:
+    """Each object behind its prefix in one buffer, checked against its digest; None when one is missing or
+    not of the size given; a mismatch names the altered object."""
+    objects = {f"joined/{n}.dcm": os.urandom(n * 1000) for n in range(4)}
+    for key, data in objects.items():
+        await blob_store.put(key, data)
+    keys = list(objects)
+    sizes = [len(d) for d in objects.values()]
+    prefixes = [b"<%d>" % n for n in range(4)]
+    digests = [hashlib.sha256(d).digest() for d in objects.values()]
+    got = await blob_store.read_joined(keys, sizes, prefixes, sha256=digests)
+    expected = b"".join(p + d for p, d in zip(prefixes, objects.values(), strict=True))
+    assert got is not None and bytes(got) == expected
+    assert await blob_store.read_joined([], [], []) in (b"", bytearray())
+    assert await blob_store.read_joined([*keys[:2], "joined/none.dcm"], [*sizes[:2], 5], prefixes[:3]) is None
+    longer = [sizes[0], sizes[1] + 1]
+    assert await blob_store.read_joined(keys[:2], longer, prefixes[:2]) is None
+    assert await blob_store.read_joined(keys[:2], longer, prefixes[:2], sha256=digests[:2]) is None
+    wrong = [digests[0], digests[2], *digests[2:]]
+    with pytest.raises(DigestMismatchError) as caught:
+        await blob_store.read_joined(keys, sizes, prefixes, sha256=wrong)
+    assert caught.value.key == keys[1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import BinaryIO
 
 from starlette.requests import Request
@@ -112,7 +112,10 @@ async def render_instance(
 ) -> bytes:
     """Render off the event loop; rendering failures become the 4xx the standard's error table suggests."""
     sop = instance.sop_instance_uid
+    reader = store.blocking_reader() if instance.size <= WHOLE_READ_LIMIT else None
     try:
+        if reader is not None:  # the local store: read and render in one thread hop, not two
+            return await asyncio.to_thread(_read_and_render, reader, instance.storage_key, frames, options)
         fp = await _open(store, instance)
         return await asyncio.to_thread(render, fp, frames, options)
     except BlobNotFoundError as exc:
@@ -127,6 +130,12 @@ async def render_instance(
         raise HTTPProblem(422, f"instance {sop} cannot be rendered: {exc}") from exc
     except RenderError as exc:
         raise HTTPProblem(400, f"instance {sop}: {exc}") from exc
+
+
+def _read_and_render(
+    reader: Callable[[str], bytes], key: str, frames: list[int] | None, options: RenderOptions
+) -> bytes:
+    return render(io.BytesIO(reader(key)), frames, options)
 
 
 def _variant(frames: list[int] | None, options: RenderOptions) -> str:
