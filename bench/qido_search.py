@@ -2,6 +2,7 @@
 
     python -m bench.qido_search load --data-dir bench/out/qido --studies 100000
     python -m bench.qido_search measure --data-dir bench/out/qido [--rounds 200] [--auth]
+    python -m bench.qido_search explain --data-dir bench/out/qido [--rounds 20]
 
 `load` writes the index directly through indexer.writes (the same code STOW uses, minus object storage), so
 that a million instances load in minutes; `measure` starts `dicomweb serve` on that data directory and times
@@ -9,7 +10,8 @@ each query over HTTP (keep-alive, one client), printing p50/p95/max per query sh
 CPU time per request of the server process and of PostgreSQL (all its processes), read from /proc with
 nanosecond resolution (`schedstat`), which a shared machine moves less than the wall clock. `--auth`
 runs the server with access control on and sends a reader's API token (every request authenticated,
-authorized, audited).
+authorized, audited). `explain` runs each shape's SQL under EXPLAIN (ANALYZE, BUFFERS) and prints the
+median execution time and buffers touched, which show whether a plan stays flat as the index grows.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import os
 import random
 import time
+import urllib.parse
 from pathlib import Path
 
 import asyncpg
@@ -32,8 +35,10 @@ from access.clock import Clock
 from bench.common import embedded_archive, percentile
 from bench.synthetic import DESCRIPTIONS, FAMILY, GIVEN, make_instance, make_study, to_bytes, uid
 from dicomcore.parse import parse_instance
+from indexer.attributes import Level
 from indexer.embedded import EmbeddedPostgres
 from indexer.migrate import migrate
+from indexer.qido import QidoQuery, _compile, _plan, parse_query, statement_settings
 from indexer.writes import InstanceRecord, index_instances
 
 INSTANCES_PER_STUDY = 10
@@ -297,11 +302,56 @@ async def measure(
         )
 
 
+def _query_of(path: str) -> QidoQuery:
+    """The parsed QIDO query of one of `queries`' URLs (the route's level and scope, its parameters)."""
+    url = urllib.parse.urlsplit(path)
+    parts = url.path.strip("/").split("/")
+    level = {"studies": Level.STUDY, "series": Level.SERIES, "instances": Level.INSTANCE}[parts[-1]]
+    study = parts[1] if len(parts) > 2 else None
+    return parse_query(level, urllib.parse.parse_qsl(url.query), study_uid=study)
+
+
+async def explain(dsn: str, rounds: int) -> None:
+    """Per query shape, as the archive compiles it: PostgreSQL's execution ms and the buffers it touched
+    (shared hit + read), median over `rounds` random values. Buffers per query are what grows with the
+    index where a plan does not stay flat; they do not depend on the machine's load."""
+    conn = await asyncpg.connect(dsn)
+    sample = [
+        dict(r)
+        for r in await conn.fetch(
+            """SELECT patient_id, accession_number, study_instance_uid
+               FROM study TABLESAMPLE SYSTEM (1) LIMIT 2000"""
+        )
+    ]
+    rng = random.Random(3)
+    found: dict[str, list[tuple[float, int, int]]] = {}
+    for _ in range(rounds):
+        for name, path in queries(rng, sample).items():
+            query = _query_of(path)
+            sql, args = _compile(query, 1, _plan(query))
+            async with conn.transaction():
+                await conn.execute(statement_settings(query))
+                plan = await conn.fetchval("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql, *args)
+            top = orjson.loads(plan)[0]
+            node = top["Plan"]
+            found.setdefault(name, []).append(
+                (top["Execution Time"], node.get("Shared Hit Blocks", 0), node.get("Shared Read Blocks", 0))
+            )
+    await conn.close()
+    print(f"{'query':34} {'exec ms p50':>12} {'buffers hit p50':>16} {'read p50':>9} {'max buffers':>12}")
+    for name, values in found.items():
+        print(
+            f"{name:34} {percentile([v[0] for v in values], 50):12.2f}"
+            f" {percentile([v[1] for v in values], 50):16.0f} {percentile([v[2] for v in values], 50):9.0f}"
+            f" {max(v[1] + v[2] for v in values):12d}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["load", "measure"])
+    parser.add_argument("command", choices=["load", "measure", "explain"])
     parser.add_argument("--data-dir", type=Path, default=Path("bench/out/qido"))
     parser.add_argument("--studies", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=200)
@@ -312,6 +362,9 @@ def main() -> None:
     if args.command == "load":
         with EmbeddedPostgres(args.data_dir.resolve() / "postgres") as pg:
             asyncio.run(load(pg.dsn, args.studies))
+    elif args.command == "explain":
+        with EmbeddedPostgres(args.data_dir.resolve() / "postgres") as pg:
+            asyncio.run(explain(pg.dsn, min(args.rounds, 20)))
     else:
         with (
             EmbeddedPostgres(args.data_dir.resolve() / "postgres") as pg,

@@ -17,9 +17,10 @@ indexer.attributes for each vocabulary entry. tests/test_scale_load.py checks th
 these rows as for the same instances indexed through indexer.writes.
 
 Restartable: progress is a row in `scale_load_progress`; a chunk commits with its progress, so a killed
-load resumes at the next chunk. Secondary indexes (not those behind constraints) are dropped before the
-first chunk and built after the last, which is faster than maintaining them row by row; their definitions
-are kept in the progress row until they are rebuilt.
+load resumes at the next chunk, and a larger --studies grows a loaded data set. Secondary indexes (not
+those behind constraints) are dropped before the first chunk and built after the last, which is faster
+than maintaining them row by row (2M instances: 25 s to build them all); their definitions are kept in the
+progress row until they are rebuilt.
 """
 
 from __future__ import annotations
@@ -297,7 +298,6 @@ async def load(dsn: str, studies: int, per_study: int, series: int = 2, chunk: i
     if progress is None:
         if await conn.fetchval("SELECT count(*) FROM instance"):
             raise SystemExit("the index already holds instances that this loader did not write")
-        indexes = await _secondary_indexes(conn)
         async with conn.transaction():
             await conn.execute(
                 """INSERT INTO patient (patient_key, partition_key, patient_id, issuer_of_patient_id)
@@ -305,19 +305,21 @@ async def load(dsn: str, studies: int, per_study: int, series: int = 2, chunk: i
                    SELECT p + 1, 1, 'PID' || lpad(p::text, 5, '0'), '' FROM generate_series(0, $1 - 1) p""",
                 PATIENTS,
             )
-            for name, _ in indexes:
-                await conn.execute(f"DROP INDEX {name}")
             await conn.execute(
-                "INSERT INTO scale_load_progress VALUES (true, $1, $2, 0, $3)",
-                per_study,
-                series,
-                [d for _, d in indexes],
+                "INSERT INTO scale_load_progress VALUES (true, $1, $2, 0, NULL)", per_study, series
             )
         progress = await conn.fetchrow("SELECT * FROM scale_load_progress")
     elif (progress["per_study"], progress["series"]) != (per_study, series):
         raise SystemExit(
             f"this data set has {progress['per_study']} instances in {progress['series']} series"
         )
+    if progress["index_defs"] is None and progress["next_study"] < studies:
+        # growing a loaded data set: rebuilding its indexes after is faster than maintaining them per row
+        async with conn.transaction():
+            indexes = await _secondary_indexes(conn)
+            for name, _ in indexes:
+                await conn.execute(f"DROP INDEX {name}")
+            await conn.execute("UPDATE scale_load_progress SET index_defs = $1", [d for _, d in indexes])
     sql = loader.chunk_sql()
     start, first = time.perf_counter(), progress["next_study"]
     for a in range(first, studies, chunk):

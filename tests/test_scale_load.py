@@ -41,7 +41,8 @@ async def rows(conn: asyncpg.Connection, table: str, partition: int, order: str)
 
 
 async def test_generated_rows_equal_indexed_rows(database_url: str) -> None:
-    await scale_load.load(database_url, STUDIES, PER_STUDY, chunk=50)  # three chunks, the last one short
+    await scale_load.load(database_url, 70, PER_STUDY, chunk=50)  # two chunks, the last one short
+    await scale_load.load(database_url, STUDIES, PER_STUDY, chunk=50)  # grown: indexes dropped and rebuilt
     conn = await asyncpg.connect(database_url)
     try:
         assert await conn.fetchval("SELECT count(*) FROM instance") == STUDIES * PER_STUDY
