@@ -184,7 +184,7 @@ async def measure(
                         client, path, meter, timings.setdefault(name, []), cpu.setdefault(name, {})
                     )
     print(
-        f"\n{'query (10 extended tags defined)':40} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}"
+        f"\n{f'query ({len(tags)} extended tags defined)':40} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}"
         f" {'server CPU ms':>14} {'PG CPU ms':>10}"
     )
     for name, values in timings.items():
