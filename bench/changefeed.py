@@ -9,8 +9,9 @@ entry's Timestamp (taken in the writer's transaction, just before its commit) to
 long-polling with `wait` has the entry parsed, so it includes the commit itself.
 
 `--data-dir` serves an existing data set (e.g. bench.scale_load's millions of entries) instead of filling one;
-with `--sample-pages N` it reads N pages at random offsets (with and without metadata) instead of the whole
-feed, which at 10M entries would take minutes per pass and say nothing more: a page's cost is what grows.
+with `--sample-pages N` it reads N pages at random offsets (with and without metadata; v2 too) and the
+last minute by time instead of the whole feed, which at 10M entries would take minutes per pass and say
+nothing more: a page's cost is what grows.
 """
 
 from __future__ import annotations
@@ -85,10 +86,32 @@ async def sample_pages(base: str, page: int, pages: int, metadata: bool, version
     )
 
 
+async def tail_by_time(base: str, reads: int = 6) -> None:
+    """v2 reads of the last minute's entries (startTime = the latest entry's Timestamp - 60 s), as a consumer
+    that follows the feed by time makes them: their cost should not depend on the entries before."""
+    async with httpx.AsyncClient(timeout=600) as client:
+        latest = (await client.get(f"{base}/v2/changefeed/latest")).json()
+        start = dt.datetime.fromisoformat(latest["Timestamp"]) - dt.timedelta(seconds=60)
+        timings, count = [], 0
+        for _ in range(reads):
+            t = time.perf_counter()
+            r = await client.get(
+                f"{base}/v2/changefeed", params={"startTime": start.isoformat(), "limit": 100}
+            )
+            r.raise_for_status()
+            count = len(r.json())
+            timings.append(time.perf_counter() - t)
+    print(
+        f"v2: the last minute by time ({count} entries, limit 100), {reads} reads: "
+        f"median {percentile(timings, 50) * 1000:.1f} ms, max {max(timings) * 1000:.1f} ms"
+    )
+
+
 async def latency(base: str, probes: int) -> list[float]:
     rng = random.Random(12)
     async with httpx.AsyncClient(timeout=120) as client:
         offset = (await client.get(f"{base}/v1/changefeed/latest")).json()["Sequence"]
+        first_uid = 10_000_000 + offset  # new SOP Instance UIDs on every run against the same data set
         delays: list[float] = []
 
         async def consumer() -> None:
@@ -108,7 +131,7 @@ async def latency(base: str, probes: int) -> list[float]:
             async with httpx.AsyncClient(timeout=60) as writer:
                 for n in range(probes):
                     spec = make_study(rng, series_count=1, modalities=["CT"])
-                    body, content_type = multipart_body(instance_variants(spec, 0, 1, start=10_000_000 + n))
+                    body, content_type = multipart_body(instance_variants(spec, 0, 1, start=first_uid + n))
                     r = await writer.post(
                         f"{base}/v2/studies", content=body, headers={"Content-Type": content_type}
                     )
@@ -124,6 +147,7 @@ async def run(base: str, entries: int, page: int, probes: int, fill_first: bool,
         for metadata in (False, True):
             await sample_pages(base, page, sample, metadata)
         await sample_pages(base, page, max(sample // 10, 5), False, "v2")
+        await tail_by_time(base)
     elif fill_first:
         t = time.perf_counter()
         await fill(base, entries)
