@@ -1,20 +1,29 @@
 """bench.scale_load writes rows in SQL from templates; they must be the rows the archive's own ingest
 writes. The generated instances are indexed again through indexer.writes (STOW's index path) into a second
-partition, and every QIDO search, the study/series/instance rows and the change feed must agree."""
+partition, and every QIDO search, the study/series/instance rows and the change feed must agree; and the
+same instances, made into DICOM objects and stored over STOW-RS, must give the same QIDO answers over HTTP."""
 
 from __future__ import annotations
 
 import hashlib
+import random
 
 import asyncpg
+import httpx
 import orjson
+from pydicom.valuerep import IS
 
 from bench import scale_load
+from bench.qido_search import SEED
+from bench.synthetic import make_instance, make_study, multipart_body, to_bytes
 from indexer.attributes import Level
 from indexer.qido import parse_query, search_page
 from indexer.writes import InstanceRecord, index_instances
+from tests.fixtures.postgres import fresh_database
+from tests.fixtures.server import RunningArchive
 
 STUDIES, PER_STUDY = 120, 5
+STOWED = 40  # studies stored over STOW-RS: each search below matches some
 BASE = "http://archive.test/v2"
 SEARCHES: list[tuple[Level, list[tuple[str, str]]]] = [
     (Level.STUDY, [("limit", "200")]),
@@ -98,3 +107,57 @@ async def test_generated_rows_equal_indexed_rows(database_url: str) -> None:
         assert await conn.fetchval("SELECT count(*) FROM instance WHERE partition_key = 1") == len(generated)
     finally:
         await conn.close()
+
+
+# the attributes scale_load varies (keyword, JSON key), set on bench.qido_search's template instance
+VARIED = [
+    ("PatientName", "00100010"), ("PatientID", "00100020"), ("PatientBirthDate", "00100030"),
+    ("PatientSex", "00100040"), ("StudyDate", "00080020"), ("StudyTime", "00080030"),
+    ("AccessionNumber", "00080050"), ("ReferringPhysicianName", "00080090"), ("StudyDescription", "00081030"),
+    ("Modality", "00080060"), ("StudyInstanceUID", "0020000D"), ("SeriesInstanceUID", "0020000E"),
+    ("SOPInstanceUID", "00080018"), ("SeriesNumber", "00200011"), ("InstanceNumber", "00200013"),
+    ("AcquisitionDate", "00080022"), ("AcquisitionNumber", "00200012"),
+]  # fmt: skip
+
+
+def dicom_object(attrs: dict) -> bytes:
+    """The PS3.10 object whose DICOM JSON is `attrs` (a generated instance's metadata)."""
+    ds = make_instance(make_study(random.Random(SEED), series_count=1), 0, 1)
+    for keyword, key in VARIED:
+        value = attrs[key]["Value"][0]
+        value = value["Alphabetic"] if isinstance(value, dict) else value
+        setattr(ds, keyword, IS(value) if isinstance(value, int) else value)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return to_bytes(ds)
+
+
+async def test_generated_rows_answer_qido_as_stow_does(
+    postgres_server: str, local_archive: RunningArchive
+) -> None:
+    async with fresh_database(postgres_server) as generated_url:
+        await scale_load.load(generated_url, STOWED, PER_STUDY, chunk=15)
+        conn = await asyncpg.connect(generated_url)
+        try:
+            metadata = [orjson.loads(r["metadata"]) for r in await conn.fetch(
+                "SELECT metadata FROM instance ORDER BY instance_key"
+            )]  # fmt: skip
+            async with httpx.AsyncClient(base_url=local_archive.url, timeout=60) as client:
+                for s in range(STOWED):  # one STOW per study, as bench.qido_search's load indexes them
+                    body, content_type = multipart_body(
+                        [dicom_object(a) for a in metadata[s * PER_STUDY : (s + 1) * PER_STUDY]]
+                    )
+                    stored = await client.post(
+                        "/studies", content=body, headers={"Content-Type": content_type}
+                    )
+                    assert stored.status_code == 200, stored.text
+                for level, params in SEARCHES:
+                    path = {Level.STUDY: "/studies", Level.SERIES: "/series", Level.INSTANCE: "/instances"}[
+                        level
+                    ]
+                    over_http = (await client.get(path, params=params)).json()
+                    page = await search_page(conn, 1, parse_query(level, params), local_archive.url)
+                    assert over_http and page.results == over_http, (level, params)
+                instances = (await client.get("/instances", params={"limit": "1000"})).json()
+                assert len(instances) == STOWED * PER_STUDY
+        finally:
+            await conn.close()
