@@ -19,6 +19,7 @@ the stored metadata (idempotent; standard QIDO results are unaffected).
    bench.qido_search with the ten tags defined, printing p50/p95/max per query shape;
 3. prints EXPLAIN (ANALYZE, BUFFERS) of the extended-tag searches as the archive compiles them.
 `--cpu` adds each shape's CPU ms per request of the server and of PostgreSQL (see bench.qido_search).
+`--one-tag` adds AcquisitionNumber alone and times only its searches (bench.scale_load's larger indexes).
 Tags it defines are deleted first, so it can be run again.
 """
 
@@ -132,11 +133,15 @@ def ext_queries(rng: random.Random) -> dict[str, str]:
     }
 
 
-async def measure(url: str, dsn: str, rounds: int, reuse: bool, data_dir: Path, cpu_meter: bool) -> None:
+async def measure(
+    url: str, dsn: str, rounds: int, reuse: bool, data_dir: Path, cpu_meter: bool, one: bool = False
+) -> None:
+    """Add the tags (all ten, or with `one` AcquisitionNumber alone), then time the searches on them."""
+    tags = MEASURED[:1] if one else MEASURED + OTHERS
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     async with pool.acquire() as conn:
         ready = [t for t in (await query_tags(conn)).values() if t.status == "Ready"]
-        reuse = reuse and len(ready) == len(MEASURED + OTHERS)
+        reuse = reuse and len(ready) == len(tags)
         for item in [] if reuse else MEASURED + OTHERS:
             async with conn.transaction():
                 await delete_now(conn, parse_tag(item["Path"]))
@@ -151,9 +156,10 @@ async def measure(url: str, dsn: str, rounds: int, reuse: bool, data_dir: Path, 
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         if not reuse:
             await _add(client, MEASURED[:1], "AcquisitionNumber (IS, instance level)", instances)
-            await _add(client, MEASURED[1:], "AcquisitionDate (DA, instance level)", instances)
-            label = "8 study/series-level tags (100,000 studies + 200,000 series)"
-            await _add(client, OTHERS, label, 300_000)
+            if not one:
+                await _add(client, MEASURED[1:], "AcquisitionDate (DA, instance level)", instances)
+                label = "8 study/series-level tags (100,000 studies + 200,000 series)"
+                await _add(client, OTHERS, label, 300_000)
             async with pool.acquire() as conn:
                 await conn.execute("VACUUM ANALYZE")
         rng = random.Random(7)
@@ -164,7 +170,11 @@ async def measure(url: str, dsn: str, rounds: int, reuse: bool, data_dir: Path, 
             if n == 5:
                 meter = CpuMeter(url, data_dir, enabled=cpu_meter)  # the pool's backends exist by now
             row = rng.choice(sample)
-            shapes = {k: v.replace("{study}", row["study_instance_uid"]) for k, v in ext_queries(rng).items()}
+            shapes = {
+                k: v.replace("{study}", row["study_instance_uid"])
+                for k, v in ext_queries(rng).items()
+                if not one or "AcquisitionNumber" in v
+            }
             shapes |= {f"std {k}": v for k, v in standard_queries(rng, sample).items()}
             for name, path in shapes.items():
                 if meter is None:
@@ -174,7 +184,7 @@ async def measure(url: str, dsn: str, rounds: int, reuse: bool, data_dir: Path, 
                         client, path, meter, timings.setdefault(name, []), cpu.setdefault(name, {})
                     )
     print(
-        f"\n{'query (10 extended tags defined)':40} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}"
+        f"\n{f'query ({len(tags)} extended tags defined)':40} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}"
         f" {'server CPU ms':>14} {'PG CPU ms':>10}"
     )
     for name, values in timings.items():
@@ -183,11 +193,11 @@ async def measure(url: str, dsn: str, rounds: int, reuse: bool, data_dir: Path, 
             f" {cpu_ms(cpu[name], 'server'):>14} {cpu_ms(cpu[name], 'postgres'):>10}"
         )
     async with pool.acquire() as conn:
-        await explain(conn, rng)
+        await explain(conn, rng, one)
     await pool.close()
 
 
-async def explain(conn: asyncpg.Connection, rng: random.Random) -> None:
+async def explain(conn: asyncpg.Connection, rng: random.Random, one: bool = False) -> None:
     extended = await query_tags(conn)
     day = _EPOCH + dt.timedelta(days=rng.randrange(9000 - 31))
     cases = {
@@ -207,6 +217,8 @@ async def explain(conn: asyncpg.Connection, rng: random.Random) -> None:
         "ProtocolName prefix, all 200,000 match": (Level.SERIES, [("ProtocolName", "ABD*")]),
     }
     for name, (level, params) in cases.items():
+        if one and params[0][0] != "AcquisitionNumber":
+            continue
         query = parse_query(level, params, extended=extended)
         sql, args = _compile(query, 1, _plan(query))
         async with conn.transaction():
@@ -224,6 +236,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--reuse-tags", action="store_true", help="keep the ten tags if already Ready")
     parser.add_argument("--cpu", action="store_true", help=CPU_HELP)
+    parser.add_argument(
+        "--one-tag", action="store_true", help="AcquisitionNumber alone (a 10M index: minutes, not an hour)"
+    )
     args = parser.parse_args()
     data_dir = args.data_dir.resolve()
     with EmbeddedPostgres(data_dir / "postgres") as pg:
@@ -231,7 +246,9 @@ def main() -> None:
             asyncio.run(prepare(pg.dsn))
         else:
             with embedded_archive(workers=1, data_dir=data_dir, database_url=pg.dsn) as url:
-                asyncio.run(measure(url, pg.dsn, args.rounds, args.reuse_tags, data_dir, args.cpu))
+                asyncio.run(
+                    measure(url, pg.dsn, args.rounds, args.reuse_tags, data_dir, args.cpu, args.one_tag)
+                )
 
 
 if __name__ == "__main__":

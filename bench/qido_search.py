@@ -2,6 +2,8 @@
 
     python -m bench.qido_search load --data-dir bench/out/qido --studies 100000
     python -m bench.qido_search measure --data-dir bench/out/qido [--rounds 200] [--auth]
+    python -m bench.qido_search explain --data-dir bench/out/qido [--rounds 20]
+    python -m bench.qido_search throughput --data-dir bench/out/qido [--clients 8 --workers 2 --seconds 30]
 
 `load` writes the index directly through indexer.writes (the same code STOW uses, minus object storage), so
 that a million instances load in minutes; `measure` starts `dicomweb serve` on that data directory and times
@@ -9,7 +11,9 @@ each query over HTTP (keep-alive, one client), printing p50/p95/max per query sh
 CPU time per request of the server process and of PostgreSQL (all its processes), read from /proc with
 nanosecond resolution (`schedstat`), which a shared machine moves less than the wall clock. `--auth`
 runs the server with access control on and sends a reader's API token (every request authenticated,
-authorized, audited).
+authorized, audited). `explain` runs each shape's SQL under EXPLAIN (ANALYZE, BUFFERS) and prints the
+median execution time and buffers touched, which show whether a plan stays flat as the index grows.
+`throughput` runs the same shapes from concurrent clients and prints searches per second.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import hashlib
 import os
 import random
 import time
+import urllib.parse
 from pathlib import Path
 
 import asyncpg
@@ -32,8 +37,10 @@ from access.clock import Clock
 from bench.common import embedded_archive, percentile
 from bench.synthetic import DESCRIPTIONS, FAMILY, GIVEN, make_instance, make_study, to_bytes, uid
 from dicomcore.parse import parse_instance
+from indexer.attributes import Level
 from indexer.embedded import EmbeddedPostgres
 from indexer.migrate import migrate
+from indexer.qido import QidoQuery, _compile, _plan, parse_query, statement_settings
 from indexer.writes import InstanceRecord, index_instances
 
 INSTANCES_PER_STUDY = 10
@@ -297,21 +304,116 @@ async def measure(
         )
 
 
+def _query_of(path: str) -> QidoQuery:
+    """The parsed QIDO query of one of `queries`' URLs (the route's level and scope, its parameters)."""
+    url = urllib.parse.urlsplit(path)
+    parts = url.path.strip("/").split("/")
+    level = {"studies": Level.STUDY, "series": Level.SERIES, "instances": Level.INSTANCE}[parts[-1]]
+    study = parts[1] if len(parts) > 2 else None
+    return parse_query(level, urllib.parse.parse_qsl(url.query), study_uid=study)
+
+
+async def explain(dsn: str, rounds: int) -> None:
+    """Per query shape, as the archive compiles it: PostgreSQL's execution ms and the buffers it touched
+    (shared hit + read), median over `rounds` random values. Buffers per query are what grows with the
+    index where a plan does not stay flat; they do not depend on the machine's load."""
+    conn = await asyncpg.connect(dsn)
+    sample = [
+        dict(r)
+        for r in await conn.fetch(
+            """SELECT patient_id, accession_number, study_instance_uid
+               FROM study TABLESAMPLE SYSTEM (1) LIMIT 2000"""
+        )
+    ]
+    rng = random.Random(3)
+    found: dict[str, list[tuple[float, int, int]]] = {}
+    for _ in range(rounds):
+        for name, path in queries(rng, sample).items():
+            query = _query_of(path)
+            sql, args = _compile(query, 1, _plan(query))
+            async with conn.transaction():
+                await conn.execute(statement_settings(query))
+                plan = await conn.fetchval("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql, *args)
+            top = orjson.loads(plan)[0]
+            node = top["Plan"]
+            found.setdefault(name, []).append(
+                (top["Execution Time"], node.get("Shared Hit Blocks", 0), node.get("Shared Read Blocks", 0))
+            )
+    await conn.close()
+    print(f"{'query':34} {'exec ms p50':>12} {'buffers hit p50':>16} {'read p50':>9} {'max buffers':>12}")
+    for name, values in found.items():
+        print(
+            f"{name:34} {percentile([v[0] for v in values], 50):12.2f}"
+            f" {percentile([v[1] for v in values], 50):16.0f} {percentile([v[2] for v in values], 50):9.0f}"
+            f" {max(v[1] + v[2] for v in values):12d}"
+        )
+
+
+async def throughput(url: str, dsn: str, clients: int, seconds: float) -> None:
+    """Searches per second with `clients` concurrent keep-alive clients, each cycling through the query
+    shapes with random values for `seconds`: what a server (or a read replica) of this size takes."""
+    conn = await asyncpg.connect(dsn)
+    sample = [
+        dict(r)
+        for r in await conn.fetch(
+            """SELECT patient_id, accession_number, study_instance_uid
+               FROM study TABLESAMPLE SYSTEM (1) LIMIT 2000"""
+        )
+    ]
+    await conn.close()
+    timings: list[float] = []
+
+    async def client(n: int) -> None:
+        rng = random.Random(100 + n)
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            while time.perf_counter() < deadline:
+                for path in queries(rng, sample).values():
+                    t = time.perf_counter()
+                    (await http.get(path)).raise_for_status()
+                    timings.append((time.perf_counter() - t) * 1000)
+
+    deadline = time.perf_counter() + 2  # warm-up: connections, plans
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    timings.clear()
+    start = time.perf_counter()
+    deadline = start + seconds
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    elapsed = time.perf_counter() - start
+    print(
+        f"{clients} clients, {len(timings)} searches in {elapsed:.1f} s: {len(timings) / elapsed:.0f}/s,"
+        f" p50 {percentile(timings, 50):.1f} ms, p95 {percentile(timings, 95):.1f} ms (all 12 shapes mixed)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["load", "measure"])
+    parser.add_argument("command", choices=["load", "measure", "explain", "throughput"])
     parser.add_argument("--data-dir", type=Path, default=Path("bench/out/qido"))
     parser.add_argument("--studies", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--auth", action="store_true", help="measure with access control on (reader token)")
     parser.add_argument("--cpu", action="store_true", help=CPU_HELP)
+    parser.add_argument("--clients", type=int, default=8, help="throughput: concurrent clients")
+    parser.add_argument("--workers", type=int, default=2, help="throughput: server workers")
+    parser.add_argument("--seconds", type=float, default=30, help="throughput: how long")
     args = parser.parse_args()
     args.data_dir.mkdir(parents=True, exist_ok=True)
     if args.command == "load":
         with EmbeddedPostgres(args.data_dir.resolve() / "postgres") as pg:
             asyncio.run(load(pg.dsn, args.studies))
+    elif args.command == "explain":
+        with EmbeddedPostgres(args.data_dir.resolve() / "postgres") as pg:
+            asyncio.run(explain(pg.dsn, min(args.rounds, 20)))
+    elif args.command == "throughput":
+        with (
+            EmbeddedPostgres(args.data_dir.resolve() / "postgres") as pg,
+            embedded_archive(
+                workers=args.workers, data_dir=args.data_dir.resolve(), database_url=pg.dsn
+            ) as url,
+        ):
+            asyncio.run(throughput(url, pg.dsn, args.clients, args.seconds))
     else:
         with (
             EmbeddedPostgres(args.data_dir.resolve() / "postgres") as pg,
