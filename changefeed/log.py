@@ -142,6 +142,16 @@ async def read_after(
     return _entries(rows)
 
 
+async def _first_sequence_at(conn: asyncpg.Connection | asyncpg.Pool, moment: dt.datetime) -> int | None:
+    """The lowest sequence whose timestamp is at or after `moment` (None: no such entry). Two probes of the
+    timestamp index: the first timestamp at or after it, then the lowest sequence with that timestamp."""
+    return await conn.fetchval(
+        """SELECT min(sequence) FROM changefeed WHERE "timestamp" =
+               (SELECT min("timestamp") FROM changefeed WHERE "timestamp" >= $1)""",
+        moment,
+    )
+
+
 async def read_window(
     conn: asyncpg.Connection | asyncpg.Pool,
     start: dt.datetime | None,
@@ -152,13 +162,37 @@ async def read_window(
     partition_key: int | None = None,
     include_metadata: bool = False,
 ) -> list[FeedEntry]:
-    """Entries with start <= timestamp < end, ascending, skipping `offset` of them (Azure's v2 read)."""
+    """Entries with start <= timestamp < end, ascending, skipping `offset` of them (Azure's v2 read).
+
+    Timestamps never go backwards along the sequence (the counter keeps them so: `append`), so a
+    window is a sequence range [first at start, first at end), found with the timestamp index: a read then
+    costs its page wherever the window lies in the feed, not a walk from the feed's first entry. Sequences
+    are dense, so without a partition the offset is arithmetic too; within a partition it is walked, from
+    the window's start only."""
+    first = await (
+        _first_sequence_at(conn, start)
+        if start is not None
+        else conn.fetchval("SELECT min(sequence) FROM changefeed")
+    )
+    if first is None:
+        return []
+    low = int(first)
+    high = await _first_sequence_at(conn, end) if end is not None else None
+    # the timestamps too: the same entries as the sequence range, kept so a clock set back cannot widen it
     conditions = ['($3::timestamptz IS NULL OR c."timestamp" >= $3)']
     conditions.append('($4::timestamptz IS NULL OR c."timestamp" < $4)')
-    args: list[object] = [offset, limit, start, end]
-    if partition_key is not None:
-        conditions.append("c.partition_key = $5")
+    args: list[object] = [0, limit, start, end]
+    if partition_key is None:
+        args.append(low + offset)
+    else:
+        args[0] = offset
+        args.append(low)
+        conditions.append(f"c.partition_key = ${len(args) + 1}")
         args.append(partition_key)
+    conditions.append("c.sequence >= $5")
+    if high is not None:
+        conditions.append(f"c.sequence < ${len(args) + 1}")
+        args.append(high)
     rows = await conn.fetch(
         f"{_select(include_metadata)} WHERE {' AND '.join(conditions)} "
         "ORDER BY c.sequence OFFSET $1 LIMIT $2",
