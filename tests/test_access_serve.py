@@ -21,7 +21,11 @@ def test_embedded_default_creates_an_owner_token_file(tmp_path: Path) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        assert wait_ready(f"{base}/health/ready", proc, timeout=120)
+        if not wait_ready(f"{base}/health/ready", proc, timeout=120):
+            proc.kill()
+            raise AssertionError(
+                f"serve did not start ({proc.wait()}): {proc.communicate()[0].decode()[-3000:]}"
+            )
         token_file = data_dir / "owner-token"
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
         token = token_file.read_text().strip()
