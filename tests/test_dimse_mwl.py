@@ -180,7 +180,9 @@ async def test_worklist_queries_select_exactly_the_scheduled_items(open_dimse_ar
     both_ids = "\\".join(derived_sps_id(uids[n]) for n in ("d", "a"))
     assert find(ScheduledProcedureStepID=both_ids) == ["a", "d"]  # a list: any of them
     assert find(ScheduledProcedureStepID=derived_sps_id(uids["b"])[:5] + "*") == ["b"]
-    assert find(ScheduledProcedureStepID=derived_sps_id(uids["b"]).lower()) == []  # SH: case counts
+    lowered = derived_sps_id(uids["b"]).lower()
+    if lowered != derived_sps_id(uids["b"]):  # hex digits only: nothing to lower, then
+        assert find(ScheduledProcedureStepID=lowered) == []  # SH: case counts
     assert find(ScheduledProcedureStepID=uids["c"]) == []  # the UID is not the ID (64 characters: no SH)
     assert find(ScheduledProcedureStepID="42") == []
     assert find(ScheduledProcedureStepStatus="STARTED") == []
