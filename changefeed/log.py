@@ -62,33 +62,31 @@ async def append(conn: asyncpg.Connection, partition_key: int, changes: Sequence
     """
     if not changes:
         return 0
-    row = await conn.fetchrow(
-        """UPDATE changefeed_counter
-           SET last_sequence = last_sequence + $1,
-               last_timestamp = greatest(clock_timestamp(), last_timestamp)
-           RETURNING last_sequence, last_timestamp""",
-        len(changes),
-    )
-    last, timestamp = row["last_sequence"], row["last_timestamp"]
-    first = last - len(changes) + 1
-    await conn.execute(
-        """INSERT INTO changefeed (sequence, partition_key, study_instance_uid, series_instance_uid,
-               sop_instance_uid, instance_key, action, "timestamp")
-           SELECT $1::bigint + t.n - 1, $2, t.study, t.series, t.sop, t.key, t.action, $3
-           FROM unnest($4::text[], $5::text[], $6::text[], $7::bigint[], $8::smallint[])
-                WITH ORDINALITY AS t(study, series, sop, key, action, n)""",
-        first,
+    # One statement (one round trip): the counter row's lock, the entries and the notification.
+    return await conn.fetchval(
+        """WITH counter AS (
+               UPDATE changefeed_counter
+               SET last_sequence = last_sequence + cardinality($3::text[]),
+                   last_timestamp = greatest(clock_timestamp(), last_timestamp)
+               RETURNING last_sequence, last_timestamp),
+           entries AS (
+               INSERT INTO changefeed (sequence, partition_key, study_instance_uid, series_instance_uid,
+                   sop_instance_uid, instance_key, action, "timestamp")
+               SELECT c.last_sequence - cardinality($3::text[]) + t.n, $2, t.study, t.series, t.sop, t.key,
+                   t.action, c.last_timestamp
+               FROM counter c,
+                    unnest($3::text[], $4::text[], $5::text[], $6::bigint[], $7::smallint[])
+                        WITH ORDINALITY AS t(study, series, sop, key, action, n))
+           -- delivered to listeners at commit, never for a transaction that rolls back
+           SELECT last_sequence FROM counter, pg_notify($1, last_sequence::text)""",
+        CHANNEL,
         partition_key,
-        timestamp,
         [c.study_instance_uid for c in changes],
         [c.series_instance_uid for c in changes],
         [c.sop_instance_uid for c in changes],
         [c.instance_key for c in changes],
         [int(c.action) for c in changes],
     )
-    # delivered to listeners at commit, never for a transaction that rolls back
-    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(last))
-    return last
 
 
 def _select(include_metadata: bool) -> str:

@@ -255,22 +255,6 @@ def stored_members(attrs: Mapping[str, Any]) -> bytes | None:
     return _MEMBER_SEPARATOR.join(parts) if parts else None
 
 
-async def store_members(conn: asyncpg.Connection, instances: Iterable[tuple[int, Mapping[str, Any]]]) -> None:
-    """Write the stored members of newly indexed instances (instance_key, attributes), in the caller's
-    transaction."""
-    keys, members = [], []
-    for key, attrs in instances:
-        keys.append(key)
-        members.append(stored_members(attrs))
-    if keys:
-        await conn.execute(
-            "INSERT INTO instance_qido (instance_key, members)"
-            " SELECT * FROM unnest($1::bigint[], $2::bytea[])",
-            keys,
-            members,
-        )
-
-
 _RANK = {Level.STUDY: 0, Level.SERIES: 1, Level.INSTANCE: 2}
 _MODALITY = BY_TAG[0x00080060]
 _MODALITIES_IN_STUDY = BY_TAG[0x00080061]

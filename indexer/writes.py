@@ -29,7 +29,7 @@ from indexer.extended_tags import INGEST_LOCK, ExtendedTag, indexing_tags
 from indexer.extended_values import Source, collect, delete_values, insert_errors, insert_values
 from indexer.levels import series_attrs, study_attrs
 from indexer.lookup import scope_sql
-from indexer.qido import store_members
+from indexer.qido import stored_members
 
 
 @dataclass(slots=True)
@@ -85,55 +85,134 @@ _SERIES_COLUMNS = list(series_columns({}).keys())
 _INSTANCE_COLUMNS = list(instance_columns({}).keys())
 
 
-def _upsert_parts(columns: list[str], first_param: int) -> tuple[str, str, str]:
-    """Column list, $n placeholders and SET clause for the typed columns of an upsert."""
-    params = ", ".join(f"${n}" for n in range(first_param, first_param + len(columns)))
-    return ", ".join(columns), params, ", ".join(f"{c} = EXCLUDED.{c}" for c in columns)
-
-
-_cols, _params, _updates = _upsert_parts(_STUDY_COLUMNS, 5)
-_STUDY_UPSERT = f"""INSERT INTO study (partition_key, patient_key, study_instance_uid, attrs, {_cols})
-    VALUES ($1, $2, $3, $4, {_params})
-    ON CONFLICT (partition_key, study_instance_uid) DO UPDATE SET
-        patient_key = EXCLUDED.patient_key, attrs = EXCLUDED.attrs, updated_at = now(), {_updates}
-    RETURNING study_key"""
-_cols, _params, _updates = _upsert_parts(_SERIES_COLUMNS, 5)
-# The WHERE keeps a series bound to its study: a series UID reused under another study is refused.
-_SERIES_UPSERT = f"""INSERT INTO series (partition_key, study_key, series_instance_uid, attrs, {_cols})
-    VALUES ($1, $2, $3, $4, {_params})
-    ON CONFLICT (partition_key, series_instance_uid) DO UPDATE SET
-        attrs = EXCLUDED.attrs, updated_at = now(), {_updates}
-        WHERE series.study_key = EXCLUDED.study_key
-    RETURNING series_key"""
-del _cols, _params, _updates
-
-
 async def index_instances(
     conn: asyncpg.Connection, partition_key: int, records: Sequence[InstanceRecord]
 ) -> list[IndexResult]:
-    """Index a batch of instances in the caller's transaction; one result per record, in order."""
+    """Index a batch of instances in the caller's transaction; one result per record, in order.
+
+    A few statements whatever the batch (a lone C-STORE pays each round trip in its response time): the
+    lock, the duplicate check, one statement for the patient, study, series, instance and QIDO member rows,
+    the extended query tags where any exist, and the counters.
+    """
     await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", INGEST_LOCK)
     results: list[IndexResult | None] = [None] * len(records)
-    sop_uids = [r.sop_instance_uid for r in records]
-    existing = {
-        row["sop_instance_uid"]
-        for row in await conn.fetch(
-            "SELECT sop_instance_uid FROM instance WHERE partition_key = $1 AND sop_instance_uid = ANY($2)",
-            partition_key,
-            sop_uids,
-        )
-    }
+    # after the lock (a statement of its own, so this snapshot sees a tag added before it was granted)
+    checked = await conn.fetchrow(
+        """SELECT ARRAY(SELECT sop_instance_uid FROM instance
+                        WHERE partition_key = $1 AND sop_instance_uid = ANY($2::text[])) AS existing,
+                  b.series, b.studies,
+                  EXISTS (SELECT 1 FROM extended_query_tag WHERE status IN ('Adding', 'Ready')) AS tagged
+           FROM (SELECT array_agg(se.series_instance_uid) AS series,
+                        array_agg(st.study_instance_uid) AS studies
+                 FROM series se JOIN study st USING (study_key)
+                 WHERE se.partition_key = $1 AND se.series_instance_uid = ANY($3::text[])) b""",
+        partition_key,
+        [r.sop_instance_uid for r in records],
+        list({r.series_instance_uid for r in records}),
+    )
+    existing = set(checked["existing"])
+    # the study each series belongs to: as stored, else that of its first instance in the batch
+    study_of = dict(zip(checked["series"] or (), checked["studies"] or (), strict=True))
     seen: set[str] = set()
     pending: list[int] = []
     for i, r in enumerate(records):
         if r.sop_instance_uid in existing or r.sop_instance_uid in seen:
             results[i] = IndexResult(Outcome.ALREADY_STORED, reason="the instance is already stored")
+        elif study_of.setdefault(r.series_instance_uid, r.study_instance_uid) != r.study_instance_uid:
+            results[i] = _series_conflict(r)
         else:
             seen.add(r.sop_instance_uid)
             pending.append(i)
-    if pending:
-        await _insert(conn, partition_key, records, pending, results)
+    for start in range(0, len(pending), _ROWS_PER_STATEMENT):
+        chunk = pending[start : start + _ROWS_PER_STATEMENT]
+        await _insert(conn, partition_key, records, chunk, results, tagged=checked["tagged"])
     return [r if r is not None else IndexResult(Outcome.CONFLICT, reason="not indexed") for r in results]
+
+
+def _series_conflict(r: InstanceRecord) -> IndexResult:
+    reason = f"series {r.series_instance_uid} is stored under another study than {r.study_instance_uid}"
+    return IndexResult(Outcome.CONFLICT, reason=reason)
+
+
+# Instances per insert statement: bounds its parameters (~30 a study, ~10 a series, 16 arrays) far below
+# PostgreSQL's 32,767 however many studies the instances belong to.
+_ROWS_PER_STATEMENT = 500
+
+
+def _insert_sql(patients: int, study_patients: Sequence[int], series: int) -> str:
+    """The statement that upserts a batch's patients, studies and series (in UID order, the lock order) and
+    inserts its instances with their QIDO members. Parameters: $1 the partition; per patient its ID and
+    issuer; per study (`study_patients`: the index of each one's patient) its UID, attrs and typed columns;
+    per series its study's UID, its UID, attrs and typed columns; then the instance arrays. Rows: (level
+    0 study / 1 series / 2 instance, UID, key) for every row written; a series that a concurrent batch bound
+    to another study is not among them, nor are its instances."""
+    patient_values = [f"($1, ${2 + 2 * j}, ${3 + 2 * j})" for j in range(patients)]
+    n = 2 + 2 * patients
+    study_values = []
+    for j in study_patients:
+        cols = ", ".join(f"${n + 2 + k}" for k in range(len(_STUDY_COLUMNS)))
+        patient = f"SELECT patient_key FROM p WHERE patient_id = ${2 + 2 * j}"
+        patient += f" AND issuer_of_patient_id = ${3 + 2 * j}"
+        study_values.append(f"($1, ({patient}), ${n}, ${n + 1}, {cols})")
+        n += 2 + len(_STUDY_COLUMNS)
+    series_values = []
+    for _ in range(series):
+        cols = ", ".join(f"${n + 3 + k}" for k in range(len(_SERIES_COLUMNS)))
+        series_values.append(
+            f"($1, (SELECT study_key FROM st WHERE study_instance_uid = ${n}), ${n + 1}, ${n + 2}, {cols})"
+        )
+        n += 3 + len(_SERIES_COLUMNS)
+    arrays = [
+        "text[]", "text[]", "text[]", "text[]",  # study, series, SOP instance, SOP class UIDs
+        "int[]", "int[]", "int[]", "int[]", "int[]",  # the instance columns
+        "text[]", "text[]", "bigint[]", "bytea[]", "bytea[]", "bytea[]", "bytea[]",
+    ]  # fmt: skip
+    a = [f"${n + k}::{t}" for k, t in enumerate(arrays)]
+    study_cols, series_cols, instance_cols = (
+        ", ".join(c) for c in (_STUDY_COLUMNS, _SERIES_COLUMNS, _INSTANCE_COLUMNS)
+    )
+    study_updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _STUDY_COLUMNS)
+    series_updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _SERIES_COLUMNS)
+    return f"""WITH p AS (
+               INSERT INTO patient (partition_key, patient_id, issuer_of_patient_id)
+               VALUES {", ".join(patient_values)}
+               ON CONFLICT (partition_key, patient_id, issuer_of_patient_id)
+               DO UPDATE SET patient_id = EXCLUDED.patient_id
+               RETURNING patient_key, patient_id, issuer_of_patient_id),
+           st AS (
+               INSERT INTO study (partition_key, patient_key, study_instance_uid, attrs, {study_cols})
+               VALUES {", ".join(study_values)}
+               ON CONFLICT (partition_key, study_instance_uid) DO UPDATE SET
+                   patient_key = EXCLUDED.patient_key, attrs = EXCLUDED.attrs, updated_at = now(),
+                   {study_updates}
+               RETURNING study_key, study_instance_uid),
+           se AS (
+               INSERT INTO series (partition_key, study_key, series_instance_uid, attrs, {series_cols})
+               VALUES {", ".join(series_values)}
+               ON CONFLICT (partition_key, series_instance_uid) DO UPDATE SET
+                   attrs = EXCLUDED.attrs, updated_at = now(), {series_updates}
+                   WHERE series.study_key = EXCLUDED.study_key  -- a series stays bound to its study
+               RETURNING series_key, series_instance_uid, study_key),
+           ins AS (
+               INSERT INTO instance (partition_key, study_key, series_key, sop_instance_uid, sop_class_uid,
+                   {instance_cols}, transfer_syntax_uid, storage_key, size, sha256, metadata, bulk_index)
+               SELECT $1, st.study_key, se.series_key, t.sop, t.class, t.c1, t.c2, t.c3, t.c4, t.c5,
+                   t.syntax, t.storage_key, t.size, t.sha256, t.metadata, t.bulk_index
+               FROM unnest({", ".join(a[:15])})
+                   WITH ORDINALITY AS t(study, series, sop, class, c1, c2, c3, c4, c5, syntax, storage_key,
+                                        size, sha256, metadata, bulk_index, n)
+               JOIN st ON st.study_instance_uid = t.study
+               JOIN se ON se.series_instance_uid = t.series AND se.study_key = st.study_key
+               ORDER BY t.n
+               ON CONFLICT (partition_key, sop_instance_uid) DO NOTHING
+               RETURNING sop_instance_uid, instance_key),
+           members AS (
+               INSERT INTO instance_qido (instance_key, members)
+               SELECT ins.instance_key, m.members
+               FROM ins JOIN unnest({a[2]}, {a[15]}) AS m(sop, members) ON m.sop = ins.sop_instance_uid)
+           SELECT 0 AS level, study_instance_uid AS uid, study_key AS key FROM st
+           UNION ALL SELECT 1, series_instance_uid, series_key FROM se
+           UNION ALL SELECT 2, sop_instance_uid, instance_key FROM ins"""
 
 
 async def _insert(
@@ -142,6 +221,8 @@ async def _insert(
     records: Sequence[InstanceRecord],
     pending: list[int],
     results: list[IndexResult | None],
+    *,
+    tagged: bool,
 ) -> None:
     # The latest record of each study/series in the batch supplies the level's attributes.
     study_rep: dict[str, InstanceRecord] = {}
@@ -150,106 +231,67 @@ async def _insert(
         r = records[i]
         study_rep[r.study_instance_uid] = r
         series_rep[r.series_instance_uid] = r
-
-    patient_keys: dict[tuple[str, str], int] = {}
-    for ident in sorted({patient_identity(r.attrs) for r in study_rep.values()}):
-        patient_keys[ident] = await conn.fetchval(
-            """INSERT INTO patient (partition_key, patient_id, issuer_of_patient_id) VALUES ($1, $2, $3)
-               ON CONFLICT (partition_key, patient_id, issuer_of_patient_id)
-               DO UPDATE SET patient_id = EXCLUDED.patient_id
-               RETURNING patient_key""",
-            partition_key,
-            *ident,
-        )
-
-    study_keys: dict[str, int] = {}
-    for uid in sorted(study_rep):
+    patients = sorted({patient_identity(r.attrs) for r in study_rep.values()})
+    studies, series = sorted(study_rep), sorted(series_rep)
+    patient_index = {ident: j for j, ident in enumerate(patients)}
+    study_patients = [patient_index[patient_identity(study_rep[uid].attrs)] for uid in studies]
+    args: list[object] = [partition_key]
+    for ident in patients:
+        args.extend(ident)
+    for uid in studies:
         r = study_rep[uid]
-        study_keys[uid] = await conn.fetchval(
-            _STUDY_UPSERT,
-            partition_key,
-            patient_keys[patient_identity(r.attrs)],
-            uid,
-            orjson.dumps(study_attrs(r.attrs)),
-            *study_columns(r.attrs).values(),
-        )
-
-    series_keys: dict[str, int] = {}
-    conflicting_series: dict[str, str] = {}
-    for uid in sorted(series_rep):
+        args.extend((uid, orjson.dumps(study_attrs(r.attrs)), *study_columns(r.attrs).values()))
+    for uid in series:
         r = series_rep[uid]
-        key = await conn.fetchval(
-            _SERIES_UPSERT,
-            partition_key,
-            study_keys[r.study_instance_uid],
-            uid,
-            orjson.dumps(series_attrs(r.attrs)),
-            *series_columns(r.attrs).values(),
-        )
-        if key is None:
-            conflicting_series[uid] = (
-                f"series {uid} is stored under another study than {r.study_instance_uid}"
+        args.extend(
+            (
+                r.study_instance_uid,
+                uid,
+                orjson.dumps(series_attrs(r.attrs)),
+                *series_columns(r.attrs).values(),
             )
-        else:
-            series_keys[uid] = key
-
-    rows = []
+        )
+    chosen = [records[i] for i in pending]
+    args.extend(
+        [
+            [r.study_instance_uid for r in chosen],
+            [r.series_instance_uid for r in chosen],
+            [r.sop_instance_uid for r in chosen],
+            [r.sop_class_uid for r in chosen],
+            *(list(col) for col in zip(*(instance_columns(r.attrs).values() for r in chosen), strict=True)),
+            [r.transfer_syntax_uid for r in chosen],
+            [r.storage_key for r in chosen],
+            [r.size for r in chosen],
+            [r.sha256 for r in chosen],
+            [r.metadata for r in chosen],
+            [r.bulk_index for r in chosen],
+            [stored_members(r.attrs) for r in chosen],
+        ]
+    )
+    written = await conn.fetch(_insert_sql(len(patients), study_patients, len(series)), *args)
+    study_keys = {row["uid"]: row["key"] for row in written if row["level"] == 0}
+    series_keys = {row["uid"]: row["key"] for row in written if row["level"] == 1}
+    keys = {row["uid"]: row["key"] for row in written if row["level"] == 2}
     for i in pending:
         r = records[i]
-        if r.series_instance_uid in conflicting_series:
-            results[i] = IndexResult(Outcome.CONFLICT, reason=conflicting_series[r.series_instance_uid])
-            continue
-        rows.append(
-            (
-                i,
-                study_keys[r.study_instance_uid],
-                series_keys[r.series_instance_uid],
-                r.sop_instance_uid,
-                r.sop_class_uid,
-                *instance_columns(r.attrs).values(),
-                r.transfer_syntax_uid,
-                r.storage_key,
-                r.size,
-                r.sha256,
-                r.metadata,
-                r.bulk_index,
-            )
-        )
-    if rows:
-        cols = ", ".join(_INSTANCE_COLUMNS)
-        inserted = await conn.fetch(
-            f"""INSERT INTO instance (partition_key, study_key, series_key, sop_instance_uid, sop_class_uid,
-                    {cols}, transfer_syntax_uid, storage_key, size, sha256, metadata, bulk_index)
-                SELECT $1, t.* FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::text[],
-                    $6::int[], $7::int[], $8::int[], $9::int[], $10::int[],
-                    $11::text[], $12::text[], $13::bigint[], $14::bytea[], $15::bytea[], $16::bytea[]) AS t
-                ON CONFLICT (partition_key, sop_instance_uid) DO NOTHING
-                RETURNING sop_instance_uid, instance_key""",
-            partition_key,
-            *(list(col) for col in list(zip(*rows, strict=True))[1:]),
-        )
-        keys = {row["sop_instance_uid"]: row["instance_key"] for row in inserted}
-        for row in rows:
-            i = row[0]
-            key = keys.get(records[i].sop_instance_uid)
-            if key is None:  # a concurrent batch stored it first
-                results[i] = IndexResult(Outcome.ALREADY_STORED, reason="the instance is already stored")
-            else:
-                results[i] = IndexResult(Outcome.CREATED, instance_key=key)
-        created = [records[row[0]] for row in rows if records[row[0]].sop_instance_uid in keys]
-        # their default QIDO results, pre-encoded (indexer.qido)
-        await store_members(conn, [(keys[r.sop_instance_uid], r.attrs) for r in created])
-        tags = await indexing_tags(conn)
-        if tags:
-            instances = [
-                Source(key, key, records[row[0]].attrs)
-                for row in rows
-                if (key := keys.get(records[row[0]].sop_instance_uid)) is not None
-            ]
-            await _index_extended(conn, tags, instances, keys, study_rep, study_keys, series_rep, series_keys)
-    touched_series = sorted(set(series_keys.values()))
-    touched_studies = sorted(set(study_keys.values()))
-    await refresh_counters(conn, touched_studies, touched_series)
+        if r.series_instance_uid not in series_keys:  # bound to another study by a concurrent batch
+            results[i] = _series_conflict(r)
+        elif (key := keys.get(r.sop_instance_uid)) is None:  # a concurrent batch stored it first
+            results[i] = IndexResult(Outcome.ALREADY_STORED, reason="the instance is already stored")
+        else:
+            results[i] = IndexResult(Outcome.CREATED, instance_key=key)
+    if keys and tagged and (tags := await indexing_tags(conn)):
+        instances = [
+            Source(key, key, records[i].attrs)
+            for i in pending
+            if (key := keys.get(records[i].sop_instance_uid))
+        ]
+        await _index_extended(conn, tags, instances, keys, study_rep, study_keys, series_rep, series_keys)
+    # a study or series of this batch is left empty only when one of its instances was not inserted
+    prune = any(results[i].outcome is not Outcome.CREATED for i in pending)  # type: ignore[union-attr]
+    await refresh_counters(
+        conn, sorted(set(study_keys.values())), sorted(set(series_keys.values())), prune=prune
+    )
 
 
 async def _index_extended(
@@ -292,36 +334,46 @@ async def _index_extended(
         await insert_errors(conn, collected.errors)
 
 
-async def refresh_counters(conn: asyncpg.Connection, study_keys: list[int], series_keys: list[int]) -> None:
+async def refresh_counters(
+    conn: asyncpg.Connection, study_keys: list[int], series_keys: list[int], *, prune: bool = True
+) -> None:
     """Recompute counters and modalities of the given rows and drop those left without instances.
 
     Recounting (an index-only scan over a study's instances) instead of incrementing keeps the rows exact
-    whatever mix of inserts, duplicates and deletes a transaction made.
+    whatever mix of inserts, duplicates and deletes a transaction made. One statement: its parts all see
+    the rows as they were before it, so each count leaves out the series it drops itself. `prune=False`
+    when no row can be left empty (every instance of the batch was inserted): no DELETE then, whose
+    statement triggers (the extended values of deleted rows) cost more than the counting.
     """
-    if series_keys:
-        await conn.execute(
-            """UPDATE series s SET instance_count =
+    if not study_keys and not series_keys:
+        return
+    gone_series = gone_study = "SELECT NULL::bigint AS key WHERE false"
+    if prune:
+        gone_series = """DELETE FROM series s WHERE s.series_key = ANY($2::bigint[])
+                   AND NOT EXISTS (SELECT 1 FROM instance i WHERE i.series_key = s.series_key)
+               RETURNING s.series_key AS key"""
+        gone_study = """DELETE FROM study s WHERE s.study_key = ANY($1::bigint[])
+                   AND NOT EXISTS (SELECT 1 FROM instance i WHERE i.study_key = s.study_key)
+               RETURNING s.study_key AS key"""
+    await conn.execute(
+        f"""WITH gone_series AS ({gone_series}),
+           counted_series AS (
+               UPDATE series s SET instance_count =
                    (SELECT count(*) FROM instance i WHERE i.series_key = s.series_key)
-               WHERE s.series_key = ANY($1::bigint[])""",
-            series_keys,
-        )
-        await conn.execute(
-            "DELETE FROM series WHERE series_key = ANY($1::bigint[]) AND instance_count = 0", series_keys
-        )
-    if study_keys:
-        await conn.execute(
-            """UPDATE study s SET
-                   instance_count = (SELECT count(*) FROM instance i WHERE i.study_key = s.study_key),
-                   series_count = (SELECT count(*) FROM series x WHERE x.study_key = s.study_key),
-                   modalities = coalesce((SELECT array_agg(DISTINCT x.modality ORDER BY x.modality)
-                                 FROM series x WHERE x.study_key = s.study_key AND x.modality IS NOT NULL
-                                 AND x.modality <> ''), '{}')
-               WHERE s.study_key = ANY($1::bigint[])""",
-            study_keys,
-        )
-        await conn.execute(
-            "DELETE FROM study WHERE study_key = ANY($1::bigint[]) AND instance_count = 0", study_keys
-        )
+               WHERE s.series_key = ANY($2::bigint[]) AND s.series_key NOT IN (SELECT key FROM gone_series)),
+           gone_study AS ({gone_study})
+           UPDATE study s SET
+               instance_count = (SELECT count(*) FROM instance i WHERE i.study_key = s.study_key),
+               series_count = (SELECT count(*) FROM series x WHERE x.study_key = s.study_key
+                               AND x.series_key NOT IN (SELECT key FROM gone_series)),
+               modalities = coalesce((SELECT array_agg(DISTINCT x.modality ORDER BY x.modality)
+                             FROM series x WHERE x.study_key = s.study_key AND x.modality IS NOT NULL
+                             AND x.modality <> ''
+                             AND x.series_key NOT IN (SELECT key FROM gone_series)), '{{}}')
+           WHERE s.study_key = ANY($1::bigint[]) AND s.study_key NOT IN (SELECT key FROM gone_study)""",
+        study_keys,
+        series_keys,
+    )
 
 
 def _update_sql(table: str, key: str, columns: list[str]) -> str:
