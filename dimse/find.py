@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import AE, evt
 
 from dicomcore.tags import tag_hex
@@ -80,13 +81,15 @@ def on_find(event: evt.Event, gateway: Gateway) -> Iterator[tuple[Any, Dataset |
     if handler is None:
         yield response(SOP_CLASS_NOT_SUPPORTED, f"C-FIND of {uid} is not supported"), None
         return
-    for item in handler(event, gateway):
+    for n, item in enumerate(handler(event, gateway), start=1):
         yield item
-        _wait_for_the_wire(event.assoc)
+        if n % SEND_BATCH == 0:
+            _wait_for_the_wire(event.assoc)
 
 
-# Responses queued for the association's DUL thread beyond which the next match waits.
-SEND_QUEUE = 0
+# Matches made between two waits for the wire: the DUL thread sends a batch while the next is made, and
+# reads (a C-CANCEL) each time it has sent everything.
+SEND_BATCH = 16
 
 
 def _wait_for_the_wire(assoc: Any) -> None:
@@ -97,7 +100,7 @@ def _wait_for_the_wire(assoc: Any) -> None:
     response in memory when the peer reads slowly). Waiting here is the back-pressure."""
     dul = getattr(assoc, "dul", None)
     queue = getattr(dul, "to_provider_queue", None)
-    while queue is not None and queue.qsize() > SEND_QUEUE and assoc.is_established:
+    while queue is not None and queue.qsize() and assoc.is_established:
         time.sleep(0.0002)
 
 
@@ -131,6 +134,10 @@ def find(model: str, event: evt.Event, gateway: Gateway) -> Iterator[tuple[Any, 
                 request = read_identifier(model, identifier, extended)
                 query = _query(gateway, request, extended)
                 pending = PENDING_WARNING if request.unsupported else PENDING
+                syntax = UID(event.context.transfer_syntax)
+                implicit = (
+                    syntax.is_implicit_VR if syntax.is_little_endian and not syntax.is_deflated else None
+                )
                 results: Iterator[dict] = iter(())
                 if partition_key is None:
                     pass  # a partition nothing was ever stored into: no matches
@@ -141,7 +148,7 @@ def find(model: str, event: evt.Event, gateway: Gateway) -> Iterator[tuple[Any, 
                 for result in results:
                     if cancelled():
                         break
-                    yield pending, response_identifier(request, result, gateway.ae_title)
+                    yield pending, response_identifier(request, result, gateway.ae_title, implicit=implicit)
                     matches += 1
                 if cancelled():
                     status = CANCELLED

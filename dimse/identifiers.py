@@ -27,6 +27,8 @@ from pydicom.sequence import Sequence
 
 from dicomcore.tags import tag_hex
 from dicomcore.uids import is_valid_uid
+from dimse.raw_identifiers import RAW_VRS, text_values
+from dimse.raw_identifiers import build as raw_dataset
 from indexer.attributes import BY_TAG, Level
 from indexer.extended_tags import ExtendedTag
 
@@ -263,9 +265,16 @@ def _text(elem: DataElement) -> str | None:
 # --- responses ----------------------------------------------------------------------------------------
 
 
-def response_identifier(request: FindRequest, result: Mapping[str, Any], ae_title: str) -> Dataset:
+def response_identifier(
+    request: FindRequest, result: Mapping[str, Any], ae_title: str, *, implicit: bool | None = None
+) -> Dataset:
     """The pending response of one match: exactly the requested keys (zero-length where the entity has no
-    value), QueryRetrieveLevel, and SpecificCharacterSet ISO_IR 192 when some value is not ASCII."""
+    value), QueryRetrieveLevel, and SpecificCharacterSet ISO_IR 192 when some value is not ASCII.
+
+    `implicit`: the response's little-endian encoding (implicit VR or not), when known: text-only responses
+    are then built already encoded (dimse.raw_identifiers), the same bytes at a tenth of the cost."""
+    if implicit is not None and (raw := _raw_response(request, result, ae_title, implicit)) is not None:
+        return raw
     found = _dataset(
         {tag_hex(k.tag): result[tag_hex(k.tag)] for k in request.keys if tag_hex(k.tag) in result}
     )
@@ -286,6 +295,33 @@ def response_identifier(request: FindRequest, result: Mapping[str, Any], ae_titl
     if not _ascii(ds):
         ds.SpecificCharacterSet = "ISO_IR 192"
     return ds
+
+
+def _raw_response(
+    request: FindRequest, result: Mapping[str, Any], ae_title: str, implicit: bool
+) -> Dataset | None:
+    """response_identifier's elements as raw ones; None when one of them needs pydicom (see the module)."""
+    scope = {STUDY_UID: request.study_uid, SERIES_UID: request.series_uid}
+    elements = [(QUERY_RETRIEVE_LEVEL, "CS", [request.level])]
+    for key in request.keys:
+        if key.tag == SPECIFIC_CHARACTER_SET or key.item_keys is not None:
+            return None
+        vr, values = key.vr, []
+        if key.tag == RETRIEVE_AE_TITLE:
+            vr, values = "AE", [ae_title]
+        elif key.tag == INSTANCE_AVAILABILITY:
+            vr, values = "CS", ["ONLINE"]
+        elif (element := result.get(tag_hex(key.tag))) is not None and key.tag != RETRIEVE_URL:
+            vr = element.get("vr", key.vr)
+            if (found := text_values(vr, element)) is None:
+                return None
+            values = found
+        elif scope.get(key.tag):
+            vr, values = "UI", [scope[key.tag]]
+        if vr not in RAW_VRS:  # sequences, binary and decimal values, private keys sent as UN
+            return None
+        elements.append((key.tag, vr, values))
+    return raw_dataset(elements, implicit=implicit)
 
 
 def _dataset(attrs: Mapping[str, Any]) -> Dataset:

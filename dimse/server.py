@@ -25,7 +25,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dimse import services
+from dimse import raw_identifiers, services
 from dimse.aes import get_ae, host_matches
 from dimse.gateway import Gateway, Peer, open_peer
 from dimse.pacing import make_responsive
@@ -43,6 +43,12 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 # Received identifiers are checked by the archive's own rules (with a clear status), not by pynetdicom's
 # logging of every non-conformant value.
 _config.LOG_HANDLER_LEVEL = "none"
+# pynetdicom formats every request and pending response identifier for a DEBUG log nobody reads (the
+# formatting runs even when the level is off): a C-FIND paid it per match.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+# C-FIND matches built already encoded go out as they are (dimse.raw_identifiers)
+raw_identifiers.install()
 
 # Rejection reasons of A-ASSOCIATE-RJ (PS3.8 Table 9-21): result 1 (permanent), source 1 (service user)
 _CALLING_NOT_RECOGNISED = "calling"
