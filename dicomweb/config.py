@@ -58,6 +58,9 @@ class Settings:
     # the AE title peers must call it by
     dimse_port: int | None = None
     dimse_ae_title: str = "DICOMWEB"
+    # C-GET and C-MOVE: a pending response (PS3.4 C.4.2.3, C.4.3.3: optional) after the first C-STORE
+    # sub-operation and then at most one per this many milliseconds; 0: one after every sub-operation
+    dimse_pending_interval_ms: int = 200
     # HL7 v2 listener (hl7/, docs/hl7.md): its MLLP port on `host` (None or 0: none), and the partition
     # whose studies ADT messages update and where orders become work items
     hl7_port: int | None = None

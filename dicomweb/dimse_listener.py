@@ -31,5 +31,6 @@ def dimse_server(
         audit_log=audit,
         insecure_open=settings.insecure_open,
         default_partition=DEFAULT_PARTITION,
+        pending_interval=settings.dimse_pending_interval_ms / 1000,
     )
     return DimseServer(gateway, settings.host, settings.dimse_port)

@@ -64,6 +64,8 @@ class Gateway:
     default_partition: str = "Microsoft.Default"
     # C-FIND pages through the QIDO compiler this many results at a time
     find_page_size: int = 1000
+    # C-GET/C-MOVE pending responses: at most one per this many seconds after the first (0: every one)
+    pending_interval: float = 0.2
     partitions: dict[str, int] = field(default_factory=dict)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = CALL_TIMEOUT) -> T:

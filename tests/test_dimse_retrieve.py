@@ -37,11 +37,33 @@ from bench.synthetic import make_instance, make_study, multipart_body, to_bytes
 from dicomweb.config import Settings
 from dimse.sending import contexts_for
 from indexer.lookup import StoredInstance
-from tests.fixtures.dimse import ARCHIVE_AE, DimseArchive, free_port
+from tests.fixtures.dimse import ARCHIVE_AE, DimseArchive, free_port, start_dimse_archive
 from tests.fixtures.s3 import S3Server, make_s3_store
 from tests.fixtures.server import start_archive
 
 SERIES, PER_SERIES = 2, 3
+
+
+# These archives send a pending response after every sub-operation (the default spaces them 200 ms apart),
+# so the tests can check each one's counts; test_pending_responses_are_spaced checks the default.
+@pytest.fixture
+def dimse_archive(database_url: str, tmp_path: Path) -> Iterator[DimseArchive]:
+    thread, archive = start_dimse_archive(database_url, tmp_path, dimse_pending_interval_ms=0)
+    try:
+        yield archive
+    finally:
+        thread.stop()
+
+
+@pytest.fixture
+def open_dimse_archive(database_url: str, tmp_path: Path) -> Iterator[DimseArchive]:
+    thread, archive = start_dimse_archive(
+        database_url, tmp_path, insecure_open=True, dimse_pending_interval_ms=0
+    )
+    try:
+        yield archive
+    finally:
+        thread.stop()
 
 
 def study(seed: int, series: int = SERIES, per_series: int = PER_SERIES) -> list[bytes]:
@@ -297,6 +319,23 @@ async def test_retrieve_reads_the_peers_partition_only(dimse_archive: DimseArchi
     responses, received = await asyncio.to_thread(get, dimse_archive, identifier, calling="READER-A")
     assert [s for s, _ in responses] == [0xFF00, 0xFF00, 0x0000]
     assert set(received.objects) == {uids(f)[2] for f in files}
+
+
+def test_pending_responses_are_spaced(database_url: str, tmp_path: Path) -> None:
+    """By default one pending response after the first sub-operation, then at most one per interval (a
+    minute here: none), then the final one with every count."""
+    thread, archive = start_dimse_archive(
+        database_url, tmp_path, insecure_open=True, dimse_pending_interval_ms=60_000
+    )
+    try:
+        files = study(3, series=1, per_series=12)
+        stow(archive, files)
+        responses, received = get_responses(archive, query("STUDY", StudyInstanceUID=uids(files[0])[0]))
+    finally:
+        thread.stop()
+    assert [int(r.Status) for r, _ in responses] == [0xFF00, 0x0000]
+    assert counts(0xFF00, responses[0][0]) == (11, 1, 0, 0)
+    assert responses[-1][0].NumberOfCompletedSuboperations == 12 and len(received.objects) == 12
 
 
 def test_cancel_during_a_get(open_dimse_archive: DimseArchive) -> None:
@@ -686,8 +725,9 @@ async def test_get_from_the_s3_store(
     port = free_port()
     store, test_store = make_s3_store(s3_server, s3_bucket), make_s3_store(s3_server, s3_bucket)
     settings = Settings(
-        data_dir=tmp_path, max_instance_size=64 << 20, dimse_port=port, dimse_ae_title=ARCHIVE_AE
-    )
+        data_dir=tmp_path, max_instance_size=64 << 20, dimse_port=port, dimse_ae_title=ARCHIVE_AE,
+        dimse_pending_interval_ms=0,
+    )  # fmt: skip
     thread, running = start_archive(settings, database_url, store, test_store)
     archive = DimseArchive(running, port)
     try:
