@@ -120,11 +120,11 @@ class CommitmentReports:
         self._audit(pending, report, status, "sent on the request's association", started)
 
     async def _run(self) -> None:
-        checked_expiry = 0.0
+        next_expiry_check = time.monotonic()  # at start, then every EXPIRY_CHECK_SECONDS
         while True:
             try:
-                if time.monotonic() - checked_expiry > EXPIRY_CHECK_SECONDS:
-                    checked_expiry = time.monotonic()
+                if time.monotonic() >= next_expiry_check:
+                    next_expiry_check = time.monotonic() + EXPIRY_CHECK_SECONDS
                     for row in await queue.remove_expired(self.pool):
                         self._audit_expired(row)
                 while len(self._in_flight) < CONCURRENCY:
@@ -136,6 +136,8 @@ class CommitmentReports:
                     task.add_done_callback(self._in_flight.discard)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("storage commitment reports: cannot read the queue: %s", exc)
+            except Exception:  # the sender must outlive any one failure; the next round tries again
+                log.exception("storage commitment reports: queue round failed")
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
             self._wake.clear()
