@@ -51,6 +51,7 @@ from dicomweb.routes.access import access_routes
 from dicomweb.routes.acquire import acquire_routes, scu_settings
 from dicomweb.routes.aes import ae_routes
 from dicomweb.routing import SegmentRouter
+from dicomweb.supervisor import mark_ready
 from dimse.acquire import ACQUIRE, AcquireHandler
 from dimse.send import SEND, SendHandler
 from indexer.migrate import migrate
@@ -278,6 +279,7 @@ def create_app(
             app.state.hl7 = hl7_server(settings, pool, app.state.operations, app.state.access.audit)
             if app.state.hl7 is not None:
                 await app.state.hl7.start()
+            mark_ready()  # a supervised worker has started (dicomweb/supervisor.py)
             try:
                 yield
             finally:

@@ -82,6 +82,7 @@ def database(settings: Settings, *, attach: bool = True) -> Iterator[str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import asyncpg
     import uvicorn
 
     settings = _settings(args)
@@ -100,7 +101,11 @@ def _serve(args: argparse.Namespace) -> int:
             return 1
     with database(settings, attach=False) as dsn:
         # Run migrations once before workers start, so they never race at first start.
-        asyncio.run(_migrate(dsn))
+        try:
+            asyncio.run(_migrate(dsn))
+        except (OSError, asyncpg.PostgresError) as exc:  # refused, unknown host, timeout, auth
+            print(f"error: cannot use the database: {exc}", file=sys.stderr)
+            return 1
         if not settings.database_url:
             _owner_token(dsn, settings)
         if settings.storage_url is None:
@@ -129,18 +134,33 @@ def _serve(args: argparse.Namespace) -> int:
             metrics_dir = tempfile.mkdtemp(prefix="dicomweb-metrics-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         try:
-            uvicorn.run(
-                "dicomweb.app:app_from_env",
-                factory=True,
-                host=settings.host,
-                port=settings.port,
-                workers=workers if workers > 1 else None,
-                log_level=settings.log_level,
-                **UVICORN_OPTIONS,
-            )
+            if workers == 1:  # exits 3 (SystemExit) when the app cannot start
+                uvicorn.run("dicomweb.app:app_from_env", factory=True, host=settings.host,
+                            port=settings.port, log_level=settings.log_level, **UVICORN_OPTIONS)  # fmt: skip
+                return 0
+            return _supervise(settings, workers)
         finally:
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _supervise(settings: Settings, workers: int) -> int:
+    """Run `workers` server processes; 0 after a stop by signal, 3 when a worker died before it was ready
+    (dicomweb/supervisor.py: uvicorn's own supervisor would exit 0 or respawn it for ever)."""
+    import uvicorn
+
+    from dicomweb.supervisor import READY_DIR_ENV, WorkerSupervisor
+
+    config = uvicorn.Config("dicomweb.app:app_from_env", factory=True, host=settings.host,
+                            port=settings.port, workers=workers, log_level=settings.log_level,
+                            **UVICORN_OPTIONS)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="dicomweb-ready-") as ready_dir:
+        os.environ[READY_DIR_ENV] = ready_dir  # inherited by the spawned workers
+        supervisor = WorkerSupervisor(config, [config.bind_socket()], Path(ready_dir))
+        supervisor.run()
+    if supervisor.failure is not None:
+        print(f"error: {supervisor.failure}", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 
@@ -211,9 +231,9 @@ async def _ensure_bucket(settings: Settings) -> None:
 
 
 async def _check_object_lock(settings: Settings) -> None:
-    """Refuse a retention on a bucket without Object Lock before any worker starts: each worker checks too
-    (dicomweb/app.py), but with several workers uvicorn's supervisor exits 0 when they fail to start, which
-    a service manager would take for a clean stop."""
+    """Refuse a retention on a bucket without Object Lock before any worker starts, with one message and
+    status 1. Each worker checks too (dicomweb/app.py), and a worker that fails to start stops the server
+    with status 3 (dicomweb/supervisor.py), but after every worker has logged the same failure."""
     from storage.s3 import S3BlobStore
 
     store = blob_store(settings)

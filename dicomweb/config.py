@@ -38,6 +38,9 @@ class Settings:
     qido_default_limit: int = 100
     qido_max_limit: int = 1000
     max_instance_size: int = 4 << 30  # one uploaded object; larger parts get 413
+    # the largest JSON (and DICOM JSON) request body: resources, $bulkUpdate, UPS-RS work items. They are
+    # parsed whole in memory, so a larger one gets 413 before it is read (dicomweb/jsonbody.py)
+    max_json_body_size: int = 4 << 20
     log_level: str = "info"
     # access control (access/, docs/security.md): every route needs a credential unless this is set
     insecure_open: bool = False

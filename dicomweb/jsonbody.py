@@ -1,4 +1,9 @@
-"""Reading the JSON body of an Azure-style resource request (tokens, export, data requests, tags)."""
+"""Reading the JSON body of a request (tokens, export, data requests, tags, work items), bounded in size.
+
+Every route whose body is JSON reads it through `read_body`, so no client can make a process hold more than
+`Settings.max_json_body_size` bytes of one request: a declared Content-Length above it is refused before a
+byte is read, and a chunked body is refused as soon as it grows past it.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +12,63 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 
+from dicomweb.context import context
 from dicomweb.errors import HTTPProblem
 
 
-async def json_body(request: Request) -> Any:
-    """The parsed body; 415 unless it is application/json, 400 with the parser's reason if malformed."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "application/json":
-        raise HTTPProblem(415, "the body must be application/json")
+def _too_large(limit: int) -> HTTPProblem:
+    return HTTPProblem(413, f"the request body exceeds the maximum size of {limit} bytes for a JSON body")
+
+
+async def read_body(request: Request) -> bytes:
+    """The whole body, at most `max_json_body_size` bytes; 413 as soon as it is known to be larger."""
+    limit = context(request).settings.max_json_body_size
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise HTTPProblem(400, f"malformed Content-Length {declared!r}") from None
+        if size > limit:
+            raise _too_large(limit)
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
+    """400 with the parser's reason if malformed."""
     try:
-        return orjson.loads(await request.body())
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise HTTPProblem(400, f"the body is not valid JSON: {exc}") from exc
 
 
-async def json_object(request: Request) -> dict[str, Any]:
-    """json_body, which must be a JSON object."""
-    body = await json_body(request)
+def require_json(request: Request) -> None:
+    """415 unless the body is declared application/json."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise HTTPProblem(415, "the body must be application/json")
+
+
+async def json_body(request: Request) -> Any:
+    """The parsed body; 415 unless it is application/json, 413 above the size limit, 400 if malformed."""
+    require_json(request)
+    return parse_json(await read_body(request))
+
+
+async def json_object(request: Request, *, empty_ok: bool = False) -> dict[str, Any]:
+    """json_body, which must be a JSON object; with `empty_ok`, an empty body (of any type) is {}."""
+    raw = await read_body(request)
+    if empty_ok and not raw:
+        return {}
+    require_json(request)
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise HTTPProblem(400, "the body must be a JSON object")
     return body

@@ -1,10 +1,12 @@
 """Storage Commitment Push Model SCP (PS3.4 Annex J): "do you hold these instances durably?"
 
-The N-ACTION (Request Storage Commitment) is answered at once; the answer to the question comes after, in
-an N-EVENT-REPORT (dimse.commitment_delivery sends it). An instance is committed when its index row exists
-in the peer's partition with the SOP class the peer names: an index row is committed only after its object
-is durable (docs/architecture.md, invariants), so the row is the proof. The check runs in a thread of its
-own, so the association's reactor is free to send the N-ACTION response first.
+The N-ACTION (Request Storage Commitment) is answered at once, once the request is recorded in PostgreSQL
+(dimse/commitment_queue.py), so an accepted request survives a restart; the answer to the question comes
+after, in an N-EVENT-REPORT (dimse.commitment_delivery sends it, from any process). An instance is
+committed when its index row exists in the peer's partition with the SOP class the peer names: an index row
+is committed only after its object is durable (docs/architecture.md, invariants), so the row is the proof.
+The first attempt runs in a thread of its own, so the association's reactor is free to send the N-ACTION
+response first.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
@@ -22,10 +24,12 @@ from pynetdicom.association import Association
 
 from dicomcore.uids import is_valid_uid
 from dimse.aes import Service
-from dimse.commitment_delivery import deliver
-from dimse.gateway import Gateway, Peer
+from dimse.gateway import Gateway
 from dimse.storescp import peer_of, response
 from indexer.lookup import stored_sop_classes
+
+if TYPE_CHECKING:
+    from dimse.commitment_queue import Pending
 
 log = logging.getLogger(__name__)
 
@@ -108,21 +112,36 @@ def on_action(event: evt.Event, gateway: Gateway) -> tuple[Any, Dataset | None]:
             request = read_request(event)
         except RequestError as exc:
             status, comment = exc.status, str(exc)
+    pending: Pending | None = None
+    if request is not None:
+        try:  # recorded before the answer: an accepted request is never lost
+            pending = gateway.run(gateway.commitment_reports().accept(peer, request), timeout=30)
+        except Exception as exc:
+            log.warning("storage commitment %s: not recorded: %s", request.transaction_uid, exc)
+            status, comment = PROCESSING_FAILURE, "the request could not be recorded; ask again"
     detail = (
         f"storage commitment {request.transaction_uid}: {len(request.references)} instances requested"
-        if request
+        if pending is not None and request is not None
         else comment
     )
     gateway.audit(
         subject=peer.subject, address=peer.address, operation="N-ACTION", action_code="E", status=status,
         failed=status != SUCCESS, started=started, partition=peer.ae.partition, detail=detail,
     )  # fmt: skip
-    if request is not None:
+    if pending is not None:
         # the report waits for this response: the thread's send pauses the reactor only after it is sent
         threading.Thread(
-            target=report, args=(event.assoc, gateway, peer, request), name="commitment-report", daemon=True
+            target=first_attempt, args=(event.assoc, gateway, pending), name="commitment-report", daemon=True
         ).start()
     return (response(status, comment) if comment else status), None
+
+
+def first_attempt(assoc: Association, gateway: Gateway, pending: Pending) -> None:
+    """The report on the request's association (run in a thread of its own); the queue has it otherwise."""
+    try:
+        gateway.run(gateway.commitment_reports().first_attempt(assoc, pending))
+    except Exception:  # a thread's exception would otherwise vanish into stderr; the claim runs out
+        log.exception("storage commitment %s: first report attempt failed", pending.transaction_uid)
 
 
 async def stored_classes(gateway: Gateway, partition: str, uids: Sequence[str]) -> dict[str, str]:
@@ -161,31 +180,3 @@ def event_information(
     if failed:
         info.FailedSOPSequence = failed
     return (SOME_FAILED if failed else ALL_COMMITTED), info, len(committed), len(failed)
-
-
-def report(assoc: Association, gateway: Gateway, peer: Peer, request: Request) -> None:
-    """Check the instances and send the report (run in a thread of its own)."""
-    try:
-        _report(assoc, gateway, peer, request)
-    except Exception:  # a thread's exception would otherwise vanish into stderr
-        log.exception("storage commitment %s: report failed", request.transaction_uid)
-
-
-def _report(assoc: Association, gateway: Gateway, peer: Peer, request: Request) -> None:
-    started = time.perf_counter()
-    try:
-        stored: dict[str, str] | None = gateway.run(
-            stored_classes(gateway, peer.ae.partition, [uid for _, uid in request.references])
-        )
-    except Exception as exc:
-        log.warning("storage commitment %s: index not readable: %s", request.transaction_uid, exc)
-        stored = None
-    event_type, info, committed, failed = event_information(request, stored, gateway.ae_title)
-    outcome = deliver(assoc, gateway, peer, STORAGE_COMMITMENT, WELL_KNOWN_INSTANCE, event_type, info)
-    status = outcome.status if outcome.status is not None else PROCESSING_FAILURE
-    gateway.audit(
-        subject=peer.subject, address=peer.address, operation="N-EVENT-REPORT", action_code="E",
-        status=status, failed=outcome.status != SUCCESS, started=started, partition=peer.ae.partition,
-        detail=f"storage commitment {request.transaction_uid}: {committed} committed, {failed} failed; "
-        f"{outcome.how}",
-    )  # fmt: skip

@@ -15,7 +15,7 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
@@ -23,6 +23,9 @@ from access.audit import AuditEvent, AuditLog
 from dimse.aes import SERVICES, RegisteredAe
 from indexer.lookup import partition_key as lookup_partition_key
 from storage.base import BlobStore
+
+if TYPE_CHECKING:
+    from dimse.commitment_delivery import CommitmentReports
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,6 +70,13 @@ class Gateway:
     # C-GET/C-MOVE pending responses: at most one per this many seconds after the first (0: every one)
     pending_interval: float = 0.2
     partitions: dict[str, int] = field(default_factory=dict)
+    # the process's sender of Storage Commitment reports (set by the listener, dimse/server.py)
+    commitments: CommitmentReports | None = None
+
+    def commitment_reports(self) -> CommitmentReports:
+        if self.commitments is None:
+            raise RuntimeError("no storage commitment report sender in this process")
+        return self.commitments
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = CALL_TIMEOUT) -> T:
         """Run a coroutine on the archive's event loop from an association thread and return its result."""

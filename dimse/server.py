@@ -27,6 +27,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dimse import raw_identifiers, services
 from dimse.aes import get_ae, host_matches
+from dimse.commitment_delivery import CommitmentReports
 from dimse.gateway import Gateway, Peer, open_peer
 from dimse.pacing import make_responsive
 
@@ -151,6 +152,7 @@ class DimseServer:
         self.ae.dimse_timeout = 600
         self.ae.maximum_pdu_size = 0  # no limit on what peers send us in one PDU
         handlers = services.register(self.ae, gateway)
+        gateway.commitments = CommitmentReports(gateway)  # owed reports, from PostgreSQL
         self._handlers: list[tuple[Any, ...]] = [*handlers, *self._association_handlers()]
 
     def _association_handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
@@ -210,6 +212,7 @@ class DimseServer:
         self.ae._servers.append(server)  # server.shutdown() removes it from there
         self._thread = threading.Thread(target=server.serve_forever, name="dimse-listener", daemon=True)
         self._thread.start()
+        self.gateway.commitment_reports().start()
         self.port = server.server_address[1]
         log.info("DIMSE listener on %s:%s as AE %s", self.host, self.port, self.gateway.ae_title)
 
@@ -219,6 +222,7 @@ class DimseServer:
         if server is None:
             return
         await asyncio.to_thread(server.shutdown)
+        await self.gateway.commitment_reports().stop()  # reports being sent end first
         for assoc in list(self.ae.active_associations):
             assoc.abort()
         if self._thread is not None:

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -13,7 +12,7 @@ from archive.update_request import UPDATE, parse_update_request, update_params
 from dicomweb.config import DEFAULT_PARTITION
 from dicomweb.context import api_version, partition_key
 from dicomweb.errors import HTTPProblem
-from dicomweb.jsonbody import json_body
+from dicomweb.jsonbody import json_body, parse_json, read_body
 from dicomweb.routes.operations import start_operation
 
 
@@ -24,10 +23,7 @@ async def bulk_update(request: Request) -> Response:
     if "content-type" in request.headers:
         body = await json_body(request)
     else:  # Azure does not require the header
-        try:
-            body = orjson.loads(await request.body())
-        except orjson.JSONDecodeError as exc:
-            raise HTTPProblem(400, f"the body is not valid JSON: {exc}") from exc
+        body = parse_json(await read_body(request))
     try:
         update = parse_update_request(body)
     except ValueError as exc:

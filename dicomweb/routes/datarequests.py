@@ -207,8 +207,7 @@ async def get(request: Request) -> Response:
 async def _decide(request: Request, action: str) -> Response:
     caller = _caller(request)
     request_id = _request_id(request, caller)
-    body = await json_object(request) if request.headers.get("content-length", "0") != "0" else {}
-    body = current_names(body)
+    body = current_names(await json_object(request, empty_ok=True))  # empty: no comment
     comment = _text(body, "comment", required=action == "reject")
     ctx = context(request)
     now = request.app.state.access.clock.now()

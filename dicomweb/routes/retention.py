@@ -15,7 +15,7 @@ from starlette.responses import Response
 from dicomweb.auth import principal_of
 from dicomweb.context import context, partition_key, uid_param
 from dicomweb.errors import HTTPProblem
-from dicomweb.jsonbody import json_body
+from dicomweb.jsonbody import json_body, parse_json, read_body, require_json
 from retention.guard import DeletionRefused
 from retention.hold import NoSuchStudy, place_hold, remove_hold
 from retention.policy import PolicyError, clear_policy, get_policy, parse_policy, set_policy
@@ -87,8 +87,10 @@ async def read_status(request: Request) -> Response:
 async def put_hold(request: Request) -> Response:
     study = uid_param(request, "study")
     reason = None
-    if await request.body():
-        body = await json_body(request)
+    raw = await read_body(request)
+    if raw:
+        require_json(request)
+        body = parse_json(raw)
         if (
             not isinstance(body, dict)
             or set(body) - {"reason"}

@@ -14,6 +14,7 @@ from starlette.responses import Response
 from dicomcore.uids import is_valid_uid, new_uid
 from dicomweb.context import context, partition_key, service_root
 from dicomweb.errors import HTTPProblem
+from dicomweb.jsonbody import read_body
 from dicomweb.negotiation import Offer, select
 from worklist import store, subscriptions
 from worklist.requirements import FILTERED_SUBSCRIPTION_UID, WORKLIST_SUBSCRIPTION_UID
@@ -47,7 +48,7 @@ def _accept(request: Request) -> str:
 
 
 async def _dataset(request: Request, *, optional: bool = False) -> dict:
-    body = await request.body()
+    body = await read_body(request)
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if body.strip() and media not in _BODY_TYPES:
         raise HTTPProblem(
