@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 from starlette.applications import Starlette
@@ -20,6 +22,7 @@ from archive.update_request import UPDATE
 from changefeed.notify import FeedNotifier
 from deid.export import ExportHandler, export_settings
 from dicomweb.auth import AccessMiddleware, jwt_config
+from dicomweb.balance import BalanceMiddleware, ConnectionBalancer
 from dicomweb.config import Settings
 from dicomweb.context import ArchiveContext
 from dicomweb.cors import cors_middleware
@@ -51,7 +54,7 @@ from dicomweb.routes.access import access_routes
 from dicomweb.routes.acquire import acquire_routes, scu_settings
 from dicomweb.routes.aes import ae_routes
 from dicomweb.routing import SegmentRouter
-from dicomweb.supervisor import mark_ready
+from dicomweb.supervisor import READY_DIR_ENV, mark_ready
 from dimse.acquire import ACQUIRE, AcquireHandler
 from dimse.send import SEND, SendHandler
 from indexer.migrate import migrate
@@ -324,10 +327,24 @@ def create_app(
         exception_handlers={HTTPProblem: handle_problem},
         # metrics outermost: it times what the client sees, CORS preflights included
         # access control innermost: refusals get CORS headers too, and are counted and timed
-        middleware=[Middleware(MetricsMiddleware), *cors_middleware(settings), Middleware(AccessMiddleware)],
+        middleware=[
+            *balance_middleware(),
+            Middleware(MetricsMiddleware),
+            *cors_middleware(settings),
+            Middleware(AccessMiddleware),
+        ],
     )
     app.router = SegmentRouter(routes, lifespan=lifespan)  # same routes, tested by first path segment
     return app
+
+
+def balance_middleware() -> list[Middleware]:
+    """Connection balancing between the workers of a supervised `dicomweb serve` (dicomweb/balance.py);
+    none for a lone process."""
+    directory = os.environ.get(READY_DIR_ENV)
+    if not directory:
+        return []
+    return [Middleware(BalanceMiddleware, balancer=ConnectionBalancer(Path(directory)))]
 
 
 def app_from_env() -> Starlette:
