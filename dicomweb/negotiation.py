@@ -544,13 +544,13 @@ def select(
     """
     for value in params:
         try:
-            ranked = rank(value, offers)
+            ranked = _ranked(value, offers)
         except NegotiationError as exc:
             raise HTTPProblem(400, f"malformed accept query parameter: {exc}") from exc
         if ranked:
             return ranked
     try:
-        ranked = rank(header, offers)
+        ranked = _ranked(header, offers)
     except NegotiationError as exc:
         raise HTTPProblem(400, f"malformed Accept header: {exc}") from exc
     if not ranked:
@@ -560,6 +560,25 @@ def select(
             f"available: {describe(offers) if available is None else available}",
         )
     return ranked
+
+
+def _ranked(accept: str | None, offers: Sequence[Offer]) -> list[Selection]:
+    """rank, remembered: a client sends the same Accept header with every request, and ranking it against a
+    route's dozens of offers was a tenth of a rendered request. Offers are told apart by identity (they hold
+    dicts, so no hash), and each entry keeps its offers alive so that no other object takes their id."""
+    key = (accept, id(offers))
+    hit = _RANKED.get(key)
+    if hit is not None and hit[0] is offers:
+        return list(hit[1])
+    ranked = rank(accept, offers)
+    if len(_RANKED) >= _RANKED_MAX:
+        _RANKED.clear()
+    _RANKED[key] = (offers, tuple(ranked))
+    return ranked
+
+
+_RANKED: dict[tuple[str | None, int], tuple[Sequence[Offer], tuple[Selection, ...]]] = {}
+_RANKED_MAX = 1024
 
 
 class StowContentType(NamedTuple):
