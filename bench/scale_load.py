@@ -239,9 +239,11 @@ INSERT INTO instance (instance_key, partition_key, study_key, series_key, sop_in
 INSERT INTO instance_qido (instance_key, members)
     SELECT i.instance_key, convert_to({_sub("i.mem", INSTANCE_SLOTS, instance_values)}, 'UTF8')
     FROM g_instance i ORDER BY i.instance_key;
-INSERT INTO changefeed (sequence, partition_key, study_instance_uid, series_instance_uid, sop_instance_uid,
-        instance_key, action, "timestamp")
-    SELECT i.instance_key, 1, i.study_uid, i.series_uid, i.sop, i.instance_key, 0, clock_timestamp()
+-- one partition, sequences dense from 1: an entry's ordinal within the partition is its sequence
+INSERT INTO changefeed (sequence, partition_key, partition_ordinal, study_instance_uid, series_instance_uid,
+        sop_instance_uid, instance_key, action, "timestamp")
+    SELECT i.instance_key, 1, i.instance_key, i.study_uid, i.series_uid, i.sop, i.instance_key, 0,
+           clock_timestamp()
     FROM g_instance i ORDER BY i.instance_key;
 """
 

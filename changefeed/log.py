@@ -71,12 +71,18 @@ async def append(conn: asyncpg.Connection, partition_key: int, changes: Sequence
     )
     last, timestamp = row["last_sequence"], row["last_timestamp"]
     first = last - len(changes) + 1
+    # The partition's ordinals continue from its last entry's. Every earlier append has committed and is
+    # visible here: its holder released the counter lock at commit, and this statement's snapshot is taken
+    # after the lock was granted (under REPEATABLE READ, the UPDATE above fails instead if another append
+    # committed after this transaction's snapshot).
     await conn.execute(
-        """INSERT INTO changefeed (sequence, partition_key, study_instance_uid, series_instance_uid,
-               sop_instance_uid, instance_key, action, "timestamp")
-           SELECT $1::bigint + t.n - 1, $2, t.study, t.series, t.sop, t.key, t.action, $3
+        """INSERT INTO changefeed (sequence, partition_key, partition_ordinal, study_instance_uid,
+               series_instance_uid, sop_instance_uid, instance_key, action, "timestamp")
+           SELECT $1::bigint + t.n - 1, $2, o.last + t.n, t.study, t.series, t.sop, t.key, t.action, $3
            FROM unnest($4::text[], $5::text[], $6::text[], $7::bigint[], $8::smallint[])
-                WITH ORDINALITY AS t(study, series, sop, key, action, n)""",
+                WITH ORDINALITY AS t(study, series, sop, key, action, n),
+                (SELECT coalesce(max(partition_ordinal), 0) AS last FROM changefeed
+                 WHERE partition_key = $2) AS o""",
         first,
         partition_key,
         timestamp,
@@ -152,6 +158,18 @@ async def _first_sequence_at(conn: asyncpg.Connection | asyncpg.Pool, moment: dt
     )
 
 
+async def _partition_ordinal_from(
+    conn: asyncpg.Connection | asyncpg.Pool, partition_key: int, sequence: int
+) -> int | None:
+    """The ordinal of the partition's first entry at or after `sequence` (None: it has none there)."""
+    return await conn.fetchval(
+        """SELECT partition_ordinal FROM changefeed WHERE partition_key = $1 AND sequence >= $2
+           ORDER BY sequence LIMIT 1""",
+        partition_key,
+        sequence,
+    )
+
+
 async def read_window(
     conn: asyncpg.Connection | asyncpg.Pool,
     start: dt.datetime | None,
@@ -167,8 +185,9 @@ async def read_window(
     Timestamps never go backwards along the sequence (the counter keeps them so: `append`), so a
     window is a sequence range [first at start, first at end), found with the timestamp index: a read then
     costs its page wherever the window lies in the feed, not a walk from the feed's first entry. Sequences
-    are dense, so without a partition the offset is arithmetic too; within a partition it is walked, from
-    the window's start only."""
+    are dense, so without a partition the offset is arithmetic. Within a partition the same holds for the
+    partition's ordinals (migration 0021): the window becomes an ordinal range and the offset is added to
+    its first ordinal, so no read walks the entries it skips."""
     first = await (
         _first_sequence_at(conn, start)
         if start is not None
@@ -179,23 +198,32 @@ async def read_window(
     low = int(first)
     high = await _first_sequence_at(conn, end) if end is not None else None
     # the timestamps too: the same entries as the sequence range, kept so a clock set back cannot widen it
-    conditions = ['($3::timestamptz IS NULL OR c."timestamp" >= $3)']
-    conditions.append('($4::timestamptz IS NULL OR c."timestamp" < $4)')
-    args: list[object] = [0, limit, start, end]
+    conditions = ['($2::timestamptz IS NULL OR c."timestamp" >= $2)']
+    conditions.append('($3::timestamptz IS NULL OR c."timestamp" < $3)')
+    args: list[object] = [limit, start, end]
     if partition_key is None:
+        order = "c.sequence"
+        conditions.append("c.sequence >= $4")
         args.append(low + offset)
+        if high is not None:
+            conditions.append("c.sequence < $5")
+            args.append(high)
     else:
-        args[0] = offset
-        args.append(low)
-        conditions.append(f"c.partition_key = ${len(args) + 1}")
-        args.append(partition_key)
-    conditions.append("c.sequence >= $5")
-    if high is not None:
-        conditions.append(f"c.sequence < ${len(args) + 1}")
-        args.append(high)
+        order = "c.partition_ordinal"
+        first_ordinal = await _partition_ordinal_from(conn, partition_key, low)
+        if first_ordinal is None:
+            return []
+        # the window ends before the partition's first entry at `high` (or with the partition's feed)
+        end_ordinal = await _partition_ordinal_from(conn, partition_key, high) if high is not None else None
+        if end_ordinal is not None and first_ordinal + offset >= end_ordinal:
+            return []
+        conditions += ["c.partition_key = $4", "c.partition_ordinal >= $5"]
+        args += [partition_key, first_ordinal + offset]
+        if end_ordinal is not None:
+            conditions.append("c.partition_ordinal < $6")
+            args.append(end_ordinal)
     rows = await conn.fetch(
-        f"{_select(include_metadata)} WHERE {' AND '.join(conditions)} "
-        "ORDER BY c.sequence OFFSET $1 LIMIT $2",
+        f"{_select(include_metadata)} WHERE {' AND '.join(conditions)} ORDER BY {order} LIMIT $1",
         *args,
     )
     return _entries(rows)

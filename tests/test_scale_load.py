@@ -98,9 +98,10 @@ async def test_generated_rows_equal_indexed_rows(database_url: str) -> None:
             assert orjson.dumps(generated_page.results) == orjson.dumps(indexed_page.results), (level, params)
         # one create entry per instance, in key order, and the counter where the writers continue
         feed = await conn.fetch("SELECT * FROM changefeed ORDER BY sequence")
-        assert [(f["sequence"], f["instance_key"], f["sop_instance_uid"], f["action"]) for f in feed] == [
-            (n + 1, r["instance_key"], r["sop_instance_uid"], 0) for n, r in enumerate(generated)
-        ]
+        assert [
+            (f["sequence"], f["partition_ordinal"], f["instance_key"], f["sop_instance_uid"], f["action"])
+            for f in feed
+        ] == [(n + 1, n + 1, r["instance_key"], r["sop_instance_uid"], 0) for n, r in enumerate(generated)]
         assert await conn.fetchval("SELECT last_sequence FROM changefeed_counter") == len(generated)
         # a second run with the same size is a no-op (restartable: it resumes after the last chunk)
         await scale_load.load(database_url, STUDIES, PER_STUDY, chunk=50)
