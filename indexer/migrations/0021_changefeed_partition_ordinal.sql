@@ -20,3 +20,9 @@ WHERE o.sequence = c.sequence;
 
 ALTER TABLE changefeed ALTER COLUMN partition_ordinal SET NOT NULL;
 CREATE UNIQUE INDEX changefeed_partition_ordinal ON changefeed (partition_key, partition_ordinal);
+
+-- The UPDATE left a dead version of every entry behind, in the table and in each of its indexes (a 10M
+-- feed went from 2.6 to 5.9 GB). Rewriting it in sequence order, its order already, returns that space
+-- (10M entries: 28 s after 152 s for the above; 3.0 GB after, the ordinal's 8 bytes and its index
+-- included). VACUUM cannot run inside a migration's transaction; CLUSTER of a named table can.
+CLUSTER changefeed USING changefeed_pkey;
