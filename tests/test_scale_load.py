@@ -11,6 +11,7 @@ import random
 import asyncpg
 import httpx
 import orjson
+import pytest
 from pydicom.valuerep import IS
 
 from bench import scale_load
@@ -106,6 +107,10 @@ async def test_generated_rows_equal_indexed_rows(database_url: str) -> None:
         # a second run with the same size is a no-op (restartable: it resumes after the last chunk)
         await scale_load.load(database_url, STUDIES, PER_STUDY, chunk=50)
         assert await conn.fetchval("SELECT count(*) FROM instance WHERE partition_key = 1") == len(generated)
+        # growing is refused now: the instances indexed above hold the keys the next chunk would write
+        with pytest.raises(SystemExit, match="did not write"):
+            await scale_load.load(database_url, STUDIES + 10, PER_STUDY, chunk=50)
+        assert await conn.fetchval("SELECT next_study FROM scale_load_progress") == STUDIES
     finally:
         await conn.close()
 
