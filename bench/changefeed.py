@@ -60,30 +60,52 @@ async def read_all(base: str, page: int, metadata: bool) -> tuple[int, float]:
         return count, time.perf_counter() - start
 
 
-async def sample_pages(base: str, page: int, pages: int, metadata: bool, version: str = "v1") -> None:
+async def sample_pages(
+    base: str,
+    page: int,
+    pages: int,
+    metadata: bool,
+    version: str = "v1",
+    window: tuple[int, int] | None = None,
+) -> None:
     """Pages at random offsets across the whole feed: p50/p95 ms per page and entries/s.
 
     v1 offsets are sequences (an index range read); v2 offsets count entries of a time window (Azure's
-    v2 paging, here with no window), which PostgreSQL skips one by one."""
+    v2 paging; with no window, the whole feed). `version` may name a partition's feed
+    ("v2/partitions/Microsoft.Default"), whose offsets count that partition's entries. `window` is a
+    range of sequences whose entries' timestamps become startTime and endTime; offsets are then drawn
+    from the window's entries."""
     rng = random.Random(13)
     async with httpx.AsyncClient(timeout=300) as client:
         last = (await client.get(f"{base}/v1/changefeed/latest")).json()["Sequence"]
+        params: dict[str, object] = {"limit": page, "includemetadata": str(metadata).lower()}
+        span, label = last, f"random offsets of {last} entries"
+        if window is not None:
+            stamps = []
+            for sequence in window:
+                entry = await client.get(f"{base}/v1/changefeed", params={"offset": sequence - 1, "limit": 1})
+                stamps.append(entry.json()[0]["Timestamp"])
+            params |= {"startTime": stamps[0], "endTime": stamps[1]}
+            span = window[1] - window[0]
+            label = f"random offsets of the window from sequence {window[0]} to {window[1]} ({span} entries)"
         timings, count = [], 0
         for _ in range(pages):
-            offset = rng.randrange(max(last - page, 1))
+            offset = rng.randrange(max(span - page, 1))
             t = time.perf_counter()
-            r = await client.get(
-                f"{base}/{version}/changefeed",
-                params={"offset": offset, "limit": page, "includemetadata": str(metadata).lower()},
-            )
+            r = await client.get(f"{base}/{version}/changefeed", params={**params, "offset": offset})
             r.raise_for_status()
             count += len(r.json())
             timings.append(time.perf_counter() - t)
     print(
-        f"{version}: {pages} pages of {page} at random offsets of {last} entries, "
+        f"{version}: {pages} pages of {page} at {label}, "
         f"{'with' if metadata else 'without'} metadata: p50 {percentile(timings, 50) * 1000:.1f} ms, "
         f"p95 {percentile(timings, 95) * 1000:.1f} ms per page, {count / sum(timings):,.0f} entries/s"
     )
+
+
+async def latest_sequence(base: str) -> int:
+    async with httpx.AsyncClient(timeout=60) as client:
+        return (await client.get(f"{base}/v1/changefeed/latest")).json()["Sequence"]
 
 
 async def tail_by_time(base: str, reads: int = 6) -> None:
@@ -147,6 +169,13 @@ async def run(base: str, entries: int, page: int, probes: int, fill_first: bool,
         for metadata in (False, True):
             await sample_pages(base, page, sample, metadata)
         await sample_pages(base, page, max(sample // 10, 5), False, "v2")
+        # v2 windows and one partition's feed, with offsets deep into them (bench.scale_load writes
+        # every entry to the default partition, so its feed is the whole feed)
+        last = await latest_sequence(base)
+        window = (last // 10, last * 9 // 10)
+        partition = "v2/partitions/Microsoft.Default"
+        for version, in_window in (("v2", True), (partition, False), (partition, True)):
+            await sample_pages(base, page, sample, False, version, window if in_window else None)
         await tail_by_time(base)
     elif fill_first:
         t = time.perf_counter()

@@ -239,9 +239,11 @@ INSERT INTO instance (instance_key, partition_key, study_key, series_key, sop_in
 INSERT INTO instance_qido (instance_key, members)
     SELECT i.instance_key, convert_to({_sub("i.mem", INSTANCE_SLOTS, instance_values)}, 'UTF8')
     FROM g_instance i ORDER BY i.instance_key;
-INSERT INTO changefeed (sequence, partition_key, study_instance_uid, series_instance_uid, sop_instance_uid,
-        instance_key, action, "timestamp")
-    SELECT i.instance_key, 1, i.study_uid, i.series_uid, i.sop, i.instance_key, 0, clock_timestamp()
+-- one partition, sequences dense from 1: an entry's ordinal within the partition is its sequence
+INSERT INTO changefeed (sequence, partition_key, partition_ordinal, study_instance_uid, series_instance_uid,
+        sop_instance_uid, instance_key, action, "timestamp")
+    SELECT i.instance_key, 1, i.instance_key, i.study_uid, i.series_uid, i.sop, i.instance_key, 0,
+           clock_timestamp()
     FROM g_instance i ORDER BY i.instance_key;
 """
 
@@ -286,6 +288,22 @@ async def _secondary_indexes(conn: asyncpg.Connection) -> list[tuple[str, str]]:
     return [(r["relname"], r["def"]) for r in rows]
 
 
+async def _refuse_foreign_keys(conn: asyncpg.Connection, next_study: int, per_study: int) -> None:
+    """Growing writes the keys and sequences after the last loaded study's; rows written since by anything
+    else (a benchmark's STOWs) hold some of them, and the first chunk would fail on a unique key."""
+    taken = await conn.fetchval(
+        """SELECT EXISTS (SELECT 1 FROM study WHERE study_key > $1)
+               OR EXISTS (SELECT 1 FROM changefeed WHERE sequence > $2)""",
+        next_study,
+        next_study * per_study,
+    )
+    if taken:
+        raise SystemExit(
+            f"rows this loader did not write hold the keys after study {next_study} (stored over STOW-RS"
+            " after the load?); delete them, or load a new data set"
+        )
+
+
 async def load(dsn: str, studies: int, per_study: int, series: int = 2, chunk: int = 10_000) -> None:
     """Load studies 0..`studies`-1 (continuing a previous run), then build the dropped indexes."""
     loader = Loader(per_study, series)
@@ -317,6 +335,8 @@ async def load(dsn: str, studies: int, per_study: int, series: int = 2, chunk: i
         raise SystemExit(
             f"this data set has {progress['per_study']} instances in {progress['series']} series"
         )
+    if progress["next_study"] < studies:
+        await _refuse_foreign_keys(conn, progress["next_study"], per_study)
     if progress["index_defs"] is None and progress["next_study"] < studies:
         # growing a loaded data set: rebuilding its indexes after is faster than maintaining them per row
         async with conn.transaction():

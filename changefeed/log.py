@@ -62,31 +62,42 @@ async def append(conn: asyncpg.Connection, partition_key: int, changes: Sequence
     """
     if not changes:
         return 0
-    # One statement (one round trip): the counter row's lock, the entries and the notification.
-    return await conn.fetchval(
-        """WITH counter AS (
-               UPDATE changefeed_counter
-               SET last_sequence = last_sequence + cardinality($3::text[]),
-                   last_timestamp = greatest(clock_timestamp(), last_timestamp)
-               RETURNING last_sequence, last_timestamp),
-           entries AS (
-               INSERT INTO changefeed (sequence, partition_key, study_instance_uid, series_instance_uid,
-                   sop_instance_uid, instance_key, action, "timestamp")
-               SELECT c.last_sequence - cardinality($3::text[]) + t.n, $2, t.study, t.series, t.sop, t.key,
-                   t.action, c.last_timestamp
-               FROM counter c,
-                    unnest($3::text[], $4::text[], $5::text[], $6::bigint[], $7::smallint[])
-                        WITH ORDINALITY AS t(study, series, sop, key, action, n))
-           -- delivered to listeners at commit, never for a transaction that rolls back
-           SELECT last_sequence FROM counter, pg_notify($1, last_sequence::text)""",
-        CHANNEL,
+    row = await conn.fetchrow(
+        """UPDATE changefeed_counter
+           SET last_sequence = last_sequence + $1,
+               last_timestamp = greatest(clock_timestamp(), last_timestamp)
+           RETURNING last_sequence, last_timestamp""",
+        len(changes),
+    )
+    last, timestamp = row["last_sequence"], row["last_timestamp"]
+    first = last - len(changes) + 1
+    # The partition's ordinals continue from its last entry's. Every earlier append has committed and is
+    # visible here: its holder released the counter lock at commit, and this statement's snapshot is taken
+    # after the lock was granted (under REPEATABLE READ, the UPDATE above fails instead if another append
+    # committed after this transaction's snapshot). So the counter is a statement of its own; the entries
+    # and the notification (delivered at commit, never for a transaction that rolls back) are one.
+    await conn.execute(
+        """WITH entries AS (
+               INSERT INTO changefeed (sequence, partition_key, partition_ordinal, study_instance_uid,
+                   series_instance_uid, sop_instance_uid, instance_key, action, "timestamp")
+               SELECT $1::bigint + t.n - 1, $2, o.last + t.n, t.study, t.series, t.sop, t.key, t.action, $3
+               FROM unnest($4::text[], $5::text[], $6::text[], $7::bigint[], $8::smallint[])
+                    WITH ORDINALITY AS t(study, series, sop, key, action, n),
+                    (SELECT coalesce(max(partition_ordinal), 0) AS last FROM changefeed
+                     WHERE partition_key = $2) AS o)
+           SELECT pg_notify($9, $10)""",
+        first,
         partition_key,
+        timestamp,
         [c.study_instance_uid for c in changes],
         [c.series_instance_uid for c in changes],
         [c.sop_instance_uid for c in changes],
         [c.instance_key for c in changes],
         [int(c.action) for c in changes],
+        CHANNEL,
+        str(last),
     )
+    return last
 
 
 def _select(include_metadata: bool) -> str:
@@ -150,6 +161,18 @@ async def _first_sequence_at(conn: asyncpg.Connection | asyncpg.Pool, moment: dt
     )
 
 
+async def _partition_ordinal_from(
+    conn: asyncpg.Connection | asyncpg.Pool, partition_key: int, sequence: int
+) -> int | None:
+    """The ordinal of the partition's first entry at or after `sequence` (None: it has none there)."""
+    return await conn.fetchval(
+        """SELECT partition_ordinal FROM changefeed WHERE partition_key = $1 AND sequence >= $2
+           ORDER BY sequence LIMIT 1""",
+        partition_key,
+        sequence,
+    )
+
+
 async def read_window(
     conn: asyncpg.Connection | asyncpg.Pool,
     start: dt.datetime | None,
@@ -165,8 +188,9 @@ async def read_window(
     Timestamps never go backwards along the sequence (the counter keeps them so: `append`), so a
     window is a sequence range [first at start, first at end), found with the timestamp index: a read then
     costs its page wherever the window lies in the feed, not a walk from the feed's first entry. Sequences
-    are dense, so without a partition the offset is arithmetic too; within a partition it is walked, from
-    the window's start only."""
+    are dense, so without a partition the offset is arithmetic. Within a partition the same holds for the
+    partition's ordinals (migration 0021): the window becomes an ordinal range and the offset is added to
+    its first ordinal, so no read walks the entries it skips."""
     first = await (
         _first_sequence_at(conn, start)
         if start is not None
@@ -177,23 +201,32 @@ async def read_window(
     low = int(first)
     high = await _first_sequence_at(conn, end) if end is not None else None
     # the timestamps too: the same entries as the sequence range, kept so a clock set back cannot widen it
-    conditions = ['($3::timestamptz IS NULL OR c."timestamp" >= $3)']
-    conditions.append('($4::timestamptz IS NULL OR c."timestamp" < $4)')
-    args: list[object] = [0, limit, start, end]
+    conditions = ['($2::timestamptz IS NULL OR c."timestamp" >= $2)']
+    conditions.append('($3::timestamptz IS NULL OR c."timestamp" < $3)')
+    args: list[object] = [limit, start, end]
     if partition_key is None:
+        order = "c.sequence"
+        conditions.append("c.sequence >= $4")
         args.append(low + offset)
+        if high is not None:
+            conditions.append("c.sequence < $5")
+            args.append(high)
     else:
-        args[0] = offset
-        args.append(low)
-        conditions.append(f"c.partition_key = ${len(args) + 1}")
-        args.append(partition_key)
-    conditions.append("c.sequence >= $5")
-    if high is not None:
-        conditions.append(f"c.sequence < ${len(args) + 1}")
-        args.append(high)
+        order = "c.partition_ordinal"
+        first_ordinal = await _partition_ordinal_from(conn, partition_key, low)
+        if first_ordinal is None:
+            return []
+        # the window ends before the partition's first entry at `high` (or with the partition's feed)
+        end_ordinal = await _partition_ordinal_from(conn, partition_key, high) if high is not None else None
+        if end_ordinal is not None and first_ordinal + offset >= end_ordinal:
+            return []
+        conditions += ["c.partition_key = $4", "c.partition_ordinal >= $5"]
+        args += [partition_key, first_ordinal + offset]
+        if end_ordinal is not None:
+            conditions.append("c.partition_ordinal < $6")
+            args.append(end_ordinal)
     rows = await conn.fetch(
-        f"{_select(include_metadata)} WHERE {' AND '.join(conditions)} "
-        "ORDER BY c.sequence OFFSET $1 LIMIT $2",
+        f"{_select(include_metadata)} WHERE {' AND '.join(conditions)} ORDER BY {order} LIMIT $1",
         *args,
     )
     return _entries(rows)

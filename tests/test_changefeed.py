@@ -320,9 +320,92 @@ async def test_sequences_visible_in_commit_order(database_url: str) -> None:
         await pool.close()
 
 
+async def test_partition_ordinals_dense_under_concurrent_writers(database_url: str) -> None:
+    """Writers to three partitions that hold their transactions open after appending, some rolling back:
+    each partition's ordinals are 1..n with no gap or repeat, in the order of the sequences."""
+    from indexer.lookup import partition_key
+
+    pool = await asyncpg.create_pool(database_url, min_size=2, max_size=12)
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+        parts = [1] + [await partition_key(pool, f"p{n}", create=True) for n in range(2)]
+        rng = random.Random(5)
+        plan = [
+            (rng.choice(parts), rng.randint(1, 3), rng.uniform(0, 0.02), rng.random() < 0.2)
+            for _ in range(60)
+        ]
+
+        async def write(n: int) -> None:
+            part, count, delay, fail = plan[n]
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    change = log.Change("1.2", "1.2.3", f"1.2.3.{n}", n + 1, log.Action.CREATE)
+                    await log.append(conn, part, [change] * count)
+                    await asyncio.sleep(delay)  # between taking the numbers and committing
+                    if fail:
+                        raise RuntimeError("rolled back")
+            except RuntimeError:
+                pass
+
+        await asyncio.gather(*(write(n) for n in range(60)))
+        rows = await pool.fetch("SELECT partition_key, partition_ordinal FROM changefeed ORDER BY sequence")
+        committed = sum(count for _, count, _, fail in plan if not fail)
+        assert len(rows) == committed == await log.last_sequence(pool)
+        for part in parts:
+            ordinals = [r["partition_ordinal"] for r in rows if r["partition_key"] == part]
+            assert ordinals == list(range(1, len(ordinals) + 1)), part
+    finally:
+        await pool.close()
+
+
+async def test_migration_numbers_an_existing_feed(database_url: str) -> None:
+    """Migration 0021 gives the entries written before it their ordinals, and appends continue from them."""
+    import indexer.migrate as migrate_module
+    from indexer.migrate import available_migrations
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        original = migrate_module.available_migrations
+        migrate_module.available_migrations = lambda: [m for m in original() if m[0] < 21]  # type: ignore[assignment]
+        try:
+            await migrate(conn)
+        finally:
+            migrate_module.available_migrations = original
+        other = await conn.fetchval("INSERT INTO partition (name) VALUES ('other') RETURNING partition_key")
+        parts = [1, other, other, 1, 1, other, 1]
+        await conn.executemany(
+            """INSERT INTO changefeed (sequence, partition_key, study_instance_uid, series_instance_uid,
+                   sop_instance_uid, instance_key, action, "timestamp")
+               VALUES ($1, $2, '1', '2', '3', $1, 0, now())""",
+            [(n + 1, p) for n, p in enumerate(parts)],
+        )
+        await conn.execute("UPDATE changefeed_counter SET last_sequence = $1", len(parts))
+        assert (await migrate(conn))[0] == "0021_changefeed_partition_ordinal.sql"
+        async with conn.transaction():
+            await log.append(conn, other, [log.Change("1", "2", "4", 99, log.Action.CREATE)])
+        rows = await conn.fetch("SELECT partition_key, partition_ordinal FROM changefeed ORDER BY sequence")
+        assert [(r["partition_key"], r["partition_ordinal"]) for r in rows] == [
+            (1, 1),
+            (other, 1),
+            (other, 2),
+            (1, 2),
+            (1, 3),
+            (other, 3),
+            (1, 4),
+            (other, 4),
+        ]
+        page = await log.read_window(conn, None, None, 2, 10, partition_key=other)
+        assert [e.sequence for e in page] == [6, 8]
+        assert available_migrations()[-1][0] >= 21
+    finally:
+        await conn.close()
+
+
 async def test_v2_windows_equal_a_filter_of_the_whole_feed(database_url: str) -> None:
-    """read_window finds a window as a sequence range; its pages must equal filtering every entry by
-    timestamp (ties included: one append stamps all its entries alike), per partition and across them."""
+    """read_window finds a window as a sequence range, and within a partition as a range of the partition's
+    ordinals; its pages must equal filtering every entry by timestamp (ties included: one append stamps all
+    its entries alike), per partition and across them, at offsets up to past the window's end."""
     from indexer.lookup import partition_key
 
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
@@ -330,25 +413,26 @@ async def test_v2_windows_equal_a_filter_of_the_whole_feed(database_url: str) ->
         async with pool.acquire() as conn:
             await migrate(conn)
         other = await partition_key(pool, "other", create=True)
-        assert other is not None
-        names = {1: "Microsoft.Default", other: "other"}
+        third = await partition_key(pool, "third", create=True)
+        assert other is not None and third is not None
+        names = {1: "Microsoft.Default", other: "other", third: "third"}
         rng = random.Random(11)
-        for n in range(40):
+        for n in range(60):
             async with pool.acquire() as conn, conn.transaction():
-                part = 1 if rng.random() < 0.6 else other
+                part = rng.choices([1, other, third], [5, 3, 2])[0]
                 change = log.Change("1.2", "1.2.3", f"1.2.3.{n}", n + 1, log.Action.CREATE)
-                await log.append(conn, part, [change] * rng.randint(1, 3))
+                await log.append(conn, part, [change] * rng.randint(1, 4))
         everything = await log.read_after(pool, 0, 1000)
         stamps = sorted({e.timestamp for e in everything})
-        assert len(stamps) == 40 and len(everything) > 40
+        assert len(stamps) == 60 and len(everything) > 60
         tick = dt.timedelta(microseconds=1)
         moments = [None, stamps[0] - tick, *stamps, stamps[-1] + tick]
-        for _ in range(300):
+        for _ in range(600):
             start, end = rng.choice(moments), rng.choice(moments)
             if start is not None and end is not None and end < start:
                 start, end = end, start
-            offset, limit = rng.choice([0, 1, 2, 5, 30]), rng.choice([1, 3, 100])
-            part = rng.choice([None, 1, other])
+            offset, limit = rng.choice([0, 1, 2, 5, 17, 30, 45, 70, 200]), rng.choice([1, 3, 100])
+            part = rng.choice([None, 1, other, third])
             expected = [
                 e.sequence
                 for e in everything

@@ -11,6 +11,7 @@ import random
 import asyncpg
 import httpx
 import orjson
+import pytest
 from pydicom.valuerep import IS
 
 from bench import scale_load
@@ -98,13 +99,18 @@ async def test_generated_rows_equal_indexed_rows(database_url: str) -> None:
             assert orjson.dumps(generated_page.results) == orjson.dumps(indexed_page.results), (level, params)
         # one create entry per instance, in key order, and the counter where the writers continue
         feed = await conn.fetch("SELECT * FROM changefeed ORDER BY sequence")
-        assert [(f["sequence"], f["instance_key"], f["sop_instance_uid"], f["action"]) for f in feed] == [
-            (n + 1, r["instance_key"], r["sop_instance_uid"], 0) for n, r in enumerate(generated)
-        ]
+        assert [
+            (f["sequence"], f["partition_ordinal"], f["instance_key"], f["sop_instance_uid"], f["action"])
+            for f in feed
+        ] == [(n + 1, n + 1, r["instance_key"], r["sop_instance_uid"], 0) for n, r in enumerate(generated)]
         assert await conn.fetchval("SELECT last_sequence FROM changefeed_counter") == len(generated)
         # a second run with the same size is a no-op (restartable: it resumes after the last chunk)
         await scale_load.load(database_url, STUDIES, PER_STUDY, chunk=50)
         assert await conn.fetchval("SELECT count(*) FROM instance WHERE partition_key = 1") == len(generated)
+        # growing is refused now: the instances indexed above hold the keys the next chunk would write
+        with pytest.raises(SystemExit, match="did not write"):
+            await scale_load.load(database_url, STUDIES + 10, PER_STUDY, chunk=50)
+        assert await conn.fetchval("SELECT next_study FROM scale_load_progress") == STUDIES
     finally:
         await conn.close()
 
