@@ -242,3 +242,27 @@ async def test_counters_equal_a_recount_whatever_the_batches(
     async with pool.acquire() as conn:
         got = await rows(conn, partition)
     assert set(got["series"]) == {s for s in owner if any(sop.startswith(f"{s}.") for sop in stored)}
+
+
+async def test_level_members_follow_the_attributes(pool: asyncpg.Pool) -> None:
+    """Migration 0023 keeps a level row's stored QIDO members when an upsert leaves its attributes as they
+    are, and computes them again when they change."""
+    async with pool.acquire() as conn:
+        partition = await new_partition(conn)
+    first = attrs("6.1", "6.1.1", "6.1.1.1", patient="A")
+    assert await index(pool, partition, [first]) == [Outcome.CREATED]
+    same = attrs("6.1", "6.1.1", "6.1.1.2", patient="A")  # the same study and series attributes
+    renamed = attrs("6.1", "6.1.1", "6.1.1.3", patient="B")  # a later instance with another PatientID
+    check = """SELECT members = qido_members(attrs) AS fresh, members IS NOT NULL AS filled,
+                      convert_from(members, 'UTF8') LIKE $2 AS names_b
+               FROM study WHERE partition_key = $1"""
+    for batch, patient in (([same], "A"), ([renamed], "B")):
+        assert await index(pool, partition, batch) == [Outcome.CREATED]
+        async with pool.acquire() as conn:
+            row = await conn.fetchrow(check, partition, '%"B"%')
+            series_fresh = await conn.fetchval(
+                "SELECT bool_and(members = qido_members(attrs)) FROM series WHERE partition_key = $1",
+                partition,
+            )
+        assert row["fresh"] and row["filled"] and series_fresh
+        assert row["names_b"] == (patient == "B")
