@@ -129,6 +129,9 @@ class Step:
     # not done, and cannot go on yet (waits for another operation): the lease is released and the
     # operation may be claimed again after this many seconds, so the worker can run the one it waits for
     defer: float | None = None
+    # called once the step has committed, never for a step that rolled back (and is done again): what must
+    # be told only of what happened, such as audit records written by a writer of their own
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
 
 
 class OperationHandler(Protocol):
@@ -262,13 +265,18 @@ class OperationRunner(Periodic):
                     deferred,
                     step.defer or 0.0,
                 )
-                return not step.done and not deferred
         except (LeaseLost, asyncio.CancelledError):
             raise
         except Exception as exc:
             log.exception("operation %s: step failed", operation_id.hex)
             await self._record_failure(operation_id, token, exc)
             raise LeaseLost from exc
+        for call in step.after_commit:
+            try:
+                call()
+            except Exception:  # the step is committed whatever a callback does
+                log.exception("operation %s: a callback after its step failed", operation_id.hex)
+        return not step.done and not deferred
 
     async def _record_failure(self, operation_id: uuid.UUID, token: uuid.UUID, exc: Exception) -> None:
         """Retry later (lease released after a pause) or, after MAX_FAILURES, fail the operation."""

@@ -40,13 +40,23 @@ class RetentionSweepHandler:
         cp: dict[str, Any] = op.checkpoint or {"phase": "purge", "partition": 0, "study": 0, "purged": 0,
                                                 "expired": 0, "skipped": 0}  # fmt: skip
         names = {r[0]: r[1] for r in await conn.fetch("SELECT partition_key, name FROM partition")}
+        events: list[AuditEvent] = []
         if cp["phase"] == "purge":
-            return await self._purge(conn, cp, now, names)
-        return await self._expire(conn, cp, now, names)
+            step = await self._purge(conn, cp, now, names, events)
+        else:
+            step = await self._expire(conn, cp, now, names, events)
+        # audited once the deletions have committed: a step that fails is rolled back and done again
+        step.after_commit.append(lambda: self._report_all(events))
+        return step
 
-    def _audit(self, names: dict[int, str], partition_key: int, study: str, status: int, detail: str,
-               now: datetime) -> None:  # fmt: skip
-        self._report(
+    def _report_all(self, events: list[AuditEvent]) -> None:
+        for event in events:
+            self._report(event)
+
+    @staticmethod
+    def _audit(events: list[AuditEvent], names: dict[int, str], partition_key: int, study: str, status: int,
+               detail: str, now: datetime) -> None:  # fmt: skip
+        events.append(
             system_event(
                 "retention",
                 "DELETE",
@@ -61,18 +71,18 @@ class RetentionSweepHandler:
         )
 
     async def _purge(self, conn: asyncpg.Connection, cp: dict[str, Any], now: datetime,
-                     names: dict[int, str]) -> Step:  # fmt: skip
+                     names: dict[int, str], events: list[AuditEvent]) -> Step:  # fmt: skip
         purged = await purge_due(conn, now, studies=STUDIES_PER_STEP)
         for p in purged:
             detail = f"restore window ended: {p.objects} objects queued for deletion"
-            self._audit(names, p.partition_key, p.study_instance_uid, 200, detail, now)
+            self._audit(events, names, p.partition_key, p.study_instance_uid, 200, detail, now)
         cp = {**cp, "purged": cp["purged"] + sum(p.objects for p in purged)}
         if len(purged) < STUDIES_PER_STEP:
             cp["phase"] = "expire"
         return Step(cp, 10, results=_results(cp))
 
     async def _expire(self, conn: asyncpg.Connection, cp: dict[str, Any], now: datetime,
-                      names: dict[int, str]) -> Step:  # fmt: skip
+                      names: dict[int, str], events: list[AuditEvent]) -> Step:  # fmt: skip
         """Partitions in key order, studies of each in key order: the checkpoint is (partition, study)."""
         cp = dict(cp)
         for partition_key, policy in await partitions_with_policy(conn):
@@ -100,7 +110,7 @@ class RetentionSweepHandler:
                     deletion = await delete_in(conn, partition_key, study_uid, None, None, now, policy)
                 except DeletionRefused as exc:  # held since the query: the hold wins
                     cp["skipped"] += 1
-                    self._audit(names, partition_key, study_uid, 409, f"expiry skipped: {exc}", now)
+                    self._audit(events, names, partition_key, study_uid, 409, f"expiry skipped: {exc}", now)
                 else:
                     cp["expired"] += 1
                     deleted += len(deletion.removed)
@@ -108,7 +118,7 @@ class RetentionSweepHandler:
                         f"expired: first ingest {row['created_at'].isoformat()}, expireAfterDays "
                         f"{policy.expire_after_days}; {_deleted(deletion)}"
                     )
-                    self._audit(names, partition_key, study_uid, 204, detail, now)
+                    self._audit(events, names, partition_key, study_uid, 204, detail, now)
                 cp["study"] = row["study_key"]
             if len(rows) == STUDIES_PER_STEP:
                 return Step(cp, 50, results=_results(cp))
