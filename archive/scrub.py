@@ -128,18 +128,24 @@ class ScrubHandler:
             grace = timedelta(seconds=float(op.params.get("graceSeconds", DEFAULT_GRACE.total_seconds())))
             found = await self._store_step(conn, cp, grace)
             percent = 95
-        for finding in found:
-            if await _record(conn, op.id, finding):
-                cp[finding.kind] += 1
-                if self._report is not None:
-                    self._report(op.id, finding)
+        recorded = [finding for finding in found if await _record(conn, op.id, finding)]
+        for finding in recorded:
+            cp[finding.kind] += 1
         done = cp["phase"] == "done"
         results = _counts(cp)
         if done:
             results["clean"] = not (cp[MISSING] or cp[ALTERED] or cp[UNREFERENCED])
-            if self._summary is not None:
-                self._summary(op.id, results)
-        return Step(checkpoint=cp, percent=percent, done=done, results=results)
+        step = Step(checkpoint=cp, percent=percent, done=done, results=results)
+        # reported (audit log, metrics) once the findings are committed: a failed step is done again
+        step.after_commit.append(lambda: self._announce(op.id, recorded, results if done else None))
+        return step
+
+    def _announce(self, op_id: uuid.UUID, findings: list[Finding], summary: dict[str, Any] | None) -> None:
+        if self._report is not None:
+            for finding in findings:
+                self._report(op_id, finding)
+        if summary is not None and self._summary is not None:
+            self._summary(op_id, summary)
 
     async def _index_step(self, conn: asyncpg.Connection, cp: dict[str, Any], pace: _Pace) -> list[Finding]:
         rows = await objects_after(conn, cp["after"], STEP_ROWS)
