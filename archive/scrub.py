@@ -32,7 +32,7 @@ from typing import Any
 import asyncpg
 
 from archive.maintenance import unreferenced
-from indexer.lookup import IndexedObject, is_indexed, objects_after, originals_after
+from indexer.lookup import IndexedObject, is_indexed, objects_after, originals_after, window_objects_after
 from indexer.operations import Operation, OperationSchedule, Step, schedule_operation
 from storage.base import BlobNotFoundError, BlobStore
 from storage.digests import digest_of, digests
@@ -112,8 +112,8 @@ class ScrubHandler:
 
     async def step(self, conn: asyncpg.Connection, op: Operation) -> Step:
         cp = op.checkpoint or {
-            "phase": "index", "after": 0, "originalAfter": [0, ""], "listedAfter": "", "checked": 0,
-            "bytes": 0, "listed": 0, MISSING: 0, ALTERED: 0, UNREFERENCED: 0,
+            "phase": "index", "after": 0, "originalAfter": [0, ""], "windowAfter": "", "listedAfter": "",
+            "checked": 0, "bytes": 0, "listed": 0, MISSING: 0, ALTERED: 0, UNREFERENCED: 0,
             "last": await conn.fetchval("SELECT coalesce(max(instance_key), 0) FROM instance"),
         }  # fmt: skip
         rate = float(op.params.get("rateMBps") or 0) * 1e6
@@ -124,6 +124,9 @@ class ScrubHandler:
         elif cp["phase"] == "originals":
             found = await self._originals_step(conn, cp, pace)
             percent = 90
+        elif cp["phase"] == "window":
+            found = await self._window_step(conn, cp, pace)
+            percent = 92
         else:
             grace = timedelta(seconds=float(op.params.get("graceSeconds", DEFAULT_GRACE.total_seconds())))
             found = await self._store_step(conn, cp, grace)
@@ -163,9 +166,19 @@ class ScrubHandler:
         rows = await originals_after(conn, (after[0], after[1]), STEP_ROWS)
         taken, suspects = await self._check_rows(rows, pace)
         if not taken:
-            cp["phase"] = "store"
+            cp["phase"] = "window"
             return []
         cp["originalAfter"] = [taken[-1].partition_key, taken[-1].instance.sop_instance_uid]
+        return await self._settle(conn, cp, taken, suspects)
+
+    async def _window_step(self, conn: asyncpg.Connection, cp: dict[str, Any], pace: _Pace) -> list[Finding]:
+        """Deleted instances' objects kept for a restore: a restore must bring back what was stored."""
+        rows = await window_objects_after(conn, cp.setdefault("windowAfter", ""), STEP_ROWS)
+        taken, suspects = await self._check_rows(rows, pace)
+        if not taken:
+            cp["phase"] = "store"
+            return []
+        cp["windowAfter"] = taken[-1].instance.storage_key
         return await self._settle(conn, cp, taken, suspects)
 
     async def _settle(

@@ -179,6 +179,21 @@ async def originals_after(
     return [IndexedObject(r[0], r[1], StoredInstance(*r[2:])) for r in rows]
 
 
+async def window_objects_after(
+    conn: asyncpg.Connection | asyncpg.Pool, after: str, limit: int
+) -> list[IndexedObject]:
+    """Objects of deleted instances kept for their restore window (retention, deleted_object), after storage
+    key `after`, in key order: what a restore would bring back. `instance_key` is 0: no row indexes them."""
+    rows = await conn.fetch(
+        """SELECT 0, partition_key, study_instance_uid, series_instance_uid, sop_instance_uid, sop_class_uid,
+                  transfer_syntax_uid, storage_key, size, sha256
+           FROM deleted_object WHERE storage_key > $1 ORDER BY storage_key LIMIT $2""",
+        after,
+        limit,
+    )
+    return [IndexedObject(r[0], r[1], StoredInstance(*r[2:])) for r in rows]
+
+
 async def all_objects(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     """(storage_key, sha256 as hex, size) of every object the index references, current versions, the
     originals bulk updates keep and deleted instances' objects kept for a restore window (retention/), by

@@ -272,3 +272,33 @@ async def test_audit_reporters_write_records(pool: asyncpg.Pool) -> None:
     assert await audit.flush() == 2
     rows = await pool.fetch("SELECT subject, method, status, outcome FROM audit_event ORDER BY event_id")
     assert [tuple(r) for r in rows] == [("system", "SCRUB", 200, 4), ("system", "SCRUB", 200, 8)]
+
+
+async def test_objects_kept_for_a_restore_window_are_checked(
+    pool: asyncpg.Pool, database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A delayed delete (retention) keeps the objects for a restore: the scrub reads them too, so that a
+    restore brings back what was stored; they are neither missing nor unreferenced while kept."""
+    from datetime import UTC, datetime
+
+    from retention.deletion import delete_in
+    from retention.policy import RetentionPolicy
+
+    store = LocalBlobStore(tmp_path / "blobs")
+    study, keys = await ingest(pool, store, 5, 4)
+    async with pool.acquire() as conn, conn.transaction():
+        deletion = await delete_in(
+            conn, 1, study, None, None, datetime.now(UTC), RetentionPolicy(delete_delay_days=7)
+        )
+    assert len(deletion.removed) == 4
+    assert await pool.fetchval("SELECT count(*) FROM deleted_object") == 4
+    common = ["--database-url", database_url, "--storage-url", (tmp_path / "blobs").as_uri()]
+    assert await run_cli(*common) == 0
+    _, err = capsys.readouterr()
+    assert "4 objects" in err and "0 missing, 0 altered, 0 unreferenced" in err
+    await flip_byte(store, keys[0])
+    await store.delete(keys[3])
+    assert await run_cli(*common) == 1
+    out, err = capsys.readouterr()
+    lines = sorted(line.split("\t")[:2] for line in out.splitlines())
+    assert lines == sorted([["altered", keys[0]], ["missing", keys[3]]])
