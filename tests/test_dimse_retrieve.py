@@ -44,26 +44,12 @@ from tests.fixtures.server import start_archive
 SERIES, PER_SERIES = 2, 3
 
 
-# These archives send a pending response after every sub-operation (the default spaces them 200 ms apart),
-# so the tests can check each one's counts; test_pending_responses_are_spaced checks the default.
 @pytest.fixture
-def dimse_archive(database_url: str, tmp_path: Path) -> Iterator[DimseArchive]:
-    thread, archive = start_dimse_archive(database_url, tmp_path, dimse_pending_interval_ms=0)
-    try:
-        yield archive
-    finally:
-        thread.stop()
-
-
-@pytest.fixture
-def open_dimse_archive(database_url: str, tmp_path: Path) -> Iterator[DimseArchive]:
-    thread, archive = start_dimse_archive(
-        database_url, tmp_path, insecure_open=True, dimse_pending_interval_ms=0
-    )
-    try:
-        yield archive
-    finally:
-        thread.stop()
+def dimse_settings() -> dict[str, object]:
+    """The archive fixtures send a pending response after every sub-operation (the default spaces them
+    200 ms apart), so that the tests can check each one's counts; test_pending_responses_are_spaced checks
+    the default."""
+    return {"dimse_pending_interval_ms": 0}
 
 
 def study(seed: int, series: int = SERIES, per_series: int = PER_SERIES) -> list[bytes]:
