@@ -180,17 +180,7 @@ async def test_report_on_a_new_association_after_an_early_release(dimse_archive:
             (CTImageStorage, unknown),
         ]
         # the N-ACTION and the release right behind it: the SCU does not wait on this association
-        request = N_ACTION()
-        request.MessageID = 5
-        request.RequestedSOPClassUID = StorageCommitmentPushModel
-        request.RequestedSOPInstanceUID = WELL_KNOWN
-        request.ActionTypeID = 1
-        context = next(c for c in assoc.accepted_contexts if c.abstract_syntax == StorageCommitmentPushModel)
-        syntax = context.transfer_syntax[0]
-        request.ActionInformation = io.BytesIO(
-            encode(commitment_request(transaction, refs), syntax.is_implicit_VR, syntax.is_little_endian)
-        )
-        assoc.dimse.send_msg(request, context.context_id)
+        send_request(assoc, transaction, refs, message_id=5)
         assoc.release()
         assert reports.arrived.wait(20), "no N-EVENT-REPORT on a new association"
     finally:
@@ -275,3 +265,18 @@ async def test_commitment_covers_the_partition_of_the_calling_ae(dimse_archive: 
     assert received["STORER"][0] == 1
     assert received["MODALITY"][0] == 2
     assert refs_of(received["MODALITY"][1], "FailedSOPSequence") == [(*refs[0], 0x0112)]
+
+
+def send_request(assoc: Any, transaction: str, refs: list[tuple[str, str]], *, message_id: int) -> None:
+    """A storage commitment N-ACTION on `assoc`, without waiting for its response."""
+    request = N_ACTION()
+    request.MessageID = message_id
+    request.RequestedSOPClassUID = StorageCommitmentPushModel
+    request.RequestedSOPInstanceUID = WELL_KNOWN
+    request.ActionTypeID = 1
+    context = next(c for c in assoc.accepted_contexts if c.abstract_syntax == StorageCommitmentPushModel)
+    syntax = context.transfer_syntax[0]
+    request.ActionInformation = io.BytesIO(
+        encode(commitment_request(transaction, refs), syntax.is_implicit_VR, syntax.is_little_endian)
+    )
+    assoc.dimse.send_msg(request, context.context_id)

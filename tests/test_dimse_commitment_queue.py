@@ -7,22 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
 from pynetdicom import AE, evt
-from pynetdicom.dimse_primitives import N_ACTION
-from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from dicomcore.uids import new_uid
 from dimse import commitment_queue
 from indexer.migrate import migrate
 from tests.fixtures.dimse import ARCHIVE_AE, DimseArchive, free_port, start_dimse_archive
-from tests.test_dimse_commitment import WELL_KNOWN, Reports, commitment_request, instances, refs_of, scu
+from tests.test_dimse_commitment import Reports, instances, refs_of, scu, send_request
 
 
 class Scanner(Reports):
@@ -54,17 +51,7 @@ def request_and_release(archive: DimseArchive, transaction: str, refs: list[tupl
     """The scanner's N-ACTION, and its release right behind it: the report must come on a new association."""
     assoc = scu().associate(*archive.address, ae_title=ARCHIVE_AE)
     assert assoc.is_established
-    request = N_ACTION()
-    request.MessageID = 7
-    request.RequestedSOPClassUID = StorageCommitmentPushModel
-    request.RequestedSOPInstanceUID = WELL_KNOWN
-    request.ActionTypeID = 1
-    context = next(c for c in assoc.accepted_contexts if c.abstract_syntax == StorageCommitmentPushModel)
-    syntax = context.transfer_syntax[0]
-    request.ActionInformation = io.BytesIO(
-        encode(commitment_request(transaction, refs), syntax.is_implicit_VR, syntax.is_little_endian)
-    )
-    assoc.dimse.send_msg(request, context.context_id)
+    send_request(assoc, transaction, refs, message_id=7)
     assoc.release()  # the archive handles the N-ACTION (and records it) before it answers the release
 
 
