@@ -15,8 +15,7 @@ import pytest
 
 from dicomcore.uids import new_uid
 from dicomweb.config import Settings
-from storage import LocalBlobStore
-from tests.fixtures.server import RunningArchive, start_archive
+from tests.fixtures.server import RunningArchive, local_store_archive
 from tests.worklist_data import workitem
 
 LIMIT = 64 << 10
@@ -25,13 +24,8 @@ LIMIT = 64 << 10
 @pytest.fixture
 def capped_archive(database_url: str, tmp_path: Path) -> Iterator[RunningArchive]:
     settings = Settings(data_dir=tmp_path, insecure_open=True, max_json_body_size=LIMIT)
-    thread, running = start_archive(
-        settings, database_url, LocalBlobStore(tmp_path / "blobs"), LocalBlobStore(tmp_path / "blobs")
-    )
-    try:
+    with local_store_archive(settings, database_url, tmp_path) as running:
         yield running
-    finally:
-        thread.stop()
 
 
 def _padded(value: object, size: int) -> bytes:

@@ -26,8 +26,7 @@ from playwright import sync_api as playwright_api
 
 from bench.synthetic import make_instance, make_study, multipart_body, to_bytes
 from dicomweb.config import Settings
-from storage import LocalBlobStore
-from tests.fixtures.server import RunningArchive, start_archive
+from tests.fixtures.server import RunningArchive, local_store_archive
 
 ROOT = Path(__file__).resolve().parent.parent
 OHIF_DIST = ROOT / ".cache" / "ohif" / "package" / "dist"
@@ -96,13 +95,8 @@ def viewer_server() -> Iterator[tuple[http.server.ThreadingHTTPServer, str]]:
 def cors_archive(database_url: str, tmp_path: Path, viewer_server) -> Iterator[RunningArchive]:
     _, origin = viewer_server
     settings = Settings(data_dir=tmp_path, cors_origins=origin)
-    thread, running = start_archive(
-        settings, database_url, LocalBlobStore(tmp_path / "blobs"), LocalBlobStore(tmp_path / "blobs")
-    )
-    try:
+    with local_store_archive(settings, database_url, tmp_path) as running:
         yield running
-    finally:
-        thread.stop()
 
 
 def phantom_ct(count: int = 5, size: int = 256) -> tuple[object, list[bytes]]:

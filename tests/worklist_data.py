@@ -9,21 +9,15 @@ import pytest
 
 from bench.ups_synthetic import code, performed, workitem
 from dicomweb.config import Settings
-from storage import LocalBlobStore
-from tests.fixtures.server import RunningArchive, start_archive
+from tests.fixtures.server import RunningArchive, local_store_archive
 
 
 @pytest.fixture
 def ups_archive(database_url: str, tmp_path: Path) -> Iterator[RunningArchive]:
     """`local_archive` with access control open: these tests are about UPS-RS, not about authentication."""
     settings = Settings(data_dir=tmp_path, max_instance_size=64 << 20, insecure_open=True)
-    thread, running = start_archive(
-        settings, database_url, LocalBlobStore(tmp_path / "blobs"), LocalBlobStore(tmp_path / "blobs")
-    )
-    try:
+    with local_store_archive(settings, database_url, tmp_path) as running:
         yield running
-    finally:
-        thread.stop()
 
 
 __all__ = ["code", "performed", "ups_archive", "workitem"]
