@@ -94,7 +94,7 @@ SEND_BATCH = 4
 
 
 def _wait_for_the_wire(assoc: Any) -> None:
-    """Let the DUL thread send what is queued before the next match is made.
+    """Let the DUL thread send what is queued before the next batch of matches is made.
 
     pynetdicom's DUL reads from the peer only when it has nothing queued to send: matches produced faster
     than they go out would keep a C-CANCEL unread until the last one was sent (and hold every encoded

@@ -12,6 +12,7 @@ The shared INGEST_LOCK taken first orders each batch against tag additions (see 
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -139,7 +140,8 @@ def _series_conflict(r: InstanceRecord) -> IndexResult:
 _ROWS_PER_STATEMENT = 500
 
 
-def _insert_sql(patients: int, study_patients: Sequence[int], series: int) -> str:
+@functools.lru_cache(maxsize=256)
+def _insert_sql(patients: int, study_patients: tuple[int, ...], series: int) -> str:
     """The statement that upserts a batch's patients, studies and series (in UID order, the lock order) and
     inserts its instances with their QIDO members. Parameters: $1 the partition; per patient its ID and
     issuer; per study (`study_patients`: the index of each one's patient) its UID, attrs and typed columns;
@@ -234,7 +236,7 @@ async def _insert(
     patients = sorted({patient_identity(r.attrs) for r in study_rep.values()})
     studies, series = sorted(study_rep), sorted(series_rep)
     patient_index = {ident: j for j, ident in enumerate(patients)}
-    study_patients = [patient_index[patient_identity(study_rep[uid].attrs)] for uid in studies]
+    study_patients = tuple(patient_index[patient_identity(study_rep[uid].attrs)] for uid in studies)
     args: list[object] = [partition_key]
     for ident in patients:
         args.extend(ident)
@@ -272,12 +274,15 @@ async def _insert(
     study_keys = {row["uid"]: row["key"] for row in written if row["level"] == 0}
     series_keys = {row["uid"]: row["key"] for row in written if row["level"] == 1}
     keys = {row["uid"]: row["key"] for row in written if row["level"] == 2}
+    # a study or series of this batch is left empty only when one of its instances was not inserted
+    prune = False
     for i in pending:
         r = records[i]
         if r.series_instance_uid not in series_keys:  # bound to another study by a concurrent batch
-            results[i] = _series_conflict(r)
+            results[i], prune = _series_conflict(r), True
         elif (key := keys.get(r.sop_instance_uid)) is None:  # a concurrent batch stored it first
             results[i] = IndexResult(Outcome.ALREADY_STORED, reason="the instance is already stored")
+            prune = True
         else:
             results[i] = IndexResult(Outcome.CREATED, instance_key=key)
     if keys and tagged and (tags := await indexing_tags(conn)):
@@ -287,8 +292,6 @@ async def _insert(
             if (key := keys.get(records[i].sop_instance_uid))
         ]
         await _index_extended(conn, tags, instances, keys, study_rep, study_keys, series_rep, series_keys)
-    # a study or series of this batch is left empty only when one of its instances was not inserted
-    prune = any(results[i].outcome is not Outcome.CREATED for i in pending)  # type: ignore[union-attr]
     await refresh_counters(
         conn, sorted(set(study_keys.values())), sorted(set(series_keys.values())), prune=prune
     )
