@@ -190,7 +190,9 @@ def _prepare_group(
             prepared = prepare(item.fp)
         except InvalidInstanceError as exc:
             outcome.failure, outcome.message = FailureReason.INVALID_INSTANCE, str(exc)
-            outcome.does_not_match = isinstance(exc, NonConformantInstanceError)
+            if isinstance(exc, NonConformantInstanceError):
+                outcome.does_not_match = True
+                outcome.sop_class_uid, outcome.sop_instance_uid = exc.sop_class_uid, exc.sop_instance_uid
             continue
         except Exception as exc:  # a bug or an unexpected fault fails this part, never the request
             outcome.failure = FailureReason.PROCESSING_FAILURE

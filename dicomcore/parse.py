@@ -46,7 +46,17 @@ class InvalidInstanceError(ValueError):
 
 class NonConformantInstanceError(InvalidInstanceError):
     """The object parses, but lacks a required attribute or holds an invalid UID: it does not match its SOP
-    class (DIMSE's 0xA900, where an unparseable object is 0xC000)."""
+    class (DIMSE's 0xA900, where an unparseable object is 0xC000).
+
+    Its SOP Class and Instance UIDs, where those are present and valid, so that a refusal can name the
+    instance it refuses (STOW-RS's Failed SOP Sequence item)."""
+
+    def __init__(
+        self, message: str, *, sop_class_uid: str | None = None, sop_instance_uid: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
 
 
 # The bulk data index (ParsedInstance.bulk, stored as instance.bulk_index: orjson [[path, offset, length,
@@ -143,19 +153,22 @@ def _describe(
     empty for deflated objects, whose offsets are not the stored bytes'."""
     if pixel:
         bulk.extend(_frame_refs(pixel, attrs, bulk, fp))
-    uids = {}
+    uids: dict[str, str] = {}  # the valid ones
+    problems: list[str] = []
     for name, key in REQUIRED_UIDS:
         entry = attrs.get(key) or {}
         values = entry.get("Value") or []
-        value = values[0] if values else None
+        value = values[0].strip("\x00 ") if values and values[0] else None
         if not value:
-            raise NonConformantInstanceError(
-                f"required attribute {name} ({key[:4]},{key[4:]}) is missing or empty"
-            )
-        value = value.strip("\x00 ")
-        if not _valid_uid(value):
-            raise NonConformantInstanceError(f"{name} {value!r} is not a valid UID")
-        uids[name] = value
+            problems.append(f"required attribute {name} ({key[:4]},{key[4:]}) is missing or empty")
+        elif not _valid_uid(value):
+            problems.append(f"{name} {value!r} is not a valid UID")
+        else:
+            uids[name] = value
+    if problems:
+        raise NonConformantInstanceError(
+            problems[0], sop_class_uid=uids.get("SOPClassUID"), sop_instance_uid=uids.get("SOPInstanceUID")
+        )
     return ParsedInstance(
         study_instance_uid=uids["StudyInstanceUID"],
         series_instance_uid=uids["SeriesInstanceUID"],

@@ -161,11 +161,22 @@ async def test_bad_input(client: httpx.AsyncClient, archive: RunningArchive) -> 
     body, ct = multipart_body(files)
     r = await client.post("/studies", content=body[: len(body) // 2], headers={"Content-Type": ct})
     assert r.status_code == 400
-    # missing UID
+    # missing UID: refused, and the failure names the instance (its SOP UIDs are there and valid)
     ds = pydicom.dcmread(io.BytesIO(files[0]))
     del ds.SeriesInstanceUID
     r = await client.post("/studies", content=to_bytes(ds), headers={"Content-Type": "application/dicom"})
     assert r.status_code == 409
+    (failed,) = seq_items(r.json(), "00081198")
+    assert failed["00081197"]["Value"] == [43264]
+    assert failed["00081150"]["Value"] == [ds.SOPClassUID]
+    assert failed["00081155"]["Value"] == [ds.SOPInstanceUID]
+    # an invalid SOP Instance UID is not echoed as if it named an instance
+    ds = pydicom.dcmread(io.BytesIO(files[0]))
+    ds.SOPInstanceUID = "1.2.abc"
+    r = await client.post("/studies", content=to_bytes(ds), headers={"Content-Type": "application/dicom"})
+    assert r.status_code == 409
+    (failed,) = seq_items(r.json(), "00081198")
+    assert failed["00081150"]["Value"] == [ds.SOPClassUID] and "00081155" not in failed
     # bad UID in the path
     r = await client.get("/studies/1.2.abc")
     assert r.status_code == 400
