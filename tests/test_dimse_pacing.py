@@ -1,18 +1,21 @@
-"""dimse/pacing.py: associations poll quickly while messages flow and at pynetdicom's pace when idle."""
+"""dimse/pacing.py: association threads wake when there is something to read or send, and clean up after."""
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections.abc import Iterator
 
 import pynetdicom.association
+import pynetdicom.dul
 import pytest
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from bench.common import free_port
 from dimse import pacing
-from dimse.pacing import BUSY_DELAY, IDLE_DELAY, ResponsiveDUL, make_responsive
+from dimse.pacing import ResponsiveDUL, make_responsive
 
 VERIFICATION = "1.2.840.10008.1.1"
 
@@ -33,43 +36,80 @@ def echo_server() -> Iterator[tuple[ThreadedAssociationServer, int]]:
         server.shutdown()
 
 
-def test_an_accepted_association_keeps_pace_with_its_traffic(
-    echo_server: tuple[ThreadedAssociationServer, int], monkeypatch: pytest.MonkeyPatch
+def test_responsive_associations_work_and_close_their_pipes(
+    echo_server: tuple[ThreadedAssociationServer, int],
 ) -> None:
     server, port = echo_server
-    monkeypatch.setattr(pacing, "BUSY_WINDOW", 0.2)
     requestor = AE(ae_title="CALLER")
     requestor.add_requested_context(VERIFICATION)
     assoc = requestor.associate("127.0.0.1", port, ae_title="PACED")
     assert assoc.is_established
-    try:
-        make_responsive(assoc)  # the requestor side too, as dimse.scu does
-        assert isinstance(assoc.dul, ResponsiveDUL)
-        (accepted,) = server.active_associations
-        dul = accepted.dul
-        assert isinstance(dul, ResponsiveDUL)
+    make_responsive(assoc)  # the requestor side too, after it started, as dimse.scu does
+    assert isinstance(assoc.dul, ResponsiveDUL)
+    (accepted,) = server.active_associations
+    dul = accepted.dul
+    assert isinstance(dul, ResponsiveDUL)
+    pipe = dul._wake_pipe
+    assert pipe.r >= 0 and pipe.w >= 0
+    for _ in range(50):
         assert assoc.send_c_echo().Status == 0x0000
-        assert dul._run_loop_delay == BUSY_DELAY
-        time.sleep(0.3)  # quiet for longer than the window: back to pynetdicom's own pause
-        assert dul._run_loop_delay == IDLE_DELAY
-        assert assoc.dul._run_loop_delay == IDLE_DELAY
-        dul._run_loop_delay = 0.5  # pynetdicom's assignment is ignored: the pace is the traffic's
-        assert dul._run_loop_delay == IDLE_DELAY
-        for _ in range(20):  # and the association still works after idling
-            assert assoc.send_c_echo().Status == 0x0000
-        assert dul._run_loop_delay == BUSY_DELAY
-    finally:
-        assoc.release()
+    assoc.release()
     assert assoc.is_released
+    dul.join(10)  # the accepted association's DUL thread ends, and closes its pipe as it does
+    assert not dul.is_alive()
+    assert (pipe.r, pipe.w) == (-1, -1)
+    pipe.wake()  # a late wake-up writes nowhere: the numbers may belong to someone else by now
 
 
-def test_the_reactor_clock_changes_only_the_reactors_sleep() -> None:
-    pacing._install_reactor_clock()  # what make_responsive does first
-    pacing._install_reactor_clock()  # once is enough: a second call changes nothing
-    clock = pynetdicom.association.time
-    assert clock.sleep is pacing._reactor_sleep
-    assert clock.monotonic is time.monotonic
-    assert clock.perf_counter is time.perf_counter
+def test_the_pause_ends_on_a_wake_up_or_on_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the idle pause made long, the pause still ends as soon as a PDU is queued or data arrives."""
+    monkeypatch.setattr(pacing, "IDLE_DELAY", 5.0)
+    dul = ResponsiveDUL.__new__(ResponsiveDUL)  # the pause needs only its pipe and socket
+    dul._wake_pipe = pacing._WakePipe()
+    ours, theirs = socket.socketpair()
+    dul.socket = type("Sock", (), {"socket": ours})()  # as pynetdicom's AssociationSocket holds it
+    try:
+        for trigger in (dul._wake_pipe.wake, lambda: theirs.send(b"x")):
+            timer = threading.Timer(0.05, trigger)
+            began = time.monotonic()
+            timer.start()
+            dul._pause()
+            assert time.monotonic() - began < 2.5
+            timer.join()
+        ours.recv(1)
+        dul._wake_pipe.close()  # without a pipe or a socket it is a plain short sleep
+        dul.socket = None
+        began = time.monotonic()
+        monkeypatch.setattr(pacing, "IDLE_DELAY", 0.01)
+        dul._pause()
+        assert time.monotonic() - began < 2.5
+    finally:
+        ours.close()
+        theirs.close()
+        dul._wake_pipe.close()
+
+
+def test_the_clocks_change_only_the_paces_sleeps() -> None:
+    pacing._install_clocks()  # what make_responsive does first
+    pacing._install_clocks()  # once is enough: a second call changes nothing
+    paces = ((pynetdicom.association, pacing._reactor_sleep), (pynetdicom.dul, pacing._dul_sleep))
+    for module, sleep in paces:
+        clock = module.time
+        assert clock.sleep is sleep
+        assert clock.monotonic is time.monotonic
+        assert clock.perf_counter is time.perf_counter
     began = time.monotonic()
     pacing._reactor_sleep(0.02)  # any other thread, any other duration: the real sleep
-    assert time.monotonic() - began >= 0.02
+    pacing._dul_sleep(0.02)
+    assert time.monotonic() - began >= 0.04
+
+
+def test_a_pipe_closes_once() -> None:
+    pipe = pacing._WakePipe()
+    pipe.wake()
+    pipe.drain()
+    pipe.close()
+    assert (pipe.r, pipe.w) == (-1, -1)
+    pipe.close()  # a second close (the finalizer after the thread's end) closes nothing
+    pipe.wake()
+    pipe.drain()
