@@ -43,9 +43,11 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from dimse import command_sets
 from dimse.pacing import make_responsive
 
 log = logging.getLogger(__name__)
+command_sets.install()  # the archive's own associations encode command sets directly too
 
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 # the transfer syntaxes a C-GET accepts objects in, each in a context of its own (see storage_contexts)

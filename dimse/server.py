@@ -25,7 +25,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dimse import raw_identifiers, services
+from dimse import command_sets, raw_identifiers, services
 from dimse.aes import get_ae, host_matches
 from dimse.commitment_delivery import CommitmentReports
 from dimse.gateway import Gateway, Peer, open_peer
@@ -48,8 +48,10 @@ _config.LOG_HANDLER_LEVEL = "none"
 # formatting runs even when the level is off): a C-FIND paid it per match.
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
-# C-FIND matches built already encoded go out as they are (dimse.raw_identifiers)
+# C-FIND matches built already encoded go out as they are (dimse.raw_identifiers), and command sets are
+# laid out without pydicom's writer (dimse.command_sets)
 raw_identifiers.install()
+command_sets.install()
 
 # Rejection reasons of A-ASSOCIATE-RJ (PS3.8 Table 9-21): result 1 (permanent), source 1 (service user)
 _CALLING_NOT_RECOGNISED = "calling"
