@@ -43,11 +43,14 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from dimse import command_sets
+from dimse import command_sets, file_meta
 from dimse.pacing import make_responsive
 
 log = logging.getLogger(__name__)
-command_sets.install()  # the archive's own associations encode command sets directly too
+# the archive's own associations encode command sets directly too, and a C-GET's objects arrive in files
+# whose meta information is laid out directly
+command_sets.install()
+file_meta.install()
 
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 # the transfer syntaxes a C-GET accepts objects in, each in a context of its own (see storage_contexts)
