@@ -24,6 +24,8 @@ import contextlib
 import logging
 import tempfile
 import threading
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
@@ -50,6 +52,10 @@ METHODS = ("C-MOVE", "C-GET")
 MAX_ERRORS = 100  # failure details kept in the operation's results
 MOVE_PARALLEL = 4  # C-MOVE requests in flight at once for a study (see _move_split)
 MOVE_SPLIT_MIN = 32  # studies missing fewer instances are moved by one request
+# The next study's listing is made while a study is retrieved (see _list_ahead); kept at most this long
+# (a step retried later lists again) and for this many studies of all operations at once.
+LIST_AHEAD_FRESH = 60.0
+LIST_AHEAD_MAX = 16
 _START: dict[str, Any] = {
     "studies": None, "index": 0, "studiesDone": 0, "instancesStored": 0, "instancesSkipped": 0,
     "failures": 0, "bytes": 0, "errors": [], **retrying.RETRY_FIELDS,
@@ -226,6 +232,8 @@ class AcquireHandler:
         self.pool = pool
         self.store = store
         self.settings = settings
+        # listings made ahead, by operation and study: when started, and the listing
+        self._ahead: dict[tuple[uuid.UUID, str], tuple[float, asyncio.Future[list[Listed]]]] = {}
 
     async def step(self, conn: asyncpg.Connection, op: Operation) -> Step:
         cp: dict[str, Any] = {**_START, **(op.checkpoint or {})}
@@ -281,7 +289,8 @@ class AcquireHandler:
         partition, method = int(op.params["partition"]), op.params["method"]
         study = cp["studies"][cp["index"]]
         before = await held_instances(conn, partition, study)
-        listing = await in_thread(lambda assocs: self._list(assocs, peer, study))
+        listing = await self._listing(op, peer, study)
+        self._list_ahead(op, peer, cp)
         missing = [item for item in listing if item.sop not in before]
         reasons: dict[str, str] = {}
         if missing:
@@ -336,6 +345,30 @@ class AcquireHandler:
             log.info("C-MOVE by UID lists refused by %s (%s): moving series by series", peer, exc)
         now = await held_instances(conn, partition, study)
         return [item for item in missing if item.sop not in now]
+
+    async def _listing(self, op: Operation, peer: scu.Peer, study: str) -> list[Listed]:
+        """What the source holds of `study`: the listing made ahead while the previous study was retrieved
+        when there is a fresh one that succeeded, otherwise one made now (whose failure is the step's)."""
+        made = self._ahead.pop((op.id, study), None)
+        if made is not None and time.monotonic() - made[0] < LIST_AHEAD_FRESH:
+            with contextlib.suppress(Exception):
+                return await made[1]
+        return await in_thread(lambda assocs: self._list(assocs, peer, study))
+
+    def _list_ahead(self, op: Operation, peer: scu.Peer, cp: dict[str, Any]) -> None:
+        """Start listing the operation's next study, so that its step need not wait for the source's
+        SERIES- and IMAGE-level C-FINDs (about a fifth of a 100-instance study's time from Orthanc)."""
+        following = cp["index"] + 1
+        if following >= len(cp["studies"]):
+            return
+        study = cp["studies"][following]
+        while len(self._ahead) >= LIST_AHEAD_MAX:  # oldest first: a stopped operation's are never taken
+            self._ahead.pop(next(iter(self._ahead)))[1].cancel()
+        if (earlier := self._ahead.pop((op.id, study), None)) is not None:  # a retried step lists anew
+            earlier[1].cancel()
+        task = asyncio.ensure_future(in_thread(lambda assocs: self._list(assocs, peer, study)))
+        task.add_done_callback(lambda f: f.cancelled() or f.exception())  # an unused failure is no error
+        self._ahead[(op.id, study)] = (time.monotonic(), task)
 
     def _list(self, assocs: _Associations, peer: scu.Peer, study: str) -> list[Listed]:
         """What the source holds of a study: SERIES level, then IMAGE level per series (Study Root's

@@ -423,3 +423,48 @@ async def test_c_get_and_send_on_s3_storage(
     finally:
         thread.stop()
         await test_store.close()
+
+
+async def test_the_next_study_is_listed_while_one_is_retrieved(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step takes the listing made ahead when it is fresh and succeeded, and lists anew otherwise."""
+    from dimse import acquire as acquire_module
+    from dimse.acquire import AcquireHandler
+    from indexer.operations import Operation
+
+    handler = AcquireHandler(None, None, ScuSettings("ARCHIVE"))  # type: ignore[arg-type]
+    calls: list[str] = []
+    failing: set[str] = set()
+
+    def listing(assocs: object, peer: scu.Peer, study: str) -> list[Listed]:
+        calls.append(study)
+        if study in failing:
+            raise scu.PeerUnavailable("gone")
+        return [Listed("1.9", f"{study}.1", "1.2.840.10008.5.1.4.1.1.2")]
+
+    monkeypatch.setattr(handler, "_list", listing)
+    now = time.time()
+    op = Operation(uuid.uuid4(), "acquire", "running", {}, None, 0, [], {}, now, now)  # type: ignore[arg-type]
+    peer = scu.Peer("PACS", "127.0.0.1", 104)
+    studies = ["1.1", "1.2", "1.3", "1.4"]
+    handler._list_ahead(op, peer, {"index": 0, "studies": studies})
+    assert await handler._listing(op, peer, "1.2") == [Listed("1.9", "1.2.1", "1.2.840.10008.5.1.4.1.1.2")]
+    assert calls == ["1.2"]  # made ahead, not again
+    failing.add("1.3")
+    handler._list_ahead(op, peer, {"index": 1, "studies": studies})
+    with pytest.raises(
+        scu.PeerUnavailable
+    ):  # the one made ahead failed: listed again, that failure is the step's
+        await handler._listing(op, peer, "1.3")
+    assert calls == ["1.2", "1.3", "1.3"]
+    monkeypatch.setattr(acquire_module, "LIST_AHEAD_FRESH", 0.0)
+    handler._list_ahead(op, peer, {"index": 2, "studies": studies})
+    await asyncio.sleep(0.05)
+    assert await handler._listing(op, peer, "1.4") == [Listed("1.9", "1.4.1", "1.2.840.10008.5.1.4.1.1.2")]
+    assert calls == ["1.2", "1.3", "1.3", "1.4", "1.4"]  # too old: listed again
+    handler._list_ahead(op, peer, {"index": 3, "studies": studies})  # the last study: nothing follows
+    assert handler._ahead == {}
+    monkeypatch.setattr(acquire_module, "LIST_AHEAD_MAX", 2)
+    for n in range(4):  # a bounded number of listings made ahead, the oldest dropped
+        handler._list_ahead(op, peer, {"index": 0, "studies": ["2.0", f"2.{n + 1}"]})
+    assert [study for _, study in handler._ahead] == ["2.3", "2.4"]
+    await asyncio.gather(*(task for _, task in handler._ahead.values()), return_exceptions=True)
