@@ -107,7 +107,7 @@ def _wait_for_the_wire(assoc: Any) -> None:
     time.sleep(READ_PASS)
 
 
-READ_PASS = 0.0004  # a few DUL passes at its busy pace (dimse.pacing)
+READ_PASS = 0.0004  # time for the DUL's next pass, which reads when nothing is left to send (dimse.pacing)
 
 
 class _Cancel:
