@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import pixel_array
@@ -267,8 +267,13 @@ def _item(value: bytes) -> bytes:
 )
 def test_fragment_grouping(frames: list[tuple[bytes, int]], bot: str, marker: bytes) -> None:
     """Frames split into 1-3 fragments each, with an empty, correct or wrong Basic Offset Table: the table
-    recovers every frame exactly when it can, and never returns a wrong grouping."""
+    recovers every frame exactly when it can, and never returns a wrong grouping.
+
+    A codestream holds its start marker only at its start (JPEG stuffs a zero after every FF in entropy-coded
+    data; JPEG 2000's SOC and SIZ begin the main header only), so bodies that contain it are not frames: a
+    fragment starting there would start a frame as far as any reader can tell (hypothesis found one)."""
     payloads = [marker + body + (b"\x00" if len(body) % 2 else b"") for body, _ in frames]
+    assume(not any(marker in payload[1:] for payload in payloads))
     items: list[bytes] = []
     offsets = []
     position = 0
