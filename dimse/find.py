@@ -46,6 +46,7 @@ from dimse.identifiers import (
     read_identifier,
     response_identifier,
 )
+from dimse.pacing import wait_until_idle
 from dimse.storescp import peer_of, response
 from indexer.extended_tags import ExtendedTag, query_tags
 from indexer.qido import QidoPage, QidoQuery, QueryError, parse_query, search_page
@@ -94,11 +95,16 @@ SEND_BATCH = 4
 
 
 def _wait_for_the_wire(assoc: Any) -> None:
-    """Let the DUL thread send what is queued before the next batch of matches is made.
+    """Let the DUL thread send what is queued, and read what the peer sent, before the next batch of
+    matches is made.
 
     pynetdicom's DUL reads from the peer only when it has nothing queued to send: matches produced faster
     than they go out would keep a C-CANCEL unread until the last one was sent (and hold every encoded
-    response in memory when the peer reads slowly). Waiting here is the back-pressure."""
+    response in memory when the peer reads slowly). Waiting here is the back-pressure. The archive's own
+    associations say exactly when that is (dimse.pacing.wait_until_idle); another association is given
+    time for a pass after its queue empties."""
+    if wait_until_idle(assoc, WIRE_TIMEOUT):
+        return
     dul = getattr(assoc, "dul", None)
     queue = getattr(dul, "to_provider_queue", None)
     while queue is not None and queue.qsize() and assoc.is_established:
@@ -107,7 +113,8 @@ def _wait_for_the_wire(assoc: Any) -> None:
     time.sleep(READ_PASS)
 
 
-READ_PASS = 0.0004  # time for the DUL's next pass, which reads when nothing is left to send (dimse.pacing)
+READ_PASS = 0.0004  # time for the DUL's next pass, which reads when nothing is left to send
+WIRE_TIMEOUT = 1.0  # longer (a peer reading slowly): watch the queue as for other DULs
 
 
 class _Cancel:

@@ -73,6 +73,8 @@ class ResponsiveDUL(DULServiceProvider):
     """A DUL whose pause ends when the peer sends or the local side queues (see the module docstring)."""
 
     _wake_pipe: _WakePipe
+    # set while the thread pauses: everything queued is sent, and what the peer had sent is read
+    _idle: threading.Event
 
     def run(self) -> None:
         """The thread's body when the DUL became responsive before it started (an accepted association):
@@ -80,10 +82,15 @@ class ResponsiveDUL(DULServiceProvider):
         try:
             super().run()
         finally:
+            self._idle.set()  # nothing more will be sent: nobody waits for it
             self._wake_pipe.close()
 
     def _pause(self) -> None:
-        """The DUL thread's idle pause: until the socket is readable, a PDU is queued, or IDLE_DELAY."""
+        """The DUL thread's idle pause: until the socket is readable, a PDU is queued, or IDLE_DELAY.
+
+        pynetdicom pauses only after a pass that had nothing to send and read nothing, which is what
+        `wait_until_idle` waits for."""
+        self._idle.set()
         pipe = self._wake_pipe
         waits: list[Any] = [pipe.r] if pipe.r >= 0 else []
         sock = getattr(self.socket, "socket", None)
@@ -100,12 +107,21 @@ class ResponsiveDUL(DULServiceProvider):
             pipe.drain()
 
     def send_pdu(self, primitive: Any) -> None:
+        self._idle.clear()
         super().send_pdu(primitive)
         self._wake_pipe.wake()
 
     def kill_dul(self) -> None:
         super().kill_dul()
         self._wake_pipe.wake()
+
+
+def wait_until_idle(assoc: Association, timeout: float) -> bool:
+    """Wait until the association's DUL thread has sent everything queued and then looked for what the
+    peer sent (a C-CANCEL, say): True then; False on timeout, or for a DUL that is not responsive (the
+    caller paces itself)."""
+    dul = assoc.dul
+    return isinstance(dul, ResponsiveDUL) and dul._idle.wait(timeout)
 
 
 def _dul_sleep(seconds: float) -> None:
@@ -159,5 +175,6 @@ def make_responsive(assoc: Association) -> None:
     if type(dul) is DULServiceProvider:
         pipe = _WakePipe()
         dul._wake_pipe = pipe  # type: ignore[attr-defined]
+        dul._idle = threading.Event()  # type: ignore[attr-defined]
         weakref.finalize(dul, pipe.close)
         dul.__class__ = ResponsiveDUL

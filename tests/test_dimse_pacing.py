@@ -66,6 +66,7 @@ def test_the_pause_ends_on_a_wake_up_or_on_data(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(pacing, "IDLE_DELAY", 5.0)
     dul = ResponsiveDUL.__new__(ResponsiveDUL)  # the pause needs only its pipe and socket
     dul._wake_pipe = pacing._WakePipe()
+    dul._idle = threading.Event()
     ours, theirs = socket.socketpair()
     dul.socket = type("Sock", (), {"socket": ours})()  # as pynetdicom's AssociationSocket holds it
     try:
@@ -76,6 +77,7 @@ def test_the_pause_ends_on_a_wake_up_or_on_data(monkeypatch: pytest.MonkeyPatch)
             dul._pause()
             assert time.monotonic() - began < 2.5
             timer.join()
+            assert dul._idle.is_set()  # a pause says the DUL had nothing left to send
         ours.recv(1)
         dul._wake_pipe.close()  # without a pipe or a socket it is a plain short sleep
         dul.socket = None
@@ -113,3 +115,29 @@ def test_a_pipe_closes_once() -> None:
     pipe.close()  # a second close (the finalizer after the thread's end) closes nothing
     pipe.wake()
     pipe.drain()
+
+
+def test_waiting_until_the_dul_has_sent_everything(
+    echo_server: tuple[ThreadedAssociationServer, int],
+) -> None:
+    """wait_until_idle returns once the DUL paused after the last queued PDU; False for other DULs."""
+    server, port = echo_server
+    requestor = AE(ae_title="CALLER")
+    requestor.add_requested_context(VERIFICATION)
+    assoc = requestor.associate("127.0.0.1", port, ae_title="PACED")
+    assert assoc.is_established
+    try:
+        assert not pacing.wait_until_idle(assoc, 0.01)  # pynetdicom's own DUL: the caller paces itself
+        (accepted,) = server.active_associations
+        dul = accepted.dul
+        assert pacing.wait_until_idle(accepted, 5)
+        dul._idle.clear()  # as send_pdu does; nothing is queued, so the next pause sets it again
+        dul._wake_pipe.wake()
+        assert pacing.wait_until_idle(accepted, 5)
+        for _ in range(5):
+            assert assoc.send_c_echo().Status == 0x0000
+            assert pacing.wait_until_idle(accepted, 5)
+    finally:
+        assoc.release()
+    dul.join(10)
+    assert pacing.wait_until_idle(accepted, 0.01)  # an ended DUL sends nothing more: nobody waits
