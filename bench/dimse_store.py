@@ -1,12 +1,13 @@
 """C-STORE throughput with DCMTK's storescu: the archive's DIMSE listener beside Orthanc's C-STORE SCP.
 
-    python -m bench.dimse_store [--instances 2000 --associations 1,4 --workers 1] [--no-orthanc]
+    python -m bench.dimse_store [--instances 2000 --associations 1,4] [--workers N] [--no-orthanc]
 
 Writes the synthetic CT instances (bench/synthetic.py, 128x128, ~40 KB) to files once, then for each peer and
 each association count runs that many `storescu` processes at once (one association each, the files split
 between them) and reports instances/s from the first start to the last exit. The archive runs as the README
-starts it (`dicomweb serve`, embedded default, --workers 1 unless given), with --insecure-open so any calling
-AE is accepted; Orthanc 1.10 from Debian (SQLite index, its defaults). Needs `apt-get install dcmtk orthanc`.
+starts it (`dicomweb serve`, embedded default, a worker per core unless --workers), with --insecure-open so
+any calling AE is accepted; Orthanc 1.10 from Debian (SQLite index, its defaults). Needs `apt-get install
+dcmtk orthanc`.
 """
 
 from __future__ import annotations
@@ -104,7 +105,9 @@ def main() -> None:
     )
     parser.add_argument("--instances", type=int, default=2000)
     parser.add_argument("--associations", default="1,4", help="comma-separated association counts (1,4)")
-    parser.add_argument("--workers", type=int, default=1, help="archive server processes (1, the default)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="archive processes (default: the server's, one per core)"
+    )
     parser.add_argument("--no-orthanc", action="store_true", help="measure the archive only")
     parser.add_argument(
         "--null-scp", action="store_true", help="also measure a pynetdicom acceptor that stores nothing"
