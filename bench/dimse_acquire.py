@@ -4,8 +4,8 @@
 
 Loads synthetic CT instances (bench/synthetic.py, 128x128, ~40 KB) into a private Orthanc (Debian's 1.10,
 SQLite index, no plugins) over its REST API, then for each method starts a fresh archive (`dicomweb serve`,
-embedded default, --insecure-open, --workers 1 unless given), registers Orthanc as an AE and times POST
-/acquire of all its studies until GET /operations/{id} says succeeded: instances/s end to end (the C-FIND
+embedded default, --insecure-open, a worker per core unless --workers), registers Orthanc as an AE and times
+POST /acquire of all its studies until GET /operations/{id} says succeeded: instances/s end to end (the C-FIND
 listing, the retrieval, ingest, the operation's steps). After the C-GET run, $send of every study to a
 second, empty Orthanc. Needs `apt-get install orthanc`.
 """
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=500)
     parser.add_argument("--per-study", type=int, default=100)
     parser.add_argument("--methods", default="C-MOVE,C-GET")
-    parser.add_argument("--workers", type=int, default=1, help="archive server processes")
+    parser.add_argument("--workers", type=int, default=None, help="archive processes (default: one per core)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="acquire-bench-") as tmp:
         archive_port = free_port()

@@ -132,7 +132,7 @@ def main() -> None:
     )
     parser.add_argument("--data-dir", type=Path, default=Path("bench/out/qido"))
     parser.add_argument("--rounds", type=int, default=200)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=None, help="archive processes (default: one per core)")
     args = parser.parse_args()
     port = free_port()
     # as bench.qido_search measure: the data set's PostgreSQL, the archive on it as an external database

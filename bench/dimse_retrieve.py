@@ -1,6 +1,6 @@
 """C-GET of a series beside WADO-RS retrieval of the same series, from one archive.
 
-    python -m bench.dimse_retrieve [--instances 500 --rounds 3 --workers 1]
+    python -m bench.dimse_retrieve [--instances 500 --rounds 3] [--workers N]
 
 Stores one series of synthetic CT instances (bench/synthetic.py, 128x128, ~40 KB) through STOW-RS into
 `dicomweb serve` (embedded default, --insecure-open), then retrieves the whole series, each way `--rounds`
@@ -109,7 +109,7 @@ def main() -> None:
     )
     parser.add_argument("--instances", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=None, help="archive processes (default: one per core)")
     parser.add_argument("--orthanc", action="store_true", help="also C-GET the series from Orthanc")
     args = parser.parse_args()
     port = free_port()
