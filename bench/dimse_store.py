@@ -1,6 +1,7 @@
 """C-STORE throughput with DCMTK's storescu: the archive's DIMSE listener beside Orthanc's C-STORE SCP.
 
     python -m bench.dimse_store [--instances 2000 --associations 1,4] [--workers N] [--no-orthanc]
+    python -m bench.dimse_store --no-orthanc --code ../other-checkout   # A/B: that checkout's archive
 
 Writes the synthetic CT instances (bench/synthetic.py, 128x128, ~40 KB) to files once, then for each peer and
 each association count runs that many `storescu` processes at once (one association each, the files split
@@ -110,6 +111,9 @@ def main() -> None:
     )
     parser.add_argument("--no-orthanc", action="store_true", help="measure the archive only")
     parser.add_argument(
+        "--code", type=Path, help="run another checkout's archive (A/B runs, interleaved with this one's)"
+    )
+    parser.add_argument(
         "--null-scp", action="store_true", help="also measure a pynetdicom acceptor that stores nothing"
     )
     parser.add_argument("--serve-null", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -129,7 +133,7 @@ def main() -> None:
             # a fresh archive per run: every run stores new instances into an empty index
             port = free_port()
             extra = ["--dimse-port", str(port)]
-            with embedded_archive(workers=args.workers, extra_args=extra):
+            with embedded_archive(workers=args.workers, extra_args=extra, code=args.code):
                 rate = storescu(files, port, "DICOMWEB", n)
             results.setdefault("archive", {})[n] = rate
             print(f"archive, {n} association(s): {rate:,.0f} instances/s", flush=True)
