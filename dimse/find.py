@@ -46,7 +46,7 @@ from dimse.identifiers import (
     read_identifier,
     response_identifier,
 )
-from dimse.pacing import wait_until_idle
+from dimse.pacing import ResponsiveDUL, wait_until_idle
 from dimse.storescp import peer_of, response
 from indexer.extended_tags import ExtendedTag, query_tags
 from indexer.qido import QidoPage, QidoQuery, QueryError, parse_query, search_page
@@ -100,21 +100,13 @@ def _wait_for_the_wire(assoc: Any) -> None:
 
     pynetdicom's DUL reads from the peer only when it has nothing queued to send: matches produced faster
     than they go out would keep a C-CANCEL unread until the last one was sent (and hold every encoded
-    response in memory when the peer reads slowly). Waiting here is the back-pressure. The archive's own
-    associations say exactly when that is (dimse.pacing.wait_until_idle); another association is given
-    time for a pass after its queue empties."""
-    if wait_until_idle(assoc, WIRE_TIMEOUT):
-        return
-    dul = getattr(assoc, "dul", None)
-    queue = getattr(dul, "to_provider_queue", None)
-    while queue is not None and queue.qsize() and assoc.is_established:
-        time.sleep(0.0002)
-    # the last one is being sent now; the DUL's next pass, with nothing to send, reads from the peer
-    time.sleep(READ_PASS)
-
-
-READ_PASS = 0.0004  # time for the DUL's next pass, which reads when nothing is left to send
-WIRE_TIMEOUT = 1.0  # longer (a peer reading slowly): watch the queue as for other DULs
+    response in memory when the peer reads slowly). Waiting here is the back-pressure. Every association
+    of the listener is responsive (dimse/server.py), so its DUL says exactly when that is
+    (dimse.pacing.wait_until_idle); a peer that reads slowly is waited for as long as the association
+    lasts."""
+    while not wait_until_idle(assoc, 1.0):
+        if not assoc.is_established or not isinstance(assoc.dul, ResponsiveDUL):
+            return
 
 
 class _Cancel:

@@ -11,6 +11,7 @@ import pynetdicom.association
 import pynetdicom.dul
 import pytest
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 
 from bench.common import free_port
@@ -37,15 +38,22 @@ def echo_server() -> Iterator[tuple[ThreadedAssociationServer, int]]:
         server.shutdown()
 
 
-def test_responsive_associations_work_and_close_their_pipes(
-    echo_server: tuple[ThreadedAssociationServer, int],
-) -> None:
-    server, port = echo_server
+def _caller(port: int) -> Association:
+    """An established requestor association to the echo server, its reactor kept off the message queue as
+    dimse.scu's are (pynetdicom's reactor may otherwise take a fast response meant for the sender)."""
     requestor = AE(ae_title="CALLER")
     requestor.add_requested_context(VERIFICATION)
     assoc = requestor.associate("127.0.0.1", port, ae_title="PACED")
     assert assoc.is_established
-    keep_reactor_off_queue(assoc)  # pynetdicom's reactor race on a requestor, as dimse.scu avoids it
+    keep_reactor_off_queue(assoc)
+    return assoc
+
+
+def test_responsive_associations_work_and_close_their_pipes(
+    echo_server: tuple[ThreadedAssociationServer, int],
+) -> None:
+    server, port = echo_server
+    assoc = _caller(port)
     make_responsive(assoc)  # the requestor side too, after it started, as dimse.scu does
     assert isinstance(assoc.dul, ResponsiveDUL)
     (accepted,) = server.active_associations
@@ -124,11 +132,7 @@ def test_waiting_until_the_dul_has_sent_everything(
 ) -> None:
     """wait_until_idle returns once the DUL paused after the last queued PDU; False for other DULs."""
     server, port = echo_server
-    requestor = AE(ae_title="CALLER")
-    requestor.add_requested_context(VERIFICATION)
-    assoc = requestor.associate("127.0.0.1", port, ae_title="PACED")
-    assert assoc.is_established
-    keep_reactor_off_queue(assoc)
+    assoc = _caller(port)
     try:
         assert not pacing.wait_until_idle(assoc, 0.01)  # pynetdicom's own DUL: the caller paces itself
         (accepted,) = server.active_associations
