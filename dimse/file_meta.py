@@ -11,6 +11,7 @@ which refuses it as before.
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any, BinaryIO, NamedTuple
 
@@ -18,6 +19,9 @@ import pynetdicom.dimse_messages
 from pydicom.filewriter import write_file_meta_info as pydicom_write_file_meta_info
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dsutils import create_file_meta as pynetdicom_create_file_meta
+
+# a value pydicom writes unchanged: printable ASCII without spaces or value separators, at most 64 chars
+_PLAIN = re.compile(r"[\x21-\x5B\x5D-\x7E]{1,64}")
 
 
 class ReceivedMeta(NamedTuple):
@@ -50,8 +54,8 @@ def encode(meta: ReceivedMeta) -> bytes | None:
     if not (meta.sop_class_uid and meta.sop_instance_uid and meta.transfer_syntax):
         return None  # pydicom refuses a group without them
     values = (*meta, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION)
-    if not all(str(v).isascii() and len(str(v)) <= 64 for v in values):
-        return None
+    if not all(_PLAIN.fullmatch(str(v)) for v in values):
+        return None  # pydicom strips spaces and NULs, refuses what is then empty, and warns
     group = b"".join(
         (
             _element(0x00020001, b"OB", b"\x00\x01"),

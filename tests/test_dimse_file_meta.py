@@ -13,9 +13,11 @@ from pynetdicom.dsutils import create_file_meta
 from dimse import file_meta
 
 UIDS = st.from_regex(r"[1-9][0-9]{0,5}(\.[0-9]{1,8}){0,7}", fullmatch=True)
-# what a peer may put in a command set: UIDs, odd lengths, oversized or non-ASCII garbage
+# what a peer may put in a command set: UIDs, odd lengths, padding pydicom strips, non-ASCII garbage
+PADDING = st.sampled_from(["", " ", "  ", "\x00", "\\", "\t"])
 VALUES = (
     UIDS
+    | st.tuples(PADDING, UIDS | st.just(""), PADDING).map("".join)
     | st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=70)
     | st.text(max_size=8)
 )
