@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, iter_pixels, pixel_array
 
 from dicomcore.decoding import decode_as_reference
+from dicomcore.framing import read_file
 from dicomcore.uids import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
@@ -177,7 +178,7 @@ def load(fp: BinaryIO) -> tuple[Dataset, Dataset | None]:
             return header, None
     fp.seek(0)
     try:
-        ds = pydicom.dcmread(fp)
+        ds = read_file(fp, None)  # pydicom's dcmread result, framed several times faster
     except Exception as exc:  # pydicom raises many kinds for damaged objects
         raise UndecodableError(f"cannot parse the stored object: {exc}") from exc
     return ds, ds
