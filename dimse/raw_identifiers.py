@@ -59,6 +59,8 @@ def text_values(vr: str, element: Mapping[str, Any] | None) -> list[str] | None:
                 value.get("Ideographic") or "",
                 value.get("Phonetic") or "",
             ]
+            if any("=" in group for group in groups):
+                return None  # a group holding the group delimiter: pydicom decides what it means
             while groups and not groups[-1]:
                 groups.pop()
             out.append("=".join(groups))

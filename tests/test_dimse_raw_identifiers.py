@@ -74,7 +74,8 @@ def both(req: FindRequest, result: dict, implicit: bool) -> tuple[bytes | None, 
 )
 def test_the_same_bytes_as_pydicom(keys: list[str], result: dict, implicit: bool) -> None:
     got, expected, fast = both(request(keys), result, implicit)
-    assert isinstance(fast, EncodedIdentifier)
+    # a PN group holding "=" (never so in stored metadata, which splits groups at it) is pydicom's to encode
+    assert isinstance(fast, EncodedIdentifier) or "=" in repr(result)
     assert got == expected
 
 
@@ -84,6 +85,7 @@ def test_the_same_bytes_as_pydicom(keys: list[str], result: dict, implicit: bool
         ("PatientWeight", {"vr": "DS", "Value": [70.5]}),  # decimal strings: pydicom formats them
         ("OtherPatientIDsSequence", {"vr": "SQ", "Value": [{"00100020": {"vr": "LO", "Value": ["X"]}}]}),
         ("NumberOfStudyRelatedInstances", {"vr": "IS", "Value": ["12"]}),  # IS given as a string
+        ("ReferringPhysicianName", {"vr": "PN", "Value": [{"Alphabetic": "="}]}),  # pydicom writes it empty
     ],
 )
 def test_other_values_take_pydicoms_path(keyword: str, value: dict) -> None:
