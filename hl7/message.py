@@ -195,6 +195,8 @@ def parse(raw: bytes, read: Callable[[Header], Collection[str] | None] | None = 
         raise HL7Error(AR, SEGMENT_SEQUENCE_ERROR, "the message does not start with an MSH segment", "MSH")
     _check_header(header)
     lines = [line for line in text.split("\r") if line.strip()]
+    if any(line.startswith("MSH") for line in lines[1:]):  # one message per frame (batches have BHS/FHS)
+        raise HL7Error(AR, SEGMENT_SEQUENCE_ERROR, "the message has an MSH segment after its first", "MSH")
     wanted = read(header) if read is not None else None
     if wanted is not None:
         lines = [line for n, line in enumerate(lines) if n == 0 or line[:3] in wanted]

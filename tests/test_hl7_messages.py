@@ -82,6 +82,16 @@ def test_ack_of_a_message_and_of_garbage() -> None:
     assert refused.split("\r")[1] == "MSA|AR||the message does not start with an MSH segment"
 
 
+@pytest.mark.parametrize("rest", ["MSH", "PID|1\rMSH", "MSHX", "PID|1|\r\rMSH|^~\\&|HIS"])
+def test_a_second_msh_segment_is_refused(rest: str) -> None:
+    """One message per MLLP frame: an MSH segment after the first is a segment sequence error (it crashed
+    the parser when it had no field separator; hypothesis found it)."""
+    raw = (HEADER.format(type="ADT^A08", n=1, version="2.5") + rest).encode()
+    with pytest.raises(HL7Error) as refused:
+        parse(raw)
+    assert (refused.value.ack, refused.value.code) == (AR, 100)
+
+
 # --- hypothesis: the parser refuses garbage with an HL7Error (AR or AE), never another exception ------------
 
 HEADER = "MSH|^~\\&|HIS|HOSP|DICOMWEB|RAD|20261207120000||{type}|CTRL{n}|P|{version}\r"
