@@ -1,6 +1,7 @@
 """Acquisition from a PACS: Orthanc holds CT studies, the archive pulls them with POST /acquire.
 
     python -m bench.dimse_acquire [--instances 500 --per-study 100] [--methods C-MOVE,C-GET]
+    python -m bench.dimse_acquire --code ../other-checkout   # A/B: that checkout's archive
 
 Loads synthetic CT instances (bench/synthetic.py, 128x128, ~40 KB) into a private Orthanc (Debian's 1.10,
 SQLite index, no plugins) over its REST API, then for each method starts a fresh archive (`dicomweb serve`,
@@ -83,6 +84,9 @@ def main() -> None:
     parser.add_argument("--per-study", type=int, default=100)
     parser.add_argument("--methods", default="C-MOVE,C-GET")
     parser.add_argument("--workers", type=int, default=None, help="archive processes (default: one per core)")
+    parser.add_argument(
+        "--code", type=Path, help="run another checkout's archive (A/B runs, interleaved with this one's)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="acquire-bench-") as tmp:
         archive_port = free_port()
@@ -93,7 +97,7 @@ def main() -> None:
             print(f"Orthanc holds {args.instances} instances in studies of {args.per_study}", flush=True)
             for method in args.methods.split(","):
                 extra = ["--dimse-port", str(archive_port)]
-                with embedded_archive(workers=args.workers, extra_args=extra) as root:
+                with embedded_archive(workers=args.workers, extra_args=extra, code=args.code) as root:
                     op = acquire(root, orthanc, method)
                     if method == "C-GET":
                         target = Orthanc(Path(tmp) / "target", archive_port, ae_title="TARGET")
