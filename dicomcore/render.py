@@ -15,15 +15,18 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, iter_pixels, pixel_array
 
 from dicomcore.decoding import decode_as_reference
+from dicomcore.dicomjson import raw_values
 from dicomcore.framing import read_file
 from dicomcore.uids import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
@@ -149,6 +152,26 @@ def parse_annotation(text: str) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------------------------ decode
 
 
+_TAGS: dict[str, int] = {}
+
+
+def _get(ds: Dataset, keyword: str) -> Any:
+    """`ds.get(keyword)` for the attributes rendering reads: one value, a list of several, or None when
+    absent or empty. A raw element of a number or code VR is decoded straight from its bytes
+    (dicomcore.dicomjson.raw_values); converting a dozen of them through pydicom was a third of rendering
+    a CT slice (docs/performance.md, "Rendered images")."""
+    tag = _TAGS.get(keyword)
+    if tag is None:
+        tag = _TAGS.setdefault(keyword, tag_for_keyword(keyword))  # type: ignore[arg-type]
+    elem = ds._dict.get(tag)
+    if elem is None:
+        return None
+    if type(elem) is RawDataElement and (values := raw_values(elem)) is not None:
+        return values[0] if len(values) == 1 else (values or None)
+    value = ds[tag].value
+    return None if value == "" else value
+
+
 def read_header(fp: BinaryIO) -> Dataset:
     """Everything before the pixel data (and the file meta)."""
     fp.seek(0)
@@ -160,7 +183,7 @@ def read_header(fp: BinaryIO) -> Dataset:
 
 def frame_count(header: Dataset) -> int:
     try:
-        return max(int(header.get("NumberOfFrames") or 1), 1)
+        return max(int(_get(header, "NumberOfFrames") or 1), 1)
     except (TypeError, ValueError):
         return 1
 
@@ -228,11 +251,13 @@ def _native_frames(ds: Dataset, indices: Sequence[int]) -> list[np.ndarray] | No
     ~15 attributes for its options and was a fifth of rendering a CT slice (docs/performance.md)."""
     if str(ds.file_meta.get("TransferSyntaxUID", "")) not in _NATIVE_LITTLE_ENDIAN:
         return None
-    data = ds.get("PixelData")
+    raw = ds._dict.get(PIXEL_DATA)
+    # pydicom's conversion of OB and OW values is the bytes themselves
+    data = raw.value if type(raw) is RawDataElement and raw.VR in ("OB", "OW") else ds.get("PixelData")
     try:
-        samples, rows, columns = int(ds.SamplesPerPixel), int(ds.Rows), int(ds.Columns)
-        allocated, stored = int(ds.BitsAllocated), int(ds.BitsStored)
-        signed = int(ds.PixelRepresentation)
+        samples, rows, columns = (int(_get(ds, k)) for k in ("SamplesPerPixel", "Rows", "Columns"))
+        allocated, stored = int(_get(ds, "BitsAllocated")), int(_get(ds, "BitsStored"))
+        signed = int(_get(ds, "PixelRepresentation"))
     except (AttributeError, TypeError, ValueError):
         return None
     if (
@@ -282,10 +307,10 @@ def default_window(header: Dataset) -> Window | None:
             if items and "FrameVOILUTSequence" in items[0] and items[0].FrameVOILUTSequence:
                 source = items[0].FrameVOILUTSequence[0]
                 break
-    center, width = _first_number(source.get("WindowCenter")), _first_number(source.get("WindowWidth"))
+    center, width = _first_number(_get(source, "WindowCenter")), _first_number(_get(source, "WindowWidth"))
     if center is None or width is None or width <= 0:
         return None
-    function = str(source.get("VOILUTFunction") or "LINEAR").upper()
+    function = str(_get(source, "VOILUTFunction") or "LINEAR").upper()
     if function not in WINDOW_FUNCTIONS.values():
         function = "LINEAR"
     if function == "LINEAR" and width < 1:
@@ -329,9 +354,25 @@ def _voi(values: np.ndarray, header: Dataset, window: Window | None) -> np.ndarr
             low, high = float(np.min(values)), float(np.max(values))
             window = Window((low + high + 1) / 2, max(high - low + 1, 1.0), "LINEAR")
         out = apply_window(values, window)
-    if str(header.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+    if str(_get(header, "PhotometricInterpretation") or "").upper() == "MONOCHROME1":
         out = 255.0 - out
     return out
+
+
+def _rescaled(stored: np.ndarray, header: Dataset) -> np.ndarray:
+    """pydicom's apply_modality_lut for a data set without a Modality LUT Sequence (Rescale Slope and
+    Intercept, when both are there), with the two values read by `_get`; anything else is pydicom's."""
+    if RESCALE_SLOPE not in header._dict or RESCALE_INTERCEPT not in header._dict:
+        return stored
+    slope, intercept = _get(header, "RescaleSlope"), _get(header, "RescaleIntercept")
+    if not (isinstance(slope, float | int) and isinstance(intercept, float | int)):
+        return apply_modality_lut(stored, header)  # empty or several values: pydicom's outcome
+    arr = stored.astype(np.float64) * slope
+    arr += intercept
+    return arr
+
+
+RESCALE_INTERCEPT, RESCALE_SLOPE, PIXEL_DATA = 0x00281052, 0x00281053, 0x7FE00010
 
 
 def to_grayscale8(arr: np.ndarray, header: Dataset, window: Window | None) -> np.ndarray:
@@ -340,7 +381,7 @@ def to_grayscale8(arr: np.ndarray, header: Dataset, window: Window | None) -> np
     if arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2 and "ModalityLUTSequence" not in header:
         low, high = int(arr.min()), int(arr.max())
         stored = np.arange(low, high + 1, dtype=np.int64)
-        table = np.rint(_voi(apply_modality_lut(stored, header), header, window)).astype(np.uint8)
+        table = np.rint(_voi(_rescaled(stored, header), header, window)).astype(np.uint8)
         return table[np.subtract(arr, low, dtype=np.int32)]
     values = apply_modality_lut(arr, header) if arr.dtype.kind != "f" else arr
     return np.rint(_voi(values, header, window)).astype(np.uint8)
@@ -348,11 +389,11 @@ def to_grayscale8(arr: np.ndarray, header: Dataset, window: Window | None) -> np
 
 def to_rgb8(arr: np.ndarray, header: Dataset) -> np.ndarray:
     """RGB (YBR already converted by pydicom) or palette color, scaled to 8 bits per sample."""
-    if str(header.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+    if str(_get(header, "PhotometricInterpretation") or "").upper() == "PALETTE COLOR":
         arr = apply_color_lut(arr, header)  # 8- or 16-bit entries, by the LUT descriptor
         bits = 8 if arr.dtype.itemsize == 1 else 16
     else:
-        bits = int(header.get("BitsStored") or arr.dtype.itemsize * 8)
+        bits = int(_get(header, "BitsStored") or arr.dtype.itemsize * 8)
     if arr.dtype == np.uint8 and bits <= 8:
         return arr
     top = float(2**bits - 1)
@@ -360,8 +401,8 @@ def to_rgb8(arr: np.ndarray, header: Dataset) -> np.ndarray:
 
 
 def to_image(arr: np.ndarray, header: Dataset, window: Window | None) -> Image.Image:
-    samples = int(header.get("SamplesPerPixel") or 1)
-    photometric = str(header.get("PhotometricInterpretation", "")).upper()
+    samples = int(_get(header, "SamplesPerPixel") or 1)
+    photometric = str(_get(header, "PhotometricInterpretation") or "").upper()
     if samples == 1 and photometric != "PALETTE COLOR":
         return Image.fromarray(to_grayscale8(arr, header, window), "L")
     return Image.fromarray(to_rgb8(arr, header), "RGB")
@@ -465,4 +506,4 @@ def render(fp: BinaryIO, frames: Sequence[int] | None, options: RenderOptions) -
         if options.annotations:
             image = draw_annotation(image, annotation_lines(header, options.annotations, number, total))
         images.append(image)
-    return encode(images, options, _first_number(header.get("FrameTime")))
+    return encode(images, options, _first_number(_get(header, "FrameTime")))

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from pydicom.data import get_testdata_file
@@ -149,6 +149,79 @@ def test_native_frames_are_pydicoms(name: str, bits_stored: int, signed: int, fr
         assert arr.dtype == expected.dtype and np.array_equal(arr, expected) and arr.flags.writeable
     for other in ("SC_rgb_small_odd.dcm", "JPEG2000.dcm", "rtdose.dcm", "MR_truncated.dcm"):
         assert render_module._native_frames(bundled(other), [0]) is None  # pydicom decodes or refuses
+
+
+def _pydicoms_value(ds: pydicom.Dataset, keyword: str) -> object:
+    value = ds.get(keyword)
+    return None if value == "" else value
+
+
+def _rendered_both_ways(data: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[object, object]:
+    """render() as it is, and with every attribute converted by pydicom (the reference)."""
+
+    def outcome() -> object:
+        try:
+            return render_module.render(io.BytesIO(data), [1], render_module.RenderOptions("image/png"))
+        except Exception as exc:
+            return type(exc)
+
+    fast = outcome()
+    with monkeypatch.context() as m:
+        m.setattr(
+            render_module, "_get", lambda ds, keyword: ds.get(keyword) if ds.get(keyword) != "" else None
+        )
+        m.setattr(
+            render_module,
+            "_rescaled",
+            lambda stored, header: pydicom.pixels.apply_modality_lut(stored, header),
+        )
+        reference = outcome()
+    return fast, reference
+
+
+def test_raw_values_render_what_pydicoms_conversions_render(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attributes read straight from their bytes (render._get) give the images pydicom's conversions give,
+    for every bundled pydicom file, refusals included."""
+    from pydicom.data import get_testdata_files
+
+    for path in get_testdata_files("*.dcm"):
+        with open(path, "rb") as f:
+            data = f.read()
+        fast, reference = _rendered_both_ways(data, monkeypatch)
+        assert fast == reference, path
+
+
+DS_TEXT = st.one_of(
+    st.floats(-5000, 5000, allow_nan=False).map(lambda f: f"{f:.6g}"),
+    st.sampled_from(["", " 1", "1 ", "2\\3", "-1024.0", "1e2", "0", "+7"]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    slope=st.one_of(st.none(), DS_TEXT), intercept=st.one_of(st.none(), DS_TEXT),
+    center=st.one_of(st.none(), DS_TEXT), width=st.one_of(st.none(), DS_TEXT),
+    function=st.sampled_from([None, "LINEAR", "SIGMOID", "LINEAR_EXACT", "linear", ""]),
+    photometric=st.sampled_from(["MONOCHROME1", "MONOCHROME2", "MONOCHROME2 ", ""]),
+    frames=st.sampled_from([None, "1", "", " 1 "]),
+)  # fmt: skip
+def test_raw_values_render_like_pydicom_whatever_the_values(
+    slope: str | None, intercept: str | None, center: str | None, width: str | None, function: str | None,
+    photometric: str, frames: str | None,
+) -> None:  # fmt: skip
+    ds = make_instance(make_study(random.Random(3), series_count=1, modalities=["CT"]), 0, 1,
+                       rng=random.Random(4), rows=16, columns=16)  # fmt: skip
+    for keyword, value in (("RescaleSlope", slope), ("RescaleIntercept", intercept), ("WindowCenter", center),
+                           ("WindowWidth", width), ("VOILUTFunction", function), ("NumberOfFrames", frames),
+                           ("PhotometricInterpretation", photometric)):  # fmt: skip
+        if keyword in ds:
+            del ds[keyword]
+        if value is not None:
+            ds.add_new(keyword, pydicom.datadict.dictionary_VR(keyword), value)
+    data = to_bytes(ds)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        fast, reference = _rendered_both_ways(data, monkeypatch)
+    assert fast == reference
 
 
 def test_parse_window_and_viewport() -> None:
