@@ -27,7 +27,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, iter_pixels, pix
 
 from dicomcore.decoding import decode_as_reference
 from dicomcore.dicomjson import raw_values
-from dicomcore.framing import read_file
+from dicomcore.framing import read_file, transfer_syntax_uid
 from dicomcore.uids import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
@@ -40,6 +40,8 @@ ANNOTATIONS = ("patient", "technique")
 DEFAULT_QUALITY = 90
 # An animated GIF of every frame is bounded: larger instances are better served as frames.
 MAX_GIF_FRAMES = 500
+RESCALE_INTERCEPT, RESCALE_SLOPE, PIXEL_DATA = 0x00281052, 0x00281053, 0x7FE00010
+MODALITY_LUT_SEQUENCE, VOI_LUT_SEQUENCE = 0x00283000, 0x00283010
 
 
 class RenderError(ValueError):
@@ -197,7 +199,7 @@ def load(fp: BinaryIO) -> tuple[Dataset, Dataset | None]:
     whole = isinstance(fp, io.BytesIO)
     if not whole:
         header = read_header(fp)
-        if header.file_meta.get("TransferSyntaxUID") != DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        if transfer_syntax_uid(header) != DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
             return header, None
     fp.seek(0)
     try:
@@ -228,7 +230,7 @@ def decode_frames(
         return list(iter_pixels(fp, indices=list(indices), decoding_plugin=plugin))
 
     try:
-        return decode_as_reference(decode, str(header.file_meta.get("TransferSyntaxUID", "")))
+        return decode_as_reference(decode, transfer_syntax_uid(header))
     except RenderError:
         raise
     except AttributeError as exc:
@@ -249,7 +251,7 @@ def _native_frames(ds: Dataset, indices: Sequence[int]) -> list[np.ndarray] | No
     None for anything else (pydicom decodes it). The same arrays as pydicom's pixel_array (the unused high
     bits shifted out, signed or not as Pixel Representation says), without its decoder set-up, which reads
     ~15 attributes for its options and was a fifth of rendering a CT slice (docs/performance.md)."""
-    if str(ds.file_meta.get("TransferSyntaxUID", "")) not in _NATIVE_LITTLE_ENDIAN:
+    if transfer_syntax_uid(ds) not in _NATIVE_LITTLE_ENDIAN:
         return None
     raw = ds._dict.get(PIXEL_DATA)
     # pydicom's conversion of OB and OW values is the bytes themselves
@@ -345,7 +347,7 @@ def apply_voi_sequence(values: np.ndarray, item: Dataset) -> np.ndarray:
 
 def _voi(values: np.ndarray, header: Dataset, window: Window | None) -> np.ndarray:
     """The requested window, else the instance's VOI LUT / window, else min-max; then MONOCHROME1."""
-    voi = header.get("VOILUTSequence")
+    voi = header.get("VOILUTSequence") if VOI_LUT_SEQUENCE in header._dict else None
     if window is None and voi and "LUTDescriptor" in voi[0]:
         out = apply_voi_sequence(values, voi[0])
     else:
@@ -372,13 +374,10 @@ def _rescaled(stored: np.ndarray, header: Dataset) -> np.ndarray:
     return arr
 
 
-RESCALE_INTERCEPT, RESCALE_SLOPE, PIXEL_DATA = 0x00281052, 0x00281053, 0x7FE00010
-
-
 def to_grayscale8(arr: np.ndarray, header: Dataset, window: Window | None) -> np.ndarray:
     """Modality LUT then VOI. Integer pixels of up to 16 bits go through a table over their range (one
     entry per stored value), which costs one lookup per pixel instead of float arithmetic."""
-    if arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2 and "ModalityLUTSequence" not in header:
+    if arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2 and MODALITY_LUT_SEQUENCE not in header._dict:
         low, high = int(arr.min()), int(arr.max())
         stored = np.arange(low, high + 1, dtype=np.int64)
         table = np.rint(_voi(_rescaled(stored, header), header, window)).astype(np.uint8)
