@@ -42,6 +42,30 @@ def test_any_json_is_a_data_set_or_a_clear_error(body: object) -> None:
             assert str(exc)
 
 
+@pytest.mark.parametrize(
+    ("element", "kept"),
+    [
+        ({"vr": "SQ", "Value": None, "InlineBinary": None}, {"vr": "SQ"}),  # nulls: an empty element
+        ({"vr": "OB", "InlineBinary": "AAAA"}, {"vr": "OB", "InlineBinary": "AAAA"}),
+        ({"vr": "SQ", "InlineBinary": "AAAA"}, "InlineBinary is for binary VRs"),
+        ({"vr": "OB", "InlineBinary": 5}, "must be base64 text"),
+        ({"vr": "OB", "InlineBinary": "!!"}, "must be base64 text"),
+    ],
+)
+def test_inline_binary_and_null_values(element: dict, kept: dict | str) -> None:
+    """A null Value or InlineBinary is an empty element; InlineBinary is base64 of a binary VR. A null with
+    an InlineBinary key crashed the requirement checks with TypeError (found by hypothesis, seed 222)."""
+    key = "00404025" if element["vr"] == "SQ" else "00420011"
+    if isinstance(kept, str):
+        with pytest.raises(DatasetError, match=kept):
+            parse_dataset(orjson.dumps({key: element}))
+        return
+    ds = parse_dataset(orjson.dumps({key: element}))
+    assert ds == {key: kept}
+    with pytest.raises(DatasetError, match="ProcedureStepState"):  # checked, not crashed
+        prepare_create(ds, "1.2.3")
+
+
 def test_requirement_table_names_dictionary_attributes() -> None:
     # every keyword resolved to a tag (the table would not import otherwise) and nothing was lost
     assert len(BY_KEY) == len(TABLE)

@@ -6,6 +6,7 @@ the HTTP layer answers 400 with it. Nothing here touches storage, so a rejected 
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import functools
 import re
@@ -107,7 +108,7 @@ def _dataset(obj: dict[str, Any], where: str) -> dict[str, Any]:
             raise DatasetError(f"{label}: work items take no bulk data; send the value inline")
         values = element.get("Value")
         if values is None:
-            out[key] = {"vr": vr} if "InlineBinary" not in element else element
+            out[key] = _inline_binary(label, vr, element.get("InlineBinary"))
             continue
         if not isinstance(values, list):
             raise DatasetError(f"{label}: 'Value' must be an array")
@@ -123,6 +124,22 @@ def _dataset(obj: dict[str, Any], where: str) -> dict[str, Any]:
             _check_value(label, vr, v)
         out[key] = {"vr": vr, "Value": values} if values else {"vr": vr}
     return out
+
+
+def _inline_binary(label: str, vr: str, inline: Any) -> dict[str, Any]:
+    """An element without a Value array: empty, or a binary value sent inline as base64 (PS3.18 F.2.7)."""
+    if inline is None:
+        return {"vr": vr}
+    if vr not in _BINARY_VRS:
+        raise DatasetError(f"{label}: InlineBinary is for binary VRs (OB, OW, UN, ...), not {vr}")
+    try:
+        base64.b64decode(inline, validate=True)
+    except (TypeError, ValueError):
+        raise DatasetError(f"{label}: InlineBinary must be base64 text") from None
+    return {"vr": vr, "InlineBinary": inline}
+
+
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 
 
 def _check_value(label: str, vr: str, v: Any) -> None:
@@ -149,8 +166,10 @@ def _check_value(label: str, vr: str, v: Any) -> None:
 
 
 def values(ds: dict[str, Any], key: str) -> list[Any]:
+    """The element's values; none for an absent element or one without a Value array ("Value": null)."""
     element = ds.get(key)
-    return element.get("Value", []) if isinstance(element, dict) else []
+    value = element.get("Value") if isinstance(element, dict) else None
+    return value if isinstance(value, list) else []
 
 
 def first(ds: dict[str, Any], key: str) -> Any:
