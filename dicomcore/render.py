@@ -154,18 +154,13 @@ def parse_annotation(text: str) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------------------------ decode
 
 
-_TAGS: dict[str, int] = {}
-
-
 def _get(ds: Dataset, keyword: str) -> Any:
     """`ds.get(keyword)` for the attributes rendering reads: one value, a list of several, or None when
     absent or empty. A raw element of a number or code VR is decoded straight from its bytes
     (dicomcore.dicomjson.raw_values); converting a dozen of them through pydicom was a third of rendering
     a CT slice (docs/performance.md, "Rendered images")."""
-    tag = _TAGS.get(keyword)
-    if tag is None:
-        tag = _TAGS.setdefault(keyword, tag_for_keyword(keyword))  # type: ignore[arg-type]
-    elem = ds._dict.get(tag)
+    tag = tag_for_keyword(keyword)
+    elem = ds._dict.get(tag)  # type: ignore[arg-type]
     if elem is None:
         return None
     if type(elem) is RawDataElement and (values := raw_values(elem)) is not None:

@@ -209,8 +209,7 @@ def wake(assoc: Association) -> None:
     """Abort an association and wake a thread waiting for its next message (pynetdicom's abort does not:
     the waiter would sleep until the DIMSE timeout)."""
     assoc.abort()
-    with contextlib.suppress(Exception):
-        assoc.dimse.msg_queue.put((None, None))
+    _wake_waiter(assoc)
 
 
 def _wake_on_close(event: evt.Event) -> None:
@@ -218,8 +217,13 @@ def _wake_on_close(event: evt.Event) -> None:
     response gets pynetdicom's "no response" at once. pynetdicom would leave it waiting on the message
     queue until the DIMSE timeout, 30 s by default, and an acquisition whose source died mid-retrieval
     stalled that long before it retried (tests/test_dimse_acquire.py, 1 run in ~9)."""
+    _wake_waiter(event.assoc)
+
+
+def _wake_waiter(assoc: Association) -> None:
+    """An empty message on the association's queue: whoever waits for one gets pynetdicom's "no response"."""
     with contextlib.suppress(Exception):
-        event.assoc.dimse.msg_queue.put((None, None))
+        assoc.dimse.msg_queue.put((None, None))
 
 
 def find(assoc: Association, query: Dataset) -> list[Dataset]:

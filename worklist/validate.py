@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from dicomcore.dicomjson import BINARY_VRS
 from dicomcore.tags import dictionary_vr, keyword
 from dicomcore.uids import is_valid_uid
 from indexer.attributes import parse_da, parse_tm
@@ -130,16 +131,13 @@ def _inline_binary(label: str, vr: str, inline: Any) -> dict[str, Any]:
     """An element without a Value array: empty, or a binary value sent inline as base64 (PS3.18 F.2.7)."""
     if inline is None:
         return {"vr": vr}
-    if vr not in _BINARY_VRS:
+    if vr not in BINARY_VRS:
         raise DatasetError(f"{label}: InlineBinary is for binary VRs (OB, OW, UN, ...), not {vr}")
     try:
         base64.b64decode(inline, validate=True)
     except (TypeError, ValueError):
         raise DatasetError(f"{label}: InlineBinary must be base64 text") from None
     return {"vr": vr, "InlineBinary": inline}
-
-
-_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 
 
 def _check_value(label: str, vr: str, v: Any) -> None:
