@@ -37,6 +37,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_P_ABORT
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -214,10 +215,16 @@ def wake(assoc: Association) -> None:
 
 def _wake_on_close(event: evt.Event) -> None:
     """The connection closed (the peer went away, or the association ended): a thread waiting for a
-    response gets pynetdicom's "no response" at once. pynetdicom would leave it waiting on the message
-    queue until the DIMSE timeout, 30 s by default, and an acquisition whose source died mid-retrieval
-    stalled that long before it retried (tests/test_dimse_acquire.py, 1 run in ~9)."""
+    response gets pynetdicom's "no response" at once, and a release gets an A-P-ABORT.
+
+    pynetdicom would leave the first waiting on the message queue until the DIMSE timeout, and an
+    acquisition whose source died mid-retrieval stalled that long before it retried. The second: the
+    closed connection's one A-P-ABORT goes to whichever thread reads it first, and pynetdicom's reactor
+    may take it just as a release begins (the association still looked established); the release then
+    waited the whole ACSE timeout, 30 s, for an answer nobody would send (tests/test_dimse_scu.py)."""
     _wake_waiter(event.assoc)
+    with contextlib.suppress(Exception):
+        event.assoc.dul.to_user_queue.put(A_P_ABORT())
 
 
 def _wake_waiter(assoc: Association) -> None:
