@@ -11,6 +11,7 @@ pynetdicom's encoder, which `install` leaves in place for every other use.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 
 import pynetdicom.dimse_messages
 from pydicom.dataelem import DataElement
@@ -41,12 +42,22 @@ def _value_bytes(vr: str, value: object) -> bytes | None:
 
 def encode(ds: Dataset) -> bytes | None:
     """`ds` in implicit VR little endian, or None when it holds something only pydicom should encode."""
-    parts = []
+    elements = []
     for tag, element in sorted(ds._dict.items()):
-        vr = element.VR
-        if type(element) is not DataElement or (vr not in _NUMBERS and vr not in _TEXT_PADDING):
+        if type(element) is not DataElement:
             return None
-        data = _value_bytes(vr, element.value)
+        elements.append((tag, element.VR, element.value))
+    return encode_elements(elements)
+
+
+def encode_elements(elements: Iterable[tuple[int, str, object]]) -> bytes | None:
+    """(tag, VR, value) elements, in ascending tag order, in implicit VR little endian; None when one holds
+    something only pydicom should encode."""
+    parts = []
+    for tag, vr, value in elements:
+        if vr not in _NUMBERS and vr not in _TEXT_PADDING:
+            return None
+        data = _value_bytes(vr, value)
         if data is None:
             return None
         parts += (struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(data)), data)
