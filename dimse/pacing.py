@@ -89,8 +89,12 @@ class ResponsiveDUL(DULServiceProvider):
         """The DUL thread's idle pause: until the socket is readable, a PDU is queued, or IDLE_DELAY.
 
         pynetdicom pauses only after a pass that had nothing to send and read nothing, which is what
-        `wait_until_idle` waits for."""
+        `wait_until_idle` waits for; but a PDU queued after that pass looked is still unsent, so the
+        pause says idle only if the queue is empty once the flag is up (send_pdu queues, then clears it)."""
         self._idle.set()
+        if not self.to_provider_queue.empty():
+            self._idle.clear()
+            return
         pipe = self._wake_pipe
         waits: list[Any] = [pipe.r] if pipe.r >= 0 else []
         sock = getattr(self.socket, "socket", None)
@@ -107,8 +111,10 @@ class ResponsiveDUL(DULServiceProvider):
             pipe.drain()
 
     def send_pdu(self, primitive: Any) -> None:
-        self._idle.clear()
         super().send_pdu(primitive)
+        # after the PDU is queued: a pause that began before this looked at the queue either saw the PDU
+        # or has set the flag before this clears it (see _pause)
+        self._idle.clear()
         self._wake_pipe.wake()
 
     def kill_dul(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 import time
@@ -74,9 +75,10 @@ def test_responsive_associations_work_and_close_their_pipes(
 def test_the_pause_ends_on_a_wake_up_or_on_data(monkeypatch: pytest.MonkeyPatch) -> None:
     """With the idle pause made long, the pause still ends as soon as a PDU is queued or data arrives."""
     monkeypatch.setattr(pacing, "IDLE_DELAY", 5.0)
-    dul = ResponsiveDUL.__new__(ResponsiveDUL)  # the pause needs only its pipe and socket
+    dul = ResponsiveDUL.__new__(ResponsiveDUL)  # the pause needs only its pipe, queue and socket
     dul._wake_pipe = pacing._WakePipe()
     dul._idle = threading.Event()
+    dul.to_provider_queue = queue.Queue()
     ours, theirs = socket.socketpair()
     dul.socket = type("Sock", (), {"socket": ours})()  # as pynetdicom's AssociationSocket holds it
     try:
@@ -98,6 +100,27 @@ def test_the_pause_ends_on_a_wake_up_or_on_data(monkeypatch: pytest.MonkeyPatch)
     finally:
         ours.close()
         theirs.close()
+        dul._wake_pipe.close()
+
+
+def test_a_pause_with_a_pdu_queued_is_not_idle() -> None:
+    """A PDU queued after the DUL's last pass looked at its queue is still to be sent: the pause that
+    follows that pass ends at once and does not say idle. It did, so a C-FIND handler waiting for the
+    wire (dimse/find.py) could make its next matches before the last ones went out."""
+    dul = ResponsiveDUL.__new__(ResponsiveDUL)
+    dul._wake_pipe = pacing._WakePipe()
+    dul._idle = threading.Event()
+    dul.to_provider_queue = queue.Queue()
+    dul.socket = None
+    try:
+        dul.to_provider_queue.put("P-DATA")
+        began = time.monotonic()
+        dul._pause()
+        assert time.monotonic() - began < 0.5 and not dul._idle.is_set()
+        dul.to_provider_queue.get()
+        dul._pause()  # nothing queued: idle
+        assert dul._idle.is_set()
+    finally:
         dul._wake_pipe.close()
 
 
