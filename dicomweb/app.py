@@ -54,7 +54,7 @@ from dicomweb.routes.access import access_routes
 from dicomweb.routes.acquire import acquire_routes, scu_settings
 from dicomweb.routes.aes import ae_routes
 from dicomweb.routing import SegmentRouter
-from dicomweb.supervisor import READY_DIR_ENV, mark_ready
+from dicomweb.supervisor import READY_DIR_ENV, follow_supervisor, mark_ready
 from dimse.acquire import ACQUIRE, AcquireHandler
 from dimse.send import SEND, SendHandler
 from indexer.migrate import migrate
@@ -349,6 +349,7 @@ def balance_middleware() -> list[Middleware]:
 
 def app_from_env() -> Starlette:
     """Factory for uvicorn worker processes: everything comes from DICOMWEB_* variables (set by the CLI)."""
+    follow_supervisor()  # a supervised worker ends with its parent (dicomweb/supervisor.py)
     settings = Settings.from_env()
     if not settings.database_url:
         raise RuntimeError("DICOMWEB_DATABASE_URL is not set")

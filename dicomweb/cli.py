@@ -135,6 +135,9 @@ def _serve(args: argparse.Namespace) -> int:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         try:
             if workers == 1:  # exits 3 (SystemExit) when the app cannot start
+                from dicomweb.supervisor import SUPERVISOR_PID_ENV
+
+                os.environ.pop(SUPERVISOR_PID_ENV, None)  # this process is no supervised worker
                 uvicorn.run("dicomweb.app:app_from_env", factory=True, host=settings.host,
                             port=settings.port, log_level=settings.log_level, **UVICORN_OPTIONS)  # fmt: skip
                 return 0
@@ -149,13 +152,14 @@ def _supervise(settings: Settings, workers: int) -> int:
     (dicomweb/supervisor.py: uvicorn's own supervisor would exit 0 or respawn it for ever)."""
     import uvicorn
 
-    from dicomweb.supervisor import READY_DIR_ENV, WorkerSupervisor
+    from dicomweb.supervisor import READY_DIR_ENV, SUPERVISOR_PID_ENV, WorkerSupervisor
 
     config = uvicorn.Config("dicomweb.app:app_from_env", factory=True, host=settings.host,
                             port=settings.port, workers=workers, log_level=settings.log_level,
                             **UVICORN_OPTIONS)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="dicomweb-ready-") as ready_dir:
         os.environ[READY_DIR_ENV] = ready_dir  # inherited by the spawned workers
+        os.environ[SUPERVISOR_PID_ENV] = str(os.getpid())
         supervisor = WorkerSupervisor(config, [config.bind_socket()], Path(ready_dir))
         supervisor.run()
     if supervisor.failure is not None:

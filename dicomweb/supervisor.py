@@ -14,9 +14,14 @@ worker). A worker that dies after it was ready is respawned, as uvicorn does.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
+import sys
+import threading
+import time
 from pathlib import Path
 from socket import socket
 
@@ -24,7 +29,37 @@ from uvicorn.config import STARTUP_FAILURE, Config
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 READY_DIR_ENV = "DICOMWEB_READY_DIR"  # set by the parent, read by the workers it spawns
+SUPERVISOR_PID_ENV = "DICOMWEB_SUPERVISOR_PID"  # likewise: the workers end when that process is gone
+PARENT_POLL_SECONDS = 1.0  # where the kernel cannot signal a parent's death (not Linux)
+_PR_SET_PDEATHSIG = 1
 log = logging.getLogger("uvicorn.error")
+
+
+def follow_supervisor() -> None:
+    """Called by a worker as it starts: it stops (SIGTERM, its graceful shutdown) when its supervisor dies.
+
+    A supervisor killed outright (SIGKILL, the OOM killer) left its workers serving on: they held the
+    listening socket, so the next `dicomweb serve` failed with "address already in use", and the embedded
+    PostgreSQL they used was stopped by that next start as orphaned. On Linux the kernel sends the signal
+    (PR_SET_PDEATHSIG); elsewhere a thread notices within PARENT_POLL_SECONDS. Nothing when the process is
+    not a supervised worker."""
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV)
+    if not supervisor or not supervisor.isdigit():
+        return
+    parent = int(supervisor)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0:
+            if os.getppid() != parent:  # it died before the request took effect
+                os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
 def mark_ready() -> None:

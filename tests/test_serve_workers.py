@@ -133,6 +133,32 @@ def test_two_workers_serve_survive_a_crash_and_stop_with_status_0(database_url: 
     assert "error:" not in stderr
 
 
+def test_workers_end_with_a_killed_supervisor_and_the_next_start_serves(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A supervisor killed outright (SIGKILL, the OOM killer) takes its workers with it. They served on,
+    holding the listening socket: the next `dicomweb serve` failed with "address already in use"."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = _command(database_url, tmp_path, port, "--dimse-port", "0")
+    with _serving(cmd) as proc:
+        assert wait_ready(f"{base}/health/ready", proc, timeout=120)  # type: ignore[arg-type]
+        workers = _workers(proc.pid)
+        assert len(workers) == 2
+        _wait_until_ready(workers)
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+            time.sleep(0.2)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    with _serving(cmd) as again:
+        assert wait_ready(f"{base}/health/ready", again, timeout=120)  # type: ignore[arg-type]
+        assert httpx.get(f"{base}/v2/studies", timeout=30).status_code in (200, 204)
+        again.send_signal(signal.SIGTERM)
+        _, stderr = again.communicate(timeout=120)
+    assert again.returncode == 0, stderr
+
+
 def test_an_unreachable_database_is_status_1_before_any_worker_starts(tmp_path: Path) -> None:
     with socket.socket() as closed:  # a port nothing listens on
         closed.bind(("127.0.0.1", 0))
