@@ -255,6 +255,32 @@ async def test_unsupported_matching_key_gives_ff01_and_bad_values_a900(
     assert "ScheduledProcedureStepStartDateTime" in responses[0][0].ErrorComment
 
 
+async def test_undecodable_identifier_is_c000(open_dimse_archive: DimseArchive) -> None:
+    """An identifier pydicom cannot decode (the Scheduled Procedure Step Sequence sent as an LO value) is
+    0xC000 (unable to process), as the Q/R C-FIND answers it; it was 0xA700, out of resources."""
+    await load_worklist(open_dimse_archive)
+    query = Dataset()
+    query.PatientName = ""
+    query.add_new(0x00400100, "LO", "x")
+    responses = [
+        (status.Status, status.get("ErrorComment")) for status, _ in _one_find(open_dimse_archive, query)
+    ]
+    assert len(responses) == 1, responses
+    assert responses[0][0] == 0xC000
+    assert responses[0][1].startswith("identifier cannot be decoded: ")
+
+
+def _one_find(archive: DimseArchive, query: Dataset) -> list[tuple[Dataset, Dataset | None]]:
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate(*archive.address, ae_title=ARCHIVE_AE)
+    try:
+        return list(assoc.send_c_find(query, ModalityWorklistInformationFind))
+    finally:
+        assoc.release()
+
+
 async def test_worklist_refused_without_the_service_and_audited(dimse_archive: DimseArchive) -> None:
     await dimse_archive.register("STORER", services=["store"])
     await dimse_archive.register("MODALITY", services=["worklist"])
