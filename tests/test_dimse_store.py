@@ -73,6 +73,17 @@ async def test_wrong_host_and_wrong_called_title_are_rejected(dimse_archive: Dim
     assoc.release()
 
 
+async def test_wrong_called_title_is_audited_with_the_title_called(dimse_archive: DimseArchive) -> None:
+    """The audit record of an association refused for its called AE title names the title the peer
+    called (it said 'DEFAULT', pynetdicom's placeholder in the rejection, and the archive's own title)."""
+    await dimse_archive.register("SCANNER")
+    assert associate(dimse_archive, "SCANNER", called="ANY-SCP").is_rejected
+    rows = await audit_rows(dimse_archive)
+    assert rows[-1]["path"] == "A-ASSOCIATE-RJ"
+    assert rows[-1]["detail"] == f"called AE title 'ANY-SCP' is not {ARCHIVE_AE!r}"
+    assert rows[-1]["user_agent"] == "called AE ANY-SCP"
+
+
 async def test_echo_and_store_then_retrieve_byte_for_byte(dimse_archive: DimseArchive) -> None:
     await dimse_archive.register("SCANNER", services=["store"])
     datasets = study(1)
