@@ -36,7 +36,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from dimse.aes import AeError, Service, get_ae
+from dimse.aes import AeError, Service, check_ae_title, get_ae
 from dimse.gateway import Gateway, Peer
 from dimse.sending import SendCounts, associate, send_instances
 from indexer.lookup import StoredInstance, find_instances, find_patient_studies
@@ -83,6 +83,7 @@ def register(ae: AE, gateway: Gateway) -> list[tuple[Any, ...]]:
     for sop_class in (*PATIENT_ROOT, *STUDY_ROOT):
         ae.add_supported_context(sop_class)
     _install_service_class()
+    C_MOVE.MoveDestination = _LENIENT_MOVE_DESTINATION  # type: ignore[method-assign]
     return [(evt.EVT_C_GET, _on_get, [gateway]), (evt.EVT_C_MOVE, _on_move, [gateway])]
 
 
@@ -132,6 +133,26 @@ def _install_service_class() -> None:
     """Route the GET/MOVE SOP classes to `_RetrieveService` (pynetdicom picks a service class per SOP class
     in `Association._serve_request`; it has no per-AE setting for this)."""
     pynetdicom.association.uid_to_service_class = _uid_to_service_class
+
+
+_PYNETDICOM_MOVE_DESTINATION: property = C_MOVE.MoveDestination  # type: ignore[assignment]
+
+
+def _set_move_destination(primitive: C_MOVE, value: str | bytes | None) -> None:
+    """pynetdicom's setter, except that a value that is no AE title (`movescu -aem ""` sends a zero-length
+    one) is kept as received: pynetdicom's setter raises while the request is decoded, and its DIMSE layer
+    then aborts the association with a traceback in the log. Kept, it reaches `_destination`, which answers
+    0xA801 (Refused: Move Destination unknown), the status PS3.4 defines for it."""
+    if isinstance(value, str):
+        try:
+            check_ae_title(value, "Move Destination")
+        except AeError:
+            primitive._move_destination = value
+            return
+    _PYNETDICOM_MOVE_DESTINATION.fset(primitive, value)  # type: ignore[misc]
+
+
+_LENIENT_MOVE_DESTINATION = property(_PYNETDICOM_MOVE_DESTINATION.fget, _set_move_destination)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -326,8 +347,10 @@ def _retrieve(event: evt.Event, gateway: Gateway, kind: type, operation: str) ->
 
 def _destination(gateway: Gateway, title: str) -> tuple[str, int]:
     """Where a Move Destination is: a registered AE with an address to connect to, else 0xA801."""
-    if not title:
-        raise RetrieveError(DESTINATION_UNKNOWN, "Move Destination is empty")
+    try:
+        check_ae_title(title, "Move Destination")
+    except AeError as exc:
+        raise RetrieveError(DESTINATION_UNKNOWN, str(exc)) from exc
     try:
         registered = gateway.run(get_ae(gateway.pool, title), timeout=30)
     except Exception as exc:

@@ -572,6 +572,18 @@ async def test_move_destination_unknown_or_unreachable(open_dimse_archive: Dimse
     assert sorted(failures.FailedSOPInstanceUIDList) == sorted(uids(f)[2] for f in files)
 
 
+def test_dcmtk_movescu_with_an_empty_move_destination_is_a801(open_dimse_archive: DimseArchive) -> None:
+    """movescu -aem "" sends a zero-length Move Destination: 0xA801 (Move Destination unknown), where
+    pynetdicom refused to decode the request and aborted the association (a traceback in the log)."""
+    result = dcmtk(
+        "movescu", "-v", "-aet", "MOVESCU", "-aem", "", "-aec", ARCHIVE_AE, "-S",
+        "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.3",
+        *map(str, open_dimse_archive.address),
+    )  # fmt: skip
+    assert "Received Final Move Response (Refused: MoveDestinationUnknown)" in result.stderr, result.stderr
+    assert "Peer aborted" not in result.stderr
+
+
 async def test_move_destination_rejects_or_aborts(open_dimse_archive: DimseArchive) -> None:
     archive = open_dimse_archive
     files = study(6, series=1, per_series=4)
