@@ -36,6 +36,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from dicomcore.uids import is_valid_uid
 from dimse.aes import AeError, Service, check_ae_title, get_ae
 from dimse.gateway import Gateway, Peer
 from dimse.sending import SendCounts, associate, send_instances
@@ -231,7 +232,7 @@ def _values(identifier: Dataset, keyword: str) -> tuple[str, ...]:
 def parse_scope(identifier: Dataset, sop_class: str) -> Scope:
     """The Query/Retrieve Level and unique keys (PS3.4 C.4.2.2.1): the retrieve level's key, a list allowed,
     and one value of each key above it (Study Instance UID, Series Instance UID; Patient ID is not needed
-    below PATIENT since UIDs are unique). Raises RetrieveError 0xA900."""
+    below PATIENT since UIDs are unique), each a valid UID. Raises RetrieveError 0xA900."""
     level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
     allowed = (
         ("PATIENT", "STUDY", "SERIES", "IMAGE") if sop_class in PATIENT_ROOT else ("STUDY", "SERIES", "IMAGE")
@@ -247,6 +248,11 @@ def parse_scope(identifier: Dataset, sop_class: str) -> Scope:
     for upper in above:
         if len(keys[_LEVEL_KEY[upper]]) != 1:
             raise RetrieveError(IDENTIFIER_MISMATCH, f"one {_LEVEL_KEY[upper]} is required at {level} level")
+    for used in (*above, level):
+        keyword = _LEVEL_KEY[used]
+        if keyword != "PatientID" and (bad := next((v for v in keys[keyword] if not is_valid_uid(v)), None)):
+            # a wildcard or other non-UID would match nothing and answer success: the identifier's fault
+            raise RetrieveError(IDENTIFIER_MISMATCH, f"{keyword} {bad!r} is not a UID")
     return Scope(
         level,
         patients=keys["PatientID"] if level == "PATIENT" else (),

@@ -255,6 +255,26 @@ def test_get_unknown_uids_and_bad_identifiers(open_dimse_archive: DimseArchive) 
         assert [s for s, _ in responses] == [0xA900], identifier
 
 
+def test_a_uid_key_that_is_no_uid_is_a900(open_dimse_archive: DimseArchive) -> None:
+    """A wildcard or other non-UID in a unique key (PS3.4 C.4.2.2.1 allows single UIDs and UID lists) is
+    0xA900 with the key named, as dimse.md says and the C-FIND answers it; it matched nothing (0x0000).
+    Checked before the Move Destination, as the identifier is."""
+    for identifier, key in (
+        (query("STUDY", StudyInstanceUID="1.2*"), "StudyInstanceUID"),
+        (query("STUDY", StudyInstanceUID="1.2.3\\abc"), "StudyInstanceUID"),
+        (query("SERIES", StudyInstanceUID="1.2.3", SeriesInstanceUID="1.2.?"), "SeriesInstanceUID"),
+        (
+            query("IMAGE", StudyInstanceUID="1.2.3", SeriesInstanceUID="1.2.4", SOPInstanceUID="x"),
+            "SOPInstanceUID",
+        ),
+    ):
+        responses, _ = get(open_dimse_archive, identifier)
+        assert [s for s, _ in responses] == [0xA900], identifier
+        ((status, _),) = move(open_dimse_archive, identifier, "NOBODY")
+        assert int(status.Status) == 0xA900
+        assert str(status.ErrorComment).startswith(f"{key} "), status.ErrorComment
+
+
 async def test_retrieve_needs_the_retrieve_service(dimse_archive: DimseArchive) -> None:
     await dimse_archive.register("GETTER", services=["find", "store"])
     responses, _ = await asyncio.to_thread(get, dimse_archive, query("STUDY", StudyInstanceUID="1.2.3"))
