@@ -40,6 +40,7 @@ from dicomcore.uids import is_valid_uid
 from dimse.aes import AeError, Service, check_ae_title, get_ae
 from dimse.gateway import Gateway, Peer
 from dimse.sending import SendCounts, associate, send_instances
+from dimse.storescp import error_comment
 from indexer.lookup import StoredInstance, find_instances, find_patient_studies
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ def _response(
         rsp.NumberOfFailedSuboperations = counts.failed
         rsp.NumberOfWarningSuboperations = counts.warning
     if comment and status not in (SUCCESS, PENDING, CANCEL, WARNING):  # PS3.7 C.4.2: failures carry one
-        rsp.ErrorComment = comment.encode("ascii", "replace").decode("ascii")[:64]
+        rsp.ErrorComment = error_comment(comment)
     if identifier is not None:
         rsp.Identifier = BytesIO(identifier)
     return rsp
