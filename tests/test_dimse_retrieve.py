@@ -572,6 +572,38 @@ def test_move_to_dcmtk_storescp_transcodes_what_it_does_not_take(
     assert np.array_equal(moved.pixel_array, original.pixel_array)
 
 
+def test_move_of_an_odd_length_deflated_object_to_dcmtk_storescp(
+    open_dimse_archive: DimseArchive, tmp_path: Path
+) -> None:
+    """pydicom's image_dfl.dcm holds a deflated stream of odd length (4303 bytes), unpadded (PS3.5 A.5 adds
+    one NUL). Sent as stored, DCMTK refused the odd fragment and aborted ('Odd Fragment Length'): 0xA702.
+    The archive now adds the padding byte when it sends such an object; the data set is the same."""
+    data = Path(get_testdata_file("image_dfl.dcm")).read_bytes()
+    original = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+    assert len(dataset_bytes(data, tmp_path)) % 2 == 1
+    stow(open_dimse_archive, [data])
+    port, out = free_port(), tmp_path / "storescp"
+    out.mkdir()
+    assert shutil.which("storescp"), "storescp (DCMTK) is not installed: scripts/dimse-deps installs it"
+    scp = subprocess.Popen(["storescp", "--accept-all", "-aet", "STORESCP", "-od", str(out), str(port)])
+    try:
+        asyncio.run(open_dimse_archive.register("STORESCP", port=port))
+        for _ in range(50):  # until it listens
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.1)
+        identifier = query("STUDY", StudyInstanceUID=str(original.StudyInstanceUID))
+        responses = move(open_dimse_archive, identifier, "STORESCP")
+    finally:
+        scp.terminate()
+        scp.wait(timeout=10)
+    assert [int(r.Status) for r, _ in responses][-1] == 0x0000
+    (received,) = [pydicom.dcmread(path) for path in out.iterdir()]
+    assert received.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    assert received.SOPInstanceUID == original.SOPInstanceUID
+    assert received.PixelData == original.PixelData
+
+
 async def test_move_destination_unknown_or_unreachable(open_dimse_archive: DimseArchive) -> None:
     archive = open_dimse_archive
     files = study(5, series=1, per_series=2)
