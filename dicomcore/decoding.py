@@ -12,6 +12,7 @@ JPEG plugin, which is pydicom's default wherever pylibjpeg is not installed.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from functools import cache
 from typing import TypeVar
@@ -23,6 +24,18 @@ T = TypeVar("T")
 
 REFERENCE_JPEG_PLUGIN = "pillow"
 _IJG_DECODED = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit})
+
+
+def _not_a_plugin_failure(record: logging.LogRecord) -> bool:
+    """pydicom logs every decoder plugin that fails on a frame at ERROR with its traceback, then tries the
+    next one: Pillow refusing 12-bit JPEG Extended put a traceback in the server's log for each such object
+    transcoded, though pylibjpeg decoded it. When every plugin fails, pydicom's RuntimeError lists each
+    plugin's message and the caller reports it (a WADO-RS error, a failed C-GET sub-operation), so these
+    records say nothing more."""
+    return not (record.exc_info and record.funcName == "_decode_frame")
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_not_a_plugin_failure)
 
 
 @cache

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -107,7 +108,8 @@ def parse_instance(fp: BinaryIO | bytes) -> ParsedInstance:
         raise InvalidInstanceError(str(exc)) from exc
     except InvalidDicomError as exc:
         raise InvalidInstanceError(f"not a DICOM PS3.10 file: {exc}") from exc
-    except (EOFError, OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+    except (EOFError, OSError, ValueError, KeyError, TypeError, struct.error, zlib.error) as exc:
+        # zlib.error: a deflated data set whose bytes do not inflate
         raise InvalidInstanceError(f"cannot parse DICOM: {exc.__class__.__name__}: {exc}") from exc
     transfer_syntax = transfer_syntax_uid(ds)
     _check_transfer_syntax(transfer_syntax)

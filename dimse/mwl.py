@@ -27,6 +27,22 @@ from worklist.search import Search, search
 MODALITY_WORKLIST_FIND = "1.2.840.10008.5.1.4.31"  # Modality Worklist Information Model - FIND
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
 OUT_OF_RESOURCES = 0xA700
+UNABLE_TO_PROCESS = 0xC000
+
+
+class _UndecodableIdentifier(Exception):
+    """The identifier's bytes do not decode: the peer's fault (0xC000), not the archive's resources."""
+
+
+def _decoded_identifier(event: evt.Event) -> Dataset:
+    """The request's identifier with every element decoded now: pydicom decodes elements lazily, so a
+    malformed one (a sequence sent as an LO value) would otherwise raise in the middle of the search."""
+    try:
+        identifier = event.identifier
+        identifier.walk(lambda _ds, _elem: None)
+    except Exception as exc:
+        raise _UndecodableIdentifier(f"identifier cannot be decoded: {exc}") from exc
+    return identifier
 
 
 def register(ae: AE, gateway: Gateway) -> list[tuple[Any, ...]]:
@@ -45,7 +61,7 @@ def find_worklist(event: evt.Event, gateway: Gateway) -> Iterator[tuple[Any, Dat
             status, comment = find.NOT_AUTHORIZED, f"AE {peer.ae.ae_title} may not query the worklist"
         else:
             try:
-                identifier = event.identifier
+                identifier = _decoded_identifier(event)
                 query = parse_identifier(identifier)
                 pending = find.PENDING_WARNING if query.unsupported else find.PENDING
                 cancelled = False  # pynetdicom reports a C-CANCEL once
@@ -59,6 +75,8 @@ def find_worklist(event: evt.Event, gateway: Gateway) -> Iterator[tuple[Any, Dat
                     status = find.CANCELLED
             except QueryError as exc:
                 status, comment = IDENTIFIER_DOES_NOT_MATCH, str(exc)
+            except _UndecodableIdentifier as exc:
+                status, comment = UNABLE_TO_PROCESS, str(exc)
             except Exception as exc:  # the peer always gets a final status, never a hung association
                 status, comment = OUT_OF_RESOURCES, f"{exc.__class__.__name__}: {exc}"
         yield (response(status, comment) if comment else status), None

@@ -22,6 +22,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from indexer.attributes import parse_tm
 from worklist.search import Args, Filter, parse_filter, where_sql
 
 SPS_SEQUENCE = 0x00400100  # Scheduled Procedure Step Sequence
@@ -137,6 +138,15 @@ def _range(text: str) -> tuple[str, str, bool]:
     return text.strip(), text.strip(), False
 
 
+def _is_time(text: str) -> bool:
+    """A TM value (HH[MM[SS[.F]]]) of a real time of day, as the worklist search checks its TM keys (a time
+    with a date is checked there, as part of the date-time)."""
+    return (
+        bool(re.fullmatch(r"[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?", text))
+        and parse_tm(text) is not None
+    )
+
+
 def start_filter(date: str, time: str) -> tuple[str | None, tuple[str, str] | None]:
     """(the ScheduledProcedureStepStartDateTime value to search with, a time-of-day range for items) for
     an MWL Start Date and Start Time, matched combined as PS3.4 C.2.2.2.5.1 says: date a-b with time
@@ -146,11 +156,13 @@ def start_filter(date: str, time: str) -> tuple[str | None, tuple[str, str] | No
     if not date:
         if not time:
             return None, None
-        low, high, _ = _range(time)
-        if not all(
-            re.fullmatch(r"[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?", t) for t in (low, high) if t
-        ):
+        low, high, is_range = _range(time)
+        if is_range and not low and not high:
+            raise QueryError(f"ScheduledProcedureStepStartTime {time!r}: a range needs at least one end")
+        if not all(_is_time(t) for t in (low, high) if t):
             raise QueryError(f"ScheduledProcedureStepStartTime {time!r} is not a time or time range")
+        if low and high and low.replace(".", "").ljust(12, "0") > high.replace(".", "").ljust(12, "9"):
+            raise QueryError(f"ScheduledProcedureStepStartTime {time!r}: the range ends before it starts")
         return None, (low, high)
     dlow, dhigh, drange = _range(date)
     if not time:

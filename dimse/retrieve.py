@@ -36,9 +36,11 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from dimse.aes import AeError, Service, get_ae
+from dicomcore.uids import is_valid_uid
+from dimse.aes import AeError, Service, check_ae_title, get_ae
 from dimse.gateway import Gateway, Peer
 from dimse.sending import SendCounts, associate, send_instances
+from dimse.storescp import error_comment
 from indexer.lookup import StoredInstance, find_instances, find_patient_studies
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ def register(ae: AE, gateway: Gateway) -> list[tuple[Any, ...]]:
     for sop_class in (*PATIENT_ROOT, *STUDY_ROOT):
         ae.add_supported_context(sop_class)
     _install_service_class()
+    C_MOVE.MoveDestination = _LENIENT_MOVE_DESTINATION  # type: ignore[method-assign]
     return [(evt.EVT_C_GET, _on_get, [gateway]), (evt.EVT_C_MOVE, _on_move, [gateway])]
 
 
@@ -134,6 +137,26 @@ def _install_service_class() -> None:
     pynetdicom.association.uid_to_service_class = _uid_to_service_class
 
 
+_PYNETDICOM_MOVE_DESTINATION: property = C_MOVE.MoveDestination  # type: ignore[assignment]
+
+
+def _set_move_destination(primitive: C_MOVE, value: str | bytes | None) -> None:
+    """pynetdicom's setter, except that a value that is no AE title (`movescu -aem ""` sends a zero-length
+    one) is kept as received: pynetdicom's setter raises while the request is decoded, and its DIMSE layer
+    then aborts the association with a traceback in the log. Kept, it reaches `_destination`, which answers
+    0xA801 (Refused: Move Destination unknown), the status PS3.4 defines for it."""
+    if isinstance(value, str):
+        try:
+            check_ae_title(value, "Move Destination")
+        except AeError:
+            primitive._move_destination = value
+            return
+    _PYNETDICOM_MOVE_DESTINATION.fset(primitive, value)  # type: ignore[misc]
+
+
+_LENIENT_MOVE_DESTINATION = property(_PYNETDICOM_MOVE_DESTINATION.fget, _set_move_destination)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Responses
 
@@ -158,7 +181,7 @@ def _response(
         rsp.NumberOfFailedSuboperations = counts.failed
         rsp.NumberOfWarningSuboperations = counts.warning
     if comment and status not in (SUCCESS, PENDING, CANCEL, WARNING):  # PS3.7 C.4.2: failures carry one
-        rsp.ErrorComment = comment.encode("ascii", "replace").decode("ascii")[:64]
+        rsp.ErrorComment = error_comment(comment)
     if identifier is not None:
         rsp.Identifier = BytesIO(identifier)
     return rsp
@@ -210,7 +233,7 @@ def _values(identifier: Dataset, keyword: str) -> tuple[str, ...]:
 def parse_scope(identifier: Dataset, sop_class: str) -> Scope:
     """The Query/Retrieve Level and unique keys (PS3.4 C.4.2.2.1): the retrieve level's key, a list allowed,
     and one value of each key above it (Study Instance UID, Series Instance UID; Patient ID is not needed
-    below PATIENT since UIDs are unique). Raises RetrieveError 0xA900."""
+    below PATIENT since UIDs are unique), each a valid UID. Raises RetrieveError 0xA900."""
     level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
     allowed = (
         ("PATIENT", "STUDY", "SERIES", "IMAGE") if sop_class in PATIENT_ROOT else ("STUDY", "SERIES", "IMAGE")
@@ -226,6 +249,11 @@ def parse_scope(identifier: Dataset, sop_class: str) -> Scope:
     for upper in above:
         if len(keys[_LEVEL_KEY[upper]]) != 1:
             raise RetrieveError(IDENTIFIER_MISMATCH, f"one {_LEVEL_KEY[upper]} is required at {level} level")
+    for used in (*above, level):
+        keyword = _LEVEL_KEY[used]
+        if keyword != "PatientID" and (bad := next((v for v in keys[keyword] if not is_valid_uid(v)), None)):
+            # a wildcard or other non-UID would match nothing and answer success: the identifier's fault
+            raise RetrieveError(IDENTIFIER_MISMATCH, f"{keyword} {bad!r} is not a UID")
     return Scope(
         level,
         patients=keys["PatientID"] if level == "PATIENT" else (),
@@ -326,8 +354,10 @@ def _retrieve(event: evt.Event, gateway: Gateway, kind: type, operation: str) ->
 
 def _destination(gateway: Gateway, title: str) -> tuple[str, int]:
     """Where a Move Destination is: a registered AE with an address to connect to, else 0xA801."""
-    if not title:
-        raise RetrieveError(DESTINATION_UNKNOWN, "Move Destination is empty")
+    try:
+        check_ae_title(title, "Move Destination")
+    except AeError as exc:
+        raise RetrieveError(DESTINATION_UNKNOWN, str(exc)) from exc
     try:
         registered = gateway.run(get_ae(gateway.pool, title), timeout=30)
     except Exception as exc:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,7 +27,11 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import code_to_category
 
 from dicomcore.transcode import MAX_TRANSCODE_SIZE, TranscodeError, transcode_instance
-from dicomcore.uids import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
+from dicomcore.uids import (
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+)
 from dimse import scu
 from dimse.gateway import Gateway
 from dimse.pacing import make_responsive
@@ -192,6 +197,8 @@ def _prepare(gateway: Gateway, instance: StoredInstance, accepted: set[str], wor
     itself when possible, else a temporary file in `workdir`."""
     stored = instance.transfer_syntax_uid
     if stored in accepted:
+        if stored == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN and instance.size % 2:
+            return _padded(gateway, instance, workdir)
         return _object_file(gateway, instance, workdir)
     target = next((ts for ts in _FALLBACK if ts in accepted), None)
     if target is None:
@@ -210,6 +217,24 @@ def _prepare(gateway: Gateway, instance: StoredInstance, accepted: set[str], wor
             source.unlink(missing_ok=True)
     path = workdir / f"{instance.sop_instance_uid}.{target}.dcm"
     path.write_bytes(data)
+    return path
+
+
+def _padded(gateway: Gateway, instance: StoredInstance, workdir: Path) -> Path:
+    """A copy of a deflated object whose stream has odd length, with the NUL byte PS3.5 A.5 appends to it.
+
+    The file meta group has even length, so an odd file is an odd data set: some writers leave it unpadded
+    (pydicom's image_dfl.dcm), it is stored as received, and DCMTK peers refuse the odd PDV fragment and
+    abort the association. The inflated data set is the same."""
+    source = _object_file(gateway, instance, workdir)
+    path = workdir / f"{instance.sop_instance_uid}.padded.dcm"
+    try:
+        with source.open("rb") as src, path.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)  # streamed: held in memory a chunk at a time
+            dst.write(b"\x00")
+    finally:
+        if source.parent == workdir:
+            source.unlink(missing_ok=True)
     return path
 
 

@@ -137,6 +137,13 @@ class _ArchiveAE(AE):
         pass
 
 
+def _called_title(request: Any) -> str | None:
+    """The AE title the peer called, from its A-ASSOCIATE-RQ (the acceptor's own primitive is the
+    rejection, whose called title is pynetdicom's placeholder 'DEFAULT')."""
+    called = getattr(request, "called_ae_title", None)
+    return None if called is None else str(called).strip(" ")
+
+
 class DimseServer:
     """The listener of one process; started and stopped by the app's lifespan."""
 
@@ -176,7 +183,7 @@ class DimseServer:
                 started=getattr(assoc, "archive_started", time.perf_counter()),
                 partition=peer.ae.partition if peer else None,
                 detail=detail,
-                called=assoc.acceptor.ae_title.strip(" ") if what == "A-ASSOCIATE-RJ" else None,
+                called=_called_title(assoc.requestor.primitive) if what == "A-ASSOCIATE-RJ" else None,
             )
 
         def accepted(event: evt.Event) -> None:
@@ -185,10 +192,10 @@ class DimseServer:
 
         def rejected(event: evt.Event) -> None:
             assoc = event.assoc
-            called = assoc.acceptor.primitive.called_ae_title if assoc.acceptor.primitive else None
+            called = _called_title(assoc.requestor.primitive)
             detail = getattr(assoc, "archive_refusal", None) or (
-                f"called AE title {str(called).strip()!r} is not {gateway.ae_title!r}"
-                if called is not None and str(called).strip() != gateway.ae_title
+                f"called AE title {called!r} is not {gateway.ae_title!r}"
+                if called is not None and called != gateway.ae_title
                 else "association rejected"
             )
             log.info("association from %s rejected: %s", assoc.requestor.address, detail)

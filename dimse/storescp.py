@@ -10,6 +10,7 @@ keeps exactly the instances that got a success status.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any, BinaryIO
 
@@ -63,11 +64,17 @@ def status_of(outcome: StoreOutcome) -> int:
     return OUT_OF_RESOURCES  # storage or database failures: the peer may try again later
 
 
+def error_comment(text: str) -> str:
+    """An Error Comment (0000,0902) value: LO, VM 1, so ASCII of at most 64 characters without the value
+    separator (a backslash quoted from a request's value split the comment, and peers kept the first part)."""
+    return re.sub(r"\\+", "/", text.encode("ascii", "replace").decode("ascii"))[:64]  # repr() doubles them
+
+
 def response(status: int, comment: str | None = None) -> Dataset:
     ds = Dataset()
     ds.Status = status
     if comment:
-        ds.ErrorComment = comment.encode("ascii", "replace").decode("ascii")[:64]
+        ds.ErrorComment = error_comment(comment)
     return ds
 
 

@@ -411,6 +411,15 @@ def test_missing_query_retrieve_level_is_refused(open_dimse_archive: DimseArchiv
     assert final.OffendingElement == 0x00080052
 
 
+def test_an_error_comment_is_one_value(open_dimse_archive: DimseArchive) -> None:
+    """Error Comment is LO, VM 1: a backslash from the request's value (here a multi-valued level) would
+    split it into two values, and a peer reading one saw "QueryRetrieveLevel 'STUDY"."""
+    _, _, final = c_find(open_dimse_archive, identifier("STUDY\\SERIES"))
+    assert final.Status == 0xA900
+    assert final["ErrorComment"].VM == 1
+    assert final.ErrorComment.startswith("QueryRetrieveLevel 'STUDY/SERIES' is not one of")
+
+
 async def test_ae_without_find_is_refused_and_every_find_audited(dimse_archive: DimseArchive) -> None:
     await dimse_archive.register("MODALITY", services=["store"])
     await dimse_archive.register("VIEWER", services=["find"])

@@ -255,6 +255,46 @@ async def test_unsupported_matching_key_gives_ff01_and_bad_values_a900(
     assert "ScheduledProcedureStepStartDateTime" in responses[0][0].ErrorComment
 
 
+async def test_a_start_time_alone_that_is_no_time_is_a900(open_dimse_archive: DimseArchive) -> None:
+    """A Start Time without a date is checked as a time is with one (and as a date is): hour 25, minute 61,
+    a range that ends before it starts and a range with no end are 0xA900. They matched nothing (0x0000)
+    or, for "-", everything."""
+    await load_worklist(open_dimse_archive)
+    for value in ("25", "2500", "1261", "0800-0700", "-"):
+        responses = _one_find(open_dimse_archive, mwl_query(ScheduledProcedureStepStartTime=value))
+        assert [int(s.Status) for s, _ in responses] == [0xA900], value
+        assert str(responses[0][0].ErrorComment).startswith("ScheduledProcedureStepStartTime "), value
+    results, final = c_find(open_dimse_archive, mwl_query(ScheduledProcedureStepStartTime="0700-0900"))
+    assert final == 0
+    assert [r.PatientID for r in results] == ["PAT-A", "PAT-C", "PAT-D"]
+
+
+async def test_undecodable_identifier_is_c000(open_dimse_archive: DimseArchive) -> None:
+    """An identifier pydicom cannot decode (the Scheduled Procedure Step Sequence sent as an LO value) is
+    0xC000 (unable to process), as the Q/R C-FIND answers it; it was 0xA700, out of resources."""
+    await load_worklist(open_dimse_archive)
+    query = Dataset()
+    query.PatientName = ""
+    query.add_new(0x00400100, "LO", "x")
+    responses = [
+        (status.Status, status.get("ErrorComment")) for status, _ in _one_find(open_dimse_archive, query)
+    ]
+    assert len(responses) == 1, responses
+    assert responses[0][0] == 0xC000
+    assert responses[0][1].startswith("identifier cannot be decoded: ")
+
+
+def _one_find(archive: DimseArchive, query: Dataset) -> list[tuple[Dataset, Dataset | None]]:
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate(*archive.address, ae_title=ARCHIVE_AE)
+    try:
+        return list(assoc.send_c_find(query, ModalityWorklistInformationFind))
+    finally:
+        assoc.release()
+
+
 async def test_worklist_refused_without_the_service_and_audited(dimse_archive: DimseArchive) -> None:
     await dimse_archive.register("STORER", services=["store"])
     await dimse_archive.register("MODALITY", services=["worklist"])

@@ -255,6 +255,26 @@ def test_get_unknown_uids_and_bad_identifiers(open_dimse_archive: DimseArchive) 
         assert [s for s, _ in responses] == [0xA900], identifier
 
 
+def test_a_uid_key_that_is_no_uid_is_a900(open_dimse_archive: DimseArchive) -> None:
+    """A wildcard or other non-UID in a unique key (PS3.4 C.4.2.2.1 allows single UIDs and UID lists) is
+    0xA900 with the key named, as dimse.md says and the C-FIND answers it; it matched nothing (0x0000).
+    Checked before the Move Destination, as the identifier is."""
+    for identifier, key in (
+        (query("STUDY", StudyInstanceUID="1.2*"), "StudyInstanceUID"),
+        (query("STUDY", StudyInstanceUID="1.2.3\\abc"), "StudyInstanceUID"),
+        (query("SERIES", StudyInstanceUID="1.2.3", SeriesInstanceUID="1.2.?"), "SeriesInstanceUID"),
+        (
+            query("IMAGE", StudyInstanceUID="1.2.3", SeriesInstanceUID="1.2.4", SOPInstanceUID="x"),
+            "SOPInstanceUID",
+        ),
+    ):
+        responses, _ = get(open_dimse_archive, identifier)
+        assert [s for s, _ in responses] == [0xA900], identifier
+        ((status, _),) = move(open_dimse_archive, identifier, "NOBODY")
+        assert int(status.Status) == 0xA900
+        assert str(status.ErrorComment).startswith(f"{key} "), status.ErrorComment
+
+
 async def test_retrieve_needs_the_retrieve_service(dimse_archive: DimseArchive) -> None:
     await dimse_archive.register("GETTER", services=["find", "store"])
     responses, _ = await asyncio.to_thread(get, dimse_archive, query("STUDY", StudyInstanceUID="1.2.3"))
@@ -552,6 +572,38 @@ def test_move_to_dcmtk_storescp_transcodes_what_it_does_not_take(
     assert np.array_equal(moved.pixel_array, original.pixel_array)
 
 
+def test_move_of_an_odd_length_deflated_object_to_dcmtk_storescp(
+    open_dimse_archive: DimseArchive, tmp_path: Path
+) -> None:
+    """pydicom's image_dfl.dcm holds a deflated stream of odd length (4303 bytes), unpadded (PS3.5 A.5 adds
+    one NUL). Sent as stored, DCMTK refused the odd fragment and aborted ('Odd Fragment Length'): 0xA702.
+    The archive now adds the padding byte when it sends such an object; the data set is the same."""
+    data = Path(get_testdata_file("image_dfl.dcm")).read_bytes()
+    original = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+    assert len(dataset_bytes(data, tmp_path)) % 2 == 1
+    stow(open_dimse_archive, [data])
+    port, out = free_port(), tmp_path / "storescp"
+    out.mkdir()
+    assert shutil.which("storescp"), "storescp (DCMTK) is not installed: scripts/dimse-deps installs it"
+    scp = subprocess.Popen(["storescp", "--accept-all", "-aet", "STORESCP", "-od", str(out), str(port)])
+    try:
+        asyncio.run(open_dimse_archive.register("STORESCP", port=port))
+        for _ in range(50):  # until it listens
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.1)
+        identifier = query("STUDY", StudyInstanceUID=str(original.StudyInstanceUID))
+        responses = move(open_dimse_archive, identifier, "STORESCP")
+    finally:
+        scp.terminate()
+        scp.wait(timeout=10)
+    assert [int(r.Status) for r, _ in responses][-1] == 0x0000
+    (received,) = [pydicom.dcmread(path) for path in out.iterdir()]
+    assert received.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    assert received.SOPInstanceUID == original.SOPInstanceUID
+    assert received.PixelData == original.PixelData
+
+
 async def test_move_destination_unknown_or_unreachable(open_dimse_archive: DimseArchive) -> None:
     archive = open_dimse_archive
     files = study(5, series=1, per_series=2)
@@ -570,6 +622,18 @@ async def test_move_destination_unknown_or_unreachable(open_dimse_archive: Dimse
     assert int(final.Status) == 0xA702
     assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (0, 2)
     assert sorted(failures.FailedSOPInstanceUIDList) == sorted(uids(f)[2] for f in files)
+
+
+def test_dcmtk_movescu_with_an_empty_move_destination_is_a801(open_dimse_archive: DimseArchive) -> None:
+    """movescu -aem "" sends a zero-length Move Destination: 0xA801 (Move Destination unknown), where
+    pynetdicom refused to decode the request and aborted the association (a traceback in the log)."""
+    result = dcmtk(
+        "movescu", "-v", "-aet", "MOVESCU", "-aem", "", "-aec", ARCHIVE_AE, "-S",
+        "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.3",
+        *map(str, open_dimse_archive.address),
+    )  # fmt: skip
+    assert "Received Final Move Response (Refused: MoveDestinationUnknown)" in result.stderr, result.stderr
+    assert "Peer aborted" not in result.stderr
 
 
 async def test_move_destination_rejects_or_aborts(open_dimse_archive: DimseArchive) -> None:

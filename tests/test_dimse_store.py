@@ -73,6 +73,17 @@ async def test_wrong_host_and_wrong_called_title_are_rejected(dimse_archive: Dim
     assoc.release()
 
 
+async def test_wrong_called_title_is_audited_with_the_title_called(dimse_archive: DimseArchive) -> None:
+    """The audit record of an association refused for its called AE title names the title the peer
+    called (it said 'DEFAULT', pynetdicom's placeholder in the rejection, and the archive's own title)."""
+    await dimse_archive.register("SCANNER")
+    assert associate(dimse_archive, "SCANNER", called="ANY-SCP").is_rejected
+    rows = await audit_rows(dimse_archive)
+    assert rows[-1]["path"] == "A-ASSOCIATE-RJ"
+    assert rows[-1]["detail"] == f"called AE title 'ANY-SCP' is not {ARCHIVE_AE!r}"
+    assert rows[-1]["user_agent"] == "called AE ANY-SCP"
+
+
 async def test_echo_and_store_then_retrieve_byte_for_byte(dimse_archive: DimseArchive) -> None:
     await dimse_archive.register("SCANNER", services=["store"])
     datasets = study(1)
@@ -289,3 +300,28 @@ async def test_queries_into_a_new_partition_create_nothing(dimse_archive: DimseA
     finally:
         assoc.release()
         await conn.close()
+
+
+async def test_corrupt_deflated_data_set_is_c000(dimse_archive: DimseArchive) -> None:
+    """Bytes that do not inflate, on a Deflated Explicit VR Little Endian context, cannot be understood
+    (0xC000), as any other unparseable data set; they were 0xA700 (out of resources, "try again")."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    await dimse_archive.register("MODALITY", services=["store"])
+    ds = study(51, 1)[0]
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, DeflatedExplicitVRLittleEndian)
+    assoc = ae.associate(*dimse_archive.address, ae_title=ARCHIVE_AE)
+    req = C_STORE()
+    req.MessageID = 5
+    req.AffectedSOPClassUID = CTImageStorage
+    req.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    req.Priority = 2
+    req.DataSet = io.BytesIO(encode(ds, False, True))  # explicit VR little endian, not deflated
+    rsp = _send_raw(assoc, req, assoc.accepted_contexts[0].context_id)
+    assoc.release()
+    assert rsp.Status == 0xC000
+    assert rsp.ErrorComment.startswith("cannot parse DICOM: error: Error -3 while decompressing")
+    assert await instance_count(dimse_archive) == 0

@@ -357,3 +357,14 @@ def test_a_data_set_encoded_otherwise_than_its_meta_says_transcodes() -> None:
     assert out.ImageType == ["DERIVED", "SECONDARY", "OTHER"]
     assert out.SOPInstanceUID == original.SOPInstanceUID
     assert np.array_equal(out.pixel_array, expected)
+
+
+def test_a_plugin_that_gives_way_to_the_next_logs_no_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """12-bit JPEG Extended: Pillow (the reference plugin for JPEG) refuses it and pylibjpeg decodes it.
+    pydicom logged Pillow's refusal at ERROR with its traceback (a traceback in the server's log for every
+    WADO-RS transcode or C-GET/C-MOVE of such an object, all of which succeed); it is dropped now."""
+    data = _read("JPGExtended.dcm")
+    with caplog.at_level("DEBUG"):
+        out = transcode_instance(data, EXPLICIT_VR_LITTLE_ENDIAN)
+    assert pydicom.dcmread(io.BytesIO(out)).file_meta.TransferSyntaxUID == EXPLICIT_VR_LITTLE_ENDIAN
+    assert [r.getMessage() for r in caplog.records if r.exc_info or r.levelname == "ERROR"] == []
