@@ -44,7 +44,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from dimse import command_sets, file_meta
+from dimse import command_sets, file_meta, undecodable
 from dimse.pacing import make_responsive
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 # whose meta information is laid out directly
 command_sets.install()
 file_meta.install()
+undecodable.install()
 
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 # the transfer syntaxes a C-GET accepts objects in, each in a context of its own (see storage_contexts)

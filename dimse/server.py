@@ -25,7 +25,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dimse import command_sets, file_meta, pending_responses, raw_identifiers, services
+from dimse import command_sets, file_meta, pending_responses, raw_identifiers, services, undecodable
 from dimse.aes import get_ae, host_matches
 from dimse.commitment_delivery import CommitmentReports
 from dimse.gateway import Gateway, Peer, open_peer
@@ -54,6 +54,7 @@ raw_identifiers.install()
 command_sets.install()
 pending_responses.install()  # each C-FIND match in one PDU, without pynetdicom's message objects
 file_meta.install()  # received objects' file meta laid out directly (dimse.file_meta)
+undecodable.install()  # a message that cannot be decoded aborts its association cleanly
 
 # Rejection reasons of A-ASSOCIATE-RJ (PS3.8 Table 9-21): result 1 (permanent), source 1 (service user)
 _CALLING_NOT_RECOGNISED = "calling"

@@ -325,3 +325,65 @@ async def test_corrupt_deflated_data_set_is_c000(dimse_archive: DimseArchive) ->
     assert rsp.Status == 0xC000
     assert rsp.ErrorComment.startswith("cannot parse DICOM: error: Error -3 while decompressing")
     assert await instance_count(dimse_archive) == 0
+
+
+def _send_raw_store(assoc, ds: pydicom.Dataset, sop_instance_uid: str) -> None:
+    """A C-STORE request laid out by hand (no SCU builds one with an empty Affected SOP Instance UID)."""
+    from pynetdicom.dsutils import encode
+    from pynetdicom.pdu import P_DATA_TF
+    from pynetdicom.pdu_primitives import P_DATA
+
+    from dimse.command_sets import encode_elements
+
+    body = encode_elements([
+        (0x00000002, "UI", ds.SOPClassUID), (0x00000100, "US", 0x0001), (0x00000110, "US", 9),
+        (0x00000700, "US", 2), (0x00000800, "US", 0x0000), (0x00001000, "UI", sop_instance_uid),
+    ])  # fmt: skip
+    assert body is not None
+    command = (encode_elements([(0x00000000, "UL", len(body))]) or b"") + body
+    context = next(c for c in assoc.accepted_contexts if c.abstract_syntax == ds.SOPClassUID)
+    assoc._reactor_checkpoint.clear()  # the test's thread reads the answer, not pynetdicom's reactor
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    for pdv in (b"\x03" + command, b"\x02" + encode(ds, context.transfer_syntax[0].is_implicit_VR, True)):
+        primitive = P_DATA()
+        primitive.presentation_data_value_list.append((context.context_id, pdv))
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        assoc.dul.socket.send(pdu.encode())
+    assoc._reactor_checkpoint.set()
+
+
+def _spooled() -> set[str]:
+    """pynetdicom's temporary files of received objects (NamedTemporaryFile, suffix .dcm)."""
+    import glob
+    import tempfile
+
+    return set(glob.glob(f"{tempfile.gettempdir()}/tmp*.dcm"))
+
+
+def _until_ended(assoc, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+async def test_an_undecodable_request_aborts_the_association_cleanly(dimse_archive: DimseArchive) -> None:
+    """A C-STORE request with an empty Affected SOP Instance UID: the archive sends an A-ABORT, records the
+    abort, stores nothing and leaves no temporary file (pynetdicom's DUL thread used to die on it, closing
+    the connection without an A-ABORT or an audit record, its temporary file left behind)."""
+    await dimse_archive.register("MODALITY", services=["store"])
+    before = _spooled()
+    assoc = associate(dimse_archive, "MODALITY")
+    assert assoc.is_established
+    _send_raw_store(assoc, study(31, 1)[0], "")
+    await asyncio.to_thread(_until_ended, assoc)
+    assert assoc.is_aborted
+    rows = await audit_rows(dimse_archive)
+    assert rows[-1]["path"] == "A-ABORT"
+    assert await instance_count(dimse_archive) == 0
+    assert _spooled() <= before
+    # the listener goes on: the next association stores
+    again = associate(dimse_archive, "MODALITY")
+    assert again.send_c_store(study(32, 1)[0]).Status == 0x0000
+    again.release()
