@@ -189,6 +189,17 @@ async def test_bad_input(client: httpx.AsyncClient, archive: RunningArchive) -> 
     assert (await stow(client, files)).status_code == 200
 
 
+async def test_malformed_part_headers_say_so_once(client: httpx.AsyncClient) -> None:
+    """A part with more headers than allowed is 400, and its message says "malformed multipart body" once
+    (the parser and the route each prefixed it)."""
+    _, files = study_files(7, count=1)
+    headers = b"".join(b"X-%d: 1\r\n" % i for i in range(100))
+    body = b"--b\r\nContent-Type: application/dicom\r\n" + headers + b"\r\n" + files[0] + b"\r\n--b--"
+    r = await client.post("/studies", content=body, headers={"Content-Type": f"{DICOM}; boundary=b"})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "malformed multipart body: Maximum header count exceeded"
+
+
 async def test_metadata_bulkdata_and_range(client: httpx.AsyncClient) -> None:
     spec, files = study_files(7, count=4)
     assert (await stow(client, files)).status_code == 200
