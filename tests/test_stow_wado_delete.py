@@ -229,6 +229,12 @@ async def test_metadata_bulkdata_and_range(client: httpx.AsyncClient) -> None:
     assert ranged.headers["content-range"] == f"bytes 100-199/{len(ds.PixelData)}"
     bad = await client.get(pixel["BulkDataURI"], headers={"Range": f"bytes={len(ds.PixelData)}-", **octets})
     assert bad.status_code == 416
+    # a range unit other than bytes is ignored (RFC 9110 14.2: MUST), on bulk data and on a single frame
+    frame_url = pixel["BulkDataURI"].rsplit("/bulkdata/", 1)[0] + "/frames/1"
+    for url in (pixel["BulkDataURI"], frame_url):
+        whole = await client.get(url, headers={"Range": "items=0-1", **octets})
+        assert (whole.status_code, whole.content) == (200, ds.PixelData)
+        assert "content-range" not in whole.headers
     # study metadata holds all four
     response = await client.get(f"/studies/{spec.study_uid}/metadata")
     assert len(response.json()) == 4
