@@ -221,6 +221,28 @@ async def test_values_the_index_cannot_hold_do_not_fail_the_batch(client: httpx.
     assert [s["0020000D"]["Value"][0] for s in by_accession.json()] == [spec.study_uid]
 
 
+async def test_an_instance_the_index_refuses_fails_alone(client: httpx.AsyncClient) -> None:
+    """PostgreSQL refuses a NUL inside a text value (here a study-level attribute, whose JSON it parses).
+    That failed the batch's transaction and so every instance of the request (272 for all three); the
+    others are now indexed without it, and only it fails, with 272 and the reason."""
+    spec, files = study_files(9, count=3)
+    ds = pydicom.dcmread(io.BytesIO(files[2]))
+    ds.StudyDescription = "head\0neck"
+    odd = to_bytes(ds)
+    response = await stow(client, [files[0], files[1], odd])
+    assert response.status_code == 202
+    stored = seq_items(response.json(), "00081199")
+    assert len(stored) == 2
+    (failed,) = seq_items(response.json(), "00081198")
+    assert failed["00081197"]["Value"] == [272]
+    assert failed["00081155"]["Value"] == [ds.SOPInstanceUID]
+    assert response.headers["warning"] == '299 dicomweb "index write failed: CharacterNotInRepertoireError"'
+    found = await client.get("/instances", params={"StudyInstanceUID": spec.study_uid})
+    assert sorted(i["00080018"]["Value"][0] for i in found.json()) == sorted(
+        pydicom.dcmread(io.BytesIO(f)).SOPInstanceUID for f in files[:2]
+    )
+
+
 async def test_malformed_part_headers_say_so_once(client: httpx.AsyncClient) -> None:
     """A part with more headers than allowed is 400, and its message says "malformed multipart body" once
     (the parser and the route each prefixed it)."""
