@@ -199,8 +199,11 @@ MAX_INDEXED_CHARS = 256
 
 
 def indexable(text: str) -> str:
-    """A text value as its column holds it: cut to MAX_INDEXED_CHARS. Only invalid values change, the
-    metadata keeps them whole, and a wildcard query on their start still finds them."""
+    """A text value as its column holds it: without NULs (PostgreSQL text cannot hold them; DICOM text has
+    none, but files do) and cut to MAX_INDEXED_CHARS. Only invalid values change, the metadata keeps them
+    whole, and a wildcard query on their start still finds them."""
+    if "\x00" in text:
+        text = text.replace("\x00", "")
     return text[:MAX_INDEXED_CHARS]
 
 

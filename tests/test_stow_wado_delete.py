@@ -12,6 +12,7 @@ import orjson
 import pydicom
 import pytest
 
+import indexer.attributes
 from bench.synthetic import make_instance, make_study, multipart_body, to_bytes
 from dicomweb.multipart import iter_parts
 from dicomweb.negotiation import parse_boundary
@@ -221,13 +222,18 @@ async def test_values_the_index_cannot_hold_do_not_fail_the_batch(client: httpx.
     assert [s["0020000D"]["Value"][0] for s in by_accession.json()] == [spec.study_uid]
 
 
-async def test_an_instance_the_index_refuses_fails_alone(client: httpx.AsyncClient) -> None:
-    """PostgreSQL refuses a NUL inside a text value (here a study-level attribute, whose JSON it parses).
-    That failed the batch's transaction and so every instance of the request (272 for all three); the
-    others are now indexed without it, and only it fails, with 272 and the reason."""
+async def test_an_instance_the_index_refuses_fails_alone(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance whose values PostgreSQL refuses failed the batch's transaction and so every instance of
+    the request (272 for all three); the others are now indexed without it, and only it fails, with 272
+    and the reason. The values that did this (a NUL, an overlong text) are now indexed, so the refusal is
+    brought back by letting column values grow past what a btree entry holds."""
+    monkeypatch.setattr(indexer.attributes, "MAX_INDEXED_CHARS", 1_000_000)
     spec, files = study_files(9, count=3)
     ds = pydicom.dcmread(io.BytesIO(files[2]))
-    ds.StudyDescription = "head\0neck"
+    with pydicom.config.disable_value_validation():
+        ds.AccessionNumber = "".join(random.Random(9).choices("abcdefghijklmnopqrstuvwxyz", k=8000))
     odd = to_bytes(ds)
     response = await stow(client, [files[0], files[1], odd])
     assert response.status_code == 202
@@ -236,11 +242,34 @@ async def test_an_instance_the_index_refuses_fails_alone(client: httpx.AsyncClie
     (failed,) = seq_items(response.json(), "00081198")
     assert failed["00081197"]["Value"] == [272]
     assert failed["00081155"]["Value"] == [ds.SOPInstanceUID]
-    assert response.headers["warning"] == '299 dicomweb "index write failed: CharacterNotInRepertoireError"'
+    assert response.headers["warning"] == '299 dicomweb "index write failed: ProgramLimitExceededError"'
     found = await client.get("/instances", params={"StudyInstanceUID": spec.study_uid})
     assert sorted(i["00080018"]["Value"][0] for i in found.json()) == sorted(
         pydicom.dcmread(io.BytesIO(f)).SOPInstanceUID for f in files[:2]
     )
+
+
+async def test_a_nul_inside_a_text_value_is_stored(client: httpx.AsyncClient) -> None:
+    """A NUL inside a study- and a series-level text value (DICOM text has none; PostgreSQL text and its
+    JSON parser refuse U+0000): the instance is stored and found; the study's and series' columns and
+    QIDO attributes drop the NUL, the object and the instance's metadata keep it."""
+    spec, files = study_files(10, count=2)
+    ds = pydicom.dcmread(io.BytesIO(files[1]))
+    ds.StudyDescription = "head\0neck"
+    ds.SeriesDescription = "ax\0ial"
+    odd = to_bytes(ds)
+    response = await stow(client, [files[0], odd])
+    assert response.status_code == 200, response.headers.get("warning")
+    study = await client.get("/studies", params={"StudyDescription": "headneck"})
+    assert [s["00081030"]["Value"] for s in study.json()] == [["headneck"]]
+    series = await client.get(
+        f"/studies/{spec.study_uid}/series", params={"SeriesInstanceUID": ds.SeriesInstanceUID}
+    )
+    assert series.json()[0]["0008103E"]["Value"] == ["axial"]
+    url = f"/studies/{spec.study_uid}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    assert (await client.get(url, headers={"Accept": "application/dicom; transfer-syntax=*"})).content == odd
+    (metadata,) = (await client.get(f"{url}/metadata")).json()
+    assert metadata["00081030"]["Value"] == ["head\0neck"]
 
 
 async def test_malformed_part_headers_say_so_once(client: httpx.AsyncClient) -> None:
