@@ -21,6 +21,7 @@ from archive.update import UpdateHandler
 from archive.update_request import UPDATE
 from changefeed.notify import FeedNotifier
 from deid.export import ExportHandler, export_settings
+from dicomcore.decoding import quiet_codec_tracebacks
 from dicomweb.auth import AccessMiddleware, jwt_config
 from dicomweb.balance import BalanceMiddleware, ConnectionBalancer
 from dicomweb.config import Settings
@@ -182,6 +183,7 @@ def create_app(
 ) -> Starlette:
     """An app bound to one database and blob store; opened and closed by its lifespan (which also closes
     a `store` handed in)."""
+    quiet_codec_tracebacks()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
