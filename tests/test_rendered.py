@@ -238,6 +238,11 @@ def test_parse_window_and_viewport() -> None:
     for bad in ("64", "0,10", "10,x", "64,64,1,2,3", "64,64,-1,0,5,5", "64,64,0,0,0,5", "9000,10"):
         with pytest.raises(ValueError):
             parse_viewport(bad)
+    # the message names the function, also when it was left out (it said "for 0", the width)
+    with pytest.raises(ValueError, match=r"^window width must be >= 1 for linear; got 0.0$"):
+        parse_window("40,0")
+    with pytest.raises(ValueError, match=r"^window width must be > 0 for sigmoid; got 0.0$"):
+        parse_window("40,0,Sigmoid")
 
 
 @given(st.text(max_size=30))
