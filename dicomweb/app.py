@@ -11,6 +11,7 @@ from pathlib import Path
 
 import asyncpg
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
@@ -28,7 +29,7 @@ from dicomweb.config import Settings
 from dicomweb.context import ArchiveContext
 from dicomweb.cors import cors_middleware
 from dicomweb.dimse_listener import dimse_server
-from dicomweb.errors import HTTPProblem, handle_problem
+from dicomweb.errors import HTTPProblem, handle_http_exception, handle_problem
 from dicomweb.gcpolicy import tune_for_serving
 from dicomweb.hl7_listener import hl7_server
 from dicomweb.metrics import MetricsMiddleware, metrics
@@ -326,7 +327,7 @@ def create_app(
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={HTTPProblem: handle_problem},
+        exception_handlers={HTTPProblem: handle_problem, HTTPException: handle_http_exception},
         # metrics outermost: it times what the client sees, CORS preflights included
         # access control innermost: refusals get CORS headers too, and are counted and timed
         middleware=[

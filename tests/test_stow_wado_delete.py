@@ -272,6 +272,19 @@ async def test_a_nul_inside_a_text_value_is_stored(client: httpx.AsyncClient) ->
     assert metadata["00081030"]["Value"] == ["head\0neck"]
 
 
+async def test_unknown_paths_and_methods_get_the_json_error_shape(
+    client: httpx.AsyncClient, archive: RunningArchive
+) -> None:
+    """conformance.md: errors are {"error": {"code", "message"}}. A path no route has and a method a route
+    does not take were Starlette's text/plain "Not Found" and "Method Not Allowed"."""
+    missing = await client.get("/studies/1.2.3/series/1.2.4/instances/1.2.5/frames/")
+    assert (missing.status_code, missing.headers["content-type"]) == (404, "application/json")
+    assert missing.json() == {"error": {"code": 404, "message": "Not Found"}}
+    wrong = await client.put("/studies", content=b"x")
+    assert (wrong.status_code, wrong.headers["content-type"]) == (405, "application/json")
+    assert wrong.json() == {"error": {"code": 405, "message": "Method Not Allowed"}}
+
+
 async def test_malformed_part_headers_say_so_once(client: httpx.AsyncClient) -> None:
     """A part with more headers than allowed is 400, and its message says "malformed multipart body" once
     (the parser and the route each prefixed it)."""
