@@ -405,6 +405,16 @@ async def test_requests_refused_and_unknown_studies(local_archive: RunningArchiv
             "00080060": {"vr": "CS", "Value": ["MR"]}}})  # fmt: skip
         assert refused.status_code == 400
         assert "Modality (0008,0060) cannot be updated" in refused.json()["error"]["message"]
+        # a NUL in a value: no DICOM text holds one, and the operation's parameters (jsonb) cannot: a 500
+        for element, name in (
+            ({"00100020": {"vr": "LO", "Value": ["a\u0000b"]}}, "PatientID (0010,0020)"),
+            ({"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe\u0000^J"}]}}, "PatientName (0010,0010)"),
+        ):
+            nul = await _bulk_update(client, url, {"studyInstanceUids": ["1.2.3"], "changeDataset": element})
+            assert (nul.status_code, nul.json()["error"]["message"]) == (
+                400,
+                f"{name}: a value must not contain a NUL character",
+            )
         malformed = await client.post(f"{url}/studies/$bulkUpdate", content=b"{not json",
                                       headers={"Content-Type": "application/json"})  # fmt: skip
         assert malformed.status_code == 400
