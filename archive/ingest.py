@@ -14,6 +14,7 @@ import contextlib
 import enum
 import hashlib
 import io
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from changefeed.log import Action, Change, append
 from dicomcore.parse import InvalidInstanceError, NonConformantInstanceError, ParsedInstance, parse_instance
 from indexer.writes import IndexResult, InstanceRecord, Outcome, index_instances
 from storage.base import BlobStore
+
+log = logging.getLogger(__name__)
 
 # A batch is indexed (one syncfs, one transaction) once this many instances are stored: amortises commit
 # and per-statement cost (a 50-instance request is one batch) without holding study rows locked for long.
@@ -231,6 +234,14 @@ def _prepare_group(
         item.record = record_of(prepared, key)
 
 
+_INDEX_FAILURE = "index write failed: "
+
+
+def _index_failure(exc: Exception) -> IndexResult:
+    """The result of an instance whose index write raised (a 272 failure, not a refusal)."""
+    return IndexResult(Outcome.CONFLICT, reason=f"{_INDEX_FAILURE}{exc.__class__.__name__}")
+
+
 class Ingestor:
     """Stores the instances of one STOW request, batching their preparation and their index writes."""
 
@@ -353,6 +364,22 @@ class Ingestor:
             item.outcome.failure = FailureReason.PROCESSING_FAILURE
             item.outcome.message = f"could not store the object: {exc.__class__.__name__}"
 
+    async def _index(self, records: list[InstanceRecord], durable: asyncio.Future[None]) -> list[IndexResult]:
+        """Index rows and change feed entries of `records` in one transaction, committed once `durable`
+        (their objects' flush) has succeeded."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            results = await index_instances(conn, self._partition_key, records)
+            # the feed entries commit with the rows they describe; append is the last statement
+            await append(conn, self._partition_key, created_changes(records, results))
+            await durable  # a failed flush raises here and rolls the batch back
+        return results
+
+    async def _index_alone(self, record: InstanceRecord, durable: asyncio.Future[None]) -> IndexResult:
+        try:
+            return (await self._index([record], durable))[0]
+        except Exception as exc:
+            return _index_failure(exc)
+
     async def flush(self) -> None:
         """Index what is stored but not yet indexed; remove the objects of instances that were refused."""
         async with self._flush_lock:
@@ -369,25 +396,25 @@ class Ingestor:
         # if the statements fail first nobody awaits the flush: its outcome must not be reported as lost
         durable.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                results = await index_instances(conn, self._partition_key, records)
-                # the feed entries commit with the rows they describe; append is the last statement
-                await append(conn, self._partition_key, created_changes(records, results))
-                await durable  # a failed flush raises here and rolls the batch back
+            results = await self._index(records, durable)
+        except (asyncpg.DataError, asyncpg.ProgramLimitExceededError) as exc:
+            # Values of one instance that PostgreSQL refuses must not fail the others (STOW reports each
+            # instance on its own): index them one at a time, so only that instance fails.
+            log.warning(  # the class only: asyncpg's message can quote a value (patient data)
+                "index write of %d instances failed (%s); indexing them one by one",
+                len(records),
+                exc.__class__.__name__,
+            )
+            results = [await self._index_alone(record, durable) for record in records]
         except Exception as exc:
-            results = [
-                IndexResult(Outcome.CONFLICT, reason=f"index write failed: {exc.__class__.__name__}")
-            ] * len(records)
-            failure = FailureReason.PROCESSING_FAILURE
-        else:
-            failure = None
+            results = [_index_failure(exc)] * len(records)
         unreferenced = []
         for (outcome, record), result in zip(batch, results, strict=True):
             if result.outcome is Outcome.CREATED:
                 continue
             unreferenced.append(record.storage_key)
-            if failure is not None:
-                outcome.failure = failure
+            if result.reason.startswith(_INDEX_FAILURE):
+                outcome.failure = FailureReason.PROCESSING_FAILURE
             elif result.outcome is Outcome.ALREADY_STORED:
                 outcome.failure = FailureReason.ALREADY_STORED
             else:

@@ -16,6 +16,7 @@ import asyncpg
 
 # One NOTIFY channel for every process sharing the database; the payload is the last sequence committed.
 CHANNEL = "dicomweb_changefeed"
+MAX_SEQUENCE = 2**63 - 1  # sequences and partition ordinals are bigint
 
 
 class Action(enum.IntEnum):
@@ -199,6 +200,8 @@ async def read_window(
     if first is None:
         return []
     low = int(first)
+    if low + offset > MAX_SEQUENCE:  # past every sequence (and ordinal), which PostgreSQL could not bind
+        return []
     high = await _first_sequence_at(conn, end) if end is not None else None
     # the timestamps too: the same entries as the sequence range, kept so a clock set back cannot widen it
     conditions = ['($2::timestamptz IS NULL OR c."timestamp" >= $2)']

@@ -57,3 +57,30 @@ def decode_as_reference(decode: Callable[[str], T], transfer_syntax: str) -> T:
         return decode(plugin)
     except Exception:  # plugins raise anything from ValueError to RuntimeError
         return decode("")
+
+
+# pydicom's loggers that report each codec plugin's failure with LOGGER.exception
+_CODEC_LOGGERS = ("pydicom.pixels.decoders.base", "pydicom.pixels.encoders.base")
+
+
+class _WithoutTraceback(logging.Filter):
+    """Drops the traceback of a codec plugin's failure and logs it as a warning.
+
+    pydicom logs each plugin that fails with its traceback, then raises one error naming every plugin's
+    reason, which the archive answers with (406 or 422 and that reason). For a file no installed codec takes
+    (a 12-bit JPEG, a corrupt stream) every request put screens of tracebacks in the log that say nothing
+    more than the one-line reasons kept here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info or record.levelno > logging.WARNING:
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        return True
+
+
+def quiet_codec_tracebacks() -> None:
+    """Install _WithoutTraceback on pydicom's codec loggers (idempotent; each server process calls it)."""
+    for name in _CODEC_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _WithoutTraceback) for f in logger.filters):
+            logger.addFilter(_WithoutTraceback())

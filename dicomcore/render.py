@@ -102,12 +102,13 @@ def parse_window(text: str) -> Window:
         raise ValueError(f"window center and width must be numbers; got {text!r}") from None
     if not (math.isfinite(center) and math.isfinite(width)):
         raise ValueError(f"window center and width must be finite; got {text!r}")
-    function = WINDOW_FUNCTIONS.get(parts[2].lower() if len(parts) == 3 else "linear")
+    name = parts[2].lower() if len(parts) == 3 else "linear"
+    function = WINDOW_FUNCTIONS.get(name)
     if function is None:
         raise ValueError(f"window function must be one of {', '.join(WINDOW_FUNCTIONS)}; got {parts[2]!r}")
     minimum = 1.0 if function == "LINEAR" else 0.0
     if width < minimum or (function != "LINEAR" and width == 0):
-        raise ValueError(f"window width must be {'>= 1' if minimum else '> 0'} for {parts[-1]}; got {width}")
+        raise ValueError(f"window width must be {'>= 1' if minimum else '> 0'} for {name}; got {width}")
     return Window(center, width, function)
 
 

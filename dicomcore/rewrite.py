@@ -98,6 +98,8 @@ def _check_value(name: str, vr: str, value: Any) -> None:
         raise ValueError(f"{name}: {value!r} is not a string")
     if "\\" in str(checked):
         raise ValueError(f"{name}: a value must not contain a backslash (it separates values)")
+    if "\x00" in str(checked):  # no DICOM text holds one, nor PostgreSQL text (the operation's parameters)
+        raise ValueError(f"{name}: a value must not contain a NUL character")
     try:
         validate_value(vr, checked, config.RAISE)
     except ValueError as exc:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import asyncpg
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
@@ -21,13 +22,14 @@ from archive.update import UpdateHandler
 from archive.update_request import UPDATE
 from changefeed.notify import FeedNotifier
 from deid.export import ExportHandler, export_settings
+from dicomcore.decoding import quiet_codec_tracebacks
 from dicomweb.auth import AccessMiddleware, jwt_config
 from dicomweb.balance import BalanceMiddleware, ConnectionBalancer
 from dicomweb.config import Settings
 from dicomweb.context import ArchiveContext
 from dicomweb.cors import cors_middleware
 from dicomweb.dimse_listener import dimse_server
-from dicomweb.errors import HTTPProblem, handle_problem
+from dicomweb.errors import HTTPProblem, handle_http_exception, handle_problem
 from dicomweb.gcpolicy import tune_for_serving
 from dicomweb.hl7_listener import hl7_server
 from dicomweb.metrics import MetricsMiddleware, metrics
@@ -182,6 +184,7 @@ def create_app(
 ) -> Starlette:
     """An app bound to one database and blob store; opened and closed by its lifespan (which also closes
     a `store` handed in)."""
+    quiet_codec_tracebacks()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -324,7 +327,7 @@ def create_app(
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={HTTPProblem: handle_problem},
+        exception_handlers={HTTPProblem: handle_problem, HTTPException: handle_http_exception},
         # metrics outermost: it times what the client sees, CORS preflights included
         # access control innermost: refusals get CORS headers too, and are counted and timed
         middleware=[

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -25,3 +26,10 @@ def problem_response(status: int, message: str, headers: dict[str, str] | None =
 async def handle_problem(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPProblem)
     return problem_response(exc.status, exc.message, exc.headers)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (no route for the path: 404; a method the route does not take: 405, with
+    Allow) in the same JSON shape, instead of its text/plain body."""
+    assert isinstance(exc, HTTPException)
+    return problem_response(exc.status_code, exc.detail, exc.headers)

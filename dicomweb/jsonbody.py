@@ -2,11 +2,13 @@
 
 Every route whose body is JSON reads it through `read_body`, so no client can make a process hold more than
 `Settings.max_json_body_size` bytes of one request: a declared Content-Length above it is refused before a
-byte is read, and a chunked body is refused as soon as it grows past it.
+byte is read, and a chunked body is refused as soon as it grows past it. A string holding U+0000 is refused
+there too.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -14,6 +16,9 @@ from starlette.requests import Request
 
 from dicomweb.context import context
 from dicomweb.errors import HTTPProblem
+
+# \u0000 as an escape (an odd number of backslashes before "u0000"; outside strings JSON has none)
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def _too_large(limit: int) -> HTTPProblem:
@@ -38,7 +43,14 @@ async def read_body(request: Request) -> bytes:
         if received > limit:
             raise _too_large(limit)
         chunks.append(chunk)
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    # PostgreSQL's text and jsonb cannot hold U+0000 and no DICOM text has one: refused here, once, rather
+    # than failing wherever the value is first written (a 500)
+    if b"\\u0000" in body and _NUL_ESCAPE.search(body):
+        raise HTTPProblem(
+            400, "the body holds a NUL character (\\u0000) in a string, which nothing here can store"
+        )
+    return body
 
 
 def parse_json(body: bytes) -> Any:

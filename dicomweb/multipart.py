@@ -273,7 +273,7 @@ class _Reader:
         try:
             self._parser.write(chunk)
         except MultipartParseError as exc:
-            raise MultipartError(f"malformed multipart body: {exc}") from exc
+            raise MultipartError(str(exc)) from exc
 
     def _scan_preamble(self, chunk: bytes) -> bytes | None:
         """Buffer until the first delimiter line; return the body from it (padding normalised) or None.

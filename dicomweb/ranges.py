@@ -5,10 +5,15 @@ from __future__ import annotations
 from dicomweb.errors import HTTPProblem
 
 
-def parse_range(header: str, length: int) -> tuple[int, int]:
-    """A single byte range (RFC 9110 14.1.2) as [start, end); 416 when unsatisfiable."""
+def parse_range(header: str, length: int) -> tuple[int, int] | None:
+    """A single byte range (RFC 9110 14.1.2) as [start, end); 416 when unsatisfiable.
+
+    None for a range unit other than bytes: RFC 9110 14.2 says a server MUST ignore it (the whole
+    representation is sent, 200)."""
     unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
+    if unit.strip().lower() != "bytes":
+        return None
+    if "," in spec:
         raise HTTPProblem(
             416, "only a single bytes range is supported", headers={"Content-Range": f"bytes */{length}"}
         )

@@ -177,13 +177,34 @@ def parse_tm(text: str) -> dt.time | None:
         return None
 
 
+_IS_MIN, _IS_MAX = -(2**31), 2**31 - 1  # PS3.5 6.2: the range of IS (and of the integer columns)
+
+
 def parse_is(value: Any) -> int | None:
+    """IS value to an int; None when malformed or outside IS's range (the raw value stays in the
+    metadata), so that an invalid value in a real file cannot fail the index write of its batch."""
     if isinstance(value, int):
-        return value
-    try:
-        return int(str(value).strip())
-    except (TypeError, ValueError):
-        return None
+        number = value
+    else:
+        try:
+            number = int(str(value).strip())
+        except (TypeError, ValueError):
+            return None
+    return number if _IS_MIN <= number <= _IS_MAX else None
+
+
+# Longer than any valid value of an indexed text attribute (a PN of three 64-character groups is the
+# longest), short enough for a btree entry (PostgreSQL refuses entries over ~2.7 kB, 4 bytes a character).
+MAX_INDEXED_CHARS = 256
+
+
+def indexable(text: str) -> str:
+    """A text value as its column holds it: without NULs (PostgreSQL text cannot hold them; DICOM text has
+    none, but files do) and cut to MAX_INDEXED_CHARS. Only invalid values change, the metadata keeps them
+    whole, and a wildcard query on their start still finds them."""
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    return text[:MAX_INDEXED_CHARS]
 
 
 # --- column values of one level from an instance's DICOM JSON ---------------------------------------
@@ -191,28 +212,35 @@ def parse_is(value: Any) -> int | None:
 
 def _text(attrs: dict, key: str) -> str | None:
     value = first_value(attrs, key)
-    return None if value is None else str(value)
+    return None if value is None else indexable(str(value))
+
+
+def _person_name(attrs: dict, key: str) -> tuple[str | None, str | None]:
+    """(all groups, alphabetic group) of a PN attribute, each as a column can hold it."""
+    value = first_value(attrs, key)
+    if value is None:
+        return None, None
+    alphabetic = pn_alphabetic(value)
+    return indexable(pn_all_groups(value)), None if alphabetic is None else indexable(alphabetic)
 
 
 def study_columns(attrs: dict) -> dict[str, Any]:
     """Column values of the study row (patient attributes included: they are matched at study level)."""
-    patient_name = first_value(attrs, "00100010")
-    referring = first_value(attrs, "00080090")
-    pn_alpha = pn_alphabetic(patient_name)
-    ref_alpha = pn_alphabetic(referring)
+    patient_name, pn_alpha = _person_name(attrs, "00100010")
+    referring, ref_alpha = _person_name(attrs, "00080090")
     return {
         "patient_id": _text(attrs, "00100020"),
-        "patient_name": pn_all_groups(patient_name) if patient_name is not None else None,
+        "patient_name": patient_name,
         "patient_name_ci": fold_case(pn_alpha) if pn_alpha is not None else None,
-        "patient_name_words": name_words(pn_all_groups(patient_name)) if patient_name else [],
+        "patient_name_words": name_words(patient_name) if patient_name else [],
         "patient_birth_date": parse_da(_text(attrs, "00100030") or ""),
         "patient_sex": _text(attrs, "00100040"),
         "study_date": parse_da(_text(attrs, "00080020") or ""),
         "study_time": parse_tm(_text(attrs, "00080030") or ""),
         "accession_number": _text(attrs, "00080050"),
-        "referring_physician_name": pn_all_groups(referring) if referring is not None else None,
+        "referring_physician_name": referring,
         "referring_physician_name_ci": fold_case(ref_alpha) if ref_alpha is not None else None,
-        "referring_physician_name_words": name_words(pn_all_groups(referring)) if referring else [],
+        "referring_physician_name_words": name_words(referring) if referring else [],
         "study_id": _text(attrs, "00200010"),
         "study_description": _text(attrs, "00081030"),
     }

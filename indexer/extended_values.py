@@ -119,6 +119,8 @@ def convert(vr: str, value: Any) -> Any:
             raise BadValue(f"{value!r} is not a person name")
         alphabetic = pn_alphabetic(value)
         text = pn_all_groups(value)
+        if "\x00" in text:
+            raise BadValue(f"{text!r} holds a NUL character")
         return text, fold_case(alphabetic) if alphabetic is not None else None, " ".join(name_words(text))
     if table == "ext_long":
         if isinstance(value, str) and _INT.fullmatch(value.strip()):
@@ -135,6 +137,8 @@ def convert(vr: str, value: Any) -> Any:
         return float32(float(value)) if vr == "FL" else float(value)
     if not isinstance(value, str):
         raise BadValue(f"{value!r} is not a {vr} string")
+    if "\x00" in value:  # no text VR allows it, and PostgreSQL text cannot hold it
+        raise BadValue(f"{value!r} holds a NUL character")
     if table == "ext_date":
         date = parse_da(value) if re.fullmatch(r"[0-9]{8}", value.strip()) else None
         if date is None:

@@ -28,7 +28,7 @@ from indexer.attributes import (
 )
 from indexer.extended_tags import INGEST_LOCK, ExtendedTag, indexing_tags
 from indexer.extended_values import Source, collect, delete_values, insert_errors, insert_values
-from indexer.levels import series_attrs, study_attrs
+from indexer.levels import level_json, series_attrs, study_attrs
 from indexer.lookup import scope_sql
 from indexer.qido import stored_members
 
@@ -242,14 +242,14 @@ async def _insert(
         args.extend(ident)
     for uid in studies:
         r = study_rep[uid]
-        args.extend((uid, orjson.dumps(study_attrs(r.attrs)), *study_columns(r.attrs).values()))
+        args.extend((uid, level_json(study_attrs(r.attrs)), *study_columns(r.attrs).values()))
     for uid in series:
         r = series_rep[uid]
         args.extend(
             (
                 r.study_instance_uid,
                 uid,
-                orjson.dumps(series_attrs(r.attrs)),
+                level_json(series_attrs(r.attrs)),
                 *series_columns(r.attrs).values(),
             )
         )
@@ -411,7 +411,7 @@ async def _refresh_level_attrs(
         await conn.executemany(
             update_sql,
             [
-                (row["key"], orjson.dumps(level_attrs(attrs)), *columns(attrs).values())
+                (row["key"], level_json(level_attrs(attrs)), *columns(attrs).values())
                 for row in latest
                 for attrs in (orjson.loads(row["metadata"]),)
             ],

@@ -68,18 +68,26 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _make_dirs(directory: Path, root: Path) -> None:
-    """Create directory and any missing parents below root, fsyncing each new entry's parent."""
-    if directory.is_dir():
-        return
-    missing: list[Path] = []
-    current = directory
-    while current != root and not current.is_dir():
-        missing.append(current)
-        current = current.parent
-    for path in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # a concurrent put created it first
-            os.mkdir(path)
-        _fsync_dir(path.parent)
+    """Create directory and any missing parents below root, fsyncing each new entry's parent.
+
+    A concurrent delete prunes empty directories bottom-up, so a parent found here may be gone when its
+    child is made (a STOW right after a DELETE of the same study): the walk then starts again."""
+    for attempt in range(_RENAME_ATTEMPTS):
+        if directory.is_dir():
+            return
+        missing: list[Path] = []
+        current = directory
+        while current != root and not current.is_dir():
+            missing.append(current)
+            current = current.parent
+        try:
+            for path in reversed(missing):
+                with contextlib.suppress(FileExistsError):  # a concurrent put created it first
+                    os.mkdir(path)
+                _fsync_dir(path.parent)
+        except FileNotFoundError:  # a parent was pruned under us
+            if attempt == _RENAME_ATTEMPTS - 1:
+                raise
 
 
 def _take(iterator: Iterator[T], count: int) -> list[T]:

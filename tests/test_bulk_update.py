@@ -109,6 +109,12 @@ def test_parse_update_request() -> None:
         ({"studyInstanceUids": ["1.2.3"],
           "changeDataset": {"00100020": {"vr": "LO", "Value": ["x"], "BulkDataURI": "http://x"}}},
          "only 'vr' and 'Value'"),
+        # HL7 updates come here without a JSON body (PID fields): a NUL is refused by the value check
+        ({"studyInstanceUids": ["1.2.3"], "changeDataset": {"00100020": {"vr": "LO", "Value": ["a\0b"]}}},
+         "PatientID (0010,0020): a value must not contain a NUL character"),
+        ({"studyInstanceUids": ["1.2.3"],
+          "changeDataset": {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe\0^J"}]}}},
+         "PatientName (0010,0010): a value must not contain a NUL character"),
     ],
 )  # fmt: skip
 def test_refused_requests(body: Any, message: str) -> None:
@@ -405,6 +411,13 @@ async def test_requests_refused_and_unknown_studies(local_archive: RunningArchiv
             "00080060": {"vr": "CS", "Value": ["MR"]}}})  # fmt: skip
         assert refused.status_code == 400
         assert "Modality (0008,0060) cannot be updated" in refused.json()["error"]["message"]
+        # a NUL in a value: no DICOM text holds one, and the operation's parameters (jsonb) cannot: a 500
+        nul = await _bulk_update(client, url, {"studyInstanceUids": ["1.2.3"], "changeDataset": {
+            "00100020": {"vr": "LO", "Value": ["a\u0000b"]}}})  # fmt: skip
+        assert (nul.status_code, nul.json()["error"]["message"]) == (
+            400,
+            "the body holds a NUL character (\\u0000) in a string, which nothing here can store",
+        )
         malformed = await client.post(f"{url}/studies/$bulkUpdate", content=b"{not json",
                                       headers={"Content-Type": "application/json"})  # fmt: skip
         assert malformed.status_code == 400

@@ -145,6 +145,24 @@ async def test_v2_time_window_and_offset(client: httpx.AsyncClient) -> None:
     assert [e["Sequence"] for e in (await client.get("/v1/changefeed", params={"limit": 2})).json()] == [1, 2]
 
 
+async def test_v2_offset_past_every_sequence(client: httpx.AsyncClient) -> None:
+    """An offset as large as a sequence can be skips everything (it was added to the window's first
+    sequence and overflowed PostgreSQL's bigint: a 500); a larger one is not a valid offset (400)."""
+    _, files = study_files(8, 1)
+    await stow(client, files, "/v2/partitions/research/studies")
+    largest = 2**63 - 1
+    for path in ("/v2/changefeed", "/v2/partitions/research/changefeed"):
+        response = await client.get(path, params={"offset": largest})
+        assert (response.status_code, response.json()) == (200, [])
+        response = await client.get(path, params={"offset": largest + 1})
+        assert response.status_code == 400
+        assert response.json()["error"]["message"] == (
+            f"offset must be between 0 and {largest}, not {largest + 1}"
+        )
+    response = await client.get("/v1/changefeed", params={"offset": "99999999999999999999"})
+    assert response.status_code == 400
+
+
 async def test_partition_routes_filter(client: httpx.AsyncClient) -> None:
     _, files = study_files(6, 2)
     await stow(client, files[:1], "/v2/studies")
@@ -162,7 +180,7 @@ async def test_partition_routes_filter(client: httpx.AsyncClient) -> None:
 @pytest.mark.parametrize(
     ("path", "params", "needle"),
     [
-        ("/v1/changefeed", {"offset": "-1"}, "offset must be at least 0"),
+        ("/v1/changefeed", {"offset": "-1"}, "offset must be between 0 and 9223372036854775807, not -1"),
         ("/v1/changefeed", {"offset": "abc"}, "offset must be an integer"),
         ("/v1/changefeed", {"limit": "0"}, "limit must be between 1 and 10000"),
         ("/v1/changefeed", {"limit": "10001"}, "limit must be between 1 and 10000"),

@@ -136,6 +136,10 @@ def test_standard_searches_skip_tag_definitions() -> None:
         ("TM", "2500", BadValue),
         ("DT", "20201301", BadValue),
         ("PN", {"Alphabetic": "Doe^John^^"}, ("Doe^John^^==", "doe^john", "doe john")),
+        # a NUL inside a value: PostgreSQL text refuses it, which failed the store (272) instead of
+        # recording an error for the instance
+        ("LO", "pro\0to", BadValue),
+        ("PN", {"Alphabetic": "Doe\0John"}, BadValue),
     ],
 )
 def test_value_conversion(vr: str, value: Any, stored: Any) -> None:

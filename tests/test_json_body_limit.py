@@ -157,3 +157,42 @@ async def test_the_default_limit_refuses_a_30_mb_bulk_update(local_archive: Runn
     assert response.status_code == 413
     assert str(4 << 20) in response.json()["error"]["message"]
     assert await _count(local_archive.database_url, "operation") == 0
+
+
+async def test_a_nul_in_a_json_string_is_400_and_changes_nothing(local_archive: RunningArchive) -> None:
+    """U+0000 (written \\u0000) in any string of a JSON body: PostgreSQL's text and jsonb cannot hold it,
+    and a token name, an extended query tag's PrivateCreator, an export's S3 prefix or pixel rule, or a work
+    item holding one was a 500 with a traceback. Every JSON route reads its body through read_body, which
+    now refuses it with 400 before anything is done. An escaped backslash before "u0000" is no NUL."""
+    json_type = {"Content-Type": "application/json"}
+    export = {
+        "source": {"type": "identifiers", "settings": {"values": ["1.2.3"]}},
+        "destination": {"type": "s3", "settings": {"bucket": "b", "prefix": "a\u0000"}},
+        "deidentification": {"project": "p1"},
+    }
+    item = workitem()
+    item["00741000"] = {"vr": "CS", "Value": ["SCHEDULED"]}
+    item["00404010"] = {"vr": "DT", "Value": ["20260101"]}
+    item["00741202"] = {"vr": "LO", "Value": ["a\u0000"]}
+    requests = [
+        ("/tokens", {"role": "reader", "name": "a\u0000b"}, json_type),
+        ("/v2/extendedquerytags", [{"Path": "00091003", "VR": "LO", "PrivateCreator": "A\u0000B",
+                                    "Level": "Instance"}], json_type),
+        ("/v2/export", export, json_type),
+        ("/v2/workitems", [item], {"Content-Type": "application/dicom+json"}),
+    ]  # fmt: skip
+    async with httpx.AsyncClient(base_url=local_archive.base, timeout=60) as client:
+        for path, body, headers in requests:
+            response = await client.post(path, content=orjson.dumps(body), headers=headers)
+            assert (response.status_code, response.json()["error"]["message"]) == (
+                400,
+                "the body holds a NUL character (\\u0000) in a string, which nothing here can store",
+            ), path
+        # a backslash followed by the text u0000 is an ordinary value
+        named = await client.post("/tokens", content=orjson.dumps({"role": "reader", "name": "a\\u0000"}),
+                                  headers=json_type)  # fmt: skip
+        assert named.status_code == 201, named.text
+        assert named.json()["name"] == "a\\u0000"
+    assert await _count(local_archive.database_url, "extended_query_tag") == 0
+    assert await _count(local_archive.database_url, "ups_workitem") == 0
+    assert await _count(local_archive.database_url, "operation") == 0

@@ -8,7 +8,9 @@ dicomcore.render.
 from __future__ import annotations
 
 import io
+import logging
 import random
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -236,6 +238,11 @@ def test_parse_window_and_viewport() -> None:
     for bad in ("64", "0,10", "10,x", "64,64,1,2,3", "64,64,-1,0,5,5", "64,64,0,0,0,5", "9000,10"):
         with pytest.raises(ValueError):
             parse_viewport(bad)
+    # the message names the function, also when it was left out (it said "for 0", the width)
+    with pytest.raises(ValueError, match=r"^window width must be >= 1 for linear; got 0.0$"):
+        parse_window("40,0")
+    with pytest.raises(ValueError, match=r"^window width must be > 0 for sigmoid; got 0.0$"):
+        parse_window("40,0,Sigmoid")
 
 
 @given(st.text(max_size=30))
@@ -500,6 +507,31 @@ async def test_bad_requests_get_clear_errors_and_server_keeps_serving(client: ht
     response = await client.get(path_of(good) + "/rendered", headers={"Accept": "image/png"})
     assert response.status_code == 200
     assert_close(decode(response.content), reference_gray(good))
+
+
+async def test_undecodable_pixel_data_logs_no_traceback(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 12-bit JPEG Extended file no installed decoder takes (pydicom's JPEG-lossy.dcm): rendering it is
+    422 with the decoders' reasons, and the log says so without tracebacks. pydicom logged each plugin's
+    failure with its traceback (LOGGER.exception), a screenful per request, before raising the error the
+    archive answers with."""
+    data = (Path(pydicom.__file__).parent / "data" / "test_files" / "JPEG-lossy.dcm").read_bytes()
+    response = await client.post("/studies", content=data, headers={"Content-Type": "application/dicom"})
+    assert response.status_code == 200
+    url = response.json()["00081199"]["Value"][0]["00081190"]["Value"][0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        rendered = await client.get(f"{url}/rendered")
+        transcoded = await client.get(
+            url, headers={"Accept": "application/dicom; transfer-syntax=1.2.840.10008.1.2.1"}
+        )
+    assert rendered.status_code == 422
+    assert "JPEG Extended" in rendered.json()["error"]["message"]
+    assert transcoded.status_code == 406
+    codec = [r for r in caplog.records if r.name.startswith("pydicom.pixels")]
+    assert codec  # the reasons are still logged, one line each
+    assert [r for r in codec if r.exc_info or r.levelno > logging.WARNING] == []
 
 
 # -------------------------------------------------------------------------------- ranged reads, both stores

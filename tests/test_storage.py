@@ -418,6 +418,22 @@ async def test_local_delete_prunes_empty_directories(local_store: LocalBlobStore
     assert await local_store.read("s1/se1/i1") == b"again"
 
 
+async def test_local_put_survives_concurrent_pruning(local_store: LocalBlobStore) -> None:
+    """A put into a study whose last object is being deleted (a STOW right after a DELETE of the same
+    study): the delete prunes the series, study and partition directories while the put creates them
+    again. A put whose mkdir found the directory above just pruned raised FileNotFoundError (STOW failure
+    272, "could not store the object"); every put must succeed and keep its object."""
+    previous = "p1/study/series/0"
+    await local_store.put(previous, b"0")
+    for i in range(1, 1500):
+        key = f"p1/study/series/{i}"
+        await asyncio.gather(local_store.delete(previous), local_store.put(key, b"%d" % i, durable=False))
+        assert await local_store.read(key) == b"%d" % i
+        previous = key
+    await local_store.delete(previous)
+    assert names_in(local_store.root) == [TMP_DIR_NAME]
+
+
 async def test_local_directory_is_not_readable_as_object(local_store: LocalBlobStore) -> None:
     await local_store.put("a/b", b"x")
     with pytest.raises(BlobNotFoundError):

@@ -123,12 +123,20 @@ def test_paging_and_empty_results(http: httpx.Client) -> None:
         ({"fuzzymatching": "yes"}, "true or false"),
         ({"includefield": "Nonsense"}, "Nonsense"),
         ({"SOPInstanceUID": "1.02"}, "UID"),
+        # both were a 500: PostgreSQL refuses a NUL in text, and an offset beyond bigint
+        ({"PatientName": "a\x00"}, "PatientName: NUL characters are not allowed"),
+        ({"offset": "99999999999999999999"}, "offset: must be at most 2147483647"),
     ],
 )
 def test_bad_queries_are_400(http: httpx.Client, params: dict[str, str], message: str) -> None:
     response = http.get("/workitems", params=params)
     assert response.status_code == 400, response.text
     assert message in response.json()["error"]["message"]
+
+
+def test_a_huge_limit_is_clamped(http: httpx.Client) -> None:
+    """As in QIDO: a limit above the maximum is clamped, not refused (only offset has a ceiling)."""
+    assert http.get("/workitems", params={"limit": "99999999999"}).status_code in (200, 204)
 
 
 _populated: dict[str, list[tuple[str, dt.datetime]]] = {}

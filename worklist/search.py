@@ -93,12 +93,17 @@ def attribute_path(param: str) -> tuple[tuple[str, ...], str]:
     return tuple(keys), vr
 
 
-def _count(param: str, raw: str, minimum: int) -> int:
+_MAX_COUNT = 2**31 - 1
+
+
+def _count(param: str, raw: str, minimum: int, maximum: int | None = None) -> int:
     if not re.fullmatch(r"[0-9]+", raw.strip()):
         raise SearchError(param, f"{raw!r} is not a non-negative integer")
     value = int(raw)
     if value < minimum:
         raise SearchError(param, f"must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise SearchError(param, f"must be at most {maximum}")
     return value
 
 
@@ -114,7 +119,8 @@ def parse_search(pairs: Iterable[tuple[str, str]], *, default_limit: int, max_li
             if lowered == "limit":
                 search.limit = min(_count(param, raw, 1), max_limit)
             elif lowered == "offset":
-                search.offset = _count(param, raw, 0)
+                # as QIDO's offset: a larger one PostgreSQL would refuse (a 500); a large limit is clamped
+                search.offset = _count(param, raw, 0, _MAX_COUNT)
             elif lowered == "fuzzymatching":
                 if raw not in ("true", "false"):
                     raise SearchError(param, "must be true or false")
@@ -129,6 +135,8 @@ def parse_search(pairs: Iterable[tuple[str, str]], *, default_limit: int, max_li
 
 
 def parse_filter(param: str, raw: str) -> Filter:
+    if "\x00" in raw or "\x00" in param:  # as QIDO's: PostgreSQL text cannot hold it (a 500)
+        raise SearchError(param.replace("\x00", "\\x00"), "NUL characters are not allowed")
     path, vr = attribute_path(param)
     value = raw.strip() if vr != "PN" else raw.rstrip()
     if vr == "SQ" and value:

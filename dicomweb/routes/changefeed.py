@@ -26,6 +26,7 @@ from dicomweb.errors import HTTPProblem
 
 MAX_LIMIT = 10_000
 MAX_WAIT = 60
+MAX_OFFSET = log.MAX_SEQUENCE  # Azure's offset is a long; a larger one is no offset at all
 _DEFAULT_LIMIT = {"v1": 10, "v2": 100}
 _ACTIONS = {log.Action.CREATE: "create", log.Action.UPDATE: "update", log.Action.DELETE: "delete"}
 _STATES = {log.State.CURRENT: "current", log.State.REPLACED: "replaced", log.State.DELETED: "deleted"}
@@ -75,7 +76,7 @@ def _params(request: Request, version: str, *, window: bool) -> _Params:
             raise HTTPProblem(400, f"query parameter {name!r} is given more than once")
         seen.add(key)
         if key == "offset":
-            params.offset = _int(name, raw, 0)
+            params.offset = _int(name, raw, 0, MAX_OFFSET)
         elif key == "limit":
             params.limit = _int(name, raw, 1, MAX_LIMIT)
         elif key == "wait":

@@ -235,9 +235,10 @@ async def frames_response(
     content_type = f"{part_type}; transfer-syntax={target}"
     if selection.offer.media_type != "multipart/related":
         headers = {"Accept-Ranges": "bytes"}
-        if not range_header:
+        byte_range = parse_range(range_header, len(first)) if range_header else None
+        if byte_range is None:
             return Response(first, media_type=content_type, headers=headers)
-        start, end = parse_range(range_header, len(first))
+        start, end = byte_range
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(first)}"
         return Response(first[start:end], status_code=206, media_type=content_type, headers=headers)
     boundary = new_boundary()

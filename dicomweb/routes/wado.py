@@ -577,8 +577,9 @@ async def bulkdata(request: Request) -> Response:
     status = 200
     headers = {"Accept-Ranges": "bytes"}
     range_header = request.headers.get("range")
-    if range_header:
-        start, end = parse_range(range_header, length)
+    byte_range = parse_range(range_header, length) if range_header else None
+    if byte_range is not None:
+        start, end = byte_range
         status = 206
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{length}"
     content = body(start, end)
