@@ -26,18 +26,6 @@ REFERENCE_JPEG_PLUGIN = "pillow"
 _IJG_DECODED = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit})
 
 
-def _not_a_plugin_failure(record: logging.LogRecord) -> bool:
-    """pydicom logs every decoder plugin that fails on a frame at ERROR with its traceback, then tries the
-    next one: Pillow refusing 12-bit JPEG Extended put a traceback in the server's log for each such object
-    transcoded, though pylibjpeg decoded it. When every plugin fails, pydicom's RuntimeError lists each
-    plugin's message and the caller reports it (a WADO-RS error, a failed C-GET sub-operation), so these
-    records say nothing more."""
-    return not (record.exc_info and record.funcName == "_decode_frame")
-
-
-logging.getLogger("pydicom.pixels.decoders.base").addFilter(_not_a_plugin_failure)
-
-
 @cache
 def reference_plugin(transfer_syntax: str) -> str:
     """The plugin to decode `transfer_syntax` with; "" (pydicom's own order) unless it is 8-bit JPEG."""
@@ -69,7 +57,8 @@ class _WithoutTraceback(logging.Filter):
     pydicom logs each plugin that fails with its traceback, then raises one error naming every plugin's
     reason, which the archive answers with (406 or 422 and that reason). For a file no installed codec takes
     (a 12-bit JPEG, a corrupt stream) every request put screens of tracebacks in the log that say nothing
-    more than the one-line reasons kept here."""
+    more than the one-line reasons kept here; so did every plugin that gave way to the next (Pillow refusing
+    a 12-bit JPEG Extended frame that pylibjpeg then decodes, on every transcode or C-GET of it)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info or record.levelno > logging.WARNING:
@@ -84,3 +73,6 @@ def quiet_codec_tracebacks() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _WithoutTraceback) for f in logger.filters):
             logger.addFilter(_WithoutTraceback())
+
+
+quiet_codec_tracebacks()  # every process that decodes through this module, servers or not
