@@ -538,6 +538,26 @@ async def test_move_to_a_registered_destination(
     assert rows[0]["detail"] == f"C-MOVE to DEST: {len(files)} completed, 0 failed, 0 warning, 0 remaining"
 
 
+@contextlib.contextmanager
+def _storescp(archive: DimseArchive, out: Path, *flags: str) -> Iterator[None]:
+    """DCMTK's storescp as move destination STORESCP, writing what it receives to `out`, while the block
+    runs."""
+    port = free_port()
+    out.mkdir()
+    assert shutil.which("storescp"), "storescp (DCMTK) is not installed: scripts/dimse-deps installs it"
+    scp = subprocess.Popen(["storescp", *flags, "-aet", "STORESCP", "-od", str(out), str(port)])
+    try:
+        asyncio.run(archive.register("STORESCP", port=port))
+        for _ in range(50):  # until it listens
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.1)
+        yield
+    finally:
+        scp.terminate()
+        scp.wait(timeout=10)
+
+
 def test_move_to_dcmtk_storescp_transcodes_what_it_does_not_take(
     open_dimse_archive: DimseArchive, tmp_path: Path
 ) -> None:
@@ -547,22 +567,11 @@ def test_move_to_dcmtk_storescp_transcodes_what_it_does_not_take(
     rle = Path(get_testdata_file(RLE_FILE)).read_bytes()
     original = pydicom.dcmread(pydicom.filebase.DicomBytesIO(rle))
     stow(open_dimse_archive, [*files, rle])
-    port, out = free_port(), tmp_path / "storescp"
-    out.mkdir()
-    assert shutil.which("storescp"), "storescp (DCMTK) is not installed: scripts/dimse-deps installs it"
-    scp = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), str(port)])
-    try:
-        asyncio.run(open_dimse_archive.register("STORESCP", port=port))
-        for _ in range(50):  # until it listens
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            time.sleep(0.1)
+    out = tmp_path / "storescp"
+    with _storescp(open_dimse_archive, out):
         for study_uid in (uids(files[0])[0], str(original.StudyInstanceUID)):
             responses = move(open_dimse_archive, query("STUDY", StudyInstanceUID=study_uid), "STORESCP")
             assert int(responses[-1][0].Status) == 0x0000
-    finally:
-        scp.terminate()
-        scp.wait(timeout=10)
     received = {uids(path.read_bytes())[2]: path.read_bytes() for path in out.iterdir()}
     assert set(received) == {uids(f)[2] for f in files} | {str(original.SOPInstanceUID)}
     for f in files:
@@ -582,21 +591,10 @@ def test_move_of_an_odd_length_deflated_object_to_dcmtk_storescp(
     original = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
     assert len(dataset_bytes(data, tmp_path)) % 2 == 1
     stow(open_dimse_archive, [data])
-    port, out = free_port(), tmp_path / "storescp"
-    out.mkdir()
-    assert shutil.which("storescp"), "storescp (DCMTK) is not installed: scripts/dimse-deps installs it"
-    scp = subprocess.Popen(["storescp", "--accept-all", "-aet", "STORESCP", "-od", str(out), str(port)])
-    try:
-        asyncio.run(open_dimse_archive.register("STORESCP", port=port))
-        for _ in range(50):  # until it listens
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            time.sleep(0.1)
+    out = tmp_path / "storescp"
+    with _storescp(open_dimse_archive, out, "--accept-all"):
         identifier = query("STUDY", StudyInstanceUID=str(original.StudyInstanceUID))
         responses = move(open_dimse_archive, identifier, "STORESCP")
-    finally:
-        scp.terminate()
-        scp.wait(timeout=10)
     assert [int(r.Status) for r, _ in responses][-1] == 0x0000
     (received,) = [pydicom.dcmread(path) for path in out.iterdir()]
     assert received.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID

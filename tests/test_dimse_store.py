@@ -150,28 +150,31 @@ def _send_raw(assoc, req, context_id: int):
         assoc._reactor_checkpoint.set()
 
 
+def _hand_made_store(archive: DimseArchive, syntax: str, ds: pydicom.Dataset, sop_instance_uid: str):
+    """An association of MODALITY proposing CT storage in `syntax`, and a C-STORE request holding `ds` as
+    explicit VR little endian under `sop_instance_uid`, whatever the syntax says (for _send_raw)."""
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, syntax)
+    assoc = ae.associate(*archive.address, ae_title=ARCHIVE_AE)
+    req = C_STORE()
+    req.MessageID, req.Priority = 1, 2
+    req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = CTImageStorage, sop_instance_uid
+    req.DataSet = io.BytesIO(encode(ds, False, True))
+    return assoc, req
+
+
 async def test_data_set_not_matching_its_declared_sop_instance_is_refused(
     dimse_archive: DimseArchive,
 ) -> None:
     """The request's Affected SOP Instance UID must be the data set's; otherwise A900, nothing kept."""
     await dimse_archive.register("MODALITY", services=["store"])
     ds = study(3, 1)[0]
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate(*dimse_archive.address, ae_title=ARCHIVE_AE)
-    # send the bytes of the data set under another Affected SOP Instance UID
-    from pynetdicom.dimse_primitives import C_STORE
-
-    req = C_STORE()
-    req.MessageID = 1
-    req.AffectedSOPClassUID = CTImageStorage
-    req.AffectedSOPInstanceUID = "1.2.3.4.5.6.7"
-    req.Priority = 2
-    from pynetdicom.dsutils import encode
-
-    req.DataSet = io.BytesIO(encode(ds, False, True))
-    context = assoc.accepted_contexts[0]
-    rsp = _send_raw(assoc, req, context.context_id)
+    # the bytes of the data set under another Affected SOP Instance UID
+    assoc, req = _hand_made_store(dimse_archive, ExplicitVRLittleEndian, ds, "1.2.3.4.5.6.7")
+    rsp = _send_raw(assoc, req, assoc.accepted_contexts[0].context_id)
     assoc.release()
     assert rsp.Status == 0xA900
     assert await instance_count(dimse_archive) == 0
@@ -306,20 +309,11 @@ async def test_corrupt_deflated_data_set_is_c000(dimse_archive: DimseArchive) ->
     """Bytes that do not inflate, on a Deflated Explicit VR Little Endian context, cannot be understood
     (0xC000), as any other unparseable data set; they were 0xA700 (out of resources, "try again")."""
     from pydicom.uid import DeflatedExplicitVRLittleEndian
-    from pynetdicom.dimse_primitives import C_STORE
-    from pynetdicom.dsutils import encode
 
     await dimse_archive.register("MODALITY", services=["store"])
     ds = study(51, 1)[0]
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(CTImageStorage, DeflatedExplicitVRLittleEndian)
-    assoc = ae.associate(*dimse_archive.address, ae_title=ARCHIVE_AE)
-    req = C_STORE()
-    req.MessageID = 5
-    req.AffectedSOPClassUID = CTImageStorage
-    req.AffectedSOPInstanceUID = ds.SOPInstanceUID
-    req.Priority = 2
-    req.DataSet = io.BytesIO(encode(ds, False, True))  # explicit VR little endian, not deflated
+    # explicit VR little endian bytes, not deflated
+    assoc, req = _hand_made_store(dimse_archive, DeflatedExplicitVRLittleEndian, ds, ds.SOPInstanceUID)
     rsp = _send_raw(assoc, req, assoc.accepted_contexts[0].context_id)
     assoc.release()
     assert rsp.Status == 0xC000
