@@ -153,7 +153,8 @@ def header_of(raw: bytes) -> Header | None:
         codec = codec_for(raw)
     except HL7Error:
         codec = "latin-1"
-    return _header(raw.decode(codec, "replace"))
+    # without NULs: the header goes into the message's log row and audit record (PostgreSQL text)
+    return _header(raw.decode(codec, "replace").replace("\x00", ""))
 
 
 def codec_for(raw: bytes) -> str:
@@ -193,6 +194,12 @@ def parse(raw: bytes, read: Callable[[Header], Collection[str] | None] | None = 
     header = _header(text)
     if header is None:
         raise HL7Error(AR, SEGMENT_SEQUENCE_ERROR, "the message does not start with an MSH segment", "MSH")
+    # a NUL is not HL7 text, and no DICOM or PostgreSQL text holds it (padding at the ends is cut above)
+    if (at := text.find("\x00")) >= 0:
+        name = text[text.rfind("\r", 0, at) + 1 :][:3]
+        where = name if name.isalnum() else ""
+        said = f"the {where} segment" if where else "the message"
+        raise HL7Error(AR, DATA_TYPE_ERROR, f"{said} holds a NUL character (0x00)", where)
     _check_header(header)
     lines = [line for line in text.split("\r") if line.strip()]
     if any(line.startswith("MSH") for line in lines[1:]):  # one message per frame (batches have BHS/FHS)
@@ -302,7 +309,11 @@ def value(segment: Segment | None, field: int, repetition: int = 1, component: i
     subs = components[component - 1].split(d.subcomponent)
     if len(subs) < sub:
         return ""
-    return unescape(subs[sub - 1], d).strip()
+    text = unescape(subs[sub - 1], d).strip()
+    if "\x00" in text:  # \X00\: no DICOM or PostgreSQL text holds a NUL
+        where = f"{segment.name}^1^{field}"
+        raise HL7Error(AE, DATA_TYPE_ERROR, f"{segment.name}-{field} holds a NUL character (\\X00\\)", where)
+    return text
 
 
 def repetitions(segment: Segment, field: int) -> int:

@@ -293,6 +293,12 @@ def with_header(raw: bytes, index: int, new: str) -> bytes:
         (message("adt_a40_v24.hl7").replace(b"MRG|", b"ZZZ|"), "AE", "100", "no MRG segment"),
         (message("orm_o01_new_v231.hl7").replace(b"ORC|NW|", b"ORC|XO|"), "AE", "103", "order control XO"),
         (b"PID|1||PAT-1\rMSH|^~\\&|HIS", "AR", "100", "does not start with an MSH segment"),
+        # a NUL (PostgreSQL text cannot hold one) was AR 207 "could not process", which senders resend
+        (with_header(message("adt_a08_v25.hl7"), 2, "EPIC\x00ADT"), "AR", "102", "NUL character"),
+        (message("adt_a08_v25.hl7").replace(b"Meier-Schulz", b"Meier\x00Schulz"), "AR", "102",
+         "PID segment holds a NUL character"),
+        (message("orm_o01_new_v231.hl7").replace(b"Doe^John", b"Do\\X00\\e^John"), "AE", "102",
+         "PID-5 holds a NUL character"),
     ],
 )  # fmt: skip
 async def test_a_refused_message_is_answered_kept_and_changes_nothing(
