@@ -299,6 +299,9 @@ def with_header(raw: bytes, index: int, new: str) -> bytes:
          "PID segment holds a NUL character"),
         (message("orm_o01_new_v231.hl7").replace(b"Doe^John", b"Do\\X00\\e^John"), "AE", "102",
          "PID-5 holds a NUL character"),
+        # MSH-2 with fewer than two characters: building the ACK failed, the connection closed without one
+        (with_header(message("adt_a08_v25.hl7"), 1, "^"), "AR", "102", "MSH-2"),
+        (with_header(message("adt_a08_v25.hl7"), 1, ""), "AR", "102", "MSH-2"),
     ],
 )  # fmt: skip
 async def test_a_refused_message_is_answered_kept_and_changes_nothing(

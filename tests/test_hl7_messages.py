@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hl7.message import AE, AR, Delimiters, HL7Error, ack, parse, segments, unescape, value
+from hl7.message import AE, AR, Delimiters, HL7Error, ack, header_of, parse, segments, unescape, value
 from hl7.orders import orders_of
 from hl7.values import code, identifiers, patient_attributes, person_name
 
@@ -80,6 +80,26 @@ def test_ack_of_a_message_and_of_garbage() -> None:
     assert parse(text.encode()).header.message_type == "ACK^O01"
     refused = ack(None, AR, error=HL7Error(AR, 100, "the message does not start with an MSH segment", "MSH"))
     assert refused.split("\r")[1] == "MSA|AR||the message does not start with an MSH segment"
+    # an MSH-18 this archive cannot read: the ACK is UTF-8, and says so (it echoed KOI8-R)
+    raw = b"MSH|^~\\&|HIS|HOSP|DICOMWEB|RAD|20261207120000||ADT^A08|C1|P|2.5||||||KOI8-R\rPID|1||P1"
+    with pytest.raises(HL7Error) as unreadable:
+        parse(raw)
+    answer = ack(header_of(raw), AR, error=unreadable.value).split("\r")[0]
+    assert answer.split("|")[17] == "UNICODE UTF-8"
+
+
+@pytest.mark.parametrize("encoding", ["", "^", "^~", "^~\\", "^^^^", "^~\\&&", "^~EPICADT", "^~\\&#$"])
+def test_a_message_with_unusable_encoding_characters_is_answered_in_the_standard_ones(encoding: str) -> None:
+    """MSH-2 that does not declare four distinct encoding characters: the ACK (AR 102) is written with
+    ^~\\& (with fewer than two, building it raised IndexError and the sender got no ACK at all)."""
+    raw = f"MSH|{encoding}|HIS|HOSP|DICOMWEB|RAD|20261207120000||ADT^A08|CTRL9|P|2.5\rPID|1||P1".encode()
+    with pytest.raises(HL7Error) as refused:
+        parse(raw)
+    assert (refused.value.ack, refused.value.code) == (AR, 102)
+    msh, msa, err = ack(header_of(raw), AR, error=refused.value).rstrip("\r").split("\r")
+    assert msh.startswith("MSH|^~\\&|DICOMWEB|")
+    assert msa.startswith("MSA|AR|")
+    assert err.split("|")[3] == "102^Data type error^HL70357"
 
 
 @pytest.mark.parametrize("rest", ["MSH", "PID|1\rMSH", "MSHX", "PID|1|\r\rMSH|^~\\&|HIS"])
@@ -103,7 +123,8 @@ def check_parse(raw: bytes) -> None:
         r = parse(raw)
     except HL7Error as exc:
         assert exc.ack in (AE, AR) and 100 <= exc.code <= 207 and exc.text
-        assert ack(None, exc.ack, error=exc)  # it can always be answered
+        answer = ack(header_of(raw), exc.ack, error=exc)  # it can always be answered, as the listener does
+        assert parse(answer.encode()).header.message_code == "ACK"
         return
     assert r.segments[0].name == "MSH" and r.header.control_id
 
