@@ -351,6 +351,13 @@ def _escape(text: str, d: Delimiters) -> str:
     return "".join(out)
 
 
+def _cut(escaped: str, limit: int, d: Delimiters) -> str:
+    """Escaped text cut to `limit` characters, not inside an escape sequence (escape characters come in
+    pairs in escaped text: an odd count means the cut split one)."""
+    cut = escaped[:limit]
+    return cut[: cut.rfind(d.escape)] if cut.count(d.escape) % 2 else cut
+
+
 def ack(
     header: Header | None,
     code: str,
@@ -395,7 +402,7 @@ def ack(
         readable = h.charset.split("~")[0].split("^")[0].strip().upper() in CHARSETS
         msh += [""] * 5 + [_escape(h.charset, d) if readable else "UNICODE UTF-8"]
     reason = error.text if error else text
-    msa = ["MSA", code, _escape(h.control_id, d) if h else "", _escape(reason, d)[:80]]
+    msa = ["MSA", code, _escape(h.control_id, d) if h else "", _cut(_escape(reason, d), 80, d)]
     lines = [sep.join(msh[:1]) + sep + sep.join(msh[1:]), sep.join(msa)]
     if error is not None:
         condition = _escape(_CONDITION.get(error.code, ""), d)

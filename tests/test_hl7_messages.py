@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hl7.message import AE, AR, Delimiters, HL7Error, ack, header_of, parse, segments, unescape, value
+from hl7.message import AA, AE, AR, Delimiters, HL7Error, ack, header_of, parse, segments, unescape, value
 from hl7.orders import orders_of
 from hl7.values import code, identifiers, patient_attributes, person_name
 
@@ -86,6 +86,17 @@ def test_ack_of_a_message_and_of_garbage() -> None:
         parse(raw)
     answer = ack(header_of(raw), AR, error=unreadable.value).split("\r")[0]
     assert answer.split("|")[17] == "UNICODE UTF-8"
+
+
+def test_msa_3_is_cut_to_80_characters_between_escape_sequences() -> None:
+    """MSA-3 (ST, 80 characters) was cut after escaping: "...x\\S" ended the field inside an escape
+    sequence. ERR-8 keeps the whole reason."""
+    reason = "x" * 78 + "^^^"
+    msa, err = ack(None, AE, error=HL7Error(AE, 102, reason)).split("\r")[1:3]
+    assert msa == "MSA|AE||" + "x" * 78
+    assert err.split("|")[8] == "x" * 78 + "\\S\\" * 3
+    assert ack(None, AA, text="y" * 77 + "|").split("\r")[1] == "MSA|AA||" + "y" * 77 + "\\F\\"  # fits
+    assert ack(None, AA, text="y" * 78 + "|").split("\r")[1] == "MSA|AA||" + "y" * 78
 
 
 @pytest.mark.parametrize("encoding", ["", "^", "^~", "^~\\", "^^^^", "^~\\&&", "^~EPICADT", "^~\\&#$"])
