@@ -110,7 +110,8 @@ class MllpServer:
         reader: asyncio.StreamReader, address: str | None
     ) -> tuple[bytes, HL7Error | None] | None:
         """(message, None), or (what came, the reason it is refused); None at the end of the connection.
-        Bytes before a block's <VT> are noise between blocks (MLLP) and are skipped."""
+        Bytes before a block's <VT> are noise between blocks (MLLP) and are skipped; so is a block begun
+        and not ended: the message starts after the last <VT> (no HL7 text holds one)."""
         try:
             block = await reader.readuntil(END)
         except asyncio.IncompleteReadError as exc:
@@ -126,7 +127,7 @@ class MllpServer:
                     await reader.readexactly(exc.consumed)
             too_large = f"the message is larger than {MAX_MESSAGE >> 20} MiB"
             return b"", HL7Error(AR, SEGMENT_SEQUENCE_ERROR, too_large)
-        start = block.find(START)
+        start = block.rfind(START)
         if start < 0:
             return block[: -len(END)], HL7Error(
                 AR, SEGMENT_SEQUENCE_ERROR, "not an MLLP block: no <VT> (0x0B) before the message"

@@ -376,6 +376,16 @@ async def test_several_messages_on_one_connection_in_order(hl7_archive: Hl7Archi
         assert refused["MSA"][1] == "AR" and "no <VT>" in reason(refused)
 
 
+def test_a_block_restarted_after_a_stray_start_byte_is_read(hl7_archive: Hl7Archive) -> None:
+    """Bytes before a block's last <VT> are noise, a <VT> among them too (a sender that restarted a block
+    it had begun): the message was read with the noise in front of it and refused AR 100."""
+    with MllpClient(hl7_archive.port, timeout=10) as client:
+        restarted = b"\x0bMSH|^~\\&|HIS|ST\r\x0b" + message("adt_a31_v231.hl7") + b"\x1c\r"
+        ack = ack_fields(client.send(restarted, framed=False))
+        assert ack["MSA"][1:3] == ["AA", "ADT00000002"], ack
+        assert ack_fields(client.send(message("adt_a31_v231.hl7")))["MSA"][1] == "AA"
+
+
 def test_garbage_over_the_socket_is_refused_kept_and_changes_nothing(hl7_archive: Hl7Archive) -> None:
     """Any block gets exactly one ACK; unless it is AA nothing changes; every block is kept."""
     store_studies(hl7_archive, "PAT-HL7-1", 1, seed=8)
