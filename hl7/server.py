@@ -24,6 +24,9 @@ from hl7.service import Hl7Service
 log = logging.getLogger(__name__)
 
 START, END = b"\x0b", b"\x1c\r"
+# A block is read up to its <FS>: the <CR> after it is then noise before the next block, and a sender that
+# ends blocks with <FS> alone (and waits for the ACK) is answered rather than left waiting for a <CR>.
+END_BYTE = END[:1]
 MAX_MESSAGE = 4 << 20  # larger blocks are refused (AR); ADT and order messages are a few KiB
 
 
@@ -113,7 +116,7 @@ class MllpServer:
         Bytes before a block's <VT> are noise between blocks (MLLP) and are skipped; so is a block begun
         and not ended: the message starts after the last <VT> (no HL7 text holds one)."""
         try:
-            block = await reader.readuntil(END)
+            block = await reader.readuntil(END_BYTE)
         except asyncio.IncompleteReadError as exc:
             if exc.partial.strip():
                 log.info("HL7 connection from %s closed in the middle of a message", address)
@@ -121,7 +124,7 @@ class MllpServer:
         except asyncio.LimitOverrunError:
             while True:  # skip to the end of the oversized block
                 try:
-                    await reader.readuntil(END)
+                    await reader.readuntil(END_BYTE)
                     break
                 except asyncio.LimitOverrunError as exc:
                     await reader.readexactly(exc.consumed)
@@ -129,7 +132,7 @@ class MllpServer:
             return b"", HL7Error(AR, SEGMENT_SEQUENCE_ERROR, too_large)
         start = block.rfind(START)
         if start < 0:
-            return block[: -len(END)], HL7Error(
+            return block[:-1].lstrip(b"\r\n"), HL7Error(
                 AR, SEGMENT_SEQUENCE_ERROR, "not an MLLP block: no <VT> (0x0B) before the message"
             )
-        return block[start + 1 : -len(END)], None
+        return block[start + 1 : -1], None

@@ -386,6 +386,18 @@ def test_a_block_restarted_after_a_stray_start_byte_is_read(hl7_archive: Hl7Arch
         assert ack_fields(client.send(message("adt_a31_v231.hl7")))["MSA"][1] == "AA"
 
 
+def test_a_block_ended_by_fs_alone_is_answered(hl7_archive: Hl7Archive) -> None:
+    """A sender that ends its blocks with <FS> and no <CR> waits for the ACK: the archive waited for the
+    <CR>, so both waited until the sender gave up (and sent the message again)."""
+    with MllpClient(hl7_archive.port, timeout=10) as client:
+        for _ in range(2):
+            bare = b"\x0b" + message("adt_a31_v231.hl7") + b"\x1c"
+            assert ack_fields(client.send(bare, framed=False))["MSA"][1:3] == ["AA", "ADT00000002"]
+        assert ack_fields(client.send(message("adt_a31_v231.hl7")))["MSA"][1] == "AA"  # and framed again
+        refused = ack_fields(client.send(message("adt_a31_v231.hl7") + b"\x1c\r", framed=False))
+        assert refused["MSA"][1:3] == ["AR", "ADT00000002"] and "no <VT>" in reason(refused)
+
+
 def test_garbage_over_the_socket_is_refused_kept_and_changes_nothing(hl7_archive: Hl7Archive) -> None:
     """Any block gets exactly one ACK; unless it is AA nothing changes; every block is kept."""
     store_studies(hl7_archive, "PAT-HL7-1", 1, seed=8)
@@ -402,12 +414,12 @@ def test_garbage_over_the_socket_is_refused_kept_and_changes_nothing(hl7_archive
 
     header = "MSH|^~\\&|HIS|HOSP|DICOMWEB|RAD|20261207120000||{kind}|CTRL|P|2.5\r"
     blocks = st.one_of(
-        st.binary(max_size=300).filter(lambda b: b"\x1c\r" not in b),
+        st.binary(max_size=300).filter(lambda b: b"\x1c" not in b),
         st.builds(
             lambda kind, rest: (header.format(kind=kind) + rest).encode(),
             st.sampled_from(["ADT^A08", "ADT^A40", "ORM^O01", "OMI^O23", "ADT^A01", "QRY^Q01", ""]),
             st.text(alphabet=st.sampled_from(list("|^~\\&\r PIDMRGORCOBR0123456789ABC-")), max_size=200),
-        ).filter(lambda b: b"\x1c\r" not in b),
+        ).filter(lambda b: b"\x1c" not in b),
     )
     with MllpClient(hl7_archive.port) as client:
 
