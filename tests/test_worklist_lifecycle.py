@@ -215,6 +215,14 @@ BAD_CREATES = [
     ("owned", orjson.dumps({**workitem(), "00081195": {"vr": "UI", "Value": ["1.2.3"]}}), "TransactionUID"),
     ("bad code", orjson.dumps({**workitem(), "00404025": {"vr": "SQ", "Value": [{}]}}), "Code Value"),
     ("bulk", orjson.dumps({**workitem(), "00420011": {"vr": "OB", "BulkDataURI": "http://x"}}), "bulk data"),
+    # a NUL, which PostgreSQL text and jsonb cannot hold, was a 500
+    ("NUL", orjson.dumps({**workitem(), "00741204": {"vr": "LO", "Value": ["a\x00b"]}}), "NUL character"),
+    (
+        "NUL in a name",
+        orjson.dumps({**workitem(), "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe\x00"}]}}),
+        "NUL character",
+    ),
+    ("NUL in a number", orjson.dumps({**workitem(), "00101020": {"vr": "DS", "Value": ["1\x00"]}}), "NUL"),
 ]
 
 
