@@ -123,6 +123,8 @@ def test_paging_and_empty_results(http: httpx.Client) -> None:
         ({"fuzzymatching": "yes"}, "true or false"),
         ({"includefield": "Nonsense"}, "Nonsense"),
         ({"SOPInstanceUID": "1.02"}, "UID"),
+        ({"PatientName": "Doe\x00"}, "NUL characters"),  # a 500 (PostgreSQL text cannot hold one)
+        ({"ScheduledStationNameCodeSequence.CodeValue": "\x00"}, "NUL characters"),
     ],
 )
 def test_bad_queries_are_400(http: httpx.Client, params: dict[str, str], message: str) -> None:

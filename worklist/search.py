@@ -129,6 +129,8 @@ def parse_search(pairs: Iterable[tuple[str, str]], *, default_limit: int, max_li
 
 
 def parse_filter(param: str, raw: str) -> Filter:
+    if "\x00" in raw:  # no attribute holds one, and PostgreSQL text cannot (as QIDO-RS refuses it)
+        raise SearchError(param, "NUL characters are not allowed")
     path, vr = attribute_path(param)
     value = raw.strip() if vr != "PN" else raw.rstrip()
     if vr == "SQ" and value:
