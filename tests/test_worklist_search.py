@@ -120,6 +120,7 @@ def test_paging_and_empty_results(http: httpx.Client) -> None:
         ({"ProcedureStepState": "DONE"}, "Procedure Step State"),
         ({"limit": "0"}, "at least 1"),
         ({"offset": "-1"}, "non-negative"),
+        ({"offset": "99999999999999999999"}, "at most 2147483647"),  # a 500: past PostgreSQL's bigint
         ({"fuzzymatching": "yes"}, "true or false"),
         ({"includefield": "Nonsense"}, "Nonsense"),
         ({"SOPInstanceUID": "1.02"}, "UID"),

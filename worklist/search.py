@@ -93,12 +93,17 @@ def attribute_path(param: str) -> tuple[tuple[str, ...], str]:
     return tuple(keys), vr
 
 
-def _count(param: str, raw: str, minimum: int) -> int:
+_MAX_OFFSET = 2**31 - 1  # as QIDO-RS's; SQL cannot take an OFFSET past bigint (a limit is capped instead)
+
+
+def _count(param: str, raw: str, minimum: int, maximum: int | None = None) -> int:
     if not re.fullmatch(r"[0-9]+", raw.strip()):
         raise SearchError(param, f"{raw!r} is not a non-negative integer")
     value = int(raw)
     if value < minimum:
         raise SearchError(param, f"must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise SearchError(param, f"must be at most {maximum}")
     return value
 
 
@@ -114,7 +119,7 @@ def parse_search(pairs: Iterable[tuple[str, str]], *, default_limit: int, max_li
             if lowered == "limit":
                 search.limit = min(_count(param, raw, 1), max_limit)
             elif lowered == "offset":
-                search.offset = _count(param, raw, 0)
+                search.offset = _count(param, raw, 0, _MAX_OFFSET)
             elif lowered == "fuzzymatching":
                 if raw not in ("true", "false"):
                     raise SearchError(param, "must be true or false")
