@@ -89,6 +89,9 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.operation_lease_seconds < 1:
         print("error: DICOMWEB_OPERATION_LEASE_SECONDS must be at least 1", file=sys.stderr)
         return 2
+    if (problem := _unusable(settings)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if settings.dimse_port is None:
         settings = replace(settings, dimse_port=DEFAULT_DIMSE_PORT)
     workers = settings.worker_count()
@@ -142,6 +145,34 @@ def _serve(args: argparse.Namespace) -> int:
         finally:
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _unusable(settings: Settings) -> str | None:
+    """Why these serve settings cannot work, checked before anything starts: a port out of range was a
+    traceback (or a worker that died at start), a negative worker count a server that accepted
+    connections and never answered, an invalid AE title or HL7 partition a listener no peer could use."""
+    from access.tokens import valid_partition_name
+    from dimse.aes import AeError, check_ae_title
+
+    for flag, port, lowest in (
+        ("--port (DICOMWEB_PORT)", settings.port, 0),
+        ("--dimse-port (DICOMWEB_DIMSE_PORT)", settings.dimse_port, 0),
+        ("--hl7-port (DICOMWEB_HL7_PORT)", settings.hl7_port, 0),
+    ):
+        if port is not None and not lowest <= port <= 65535:
+            return f"{flag} must be within {lowest}..65535, not {port}"
+    if settings.workers is not None and settings.workers < 0:
+        return f"--workers (DICOMWEB_WORKERS) must be at least 1 (0: one per core), not {settings.workers}"
+    try:
+        check_ae_title(settings.dimse_ae_title, "--dimse-ae-title (DICOMWEB_DIMSE_AE_TITLE)")
+    except AeError as exc:
+        return str(exc)
+    if not valid_partition_name(settings.hl7_partition):
+        return (
+            f"--hl7-partition (DICOMWEB_HL7_PARTITION) {settings.hl7_partition!r} is not a partition name: "
+            "1-64 letters, digits, '_', '.', '-'"
+        )
+    return None
 
 
 def _supervise(settings: Settings, workers: int) -> int:
