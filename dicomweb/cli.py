@@ -106,7 +106,11 @@ def _serve(args: argparse.Namespace) -> int:
         # Run migrations once before workers start, so they never race at first start.
         try:
             asyncio.run(_migrate(dsn))
-        except (OSError, asyncpg.PostgresError) as exc:  # refused, unknown host, timeout, auth
+        except (
+            OSError,
+            asyncpg.PostgresError,
+            asyncpg.ClientConfigurationError,
+        ) as exc:  # refused, auth, URL
             print(f"error: cannot use the database: {exc}", file=sys.stderr)
             return 1
         if not settings.database_url:
@@ -532,13 +536,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    import socket
+
+    import asyncpg
+
     from indexer.embedded import EmbeddedPostgresError
 
+    # the database of --database-url / DICOMWEB_DATABASE_URL cannot be used: a bad URL, nothing listening,
+    # an unknown host, refused credentials, no such database
+    unreachable = (
+        asyncpg.ClientConfigurationError, asyncpg.InvalidAuthorizationSpecificationError,
+        asyncpg.InvalidCatalogNameError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
+        ConnectionError, socket.gaierror, TimeoutError,
+    )  # fmt: skip
     try:
         return int(args.func(args) or 0)
     except EmbeddedPostgresError as exc:  # a data directory that cannot be used: say why, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except unreachable as exc:
+        print(f"error: cannot use the database: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
