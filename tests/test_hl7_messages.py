@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dicomweb.cli import main
 from hl7.message import AA, AE, AR, Delimiters, HL7Error, ack, header_of, parse, segments, unescape, value
 from hl7.orders import orders_of
 from hl7.values import code, identifiers, patient_attributes, person_name
@@ -169,3 +170,22 @@ def test_real_messages_with_bytes_replaced(at: int, junk: bytes) -> None:
     raw = (DATA / "adt_a08_v25.hl7").read_bytes()
     position = at % len(raw)
     check_parse(raw[:position] + junk + raw[position + len(junk) :])
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["messages", "--limit", "-1"], "argument --limit: must be a whole number of at least 1, not '-1'"),
+        (["show", "99999999999999999999"], "argument message_id: is a message id (a whole number from 1), "
+         "not '99999999999999999999'"),
+        (["replay", "0"], "argument message_id: is a message id (a whole number from 1), not '0'"),
+    ],
+)  # fmt: skip
+def test_hl7_commands_refuse_numbers_the_log_cannot_take(
+    argv: list[str], error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """They were tracebacks from PostgreSQL (a negative LIMIT) and asyncpg (an id past bigint)."""
+    with pytest.raises(SystemExit) as exited:
+        main(["hl7", *argv, "--database-url", "postgresql://nowhere.invalid/x"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(error)
