@@ -20,6 +20,7 @@ async def _run(dsn: str, args: argparse.Namespace) -> int:
     import orjson
 
     from hl7 import journal
+    from hl7.message import HL7Error, codec_for
     from hl7.service import Hl7Service
 
     async with asyncpg.create_pool(dsn, min_size=1, max_size=2) as pool:
@@ -35,7 +36,11 @@ async def _run(dsn: str, args: argparse.Namespace) -> int:
             print(f"error: no HL7 message {args.message_id}", file=sys.stderr)
             return 1
         if args.hl7_command == "show":
-            sys.stdout.write(entry.raw.decode("utf-8", "replace").replace("\r", "\n"))
+            try:  # as the listener read it (MSH-18)
+                codec = codec_for(entry.raw)
+            except HL7Error:
+                codec = "utf-8"
+            sys.stdout.write(entry.raw.decode(codec, "replace").replace("\r", "\n"))
             print(f"-- {entry.ack_code} {entry.error_code or ''} {entry.detail or ''}")
             if entry.result:
                 print(f"-- {orjson.dumps(entry.result).decode()}")

@@ -253,6 +253,18 @@ async def test_a31_in_latin_1_and_a_patient_without_studies(hl7_archive: Hl7Arch
     assert change["00100010"] == {"vr": "PN", "Value": [{"Alphabetic": "Müller^Jürgen^^Prof. Dr."}]}
 
 
+async def test_hl7_show_prints_a_message_in_its_own_character_set(
+    hl7_archive: Hl7Archive, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Latin-1 message (MSH-18 8859/1) was printed as UTF-8: every umlaut a replacement character."""
+    assert hl7_archive.send(message("adt_a31_v231.hl7"))["MSA"][1] == "AA"
+    (row,) = await hl7_archive.fetch("SELECT message_id FROM hl7_message")
+    argv = ["hl7", "show", str(row["message_id"]), "--database-url", hl7_archive.http.database_url]
+    assert await asyncio.to_thread(main, argv) == 0
+    out = capsys.readouterr().out
+    assert "PAT-HL7-1^^^STJOHNS^MR||Müller^Jürgen^^^Prof. Dr.||19550607" in out and "\ufffd" not in out
+
+
 async def test_a40_moves_the_merged_patients_studies_to_the_surviving_id(hl7_archive: Hl7Archive) -> None:
     merged = store_studies(hl7_archive, "PAT-HL7-OLD", 3, seed=5)
     store_studies(hl7_archive, "PAT-HL7-1", 2, seed=6)  # the survivor's own studies are not touched
