@@ -122,7 +122,16 @@ def _replicate_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    """A count of things in flight (a semaphore of 0 would wait for ever)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
 def add_recovery_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
+    from dicomweb.cli import _feed_limit  # the change feed's page size, 1..10000
+
     backup = sub.add_parser("backup", help="a consistent backup of the archive, also while it runs")
     backup.add_argument("dest", type=Path, help="a new directory for the backup")
     add_common(backup)
@@ -146,8 +155,12 @@ def add_recovery_commands(sub: Any, add_common: Callable[[argparse.ArgumentParse
     rep.add_argument(
         "--follow", action="store_true", help="keep following the feed (else stop when caught up)"
     )
-    rep.add_argument("--batch-size", type=int, default=500, help="change feed entries per batch (500)")
-    rep.add_argument("--parallel", type=int, default=8, help="reads and stores in flight at once (8)")
+    rep.add_argument(
+        "--batch-size", type=_feed_limit, default=500, help="change feed entries per batch, 1..10000 (500)"
+    )
+    rep.add_argument(
+        "--parallel", type=_at_least_one, default=8, help="reads and stores in flight at once (8)"
+    )
     rep.add_argument(
         "--status-file", type=Path, help="JSON status (position, lag) rewritten after each batch"
     )
