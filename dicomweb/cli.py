@@ -428,6 +428,21 @@ def _token(path: Path | None, variable: str) -> str | None:
     return os.environ.get(variable) or None
 
 
+def _http_url(text: str) -> str:
+    """An archive's or FHIR server's root: http(s)://host[:port]/path. Anything else was retried for ever
+    (an error that says the URL has no scheme is not one that passes)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises for a port that is not a number or out of range
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL with a host")
+    return text
+
+
 def _feed_limit(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 10_000:
         raise argparse.ArgumentTypeError(f"must be within 1..10000, not {text!r}")
@@ -444,7 +459,10 @@ def _add_changefeed(sub: argparse._SubParsersAction) -> None:
     commands = feed.add_subparsers(dest="changefeed_command", required=True)
     tail = commands.add_parser("tail", help="print change feed entries as JSON lines")
     tail.add_argument(
-        "--url", default=DEFAULT_FEED_URL, help=f"v1 root or partition root ({DEFAULT_FEED_URL})"
+        "--url",
+        type=_http_url,
+        default=DEFAULT_FEED_URL,
+        help=f"v1 root or partition root ({DEFAULT_FEED_URL})",
     )
     start = tail.add_mutually_exclusive_group()
     start.add_argument("--from", dest="start", metavar="SEQ", help="print entries after SEQ (or 'latest')")
@@ -457,10 +475,16 @@ def _add_changefeed(sub: argparse._SubParsersAction) -> None:
     tail.add_argument("--token-file", type=Path, metavar="FILE", help=token_help)
     tail.set_defaults(func=_changefeed_cmd)
     fhir = commands.add_parser("fhir-sync", help="keep FHIR ImagingStudy resources in step with the archive")
-    fhir.add_argument("--fhir-url", required=True, help="FHIR R4 server base, e.g. http://fhir:8080/fhir")
-    fhir.add_argument("--url", default=DEFAULT_FEED_URL, help=f"change feed root ({DEFAULT_FEED_URL})")
+    fhir.add_argument(
+        "--fhir-url", type=_http_url, required=True, help="FHIR R4 server base, e.g. http://fhir:8080/fhir"
+    )
+    fhir.add_argument(
+        "--url", type=_http_url, default=DEFAULT_FEED_URL, help=f"change feed root ({DEFAULT_FEED_URL})"
+    )
     fhir.add_argument("--checkpoint", metavar="FILE", help=checkpoint_help)
-    fhir.add_argument("--dicomweb-url", help="v2 root for QIDO and the Endpoint (derived from --url)")
+    fhir.add_argument(
+        "--dicomweb-url", type=_http_url, help="v2 root for QIDO and the Endpoint (derived from --url)"
+    )
     fhir.add_argument("--patient-system", default=DEFAULT_PATIENT_SYSTEM, help="Patient.identifier system")
     fhir.add_argument("--once", action="store_true", help="stop when caught up instead of following")
     fhir.add_argument("--token-file", type=Path, metavar="FILE", help=token_help)

@@ -130,7 +130,7 @@ def _at_least_one(text: str) -> int:
 
 
 def add_recovery_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
-    from dicomweb.cli import _feed_limit  # the change feed's page size, 1..10000
+    from dicomweb.cli import _feed_limit, _http_url  # the change feed's page size, 1..10000; a root URL
 
     backup = sub.add_parser("backup", help="a consistent backup of the archive, also while it runs")
     backup.add_argument("dest", type=Path, help="a new directory for the backup")
@@ -143,8 +143,12 @@ def add_recovery_commands(sub: Any, add_common: Callable[[argparse.ArgumentParse
     restore.add_argument("--concurrency", type=int, default=8, help="objects copied at once (8)")
     restore.set_defaults(func=_restore_cmd)
     rep = sub.add_parser("replicate", help="keep a standby archive in step through the change feed")
-    rep.add_argument("--source", required=True, help="the source archive, http://host:port/v2")
-    rep.add_argument("--target", required=True, help="the standby archive, http://host:port/v2")
+    rep.add_argument(
+        "--source", type=_http_url, required=True, help="the source archive, http://host:port/v2"
+    )
+    rep.add_argument(
+        "--target", type=_http_url, required=True, help="the standby archive, http://host:port/v2"
+    )
     rep.add_argument("--source-token-file", type=Path, help="a reader's token on the source (DICOMWEB_TOKEN)")
     rep.add_argument(
         "--target-token-file", type=Path, help="a writer's token on the target (DICOMWEB_TARGET_TOKEN)"
