@@ -311,6 +311,10 @@ def with_header(raw: bytes, index: int, new: str) -> bytes:
          "PID segment holds a NUL character"),
         (message("orm_o01_new_v231.hl7").replace(b"Doe^John", b"Do\\X00\\e^John"), "AE", "102",
          "PID-5 holds a NUL character"),
+        # the accession number taken from the filler order number (OBR-18, OBR-19 empty): named OBR-18
+        (message("orm_o01_new_v231.hl7").replace(b"|ACC-1001|RP-1001|", b"|||")
+         .replace(b"ACC-1001^RIS", b"FILLER-NUMBER-0000000001^RIS"), "AE", "102",
+         "ORC-3 'FILLER-NUMBER-0000000001' is longer than DICOM SH allows"),
         # MSH-2 with fewer than two characters: building the ACK failed, the connection closed without one
         (with_header(message("adt_a08_v25.hl7"), 1, "^"), "AR", "102", "MSH-2"),
         (with_header(message("adt_a08_v25.hl7"), 1, ""), "AR", "102", "MSH-2"),
