@@ -19,6 +19,7 @@ async def _run(dsn: str, args: argparse.Namespace) -> int:
     import asyncpg
     import orjson
 
+    from access.audit import AuditLog
     from hl7 import journal
     from hl7.message import HL7Error, codec_for
     from hl7.service import Hl7Service
@@ -45,8 +46,10 @@ async def _run(dsn: str, args: argparse.Namespace) -> int:
             if entry.result:
                 print(f"-- {orjson.dumps(entry.result).decode()}")
             return 0
-        service = Hl7Service(pool, entry.partition_name or args.partition)
+        audit = AuditLog(pool)  # a replay changes the archive as the message did: audited as it was
+        service = Hl7Service(pool, entry.partition_name or args.partition, audit_log=audit)
         handled = await service.handle(entry.raw, "replay", replay_of=entry.message_id)
+        await audit.flush()
         print(f"message {entry.message_id} replayed as {handled.message_id}: {handled.code} {handled.detail}")
         return 0 if handled.code == "AA" else 1
 

@@ -351,6 +351,12 @@ async def test_a_failed_message_is_replayed_from_the_log(hl7_archive: Hl7Archive
         ("AA", None, "127.0.0.1"),
         ("AA", failed["message_id"], "replay"),
     ]
+    # the replay is audited as the messages were (it was not: a change without an audit record)
+    audited = await hl7_archive.fetch(
+        "SELECT path, status, client_address FROM audit_event WHERE action = 'hl7' AND client_address = "
+        "'replay'"
+    )
+    assert [tuple(r) for r in audited] == [("ORM^O01", 0, "replay")]
     # the log is append-only: the failed row keeps its outcome
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
         await hl7_archive.fetch("UPDATE hl7_message SET ack_code = 'AA'")
