@@ -101,6 +101,7 @@ class Delimiters:
     repetition: str = "~"
     escape: str = "\\"
     subcomponent: str = "&"
+    codec: str = "latin-1"  # of the message's text: the bytes of a \Xhh\ escape are in it
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +215,9 @@ def parse(raw: bytes, read: Callable[[Header], Collection[str] | None] | None = 
     except (HL7apyException, ValueError, IndexError, KeyError, AttributeError) as exc:
         raise HL7Error(AR, SEGMENT_SEQUENCE_ERROR, f"the message cannot be parsed: {exc}", "MSH") from exc
     enc = parsed.encoding_chars
-    d = Delimiters(enc["FIELD"], enc["COMPONENT"], enc["REPETITION"], enc["ESCAPE"], enc["SUBCOMPONENT"])
+    d = Delimiters(
+        enc["FIELD"], enc["COMPONENT"], enc["REPETITION"], enc["ESCAPE"], enc["SUBCOMPONENT"], codec
+    )
     # Fields are taken by position from each segment hl7apy accepted: its tree names fields only up to the
     # version's definition of the segment and leaves out empty ones, and handlers read fields by number.
     if [line[:3] for line in lines] != [str(seg.name) for seg in parsed.children]:
@@ -294,12 +297,22 @@ def unescape(text: str, d: Delimiters) -> str:
         elif (
             seq.startswith("X") and len(seq) % 2 == 1 and all(c in "0123456789ABCDEFabcdef" for c in seq[1:])
         ):
-            out.append(bytes.fromhex(seq[1:]).decode("latin-1"))
+            out.append(_hex_text(bytes.fromhex(seq[1:]), d.codec))
         elif seq in (".br", "H", "N"):  # a line break, highlighting on and off
             out.append("\n" if seq == ".br" else "")
         out.append(rest)
         n += 2
     return "".join(out)
+
+
+def _hex_text(data: bytes, codec: str) -> str:
+    r"""The text of a \Xhh\ escape: bytes in the message's character set (HL7 v2.5 2.7.3), so that a UTF-8
+    message's \XC3BC\ is one character; bytes that are not valid there (an 8-bit byte in an ASCII
+    message) are read as ISO 8859-1, as before."""
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
 
 
 def value(segment: Segment | None, field: int, repetition: int = 1, component: int = 1, sub: int = 1) -> str:

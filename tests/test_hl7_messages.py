@@ -69,6 +69,18 @@ def test_unescape() -> None:
     assert unescape("trailing \\", d) == "trailing \\"
 
 
+def test_hexadecimal_escapes_are_bytes_of_the_messages_character_set() -> None:
+    """\\Xhh\\ is data in the message's encoding: in a UTF-8 message \\XC3BC\\ is one ü (it was read as
+    Latin-1, two characters, and 'MÃ¼ller' went into the patient's studies)."""
+    raw = (DATA / "adt_a08_v25.hl7").read_bytes().replace(b"Meier-Schulz", b"M\\XC3BC\\ller")
+    r = parse(raw)
+    assert r.codec == "utf-8"
+    name = person_name(segments(r, "PID")[0], 5)
+    assert name == {"vr": "PN", "Value": [{"Alphabetic": "Müller^Anna^Maria^Dr."}]}
+    assert unescape(r"M\XFC\ller", Delimiters(codec="utf-8")) == "Müller"  # not UTF-8: read as Latin-1
+    assert unescape(r"M\XFC\ller", Delimiters(codec="iso8859-15")) == "Müller"
+
+
 def test_ack_of_a_message_and_of_garbage() -> None:
     r = received("orm_o01_new_v231.hl7")
     text = ack(r.header, AE, error=HL7Error(AE, 204, "no work item was made from order ORD|1^2", "ORC^1^2"))
