@@ -155,6 +155,7 @@ def _unusable(settings: Settings) -> str | None:
     """Why these serve settings cannot work, checked before anything starts: a port out of range was a
     traceback (or a worker that died at start), a negative worker count a server that accepted
     connections and never answered, an invalid AE title or HL7 partition a listener no peer could use."""
+    from access.service import parse_networks
     from access.tokens import valid_partition_name
     from dimse.aes import AeError, check_ae_title
 
@@ -176,6 +177,15 @@ def _unusable(settings: Settings) -> str | None:
             f"--hl7-partition (DICOMWEB_HL7_PARTITION) {settings.hl7_partition!r} is not a partition name: "
             "1-64 letters, digits, '_', '.', '-'"
         )
+    for variable, networks in (
+        ("DICOMWEB_HL7_ALLOWED_HOSTS", settings.hl7_allowed_hosts if settings.hl7_port else None),
+        ("DICOMWEB_TRUSTED_PROXIES", settings.trusted_proxies),
+    ):
+        if networks and networks.strip() != "*":
+            try:
+                parse_networks(networks)
+            except ValueError as exc:  # each worker died at start with a traceback
+                return f"{variable}: {exc}; list addresses and networks (CIDR), comma-separated"
     return None
 
 
