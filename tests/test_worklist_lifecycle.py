@@ -255,6 +255,13 @@ async def test_errors_change_nothing(client: httpx.AsyncClient) -> None:
     response = await put_state(client, uid, "IN PROGRESS", None)
     assert response.status_code == 400
     assert response.headers["warning"] == '299 dicomweb "The Transaction UID is missing."'
+    # two states, or two Transaction UIDs, in one request (VM 1): the first was taken, a 200
+    for key, two in (("00741000", ["IN PROGRESS", "COMPLETED"]), ("00081195", [new_uid(), new_uid()])):
+        ds = orjson.loads(state_body("IN PROGRESS", new_uid()))[0]
+        ds[key]["Value"] = two
+        response = await client.put(f"/workitems/{uid}/state", content=orjson.dumps([ds]), headers=JSON)
+        assert response.status_code == 400, response.text
+        assert "holds one value, not 2" in response.json()["error"]["message"]
     # updates the table forbids
     for forbidden in ("00741000", "00080018", "00081195"):
         element = copy.deepcopy(before.get(forbidden, {"vr": "UI", "Value": ["1.2.3"]}))

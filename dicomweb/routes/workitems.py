@@ -27,6 +27,7 @@ from worklist.validate import (
     first,
     parse_dataset,
     prepare_create,
+    values,
 )
 
 _OFFERS = (Offer("application/dicom+json"), Offer("application/json"))
@@ -144,6 +145,9 @@ async def change_state(request: Request) -> Response:
     """Change Workitem State (11.7): claim (IN PROGRESS with a new Transaction UID), complete, cancel."""
     uid = _workitem_uid(request)
     ds = await _dataset(request)
+    for key, label in ((PROCEDURE_STEP_STATE, "Procedure Step State"), (TRANSACTION_UID, "Transaction UID")):
+        if (count := len(values(ds, key))) > 1:  # VM 1: taking the first would act on half a request
+            raise HTTPProblem(400, f"{label} ({key[:4]},{key[4:]}) holds one value, not {count}")
     requested_text = first(ds, PROCEDURE_STEP_STATE)
     requested = State.from_code(requested_text) if isinstance(requested_text, str) else None
     if requested is None:
