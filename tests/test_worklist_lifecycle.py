@@ -287,6 +287,18 @@ async def test_errors_change_nothing(client: httpx.AsyncClient) -> None:
     assert (
         await client.post(f"/workitems/{uid}?{new_uid()}", content=update, headers=JSON)
     ).status_code == 409
+    # an empty transaction-uid is a missing one (409 with its warning; it was 400 'unknown query parameter'),
+    # and two different ones are 400 (the last was used)
+    response = await client.post(f"/workitems/{uid}?transaction-uid=", content=update, headers=JSON)
+    assert response.status_code == 409
+    assert (
+        response.headers["warning"] == '299 dicomweb "The target URI did not reference a claimed Workitem."'
+    )
+    response = await client.post(f"/workitems/{uid}?{new_uid()}&{tuid}", content=update, headers=JSON)
+    assert (response.status_code, response.json()["error"]["message"]) == (
+        400,
+        "more than one Transaction UID",
+    )
     assert (await put_state(client, uid, "IN PROGRESS", tuid)).status_code == 409  # already IN PROGRESS
     assert await get(client, uid) == claimed
 
