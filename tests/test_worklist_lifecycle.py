@@ -223,6 +223,13 @@ BAD_CREATES = [
         "NUL character",
     ),
     ("NUL in a number", orjson.dumps({**workitem(), "00101020": {"vr": "DS", "Value": ["1\x00"]}}), "NUL"),
+    # longer than the VR allows: stored, and handed to modalities in the Modality Worklist as it was
+    (
+        "long code value",
+        orjson.dumps({**workitem(), "00404025": {"vr": "SQ", "Value": [code("LONGSTATION" * 4, "station")]}}),
+        "is longer than SH allows (16 characters)",
+    ),
+    ("long label", orjson.dumps({**workitem(), "00741204": {"vr": "LO", "Value": ["L" * 65]}}), "LO allows"),
 ]
 
 
