@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
@@ -453,6 +454,25 @@ def _http_url(text: str) -> str:
     return text
 
 
+def _amount(ceiling: float) -> Callable[[str], float]:
+    """A finite, non-negative number up to `ceiling` (minutes, MB/s): 'nan' and 'inf' were tracebacks
+    (or, for a rate, no limit at all), and a negative grace would spare nothing being written."""
+
+    def parse(text: str) -> float:
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if not 0 <= number <= ceiling:  # also False for nan
+            raise argparse.ArgumentTypeError(f"must be a number from 0 to {ceiling:.0f}, not {text!r}")
+        return number
+
+    return parse
+
+
+_GRACE_MINUTES = _amount(100 * 365 * 24 * 60)  # a century
+
+
 def _feed_limit(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 10_000:
         raise argparse.ArgumentTypeError(f"must be within 1..10000, not {text!r}")
@@ -531,7 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     mig.set_defaults(func=_migrate_cmd)
     sweep = sub.add_parser("sweep", help="delete queued objects and objects the index does not reference")
     _add_common(sweep)
-    sweep.add_argument("--grace-minutes", type=float, default=60.0, help="spare objects younger than this")
+    sweep.add_argument(
+        "--grace-minutes", type=_GRACE_MINUTES, default=60.0, help="spare objects younger than this"
+    )
     sweep.set_defaults(func=_sweep_cmd)
     scrub = sub.add_parser(
         "scrub",
@@ -539,9 +561,14 @@ def build_parser() -> argparse.ArgumentParser:
         "exit 1 when any is missing or altered",
     )
     _add_common(scrub)
-    scrub.add_argument("--rate-mb", type=float, default=0.0, help="read at most this many MB/s (0: no limit)")
     scrub.add_argument(
-        "--grace-minutes", type=float, default=60.0, help="unreferenced objects younger than this are spared"
+        "--rate-mb", type=_amount(1e6), default=0.0, help="read at most this many MB/s (0: no limit)"
+    )
+    scrub.add_argument(
+        "--grace-minutes",
+        type=_GRACE_MINUTES,
+        default=60.0,
+        help="unreferenced objects younger than this are spared",
     )
     scrub.add_argument("--resume", metavar="ID", help="go on with an interrupted scrub operation")
     scrub.set_defaults(func=_scrub_cmd)
