@@ -14,7 +14,7 @@ from typing import Any
 
 def _on_archive(settings: Any, work: Callable[[str, Any], Awaitable[Any]], *, attach: bool = False) -> Any:
     """Run `work(dsn, store)` on the configured (or embedded) database and blob store; None after printing
-    the error when a BackupError stops it."""
+    the error when a BackupError, or a directory that cannot be made or read, stops it."""
     from archive.backup import BackupError
     from dicomweb.cli import blob_store, database
 
@@ -29,6 +29,10 @@ def _on_archive(settings: Any, work: Callable[[str, Any], Awaitable[Any]], *, at
         with database(settings, attach=attach) as dsn:
             return asyncio.run(run(dsn))
     except BackupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as exc:
+        # the backup directory (or the one restored from) cannot be made or read: not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return None
 
