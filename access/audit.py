@@ -124,15 +124,37 @@ class AuditLog(Periodic):
             if not batch:
                 return 0
             try:
-                async with self.pool.acquire() as conn, conn.transaction():
-                    # one batch at a time across processes, chained from the last record (audit_chain)
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", CHAIN_LOCK)
-                    records = chained(await chain_head(conn), batch)
-                    await conn.copy_records_to_table("audit_event", records=records, columns=_CHAINED)
+                try:
+                    await self._copy(batch)
+                except asyncpg.CharacterNotInRepertoireError:
+                    # a NUL in a record (a request path with %00, an HL7 field) fails the whole COPY on
+                    # every attempt: stored replaced, so that one request cannot stop the audit log
+                    batch = [_storable(row) for row in batch]
+                    await self._copy(batch)
             except BaseException:
                 self._buffer[:0] = batch  # keep them, in order, for the next attempt
                 raise
             return len(batch)
+
+    async def _copy(self, batch: list[tuple[object, ...]]) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            # one batch at a time across processes, chained from the last record (audit_chain)
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", CHAIN_LOCK)
+            records = chained(await chain_head(conn), batch)
+            await conn.copy_records_to_table("audit_event", records=records, columns=_CHAINED)
+
+
+def _storable(row: tuple[object, ...]) -> tuple[object, ...]:
+    """A record without NUL characters, which PostgreSQL text cannot hold (each becomes U+FFFD)."""
+
+    def clean(value: object) -> object:
+        if isinstance(value, str):
+            return value.replace("\x00", "\ufffd")
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return tuple(clean(value) for value in row)
 
 
 @dataclass(frozen=True, slots=True)

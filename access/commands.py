@@ -26,7 +26,10 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 def parse_expiry(text: str, now: datetime) -> datetime:
     """'30d', '12h', '90m' from now, or an ISO 8601 date-time (UTC when it names no zone)."""
     if m := _DURATION_RE.fullmatch(text.strip()):
-        return now + timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        try:
+            return now + timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        except OverflowError:  # a datetime ends with the year 9999
+            raise tokens.TokenError(f"--expires {text!r} is later than the year 9999") from None
     try:
         value = datetime.fromisoformat(text)
     except ValueError:

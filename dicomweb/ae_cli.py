@@ -21,7 +21,7 @@ async def _run(dsn: str, args: argparse.Namespace) -> int:
         if args.ae_command == "add":
             body: dict[str, Any] = {"aeTitle": args.ae_title, "host": args.host, "port": args.port,
                                     "partition": args.partition, "description": args.description}  # fmt: skip
-            if args.services:
+            if args.services is not None:  # "" is no service (C-ECHO only), as "services": [] over HTTP
                 body["services"] = [s.strip() for s in args.services.split(",") if s.strip()]
             try:
                 ae = parse_ae({k: v for k, v in body.items() if v is not None})
@@ -31,7 +31,7 @@ async def _run(dsn: str, args: argparse.Namespace) -> int:
             stored, created = await put_ae(conn, ae)
             print(f"{'registered' if created else 'updated'} AE {stored.ae_title}: host {stored.host}, "
                   f"port {stored.port or '-'}, partition {stored.partition}, "
-                  f"services {','.join(stored.services)}")  # fmt: skip
+                  f"services {','.join(stored.services) or '-'}")  # fmt: skip
         elif args.ae_command == "list":
             print("aeTitle\thost\tport\tpartition\tservices")
             for ae in await list_aes(conn):

@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
@@ -89,6 +90,9 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.operation_lease_seconds < 1:
         print("error: DICOMWEB_OPERATION_LEASE_SECONDS must be at least 1", file=sys.stderr)
         return 2
+    if (problem := _unusable(settings)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if settings.dimse_port is None:
         settings = replace(settings, dimse_port=DEFAULT_DIMSE_PORT)
     workers = settings.worker_count()
@@ -103,7 +107,11 @@ def _serve(args: argparse.Namespace) -> int:
         # Run migrations once before workers start, so they never race at first start.
         try:
             asyncio.run(_migrate(dsn))
-        except (OSError, asyncpg.PostgresError) as exc:  # refused, unknown host, timeout, auth
+        except (
+            OSError,
+            asyncpg.PostgresError,
+            asyncpg.ClientConfigurationError,
+        ) as exc:  # refused, auth, URL
             print(f"error: cannot use the database: {exc}", file=sys.stderr)
             return 1
         if not settings.database_url:
@@ -145,6 +153,44 @@ def _serve(args: argparse.Namespace) -> int:
         finally:
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _unusable(settings: Settings) -> str | None:
+    """Why these serve settings cannot work, checked before anything starts: a port out of range was a
+    traceback (or a worker that died at start), a negative worker count a server that accepted
+    connections and never answered, an invalid AE title or HL7 partition a listener no peer could use."""
+    from access.service import parse_networks
+    from access.tokens import valid_partition_name
+    from dimse.aes import AeError, check_ae_title
+
+    for flag, port, lowest in (
+        ("--port (DICOMWEB_PORT)", settings.port, 0),
+        ("--dimse-port (DICOMWEB_DIMSE_PORT)", settings.dimse_port, 0),
+        ("--hl7-port (DICOMWEB_HL7_PORT)", settings.hl7_port, 0),
+    ):
+        if port is not None and not lowest <= port <= 65535:
+            return f"{flag} must be within {lowest}..65535, not {port}"
+    if settings.workers is not None and settings.workers < 0:
+        return f"--workers (DICOMWEB_WORKERS) must be at least 1 (0: one per core), not {settings.workers}"
+    try:
+        check_ae_title(settings.dimse_ae_title, "--dimse-ae-title (DICOMWEB_DIMSE_AE_TITLE)")
+    except AeError as exc:
+        return str(exc)
+    if not valid_partition_name(settings.hl7_partition):
+        return (
+            f"--hl7-partition (DICOMWEB_HL7_PARTITION) {settings.hl7_partition!r} is not a partition name: "
+            "1-64 letters, digits, '_', '.', '-'"
+        )
+    for variable, networks in (
+        ("DICOMWEB_HL7_ALLOWED_HOSTS", settings.hl7_allowed_hosts if settings.hl7_port else None),
+        ("DICOMWEB_TRUSTED_PROXIES", settings.trusted_proxies),
+    ):
+        if networks and networks.strip() != "*":
+            try:
+                parse_networks(networks)
+            except ValueError as exc:  # each worker died at start with a traceback
+                return f"{variable}: {exc}; list addresses and networks (CIDR), comma-separated"
+    return None
 
 
 def _supervise(settings: Settings, workers: int) -> int:
@@ -397,6 +443,40 @@ def _token(path: Path | None, variable: str) -> str | None:
     return os.environ.get(variable) or None
 
 
+def _http_url(text: str) -> str:
+    """An archive's or FHIR server's root: http(s)://host[:port]/path. Anything else was retried for ever
+    (an error that says the URL has no scheme is not one that passes)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises for a port that is not a number or out of range
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL with a host")
+    return text
+
+
+def _amount(ceiling: float) -> Callable[[str], float]:
+    """A finite, non-negative number up to `ceiling` (minutes, MB/s): 'nan' and 'inf' were tracebacks
+    (or, for a rate, no limit at all), and a negative grace would spare nothing being written."""
+
+    def parse(text: str) -> float:
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if not 0 <= number <= ceiling:  # also False for nan
+            raise argparse.ArgumentTypeError(f"must be a number from 0 to {ceiling:.0f}, not {text!r}")
+        return number
+
+    return parse
+
+
+_GRACE_MINUTES = _amount(100 * 365 * 24 * 60)  # a century
+
+
 def _feed_limit(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 10_000:
         raise argparse.ArgumentTypeError(f"must be within 1..10000, not {text!r}")
@@ -413,7 +493,10 @@ def _add_changefeed(sub: argparse._SubParsersAction) -> None:
     commands = feed.add_subparsers(dest="changefeed_command", required=True)
     tail = commands.add_parser("tail", help="print change feed entries as JSON lines")
     tail.add_argument(
-        "--url", default=DEFAULT_FEED_URL, help=f"v1 root or partition root ({DEFAULT_FEED_URL})"
+        "--url",
+        type=_http_url,
+        default=DEFAULT_FEED_URL,
+        help=f"v1 root or partition root ({DEFAULT_FEED_URL})",
     )
     start = tail.add_mutually_exclusive_group()
     start.add_argument("--from", dest="start", metavar="SEQ", help="print entries after SEQ (or 'latest')")
@@ -426,10 +509,16 @@ def _add_changefeed(sub: argparse._SubParsersAction) -> None:
     tail.add_argument("--token-file", type=Path, metavar="FILE", help=token_help)
     tail.set_defaults(func=_changefeed_cmd)
     fhir = commands.add_parser("fhir-sync", help="keep FHIR ImagingStudy resources in step with the archive")
-    fhir.add_argument("--fhir-url", required=True, help="FHIR R4 server base, e.g. http://fhir:8080/fhir")
-    fhir.add_argument("--url", default=DEFAULT_FEED_URL, help=f"change feed root ({DEFAULT_FEED_URL})")
+    fhir.add_argument(
+        "--fhir-url", type=_http_url, required=True, help="FHIR R4 server base, e.g. http://fhir:8080/fhir"
+    )
+    fhir.add_argument(
+        "--url", type=_http_url, default=DEFAULT_FEED_URL, help=f"change feed root ({DEFAULT_FEED_URL})"
+    )
     fhir.add_argument("--checkpoint", metavar="FILE", help=checkpoint_help)
-    fhir.add_argument("--dicomweb-url", help="v2 root for QIDO and the Endpoint (derived from --url)")
+    fhir.add_argument(
+        "--dicomweb-url", type=_http_url, help="v2 root for QIDO and the Endpoint (derived from --url)"
+    )
     fhir.add_argument("--patient-system", default=DEFAULT_PATIENT_SYSTEM, help="Patient.identifier system")
     fhir.add_argument("--once", action="store_true", help="stop when caught up instead of following")
     fhir.add_argument("--token-file", type=Path, metavar="FILE", help=token_help)
@@ -466,7 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     mig.set_defaults(func=_migrate_cmd)
     sweep = sub.add_parser("sweep", help="delete queued objects and objects the index does not reference")
     _add_common(sweep)
-    sweep.add_argument("--grace-minutes", type=float, default=60.0, help="spare objects younger than this")
+    sweep.add_argument(
+        "--grace-minutes", type=_GRACE_MINUTES, default=60.0, help="spare objects younger than this"
+    )
     sweep.set_defaults(func=_sweep_cmd)
     scrub = sub.add_parser(
         "scrub",
@@ -474,9 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
         "exit 1 when any is missing or altered",
     )
     _add_common(scrub)
-    scrub.add_argument("--rate-mb", type=float, default=0.0, help="read at most this many MB/s (0: no limit)")
     scrub.add_argument(
-        "--grace-minutes", type=float, default=60.0, help="unreferenced objects younger than this are spared"
+        "--rate-mb", type=_amount(1e6), default=0.0, help="read at most this many MB/s (0: no limit)"
+    )
+    scrub.add_argument(
+        "--grace-minutes",
+        type=_GRACE_MINUTES,
+        default=60.0,
+        help="unreferenced objects younger than this are spared",
     )
     scrub.add_argument("--resume", metavar="ID", help="go on with an interrupted scrub operation")
     scrub.set_defaults(func=_scrub_cmd)
@@ -505,13 +601,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    import socket
+
+    import asyncpg
+
     from indexer.embedded import EmbeddedPostgresError
 
+    # the database of --database-url / DICOMWEB_DATABASE_URL cannot be used: a bad URL, nothing listening,
+    # an unknown host, refused credentials, no such database
+    unreachable = (
+        asyncpg.ClientConfigurationError, asyncpg.InvalidAuthorizationSpecificationError,
+        asyncpg.InvalidCatalogNameError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
+        ConnectionError, socket.gaierror, TimeoutError,
+    )  # fmt: skip
     try:
         return int(args.func(args) or 0)
     except EmbeddedPostgresError as exc:  # a data directory that cannot be used: say why, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except unreachable as exc:
+        print(f"error: cannot use the database: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

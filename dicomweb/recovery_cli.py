@@ -14,7 +14,7 @@ from typing import Any
 
 def _on_archive(settings: Any, work: Callable[[str, Any], Awaitable[Any]], *, attach: bool = False) -> Any:
     """Run `work(dsn, store)` on the configured (or embedded) database and blob store; None after printing
-    the error when a BackupError stops it."""
+    the error when a BackupError, or a directory that cannot be made or read, stops it."""
     from archive.backup import BackupError
     from dicomweb.cli import blob_store, database
 
@@ -29,6 +29,10 @@ def _on_archive(settings: Any, work: Callable[[str, Any], Awaitable[Any]], *, at
         with database(settings, attach=attach) as dsn:
             return asyncio.run(run(dsn))
     except BackupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as exc:
+        # the backup directory (or the one restored from) cannot be made or read: not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return None
 
@@ -122,7 +126,16 @@ def _replicate_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    """A count of things in flight (a semaphore of 0 would wait for ever)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
 def add_recovery_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
+    from dicomweb.cli import _feed_limit, _http_url  # the change feed's page size, 1..10000; a root URL
+
     backup = sub.add_parser("backup", help="a consistent backup of the archive, also while it runs")
     backup.add_argument("dest", type=Path, help="a new directory for the backup")
     add_common(backup)
@@ -134,8 +147,12 @@ def add_recovery_commands(sub: Any, add_common: Callable[[argparse.ArgumentParse
     restore.add_argument("--concurrency", type=int, default=8, help="objects copied at once (8)")
     restore.set_defaults(func=_restore_cmd)
     rep = sub.add_parser("replicate", help="keep a standby archive in step through the change feed")
-    rep.add_argument("--source", required=True, help="the source archive, http://host:port/v2")
-    rep.add_argument("--target", required=True, help="the standby archive, http://host:port/v2")
+    rep.add_argument(
+        "--source", type=_http_url, required=True, help="the source archive, http://host:port/v2"
+    )
+    rep.add_argument(
+        "--target", type=_http_url, required=True, help="the standby archive, http://host:port/v2"
+    )
     rep.add_argument("--source-token-file", type=Path, help="a reader's token on the source (DICOMWEB_TOKEN)")
     rep.add_argument(
         "--target-token-file", type=Path, help="a writer's token on the target (DICOMWEB_TARGET_TOKEN)"
@@ -146,8 +163,12 @@ def add_recovery_commands(sub: Any, add_common: Callable[[argparse.ArgumentParse
     rep.add_argument(
         "--follow", action="store_true", help="keep following the feed (else stop when caught up)"
     )
-    rep.add_argument("--batch-size", type=int, default=500, help="change feed entries per batch (500)")
-    rep.add_argument("--parallel", type=int, default=8, help="reads and stores in flight at once (8)")
+    rep.add_argument(
+        "--batch-size", type=_feed_limit, default=500, help="change feed entries per batch, 1..10000 (500)"
+    )
+    rep.add_argument(
+        "--parallel", type=_at_least_one, default=8, help="reads and stores in flight at once (8)"
+    )
     rep.add_argument(
         "--status-file", type=Path, help="JSON status (position, lag) rewritten after each batch"
     )

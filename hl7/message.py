@@ -101,6 +101,7 @@ class Delimiters:
     repetition: str = "~"
     escape: str = "\\"
     subcomponent: str = "&"
+    codec: str = "latin-1"  # of the message's text: the bytes of a \Xhh\ escape are in it
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +154,8 @@ def header_of(raw: bytes) -> Header | None:
         codec = codec_for(raw)
     except HL7Error:
         codec = "latin-1"
-    return _header(raw.decode(codec, "replace"))
+    # without NULs: the header goes into the message's log row and audit record (PostgreSQL text)
+    return _header(raw.decode(codec, "replace").replace("\x00", ""))
 
 
 def codec_for(raw: bytes) -> str:
@@ -193,6 +195,12 @@ def parse(raw: bytes, read: Callable[[Header], Collection[str] | None] | None = 
     header = _header(text)
     if header is None:
         raise HL7Error(AR, SEGMENT_SEQUENCE_ERROR, "the message does not start with an MSH segment", "MSH")
+    # a NUL is not HL7 text, and no DICOM or PostgreSQL text holds it (padding at the ends is cut above)
+    if (at := text.find("\x00")) >= 0:
+        name = text[text.rfind("\r", 0, at) + 1 :][:3]
+        where = name if name.isalnum() else ""
+        said = f"the {where} segment" if where else "the message"
+        raise HL7Error(AR, DATA_TYPE_ERROR, f"{said} holds a NUL character (0x00)", where)
     _check_header(header)
     lines = [line for line in text.split("\r") if line.strip()]
     if any(line.startswith("MSH") for line in lines[1:]):  # one message per frame (batches have BHS/FHS)
@@ -207,7 +215,9 @@ def parse(raw: bytes, read: Callable[[Header], Collection[str] | None] | None = 
     except (HL7apyException, ValueError, IndexError, KeyError, AttributeError) as exc:
         raise HL7Error(AR, SEGMENT_SEQUENCE_ERROR, f"the message cannot be parsed: {exc}", "MSH") from exc
     enc = parsed.encoding_chars
-    d = Delimiters(enc["FIELD"], enc["COMPONENT"], enc["REPETITION"], enc["ESCAPE"], enc["SUBCOMPONENT"])
+    d = Delimiters(
+        enc["FIELD"], enc["COMPONENT"], enc["REPETITION"], enc["ESCAPE"], enc["SUBCOMPONENT"], codec
+    )
     # Fields are taken by position from each segment hl7apy accepted: its tree names fields only up to the
     # version's definition of the segment and leaves out empty ones, and handlers read fields by number.
     if [line[:3] for line in lines] != [str(seg.name) for seg in parsed.children]:
@@ -227,9 +237,19 @@ def _segment(line: str, d: Delimiters) -> Segment:
     return Segment(name, {n: reps for n, reps in numbered.items() if any(reps)}, d)
 
 
-def _check_header(header: Header) -> None:
+def _declares_delimiters(header: Header) -> bool:
+    """Whether MSH-1/MSH-2 declare a field separator and four encoding characters (five from v2.7: the
+    truncation character), all distinct and none a letter, digit or space."""
     delimiters = header.field_separator + header.encoding_characters
-    if len(header.encoding_characters) < 4 or len(set(delimiters)) < len(delimiters) or delimiters.isalnum():
+    return (
+        len(header.encoding_characters) in (4, 5)
+        and len(set(delimiters)) == len(delimiters)
+        and not any(c.isalnum() or c.isspace() for c in delimiters)
+    )
+
+
+def _check_header(header: Header) -> None:
+    if not _declares_delimiters(header):
         raise HL7Error(AR, DATA_TYPE_ERROR, "MSH-2 does not declare the encoding characters", "MSH^1^2")
     for number, name, present in (
         (9, "message type", header.message_code),
@@ -277,12 +297,22 @@ def unescape(text: str, d: Delimiters) -> str:
         elif (
             seq.startswith("X") and len(seq) % 2 == 1 and all(c in "0123456789ABCDEFabcdef" for c in seq[1:])
         ):
-            out.append(bytes.fromhex(seq[1:]).decode("latin-1"))
+            out.append(_hex_text(bytes.fromhex(seq[1:]), d.codec))
         elif seq in (".br", "H", "N"):  # a line break, highlighting on and off
             out.append("\n" if seq == ".br" else "")
         out.append(rest)
         n += 2
     return "".join(out)
+
+
+def _hex_text(data: bytes, codec: str) -> str:
+    r"""The text of a \Xhh\ escape: bytes in the message's character set (HL7 v2.5 2.7.3), so that a UTF-8
+    message's \XC3BC\ is one character; bytes that are not valid there (an 8-bit byte in an ASCII
+    message) are read as ISO 8859-1, as before."""
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
 
 
 def value(segment: Segment | None, field: int, repetition: int = 1, component: int = 1, sub: int = 1) -> str:
@@ -302,7 +332,11 @@ def value(segment: Segment | None, field: int, repetition: int = 1, component: i
     subs = components[component - 1].split(d.subcomponent)
     if len(subs) < sub:
         return ""
-    return unescape(subs[sub - 1], d).strip()
+    text = unescape(subs[sub - 1], d).strip()
+    if "\x00" in text:  # \X00\: no DICOM or PostgreSQL text holds a NUL
+        where = f"{segment.name}^1^{field}"
+        raise HL7Error(AE, DATA_TYPE_ERROR, f"{segment.name}-{field} holds a NUL character (\\X00\\)", where)
+    return text
 
 
 def repetitions(segment: Segment, field: int) -> int:
@@ -318,27 +352,23 @@ def segments(received: Received, name: str) -> list[Segment]:
 # --- acknowledgements --------------------------------------------------------------------------------------
 
 
-def _escape(text: str, header: Header | None) -> str:
+def _escape(text: str, d: Delimiters) -> str:
     """Text for an ACK field: the delimiters escaped (HL7 2.7.4), line breaks flattened."""
-    sep = header.field_separator if header else "|"
-    enc = header.encoding_characters if header else "^~\\&"
-    comp, rep, esc = enc[0], enc[1], enc[2] if len(enc) > 2 else "\\"
-    sub = enc[3] if len(enc) > 3 else "&"
+    special = {
+        d.escape: "E", d.field: "F", d.component: "S", d.repetition: "R", d.subcomponent: "T"
+    }  # fmt: skip
     out = []
     for ch in " ".join(text.split()):
-        if ch == esc:
-            out.append(f"{esc}E{esc}")
-        elif ch == sep:
-            out.append(f"{esc}F{esc}")
-        elif ch == comp:
-            out.append(f"{esc}S{esc}")
-        elif ch == rep:
-            out.append(f"{esc}R{esc}")
-        elif ch == sub:
-            out.append(f"{esc}T{esc}")
-        else:
-            out.append(ch)
+        seq = special.get(ch)
+        out.append(f"{d.escape}{seq}{d.escape}" if seq else ch)
     return "".join(out)
+
+
+def _cut(escaped: str, limit: int, d: Delimiters) -> str:
+    """Escaped text cut to `limit` characters, not inside an escape sequence (escape characters come in
+    pairs in escaped text: an odd count means the cut split one)."""
+    cut = escaped[:limit]
+    return cut[: cut.rfind(d.escape)] if cut.count(d.escape) % 2 else cut
 
 
 def ack(
@@ -352,41 +382,50 @@ def ack(
     """The ACK answering a message (MSH, MSA and, for AE/AR, ERR), as text in the message's delimiters.
 
     Built here rather than with python-hl7's `create_ack` because that needs a parsed message, and a
-    message whose header cannot be read must be answered too (with our delimiters and an empty MSA-2)."""
-    sep = header.field_separator if header else "|"
-    enc = header.encoding_characters if header else "^~\\&"
-    comp = enc[0]
-    now = dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S")
+    message whose header cannot be read must be answered too (with our delimiters and an empty MSA-2).
+    A message whose MSH-1/MSH-2 are not usable delimiters (it is refused for that) is answered in the
+    standard ones, and one whose MSH-18 is not a character set this archive reads is answered in UTF-8,
+    which its ACK's MSH-18 then says."""
     h = header
+    usable = h is not None and _declares_delimiters(h)
+    d = (
+        Delimiters(h.field_separator, *h.encoding_characters[:4])
+        if h is not None and usable
+        else Delimiters()
+    )
+    enc = h.encoding_characters if h is not None and usable else "^~\\&"
+    sep, comp, sub = d.field, d.component, d.subcomponent
+    now = dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S")
     msh = [
         "MSH",
         enc,
-        _escape(application, h),
-        _escape(h.receiving_facility, h) if h else "",
-        _escape(h.sending_application, h) if h else "",
-        _escape(h.sending_facility, h) if h else "",
+        _escape(application, d),
+        _escape(h.receiving_facility, d) if h else "",
+        _escape(h.sending_application, d) if h else "",
+        _escape(h.sending_facility, d) if h else "",
         now,
         "",
-        f"ACK{comp}{_escape(h.trigger_event, h)}{comp}ACK" if h and h.trigger_event else "ACK",
+        f"ACK{comp}{_escape(h.trigger_event, d)}{comp}ACK" if h and h.trigger_event else "ACK",
         uuid.uuid4().hex[:20],
         h.processing_id if h and h.processing_id in _PROCESSING_IDS else "P",
         h.version if h and h.version in VERSIONS else "2.5",
     ]
     if h and h.charset:
-        msh += [""] * 5 + [_escape(h.charset, h)]
+        # the ACK is encoded as codec_for reads MSH-18's first repetition: UTF-8 when it cannot be read
+        readable = h.charset.split("~")[0].split("^")[0].strip().upper() in CHARSETS
+        msh += [""] * 5 + [_escape(h.charset, d) if readable else "UNICODE UTF-8"]
     reason = error.text if error else text
-    msa = ["MSA", code, _escape(h.control_id, h) if h else "", _escape(reason, h)[:80]]
+    msa = ["MSA", code, _escape(h.control_id, d) if h else "", _cut(_escape(reason, d), 80, d)]
     lines = [sep.join(msh[:1]) + sep + sep.join(msh[1:]), sep.join(msa)]
     if error is not None:
-        sub = enc[3] if len(enc) > 3 else "&"
-        condition = _escape(_CONDITION.get(error.code, ""), h)
+        condition = _escape(_CONDITION.get(error.code, ""), d)
         place = error.location.split("^") if error.location else []
         place = [*place, "", "", ""][:3]
         # ERR-1 (v2.3/2.4: location with the code as its 4th component), ERR-2 (v2.5: location), ERR-3
         # (v2.5: the code, HL7 table 0357), ERR-4 (severity E: error), ERR-8 (the reason, for people)
         err1 = comp.join([*place, sub.join([str(error.code), condition, "HL70357"])])
         err3 = comp.join([str(error.code), condition, "HL70357"])
-        err = ["ERR", err1, comp.join(place).rstrip(comp), err3, "E", "", "", "", _escape(error.text, h)]
+        err = ["ERR", err1, comp.join(place).rstrip(comp), err3, "E", "", "", "", _escape(error.text, d)]
         lines.append(sep.join(err))
     return "\r".join(lines) + "\r"
 

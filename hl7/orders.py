@@ -141,6 +141,13 @@ def _local_code(
     }
 
 
+def _at(*places: tuple[Segment | None, int]) -> tuple[Segment, int]:
+    """The first of these (segment, field) places that holds a value; the first that exists when none
+    does (its value is then empty)."""
+    present = [(segment, number) for segment, number in places if segment is not None]
+    return next(((s, n) for s, n in present if value(s, n)), present[0])
+
+
 def _set(ds: dict[str, Any], key: str, elem: dict[str, Any] | None) -> None:
     if elem is not None:
         ds[key] = elem
@@ -167,9 +174,12 @@ def _workitem(received: Received, order: Order, ipc: Segment | None, step: str) 
         raise HL7Error(AE, SEGMENT_SEQUENCE_ERROR, "an ORC of a new order has no OBR segment", "OBR")
     number, namespace = _placer(order)
     scope = _scope(namespace, received)
-    filler = value(order.orc, 3) or value(obr, 3)
-    accession = value(ipc, 1) or value(obr, 18) or filler or number
-    requested_id = value(ipc, 2) or value(obr, 19) or accession
+    # (segment, field) each value comes from, so a refusal names the field the value was taken from
+    placer_at = _at((order.orc, 2), (obr, 2))
+    filler_at = _at((order.orc, 3), (obr, 3))
+    accession_at = _at((ipc, 1), (obr, 18), filler_at, placer_at)
+    requested_at = _at((ipc, 2), (obr, 19), accession_at)
+    filler, accession, requested_id = value(*filler_at), value(*accession_at), value(*requested_at)
     own_sps_id = value(ipc, 4) or value(obr, 20)
     sps_id = own_sps_id or step
     uid = _uid(scope, number, requested_id, sps_id)
@@ -178,20 +188,19 @@ def _workitem(received: Received, order: Order, ipc: Segment | None, step: str) 
     protocol = (code(ipc, 6) if ipc is not None else None) or code(obr, 4)
     description = value(obr, 44, component=2) or value(obr, 4, component=2) or value(obr, 4)
     label = (value(obr, 4, component=2) or value(obr, 4) or description or f"order {number}")[:64]
-    # (segment, field) each value comes from, so a refusal names the right field
     station_at = (ipc, 9) if value(ipc, 9) else (order.orc, 18)
     modality_at = (ipc, 5) if value(ipc, 5) else (obr, 24)
     location_at = (ipc, 8) if value(ipc, 8) else (pv1, 3)
     station_name = value(ipc, 7) or value(*station_at)
     request: dict[str, Any] = {
         "0020000D": {"vr": "UI", "Value": [study_uid]},
-        "00080050": element("SH", accession, obr, 18) or {"vr": "SH"},
-        "00401001": element("SH", requested_id, obr, 19) or {"vr": "SH"},
+        "00080050": element("SH", accession, *accession_at) or {"vr": "SH"},
+        "00401001": element("SH", requested_id, *requested_at) or {"vr": "SH"},
         "00321060": {"vr": "LO", "Value": [description[:64]]} if description else {"vr": "LO"},
         "00321064": _code_seq(procedure),
-        _PLACER: element("LO", number, order.orc, 2),
+        _PLACER: element("LO", number, *placer_at),
     }
-    _set(request, "00402017", element("LO", filler, order.orc, 3))  # Filler Order Number / IS Request
+    _set(request, "00402017", element("LO", filler, *filler_at))  # Filler Order Number / IS Request
     reason = value(obr, 31, component=2) or value(obr, 31)
     if reason:
         request["00401002"] = {"vr": "LO", "Value": [reason[:64]]}

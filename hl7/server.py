@@ -24,6 +24,9 @@ from hl7.service import Hl7Service
 log = logging.getLogger(__name__)
 
 START, END = b"\x0b", b"\x1c\r"
+# A block is read up to its <FS>: the <CR> after it is then noise before the next block, and a sender that
+# ends blocks with <FS> alone (and waits for the ACK) is answered rather than left waiting for a <CR>.
+END_BYTE = END[:1]
 MAX_MESSAGE = 4 << 20  # larger blocks are refused (AR); ADT and order messages are a few KiB
 
 
@@ -110,9 +113,10 @@ class MllpServer:
         reader: asyncio.StreamReader, address: str | None
     ) -> tuple[bytes, HL7Error | None] | None:
         """(message, None), or (what came, the reason it is refused); None at the end of the connection.
-        Bytes before a block's <VT> are noise between blocks (MLLP) and are skipped."""
+        Bytes before a block's <VT> are noise between blocks (MLLP) and are skipped; so is a block begun
+        and not ended: the message starts after the last <VT> (no HL7 text holds one)."""
         try:
-            block = await reader.readuntil(END)
+            block = await reader.readuntil(END_BYTE)
         except asyncio.IncompleteReadError as exc:
             if exc.partial.strip():
                 log.info("HL7 connection from %s closed in the middle of a message", address)
@@ -120,15 +124,15 @@ class MllpServer:
         except asyncio.LimitOverrunError:
             while True:  # skip to the end of the oversized block
                 try:
-                    await reader.readuntil(END)
+                    await reader.readuntil(END_BYTE)
                     break
                 except asyncio.LimitOverrunError as exc:
                     await reader.readexactly(exc.consumed)
             too_large = f"the message is larger than {MAX_MESSAGE >> 20} MiB"
             return b"", HL7Error(AR, SEGMENT_SEQUENCE_ERROR, too_large)
-        start = block.find(START)
+        start = block.rfind(START)
         if start < 0:
-            return block[: -len(END)], HL7Error(
+            return block[:-1].lstrip(b"\r\n"), HL7Error(
                 AR, SEGMENT_SEQUENCE_ERROR, "not an MLLP block: no <VT> (0x0B) before the message"
             )
-        return block[start + 1 : -len(END)], None
+        return block[start + 1 : -1], None

@@ -31,7 +31,7 @@ from dicomcore.uids import is_valid_uid
 from indexer.attributes import Level, fold_case, name_words, parse_da, parse_tm, pn_all_groups, pn_alphabetic
 from indexer.extended_tags import FAMILY, ExtendedTag
 
-_MAX_LENGTH = {"AE": 16, "AS": 4, "CS": 16, "LO": 64, "SH": 16, "UI": 64}
+MAX_LENGTH = {"AE": 16, "AS": 4, "CS": 16, "LO": 64, "SH": 16, "UI": 64}  # characters (PS3.5 6.2)
 INT_RANGE = {
     "IS": (-(2**31), 2**31 - 1),
     "SL": (-(2**31), 2**31 - 1),
@@ -156,7 +156,7 @@ def convert(vr: str, value: Any) -> Any:
         if bounds is None:
             raise BadValue(f"{value!r} is not a valid DT (YYYY[MM[DD[HH[MM[SS[.F]]]]]][&ZZXX])")
         return bounds[0]
-    limit = _MAX_LENGTH[vr]
+    limit = MAX_LENGTH[vr]
     if len(value) > limit:
         raise BadValue(f"{value!r} is longer than {vr} allows ({limit} characters)")
     if vr == "UI" and not is_valid_uid(value):

@@ -152,7 +152,10 @@ async def test_tokens_over_http(secure: SecureArchive, client: httpx.AsyncClient
     assert [t["name"] for t in listing if t["id"] == created["id"]] == ["viewer"]
     assert "token" not in listing[0] and reader.split("_", 2)[2] not in str(listing)
     bad = [({"role": "king"}, "unknown role"), ({"role": "reader", "partition": "a/b"}, "partition"),
-           ({"role": "reader", "expires": "soon"}, "--expires")]  # fmt: skip
+           ({"role": "reader", "expires": "soon"}, "--expires"),
+           # past the year 9999 (OverflowError): a 500
+           ({"role": "reader", "expires": "99999999d"}, "later than the year 9999"),
+           ({"role": "reader", "expires": "9999999999999d"}, "later than the year 9999")]  # fmt: skip
     for body, message in bad:
         r = await client.post("/tokens", json=body, headers=bearer(owner))
         assert r.status_code == 400 and message in r.json()["error"]["message"]

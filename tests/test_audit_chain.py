@@ -104,3 +104,25 @@ async def test_tampering_is_found_at_the_exact_record(
     await pool.copy_records_to_table("audit_event", records=[forged], columns=COLUMNS)
     verdict = await verify(pool)
     assert verdict.broken_id == max(await ids(pool)) and "no chain hash" in verdict.reason
+
+
+async def test_text_postgresql_cannot_hold_is_stored_replaced_not_retried_forever(pool: asyncpg.Pool) -> None:
+    """A request path with `%00` (or an HL7 field with a NUL) made the batch's COPY fail on every attempt:
+    the writer retried it forever and no later record of the process was written."""
+    log = AuditLog(pool)
+    before, nul, after = event(1), event(2), event(3)
+    nul.path, nul.user_agent = "/v2/studies/1.2\x00.3/metadata", "MSH-10 \x00"  # type: ignore[attr-defined]
+    nul.roles = ["reader\x00"]  # type: ignore[attr-defined]
+    for record in (before, nul, after):
+        log.record(record)
+    assert await log.flush() == 3
+    rows = await pool.fetch("SELECT path, user_agent, roles FROM audit_event ORDER BY event_id")
+    assert [tuple(r) for r in rows] == [
+        ("/record/1", None, []),
+        ("/v2/studies/1.2\ufffd.3/metadata", "MSH-10 \ufffd", ["reader\ufffd"]),
+        ("/record/3", None, []),
+    ]
+    log.record(event(4))  # and the writer goes on
+    assert await log.flush() == 1
+    verdict = await verify(pool)
+    assert verdict.intact and verdict.records == 4

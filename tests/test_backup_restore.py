@@ -278,3 +278,17 @@ async def test_originals_kept_by_bulk_updates_are_backed_up_and_restored(
                 thread.stop()
             scrub = ["scrub", "--database-url", target_url, "--storage-url", (tmp_path / "target").as_uri()]
             assert await asyncio.to_thread(main, [*scrub, "--grace-minutes", "0"]) == 0
+
+
+async def test_a_backup_directory_that_cannot_be_made_is_an_error_line(
+    database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A destination whose parent does not exist (or cannot be written) was a FileNotFoundError traceback."""
+    dest = tmp_path / "no" / "such" / "parent"
+    (tmp_path / "no").write_text("a file, not a directory")
+    argv = ["backup", str(dest), "--database-url", database_url, "--storage-url", f"file://{tmp_path}/blobs"]
+    assert await asyncio.to_thread(main, ["migrate", "--database-url", database_url]) == 0
+    assert await asyncio.to_thread(main, argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and str(tmp_path / "no") in err[-1]
+    assert not any("Traceback" in line for line in err)

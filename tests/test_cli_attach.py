@@ -52,3 +52,23 @@ def test_serve_refuses_a_data_directory_in_use_with_a_message(
     assert err.startswith("error: the embedded PostgreSQL in ")
     assert "already in use by another dicomweb process" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["token", "list", "--database-url", "postgresql://nobody@127.0.0.1:1/x"], "error: cannot use the "
+         "database: [Errno 111] Connect call failed ('127.0.0.1', 1)"),
+        (["ae", "list", "--database-url", "notaurl"], "error: cannot use the database: invalid DSN: scheme "
+         "is expected to be either \"postgresql\" or \"postgres\", got ''"),
+        (["migrate", "--database-url", "postgresql://nobody@127.0.0.1:1/x"], "error: cannot use the "
+         "database: [Errno 111] Connect call failed ('127.0.0.1', 1)"),
+        (["serve", "--database-url", "notaurl"], "error: cannot use the database: invalid DSN: scheme is "
+         "expected to be either \"postgresql\" or \"postgres\", got ''"),
+    ],
+)  # fmt: skip
+def test_a_database_that_cannot_be_reached_is_a_message_not_a_traceback(
+    argv: list[str], error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == error

@@ -117,6 +117,16 @@ def test_tail_errors(local_archive: RunningArchive, tmp_path: Path) -> None:
     assert done.returncode == 1 and "expected a sequence number, found 'twelve'" in done.stderr
     done = dicomweb("changefeed", "tail", "--from", "1", "--checkpoint", str(tmp_path / "cp"))
     assert done.returncode == 2 and "not allowed with argument" in done.stderr
+    # a URL without scheme or host was retried for ever ("Request URL is missing an 'http://' ...")
+    for bad, why in (("notaurl", "is not an http:// or https:// URL with a host"),
+                     ("ftp://x/v1", "is not an http:// or https:// URL with a host"),
+                     ("http://x:99999/v1", "is not a URL: Port out of range 0-65535")):  # fmt: skip
+        done = dicomweb("changefeed", "tail", "--url", bad, "--from", "0")
+        assert done.returncode == 2 and f"argument --url: {bad!r} {why}" in done.stderr, done.stderr
+    done = dicomweb("changefeed", "fhir-sync", "--url", url, "--fhir-url", "fhir:8080/fhir", "--once")
+    assert done.returncode == 2 and "argument --fhir-url: 'fhir:8080/fhir' is not an http" in done.stderr
+    done = dicomweb("replicate", "--source", url, "--target", "localhost/v2", "--checkpoint", "x")
+    assert done.returncode == 2 and "argument --target: 'localhost/v2' is not an http" in done.stderr
 
 
 def test_fhir_sync_once(local_archive: RunningArchive, fhir_server: RunningFhir, tmp_path: Path) -> None:

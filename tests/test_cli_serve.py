@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from bench.common import embedded_archive
 from bench.synthetic import instance_variants, make_study, multipart_body
@@ -75,3 +76,63 @@ def test_serve_refuses_an_operation_lease_under_a_second() -> None:
     assert (
         done.stderr.strip().splitlines()[-1] == "error: DICOMWEB_OPERATION_LEASE_SECONDS must be at least 1"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "env"),
+    [
+        (["--port", "99999"], "error: --port (DICOMWEB_PORT) must be within 0..65535, not 99999", {}),
+        (
+            ["--hl7-port", "70000"],
+            "error: --hl7-port (DICOMWEB_HL7_PORT) must be within 0..65535, not 70000",
+            {},
+        ),
+        (
+            ["--dimse-port", "-1"],
+            "error: --dimse-port (DICOMWEB_DIMSE_PORT) must be within 0..65535, not -1",
+            {},
+        ),
+        (
+            ["--workers", "-3"],
+            "error: --workers (DICOMWEB_WORKERS) must be at least 1 (0: one per core), not -3",
+            {},
+        ),
+        (
+            ["--dimse-ae-title", "WAYTOOLONGAETITLE17"],
+            "error: --dimse-ae-title (DICOMWEB_DIMSE_AE_TITLE) 'WAYTOOLONGAETITLE17' must be 1 to 16 "
+            "characters (spaces around it do not count)",
+            {},
+        ),
+        (
+            ["--hl7-partition", "bad partition!"],
+            "error: --hl7-partition (DICOMWEB_HL7_PARTITION) 'bad partition!' is not a partition name: 1-64 "
+            "letters, digits, '_', '.', '-'",
+            {},
+        ),
+        (
+            ["--hl7-port", "2575"],
+            "error: DICOMWEB_HL7_ALLOWED_HOSTS: 'not-an-address' does not appear to be an IPv4 or IPv6 "
+            "network; list addresses and networks (CIDR), comma-separated",
+            {"DICOMWEB_HL7_ALLOWED_HOSTS": "10.0.0.0/8, not-an-address"},
+        ),
+        (
+            [],
+            "error: DICOMWEB_TRUSTED_PROXIES: '10.0.0.0/33' does not appear to be an IPv4 or IPv6 network; "
+            "list addresses and networks (CIDR), comma-separated",
+            {"DICOMWEB_TRUSTED_PROXIES": "10.0.0.0/33"},
+        ),
+    ],
+)
+def test_serve_refuses_settings_that_cannot_work(args: list[str], error: str, env: dict[str, str]) -> None:
+    """A port out of range was a traceback (OverflowError) or a worker dying at start, a negative worker
+    count a server that took connections and never answered, a malformed list of networks workers dying at
+    start with tracebacks; an AE title or HL7 partition nobody could use was accepted. Refused before
+    anything starts (the database is never reached)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "dicomweb.cli", "serve", "--database-url", "postgresql://nowhere.invalid/x",
+         *args],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **env},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == error
+    assert "Traceback" not in done.stderr

@@ -158,3 +158,14 @@ async def test_cli_registers_the_ae_dcmtk_then_echoes_and_stores(
     assert _dcmtk("echoscu", dimse_archive, "DCMTK").returncode != 0
     assert _cli("remove", "DCMTK", database_url=url).returncode == 1
     assert _cli("add", "BAD\\AE", "--host", "h", database_url=url).returncode == 2
+
+
+async def test_cli_empty_services_grant_none_as_over_http(database_url: str) -> None:
+    """'ae add X --services ""' registered the AE with every service (an empty list read as 'not given'),
+    while POST /aes with "services": [] grants none."""
+    migrated = _cli("list", database_url=database_url)  # migrates the new database
+    assert migrated.returncode == 0, migrated.stderr
+    added = _cli("add", "ECHOONLY", "--host", "127.0.0.1", "--services", "", database_url=database_url)
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.strip().endswith("services -")
+    assert "ECHOONLY\t127.0.0.1\t-\tMicrosoft.Default\t\n" in _cli("list", database_url=database_url).stdout

@@ -253,6 +253,18 @@ async def test_a31_in_latin_1_and_a_patient_without_studies(hl7_archive: Hl7Arch
     assert change["00100010"] == {"vr": "PN", "Value": [{"Alphabetic": "Müller^Jürgen^^Prof. Dr."}]}
 
 
+async def test_hl7_show_prints_a_message_in_its_own_character_set(
+    hl7_archive: Hl7Archive, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Latin-1 message (MSH-18 8859/1) was printed as UTF-8: every umlaut a replacement character."""
+    assert hl7_archive.send(message("adt_a31_v231.hl7"))["MSA"][1] == "AA"
+    (row,) = await hl7_archive.fetch("SELECT message_id FROM hl7_message")
+    argv = ["hl7", "show", str(row["message_id"]), "--database-url", hl7_archive.http.database_url]
+    assert await asyncio.to_thread(main, argv) == 0
+    out = capsys.readouterr().out
+    assert "PAT-HL7-1^^^STJOHNS^MR||Müller^Jürgen^^^Prof. Dr.||19550607" in out and "\ufffd" not in out
+
+
 async def test_a40_moves_the_merged_patients_studies_to_the_surviving_id(hl7_archive: Hl7Archive) -> None:
     merged = store_studies(hl7_archive, "PAT-HL7-OLD", 3, seed=5)
     store_studies(hl7_archive, "PAT-HL7-1", 2, seed=6)  # the survivor's own studies are not touched
@@ -293,6 +305,19 @@ def with_header(raw: bytes, index: int, new: str) -> bytes:
         (message("adt_a40_v24.hl7").replace(b"MRG|", b"ZZZ|"), "AE", "100", "no MRG segment"),
         (message("orm_o01_new_v231.hl7").replace(b"ORC|NW|", b"ORC|XO|"), "AE", "103", "order control XO"),
         (b"PID|1||PAT-1\rMSH|^~\\&|HIS", "AR", "100", "does not start with an MSH segment"),
+        # a NUL (PostgreSQL text cannot hold one) was AR 207 "could not process", which senders resend
+        (with_header(message("adt_a08_v25.hl7"), 2, "EPIC\x00ADT"), "AR", "102", "NUL character"),
+        (message("adt_a08_v25.hl7").replace(b"Meier-Schulz", b"Meier\x00Schulz"), "AR", "102",
+         "PID segment holds a NUL character"),
+        (message("orm_o01_new_v231.hl7").replace(b"Doe^John", b"Do\\X00\\e^John"), "AE", "102",
+         "PID-5 holds a NUL character"),
+        # the accession number taken from the filler order number (OBR-18, OBR-19 empty): named OBR-18
+        (message("orm_o01_new_v231.hl7").replace(b"|ACC-1001|RP-1001|", b"|||")
+         .replace(b"ACC-1001^RIS", b"FILLER-NUMBER-0000000001^RIS"), "AE", "102",
+         "ORC-3 'FILLER-NUMBER-0000000001' is longer than DICOM SH allows"),
+        # MSH-2 with fewer than two characters: building the ACK failed, the connection closed without one
+        (with_header(message("adt_a08_v25.hl7"), 1, "^"), "AR", "102", "MSH-2"),
+        (with_header(message("adt_a08_v25.hl7"), 1, ""), "AR", "102", "MSH-2"),
     ],
 )  # fmt: skip
 async def test_a_refused_message_is_answered_kept_and_changes_nothing(
@@ -326,6 +351,12 @@ async def test_a_failed_message_is_replayed_from_the_log(hl7_archive: Hl7Archive
         ("AA", None, "127.0.0.1"),
         ("AA", failed["message_id"], "replay"),
     ]
+    # the replay is audited as the messages were (it was not: a change without an audit record)
+    audited = await hl7_archive.fetch(
+        "SELECT path, status, client_address FROM audit_event WHERE action = 'hl7' AND client_address = "
+        "'replay'"
+    )
+    assert [tuple(r) for r in audited] == [("ORM^O01", 0, "replay")]
     # the log is append-only: the failed row keeps its outcome
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
         await hl7_archive.fetch("UPDATE hl7_message SET ack_code = 'AA'")
@@ -367,6 +398,28 @@ async def test_several_messages_on_one_connection_in_order(hl7_archive: Hl7Archi
         assert refused["MSA"][1] == "AR" and "no <VT>" in reason(refused)
 
 
+def test_a_block_restarted_after_a_stray_start_byte_is_read(hl7_archive: Hl7Archive) -> None:
+    """Bytes before a block's last <VT> are noise, a <VT> among them too (a sender that restarted a block
+    it had begun): the message was read with the noise in front of it and refused AR 100."""
+    with MllpClient(hl7_archive.port, timeout=10) as client:
+        restarted = b"\x0bMSH|^~\\&|HIS|ST\r\x0b" + message("adt_a31_v231.hl7") + b"\x1c\r"
+        ack = ack_fields(client.send(restarted, framed=False))
+        assert ack["MSA"][1:3] == ["AA", "ADT00000002"], ack
+        assert ack_fields(client.send(message("adt_a31_v231.hl7")))["MSA"][1] == "AA"
+
+
+def test_a_block_ended_by_fs_alone_is_answered(hl7_archive: Hl7Archive) -> None:
+    """A sender that ends its blocks with <FS> and no <CR> waits for the ACK: the archive waited for the
+    <CR>, so both waited until the sender gave up (and sent the message again)."""
+    with MllpClient(hl7_archive.port, timeout=10) as client:
+        for _ in range(2):
+            bare = b"\x0b" + message("adt_a31_v231.hl7") + b"\x1c"
+            assert ack_fields(client.send(bare, framed=False))["MSA"][1:3] == ["AA", "ADT00000002"]
+        assert ack_fields(client.send(message("adt_a31_v231.hl7")))["MSA"][1] == "AA"  # and framed again
+        refused = ack_fields(client.send(message("adt_a31_v231.hl7") + b"\x1c\r", framed=False))
+        assert refused["MSA"][1:3] == ["AR", "ADT00000002"] and "no <VT>" in reason(refused)
+
+
 def test_garbage_over_the_socket_is_refused_kept_and_changes_nothing(hl7_archive: Hl7Archive) -> None:
     """Any block gets exactly one ACK; unless it is AA nothing changes; every block is kept."""
     store_studies(hl7_archive, "PAT-HL7-1", 1, seed=8)
@@ -383,12 +436,12 @@ def test_garbage_over_the_socket_is_refused_kept_and_changes_nothing(hl7_archive
 
     header = "MSH|^~\\&|HIS|HOSP|DICOMWEB|RAD|20261207120000||{kind}|CTRL|P|2.5\r"
     blocks = st.one_of(
-        st.binary(max_size=300).filter(lambda b: b"\x1c\r" not in b),
+        st.binary(max_size=300).filter(lambda b: b"\x1c" not in b),
         st.builds(
             lambda kind, rest: (header.format(kind=kind) + rest).encode(),
             st.sampled_from(["ADT^A08", "ADT^A40", "ORM^O01", "OMI^O23", "ADT^A01", "QRY^Q01", ""]),
             st.text(alphabet=st.sampled_from(list("|^~\\&\r PIDMRGORCOBR0123456789ABC-")), max_size=200),
-        ).filter(lambda b: b"\x1c\r" not in b),
+        ).filter(lambda b: b"\x1c" not in b),
     )
     with MllpClient(hl7_archive.port) as client:
 

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hl7.message import AE, AR, Delimiters, HL7Error, ack, parse, segments, unescape, value
+from dicomweb.cli import main
+from hl7.message import AA, AE, AR, Delimiters, HL7Error, ack, header_of, parse, segments, unescape, value
 from hl7.orders import orders_of
 from hl7.values import code, identifiers, patient_attributes, person_name
 
@@ -68,6 +69,18 @@ def test_unescape() -> None:
     assert unescape("trailing \\", d) == "trailing \\"
 
 
+def test_hexadecimal_escapes_are_bytes_of_the_messages_character_set() -> None:
+    """\\Xhh\\ is data in the message's encoding: in a UTF-8 message \\XC3BC\\ is one ü (it was read as
+    Latin-1, two characters, and 'MÃ¼ller' went into the patient's studies)."""
+    raw = (DATA / "adt_a08_v25.hl7").read_bytes().replace(b"Meier-Schulz", b"M\\XC3BC\\ller")
+    r = parse(raw)
+    assert r.codec == "utf-8"
+    name = person_name(segments(r, "PID")[0], 5)
+    assert name == {"vr": "PN", "Value": [{"Alphabetic": "Müller^Anna^Maria^Dr."}]}
+    assert unescape(r"M\XFC\ller", Delimiters(codec="utf-8")) == "Müller"  # not UTF-8: read as Latin-1
+    assert unescape(r"M\XFC\ller", Delimiters(codec="iso8859-15")) == "Müller"
+
+
 def test_ack_of_a_message_and_of_garbage() -> None:
     r = received("orm_o01_new_v231.hl7")
     text = ack(r.header, AE, error=HL7Error(AE, 204, "no work item was made from order ORD|1^2", "ORC^1^2"))
@@ -80,6 +93,37 @@ def test_ack_of_a_message_and_of_garbage() -> None:
     assert parse(text.encode()).header.message_type == "ACK^O01"
     refused = ack(None, AR, error=HL7Error(AR, 100, "the message does not start with an MSH segment", "MSH"))
     assert refused.split("\r")[1] == "MSA|AR||the message does not start with an MSH segment"
+    # an MSH-18 this archive cannot read: the ACK is UTF-8, and says so (it echoed KOI8-R)
+    raw = b"MSH|^~\\&|HIS|HOSP|DICOMWEB|RAD|20261207120000||ADT^A08|C1|P|2.5||||||KOI8-R\rPID|1||P1"
+    with pytest.raises(HL7Error) as unreadable:
+        parse(raw)
+    answer = ack(header_of(raw), AR, error=unreadable.value).split("\r")[0]
+    assert answer.split("|")[17] == "UNICODE UTF-8"
+
+
+def test_msa_3_is_cut_to_80_characters_between_escape_sequences() -> None:
+    """MSA-3 (ST, 80 characters) was cut after escaping: "...x\\S" ended the field inside an escape
+    sequence. ERR-8 keeps the whole reason."""
+    reason = "x" * 78 + "^^^"
+    msa, err = ack(None, AE, error=HL7Error(AE, 102, reason)).split("\r")[1:3]
+    assert msa == "MSA|AE||" + "x" * 78
+    assert err.split("|")[8] == "x" * 78 + "\\S\\" * 3
+    assert ack(None, AA, text="y" * 77 + "|").split("\r")[1] == "MSA|AA||" + "y" * 77 + "\\F\\"  # fits
+    assert ack(None, AA, text="y" * 78 + "|").split("\r")[1] == "MSA|AA||" + "y" * 78
+
+
+@pytest.mark.parametrize("encoding", ["", "^", "^~", "^~\\", "^^^^", "^~\\&&", "^~EPICADT", "^~\\&#$"])
+def test_a_message_with_unusable_encoding_characters_is_answered_in_the_standard_ones(encoding: str) -> None:
+    """MSH-2 that does not declare four distinct encoding characters: the ACK (AR 102) is written with
+    ^~\\& (with fewer than two, building it raised IndexError and the sender got no ACK at all)."""
+    raw = f"MSH|{encoding}|HIS|HOSP|DICOMWEB|RAD|20261207120000||ADT^A08|CTRL9|P|2.5\rPID|1||P1".encode()
+    with pytest.raises(HL7Error) as refused:
+        parse(raw)
+    assert (refused.value.ack, refused.value.code) == (AR, 102)
+    msh, msa, err = ack(header_of(raw), AR, error=refused.value).rstrip("\r").split("\r")
+    assert msh.startswith("MSH|^~\\&|DICOMWEB|")
+    assert msa.startswith("MSA|AR|")
+    assert err.split("|")[3] == "102^Data type error^HL70357"
 
 
 @pytest.mark.parametrize("rest", ["MSH", "PID|1\rMSH", "MSHX", "PID|1|\r\rMSH|^~\\&|HIS"])
@@ -103,7 +147,8 @@ def check_parse(raw: bytes) -> None:
         r = parse(raw)
     except HL7Error as exc:
         assert exc.ack in (AE, AR) and 100 <= exc.code <= 207 and exc.text
-        assert ack(None, exc.ack, error=exc)  # it can always be answered
+        answer = ack(header_of(raw), exc.ack, error=exc)  # it can always be answered, as the listener does
+        assert parse(answer.encode()).header.message_code == "ACK"
         return
     assert r.segments[0].name == "MSH" and r.header.control_id
 
@@ -137,3 +182,22 @@ def test_real_messages_with_bytes_replaced(at: int, junk: bytes) -> None:
     raw = (DATA / "adt_a08_v25.hl7").read_bytes()
     position = at % len(raw)
     check_parse(raw[:position] + junk + raw[position + len(junk) :])
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["messages", "--limit", "-1"], "argument --limit: must be a whole number of at least 1, not '-1'"),
+        (["show", "99999999999999999999"], "argument message_id: is a message id (a whole number from 1), "
+         "not '99999999999999999999'"),
+        (["replay", "0"], "argument message_id: is a message id (a whole number from 1), not '0'"),
+    ],
+)  # fmt: skip
+def test_hl7_commands_refuse_numbers_the_log_cannot_take(
+    argv: list[str], error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """They were tracebacks from PostgreSQL (a negative LIMIT) and asyncpg (an id past bigint)."""
+    with pytest.raises(SystemExit) as exited:
+        main(["hl7", *argv, "--database-url", "postgresql://nowhere.invalid/x"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(error)

@@ -26,6 +26,7 @@ from bench.common import embedded_archive, free_port, serve_processes
 from changefeed.checkpoint import FileCheckpoint
 from changefeed.commands import replicate
 from changefeed.replicate import DEFAULT_PARTITION, ReplicationStatus, Replicator, stow_body
+from dicomweb.cli import main
 from dicomweb.config import Settings
 from indexer.embedded import EmbeddedPostgres
 from storage import LocalBlobStore
@@ -288,3 +289,23 @@ async def test_a_series_the_batch_mostly_wants_is_read_in_one_request(
         }
         expected = await holdings(client, source.url, source.database_url)
         assert all(expected[key] == data for key, data in held.items())
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "error"),
+    [
+        ("--batch-size", "0", "argument --batch-size: must be within 1..10000, not '0'"),  # a traceback
+        ("--parallel", "0", "argument --parallel: must be a whole number of at least 1, not '0'"),  # a hang
+        ("--parallel", "-2", "argument --parallel: must be a whole number of at least 1, not '-2'"),
+    ],
+)
+def test_replicate_refuses_counts_it_cannot_run_with(
+    option: str, value: str, error: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--batch-size 0 ended in a ValueError traceback, --parallel 0 in a semaphore nothing could pass."""
+    argv = ["replicate", "--source", "http://127.0.0.1:9/v2", "--target", "http://127.0.0.1:9/v2",
+            "--checkpoint", str(tmp_path / "checkpoint"), option, value]  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(error)

@@ -302,3 +302,25 @@ async def test_objects_kept_for_a_restore_window_are_checked(
     out, err = capsys.readouterr()
     lines = sorted(line.split("\t")[:2] for line in out.splitlines())
     assert lines == sorted([["altered", keys[0]], ["missing", keys[3]]])
+
+
+GRACE = "argument --grace-minutes: must be a number from 0 to 52560000"
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["sweep", "--grace-minutes", "nan"], f"{GRACE}, not 'nan'"),  # a ValueError traceback
+        (["sweep", "--grace-minutes", "inf"], f"{GRACE}, not 'inf'"),  # an OverflowError traceback
+        (["sweep", "--grace-minutes", "-5"], f"{GRACE}, not '-5'"),  # spared nothing being written
+        (["scrub", "--grace-minutes", "-1"], f"{GRACE}, not '-1'"),
+        (["scrub", "--rate-mb", "nan"], "argument --rate-mb: must be a number from 0 to 1000000, not 'nan'"),
+    ],
+)
+def test_sweep_and_scrub_refuse_amounts_they_cannot_use(
+    argv: list[str], error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--database-url", "postgresql://nowhere.invalid/x"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(error)

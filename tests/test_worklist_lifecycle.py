@@ -215,6 +215,21 @@ BAD_CREATES = [
     ("owned", orjson.dumps({**workitem(), "00081195": {"vr": "UI", "Value": ["1.2.3"]}}), "TransactionUID"),
     ("bad code", orjson.dumps({**workitem(), "00404025": {"vr": "SQ", "Value": [{}]}}), "Code Value"),
     ("bulk", orjson.dumps({**workitem(), "00420011": {"vr": "OB", "BulkDataURI": "http://x"}}), "bulk data"),
+    # a NUL, which PostgreSQL text and jsonb cannot hold, was a 500
+    ("NUL", orjson.dumps({**workitem(), "00741204": {"vr": "LO", "Value": ["a\x00b"]}}), "NUL character"),
+    (
+        "NUL in a name",
+        orjson.dumps({**workitem(), "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe\x00"}]}}),
+        "NUL character",
+    ),
+    ("NUL in a number", orjson.dumps({**workitem(), "00101020": {"vr": "DS", "Value": ["1\x00"]}}), "NUL"),
+    # longer than the VR allows: stored, and handed to modalities in the Modality Worklist as it was
+    (
+        "long code value",
+        orjson.dumps({**workitem(), "00404025": {"vr": "SQ", "Value": [code("LONGSTATION" * 4, "station")]}}),
+        "is longer than SH allows (16 characters)",
+    ),
+    ("long label", orjson.dumps({**workitem(), "00741204": {"vr": "LO", "Value": ["L" * 65]}}), "LO allows"),
 ]
 
 
@@ -247,6 +262,13 @@ async def test_errors_change_nothing(client: httpx.AsyncClient) -> None:
     response = await put_state(client, uid, "IN PROGRESS", None)
     assert response.status_code == 400
     assert response.headers["warning"] == '299 dicomweb "The Transaction UID is missing."'
+    # two states, or two Transaction UIDs, in one request (VM 1): the first was taken, a 200
+    for key, two in (("00741000", ["IN PROGRESS", "COMPLETED"]), ("00081195", [new_uid(), new_uid()])):
+        ds = orjson.loads(state_body("IN PROGRESS", new_uid()))[0]
+        ds[key]["Value"] = two
+        response = await client.put(f"/workitems/{uid}/state", content=orjson.dumps([ds]), headers=JSON)
+        assert response.status_code == 400, response.text
+        assert "holds one value, not 2" in response.json()["error"]["message"]
     # updates the table forbids
     for forbidden in ("00741000", "00080018", "00081195"):
         element = copy.deepcopy(before.get(forbidden, {"vr": "UI", "Value": ["1.2.3"]}))
@@ -272,6 +294,18 @@ async def test_errors_change_nothing(client: httpx.AsyncClient) -> None:
     assert (
         await client.post(f"/workitems/{uid}?{new_uid()}", content=update, headers=JSON)
     ).status_code == 409
+    # an empty transaction-uid is a missing one (409 with its warning; it was 400 'unknown query parameter'),
+    # and two different ones are 400 (the last was used)
+    response = await client.post(f"/workitems/{uid}?transaction-uid=", content=update, headers=JSON)
+    assert response.status_code == 409
+    assert (
+        response.headers["warning"] == '299 dicomweb "The target URI did not reference a claimed Workitem."'
+    )
+    response = await client.post(f"/workitems/{uid}?{new_uid()}&{tuid}", content=update, headers=JSON)
+    assert (response.status_code, response.json()["error"]["message"]) == (
+        400,
+        "more than one Transaction UID",
+    )
     assert (await put_state(client, uid, "IN PROGRESS", tuid)).status_code == 409  # already IN PROGRESS
     assert await get(client, uid) == claimed
 
@@ -307,16 +341,19 @@ async def test_websocket_refuses_bad_subscribers(ups_archive: RunningArchive) ->
     for path, code_expected in (
         (f"/ws/subscribers/{'A' * 17}", 1008),
         ("/ws/subscribers/AE1?after=x", 1008),
+        ("/ws/subscribers/AE1?after=99999999999999999999", 1008),  # past bigint: a traceback, 1011
     ):
         async with connect(ws_root + path) as ws:
             with pytest.raises(ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), timeout=5)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == code_expected
-    async with connect(ws_root + "/ws/subscribers/AE1") as ws:
-        await ws.send("hello")
-        with pytest.raises(ConnectionClosed) as closed:
-            await asyncio.wait_for(ws.recv(), timeout=5)
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1003
+    # past bigint, an acknowledgement failed in the database and acknowledgements silently stopped
+    for message in ("hello", '{"ack": 18446744073709551615}'):
+        async with connect(ws_root + "/ws/subscribers/AE1") as ws:
+            await ws.send(message)
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), timeout=5)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1003
 
 
 async def test_accept_header_is_negotiated(client: httpx.AsyncClient) -> None:

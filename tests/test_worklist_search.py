@@ -126,6 +126,7 @@ def test_paging_and_empty_results(http: httpx.Client) -> None:
         # both were a 500: PostgreSQL refuses a NUL in text, and an offset beyond bigint
         ({"PatientName": "a\x00"}, "PatientName: NUL characters are not allowed"),
         ({"offset": "99999999999999999999"}, "offset: must be at most 2147483647"),
+        ({"ScheduledStationNameCodeSequence.CodeValue": "\x00"}, "NUL characters"),
     ],
 )
 def test_bad_queries_are_400(http: httpx.Client, params: dict[str, str], message: str) -> None:

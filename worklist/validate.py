@@ -18,7 +18,7 @@ from dicomcore.dicomjson import BINARY_VRS
 from dicomcore.tags import dictionary_vr, keyword
 from dicomcore.uids import is_valid_uid
 from indexer.attributes import parse_da, parse_tm
-from indexer.extended_values import dt_bounds
+from indexer.extended_values import MAX_LENGTH, dt_bounds
 from worklist.requirements import (
     BY_KEY,
     CODE_MEANING,
@@ -146,13 +146,20 @@ def _check_value(label: str, vr: str, v: Any) -> None:
     if vr == "PN":
         if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
             raise DatasetError(f"{label}: a PN value is an object of component groups (PS3.18 F.2.2)")
+        if any("\x00" in text for group in v.items() for text in group):
+            raise DatasetError(f"{label}: a value holds a NUL character")
         return
+    if isinstance(v, str) and "\x00" in v:  # no DICOM text holds one, nor PostgreSQL text and jsonb
+        raise DatasetError(f"{label}: a value holds a NUL character")
     if vr in ("DS", "FD", "FL", "IS", "SL", "SS", "SV", "UL", "US", "UV"):
         if not isinstance(v, (int, float, str)) or isinstance(v, bool):
             raise DatasetError(f"{label}: {v!r} is not a number")
         return
     if not isinstance(v, str):
         raise DatasetError(f"{label}: {v!r} is not a string")
+    limit = MAX_LENGTH.get(vr)
+    if limit is not None and len(v) > limit:  # the Modality Worklist would hand it on as invalid DICOM
+        raise DatasetError(f"{label}: {v[:80]!r} is longer than {vr} allows ({limit} characters)")
     if vr == "UI" and not is_valid_uid(v):
         raise DatasetError(f"{label}: {v!r} is not a valid UID")
     if vr == "DA" and parse_da(v) is None:

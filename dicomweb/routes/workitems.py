@@ -27,6 +27,7 @@ from worklist.validate import (
     first,
     parse_dataset,
     prepare_create,
+    values,
 )
 
 _OFFERS = (Offer("application/dicom+json"), Offer("application/json"))
@@ -60,20 +61,23 @@ async def _dataset(request: Request, *, optional: bool = False) -> dict:
         raise HTTPProblem(400, str(exc)) from exc
 
 
-def _bare_uid(request: Request, names: tuple[str, ...]) -> str | None:
-    """A UID given as `?{uid}` (PS3.18's URI templates) or as `?name={uid}`."""
+def _bare_uid(request: Request, names: tuple[str, ...], what: str) -> str | None:
+    """A UID given as `?{uid}` (PS3.18's URI templates) or as `?name={uid}`; `what` names it in errors."""
     query = request.url.query
     if not query:
         return None
     pairs = parse_qsl(query, keep_blank_values=True)
     value = None
     for key, val in pairs:
-        if key.lower() in names and val:
-            value = val
+        if key.lower() in names:
+            found = val or None  # `?transaction-uid=`: none given
         elif not val and is_valid_uid(key):
-            value = key
+            found = key
         else:
             raise HTTPProblem(400, f"unknown query parameter {key!r}")
+        if found is not None and value is not None and found != value:
+            raise HTTPProblem(400, f"more than one {what}")
+        value = found or value
     if value is not None and not is_valid_uid(value):
         raise HTTPProblem(400, f"{value!r} is not a valid UID")
     return value
@@ -98,7 +102,7 @@ def _ae_title(request: Request) -> str:
 
 async def create(request: Request) -> Response:
     """Create Workitem (11.4): 201 with Location; 409 when the UID exists."""
-    uid_param = _bare_uid(request, ("workitem",))
+    uid_param = _bare_uid(request, ("workitem",), "workitem UID")
     ds = await _dataset(request)
     try:
         uid, attrs, modified = prepare_create(ds, uid_param)
@@ -131,7 +135,7 @@ async def retrieve(request: Request) -> Response:
 async def update(request: Request) -> Response:
     """Update Workitem (11.6): needs the owner's Transaction UID once the item is IN PROGRESS."""
     uid = _workitem_uid(request)
-    tuid = _bare_uid(request, ("transaction-uid", "transactionuid", "transaction"))
+    tuid = _bare_uid(request, ("transaction-uid", "transactionuid", "transaction"), "Transaction UID")
     ds = await _dataset(request)
     try:
         await store.update(context(request).pool, await partition_key(request), uid, tuid, ds)
@@ -144,6 +148,9 @@ async def change_state(request: Request) -> Response:
     """Change Workitem State (11.7): claim (IN PROGRESS with a new Transaction UID), complete, cancel."""
     uid = _workitem_uid(request)
     ds = await _dataset(request)
+    for key, label in ((PROCEDURE_STEP_STATE, "Procedure Step State"), (TRANSACTION_UID, "Transaction UID")):
+        if (count := len(values(ds, key))) > 1:  # VM 1: taking the first would act on half a request
+            raise HTTPProblem(400, f"{label} ({key[:4]},{key[4:]}) holds one value, not {count}")
     requested_text = first(ds, PROCEDURE_STEP_STATE)
     requested = State.from_code(requested_text) if isinstance(requested_text, str) else None
     if requested is None:

@@ -33,6 +33,8 @@ from worklist.events import gap_notice, read_after
 
 log = logging.getLogger(__name__)
 
+MAX_SEQUENCE = 2**63 - 1  # sequences are PostgreSQL bigints: a larger one failed in the database
+
 
 def _ae_title(text: str) -> str | None:
     ok = 1 <= len(text) <= 16 and "\\" not in text and text.isprintable() and text.strip() and text.isascii()
@@ -52,7 +54,9 @@ async def subscriber_channel(ws: WebSocket) -> None:
         return
     pool = context(ws).pool  # type: ignore[arg-type]
     after_text = ws.query_params.get("after")
-    if after_text is not None and not after_text.isdigit():
+    if after_text is not None and not (
+        after_text.isascii() and after_text.isdigit() and int(after_text) <= MAX_SEQUENCE
+    ):
         await ws.close(code=1008, reason="after must be a sequence number")
         return
     acked, dropped = await subscriptions.position(pool, key, ae) or (0, 0)
@@ -92,7 +96,11 @@ async def _read_acks(ws: WebSocket, pool, key: int, ae: str) -> None:  # type: i
         try:
             message = orjson.loads(text)
             sequence = message["ack"]
-            if not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 0:
+            if (
+                not isinstance(sequence, int)
+                or isinstance(sequence, bool)
+                or not 0 <= sequence <= MAX_SEQUENCE
+            ):
                 raise ValueError(sequence)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             await ws.close(code=1003, reason='send {"ack": <sequence>} only')
