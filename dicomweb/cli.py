@@ -95,6 +95,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if settings.dimse_port is None:
         settings = replace(settings, dimse_port=DEFAULT_DIMSE_PORT)
+    if (taken := _port_taken(settings)) is not None:
+        print(f"error: {taken}", file=sys.stderr)
+        return 1
     workers = settings.worker_count()
     settings = replace(settings, workers=workers)
     if settings.s3_object_lock_days > 0:
@@ -153,6 +156,39 @@ def _serve(args: argparse.Namespace) -> int:
         finally:
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _port_taken(settings: Settings) -> str | None:
+    """Whether another process listens on the DIMSE or HL7 port already.
+
+    Those listeners bind with SO_REUSEPORT so that every worker of this server shares the port, and so would
+    a second archive on the machine started with the same port (11112 unless told otherwise): the kernel
+    then split associations and messages between two archives without a word. A socket bound here without
+    SO_REUSEPORT cannot share the port with anyone, so binding it tells; it is closed before the workers
+    bind theirs."""
+    import errno
+    import socket
+
+    for flag, port in (("--dimse-port", settings.dimse_port), ("--hl7-port", settings.hl7_port)):
+        if not port:
+            continue
+        try:
+            infos = socket.getaddrinfo(settings.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except OSError:
+            continue  # an unusable host: the HTTP listener's own error says so
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT left is no listener
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    continue
+                return (
+                    f"{flag} {port} on {settings.host} is in use by another process (another archive?); "
+                    f"choose another port, or 0 to turn that listener off"
+                )
+    return None
 
 
 def _unusable(settings: Settings) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,30 @@ def test_serve_refuses_an_operation_lease_under_a_second() -> None:
     assert done.returncode == 2
     assert (
         done.stderr.strip().splitlines()[-1] == "error: DICOMWEB_OPERATION_LEASE_SECONDS must be at least 1"
+    )
+
+
+def test_serve_refuses_a_dimse_port_another_process_listens_on() -> None:
+    """The DIMSE listener binds with SO_REUSEPORT (its workers share the port), so a second archive given
+    the same port (11112 by default) started too, and the kernel split associations between the two
+    archives. Refused before anything starts (the database named here is never reached)."""
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as another archive's listener binds it
+    other.bind(("127.0.0.1", 0))
+    other.listen()
+    port = other.getsockname()[1]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "dicomweb.cli", "serve", "--database-url", "postgresql://nowhere.invalid/x",
+             "--dimse-port", str(port)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        other.close()
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: --dimse-port {port} on 127.0.0.1 is in use by another process (another archive?); choose "
+        "another port, or 0 to turn that listener off"
     )
 
 

@@ -69,13 +69,26 @@ def _wait_until_ready(pids: set[int]) -> None:
 def test_a_worker_that_cannot_bind_the_dimse_port_stops_the_server_with_status_3(
     database_url: str, tmp_path: Path
 ) -> None:
-    with socket.socket() as taken:  # a listener without SO_REUSEPORT: the workers' binds fail
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        dimse_port = taken.getsockname()[1]
-        cmd = _command(database_url, tmp_path, free_port(), "--dimse-port", str(dimse_port))
-        with _serving(cmd) as proc:
-            _, stderr = proc.communicate(timeout=300)
+    # The port is taken after the parent checked it (a port already taken is refused before any worker
+    # starts, tests/test_cli_serve.py): a sitecustomize module in the spawned workers binds it first, without
+    # SO_REUSEPORT, so their DIMSE listeners cannot.
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os, socket, sys\n"
+        "if '--multiprocessing-fork' in sys.argv:\n"
+        "    taken = socket.socket()\n"
+        "    try:\n"
+        "        taken.bind(('127.0.0.1', int(os.environ['TAKEN_PORT'])))\n"
+        "        taken.listen()\n"
+        "    except OSError:\n"
+        "        pass  # the other worker holds it\n"
+    )
+    pythonpath = os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))
+    dimse_port = free_port()
+    cmd = _command(database_url, tmp_path, free_port(), "--dimse-port", str(dimse_port))
+    with _serving(cmd, {"PYTHONPATH": pythonpath, "TAKEN_PORT": str(dimse_port)}) as proc:
+        _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 3, stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: worker process "), stderr
