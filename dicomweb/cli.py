@@ -199,13 +199,13 @@ def _unusable(settings: Settings) -> str | None:
     from access.tokens import valid_partition_name
     from dimse.aes import AeError, check_ae_title
 
-    for flag, port, lowest in (
-        ("--port (DICOMWEB_PORT)", settings.port, 0),
-        ("--dimse-port (DICOMWEB_DIMSE_PORT)", settings.dimse_port, 0),
-        ("--hl7-port (DICOMWEB_HL7_PORT)", settings.hl7_port, 0),
+    for flag, port in (
+        ("--port (DICOMWEB_PORT)", settings.port),
+        ("--dimse-port (DICOMWEB_DIMSE_PORT)", settings.dimse_port),
+        ("--hl7-port (DICOMWEB_HL7_PORT)", settings.hl7_port),
     ):
-        if port is not None and not lowest <= port <= 65535:
-            return f"{flag} must be within {lowest}..65535, not {port}"
+        if port is not None and not 0 <= port <= 65535:
+            return f"{flag} must be within 0..65535, not {port}"
     if settings.workers is not None and settings.workers < 0:
         return f"--workers (DICOMWEB_WORKERS) must be at least 1 (0: one per core), not {settings.workers}"
     try:
@@ -511,6 +511,14 @@ def _amount(ceiling: float) -> Callable[[str], float]:
 
 
 _GRACE_MINUTES = _amount(100 * 365 * 24 * 60)  # a century
+
+
+def _at_least_one(text: str) -> int:
+    """A count of 1 and up (a limit, things in flight): 0 or a negative one was PostgreSQL's error as a
+    traceback, or a semaphore that waited for ever."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
 
 
 def _feed_limit(text: str) -> int:

@@ -64,13 +64,6 @@ def _hl7_cmd(args: argparse.Namespace) -> int:
         return asyncio.run(_run(dsn, args))
 
 
-def _count(text: str) -> int:
-    """--limit: 1 and up (a negative one was PostgreSQL's error, as a traceback)."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
-    return int(text)
-
-
 def _message_id(text: str) -> int:
     """A message's id: a bigint (a larger number was asyncpg's error, as a traceback)."""
     if not text.isdigit() or not 1 <= int(text) < 2**63:
@@ -79,12 +72,14 @@ def _message_id(text: str) -> int:
 
 
 def add_hl7_command(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
+    from dicomweb.cli import _at_least_one
+
     hl7 = sub.add_parser("hl7", help="received HL7 v2 messages: list, show, replay")
     commands = hl7.add_subparsers(dest="hl7_command", required=True)
     listing = commands.add_parser("messages", help="the latest messages, newest first")
     add_common(listing)
     listing.add_argument("--failed", action="store_true", help="only AE/AR ones no replay has accepted since")
-    listing.add_argument("--limit", type=_count, default=100, help="at most this many (100)")
+    listing.add_argument("--limit", type=_at_least_one, default=100, help="at most this many (100)")
     show = commands.add_parser("show", help="one message as received, and its outcome")
     add_common(show)
     show.add_argument("message_id", type=_message_id)

@@ -126,15 +126,8 @@ def _replicate_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_least_one(text: str) -> int:
-    """A count of things in flight (a semaphore of 0 would wait for ever)."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
-    return int(text)
-
-
 def add_recovery_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
-    from dicomweb.cli import _feed_limit, _http_url  # the change feed's page size, 1..10000; a root URL
+    from dicomweb.cli import _at_least_one, _feed_limit, _http_url  # a count; a feed page size; a root URL
 
     backup = sub.add_parser("backup", help="a consistent backup of the archive, also while it runs")
     backup.add_argument("dest", type=Path, help="a new directory for the backup")

@@ -259,7 +259,7 @@ _RANK = {Level.STUDY: 0, Level.SERIES: 1, Level.INSTANCE: 2}
 _MODALITY = BY_TAG[0x00080060]
 _MODALITIES_IN_STUDY = BY_TAG[0x00080061]
 _RESERVED = ("includefield", "fuzzymatching", "limit", "offset")
-_MAX_OFFSET = 2**31 - 1
+MAX_OFFSET = 2**31 - 1  # an int column's range: PostgreSQL refuses a larger OFFSET parameter
 
 
 def _tag_level(key: str) -> Level | None:
@@ -326,8 +326,8 @@ def parse_query(
                 limit = min(_parse_count(name, value, minimum=1), max_limit)
             else:
                 offset = _parse_count(name, value, minimum=0)
-                if offset > _MAX_OFFSET:
-                    raise QueryError(name, f"must be at most {_MAX_OFFSET}")
+                if offset > MAX_OFFSET:
+                    raise QueryError(name, f"must be at most {MAX_OFFSET}")
             continue
         tag = _parse_attribute_id(name, name)
         if tag in seen_tags:

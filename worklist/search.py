@@ -35,6 +35,7 @@ from dicomcore.tags import UnknownAttributeError, dictionary_vr, parse_tag, tag_
 from dicomcore.uids import is_valid_uid
 from indexer.attributes import fold_case, name_words, parse_da, parse_tm
 from indexer.extended_values import dt_bounds
+from indexer.qido import MAX_OFFSET
 from worklist.states import State
 
 
@@ -93,9 +94,6 @@ def attribute_path(param: str) -> tuple[tuple[str, ...], str]:
     return tuple(keys), vr
 
 
-_MAX_COUNT = 2**31 - 1
-
-
 def _count(param: str, raw: str, minimum: int, maximum: int | None = None) -> int:
     if not re.fullmatch(r"[0-9]+", raw.strip()):
         raise SearchError(param, f"{raw!r} is not a non-negative integer")
@@ -120,7 +118,7 @@ def parse_search(pairs: Iterable[tuple[str, str]], *, default_limit: int, max_li
                 search.limit = min(_count(param, raw, 1), max_limit)
             elif lowered == "offset":
                 # as QIDO's offset: a larger one PostgreSQL would refuse (a 500); a large limit is clamped
-                search.offset = _count(param, raw, 0, _MAX_COUNT)
+                search.offset = _count(param, raw, 0, MAX_OFFSET)
             elif lowered == "fuzzymatching":
                 if raw not in ("true", "false"):
                     raise SearchError(param, "must be true or false")

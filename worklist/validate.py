@@ -146,11 +146,7 @@ def _check_value(label: str, vr: str, v: Any) -> None:
     if vr == "PN":
         if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
             raise DatasetError(f"{label}: a PN value is an object of component groups (PS3.18 F.2.2)")
-        if any("\x00" in text for group in v.items() for text in group):
-            raise DatasetError(f"{label}: a value holds a NUL character")
         return
-    if isinstance(v, str) and "\x00" in v:  # no DICOM text holds one, nor PostgreSQL text and jsonb
-        raise DatasetError(f"{label}: a value holds a NUL character")
     if vr in ("DS", "FD", "FL", "IS", "SL", "SS", "SV", "UL", "US", "UV"):
         if not isinstance(v, (int, float, str)) or isinstance(v, bool):
             raise DatasetError(f"{label}: {v!r} is not a number")
