@@ -4,8 +4,12 @@ Starlette tests every route in order with a regular expression. The archive has 
 root, under four mounts, so a UPS-RS request went through ~57 tests before it was handled (~10% of its CPU).
 A route whose path starts with a literal segment can match only paths that start with the same segment, so
 `SegmentRouter` tests only the routes of the request's first segment, in their original order. That gives
-the same match, the same 405 (partial match) and the same route as the plain Router. Whenever none of them
-matches, the plain Router's handling runs unchanged (trailing slash redirects, 404), so nothing else differs.
+the same match and the same route as the plain Router. Whenever none of them matches, the plain Router's
+handling runs unchanged (trailing slash redirects, 404), so nothing else differs.
+
+A path that several routes serve with different methods (GET and POST /studies, GET and DELETE a study)
+answers a method none of them takes with 405 and an Allow header naming every method of those routes
+(RFC 9110 15.5.6); the plain Router names only the first route's.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from starlette._utils import get_route_path
+from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match, Router
 from starlette.types import Receive, Scope, Send
 
@@ -44,6 +49,7 @@ class SegmentRouter(Router):
         segment = get_route_path(scope).lstrip("/").split("/", 1)[0]
         partial: BaseRoute | None = None
         partial_scope: Scope = {}
+        allowed: set[str] = set()
         for route in self._groups.get(segment, self._wildcards):
             match, child_scope = route.matches(scope)
             if match is Match.FULL:
@@ -52,8 +58,12 @@ class SegmentRouter(Router):
                 scope.update(child_scope)
                 await route.handle(scope, receive, send)
                 return
-            if match is Match.PARTIAL and partial is None:
-                partial, partial_scope = route, child_scope
+            if match is Match.PARTIAL:
+                allowed.update(getattr(route, "methods", None) or ())
+                if partial is None:
+                    partial, partial_scope = route, child_scope
+        if partial is not None and scope["type"] == "http" and allowed:
+            raise HTTPException(status_code=405, headers={"Allow": ", ".join(sorted(allowed))})
         if partial is not None:
             scope.setdefault("router", self)
             scope["route"] = partial

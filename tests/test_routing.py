@@ -83,6 +83,8 @@ def test_same_answer_as_starlettes_router(segments: list[str], slash: bool, meth
         plain.text,
         plain.headers.get("location"),
     )
+    if plain.status_code == 405:  # every method of the path; the plain Router names the first route's
+        assert set(plain.headers["allow"].split(", ")) <= set(segmented.headers["allow"].split(", "))
 
 
 def test_examples() -> None:
@@ -96,6 +98,10 @@ def test_examples() -> None:
         SEGMENTED.put("/v2/workitems/1.2.3").status_code == 405
     )  # a partial match: the path, not the method
     assert SEGMENTED.get("/v2/nothing").status_code == 404
+    # RFC 9110 15.5.6: a 405's Allow names every method the path takes, over all the routes that serve it
+    assert SEGMENTED.put("/v2/studies").headers["allow"] == "GET, HEAD, POST"
+    assert SEGMENTED.request("PATCH", "/v2/studies/1.2.3").headers["allow"] == "DELETE, GET, HEAD, POST"
+    assert SEGMENTED.put("/v2/changefeed").headers["allow"] == "GET, HEAD"
     assert SEGMENTED.get("/v2/studies/").headers["location"].endswith("/v2/studies")
 
 
