@@ -76,6 +76,36 @@ class _Retryable(Exception):
     """A failure worth retrying after a pause (connection error, 5xx, 429, callback error)."""
 
 
+class DownstreamError(Exception):
+    """A handler's downstream (a FHIR server, a standby archive) refused or failed a request: retried like
+    any handler failure, and logged as one line, since its traceback says nothing an operator can use."""
+
+
+_DOWNSTREAM = (DownstreamError, httpx.HTTPError, OSError)  # unreachable, refused, timed out, 4xx/5xx
+
+
+def _request_of(exc: BaseException) -> str:
+    """Which request an httpx error is about (its message alone does not say which server)."""
+    try:
+        request = exc.request if isinstance(exc, httpx.RequestError) else None
+    except RuntimeError:  # an error raised without a request
+        return ""
+    return f" ({request.method} {request.url})" if request is not None else ""
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, e.g. a TaskGroup's; the exception itself otherwise."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _describe(exc: BaseException) -> str:
+    leaves = _leaves(exc)
+    named = "; ".join(f"{type(e).__name__}: {e}{_request_of(e)}" for e in leaves[:3])
+    return named + (f" (and {len(leaves) - 3} more)" if len(leaves) > 3 else "")
+
+
 class ChangeFeedConsumer:
     """Tails `{root}/changefeed` (root: `http://host:port/v1` or `.../v1/partitions/{name}`).
 
@@ -119,6 +149,7 @@ class ChangeFeedConsumer:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.position: int | None = None  # last Sequence processed, once loaded
         self._verified = False  # checked once per run that the checkpoint is not ahead of the feed
+        self._last_failure: str | None = None  # the handler's failure being retried, logged once in full
 
     async def run(self, *, follow: bool = True) -> None:
         own = self._client is None
@@ -170,8 +201,15 @@ class ChangeFeedConsumer:
         except (asyncio.CancelledError, ChangeFeedError):
             raise  # a handler stops the consumer (without advancing) by raising a ChangeFeedError
         except Exception as exc:
-            log.exception("change feed handler failed on entries %d..%d", offset + 1, entries[-1]["Sequence"])
-            raise _Retryable(f"handler failed: {exc!r}") from exc
+            reason = _describe(exc)
+            downstream = all(isinstance(e, _DOWNSTREAM) for e in _leaves(exc))
+            if not downstream and reason != self._last_failure:  # a bug's traceback, once per streak
+                log.exception(
+                    "change feed handler failed on entries %d..%d", offset + 1, entries[-1]["Sequence"]
+                )
+            self._last_failure = reason
+            raise _Retryable(f"handler failed: {reason}") from exc
+        self._last_failure = None
         last = int(entries[-1]["Sequence"])
         try:
             await self.checkpoint.save(last)
@@ -193,7 +231,7 @@ class ChangeFeedConsumer:
         try:
             response = await client.get(f"{self.root}/changefeed", params=params)
         except httpx.TransportError as exc:  # refused, reset, timed out
-            raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+            raise _Retryable(_describe(exc)) from exc
         if response.status_code >= 500 or response.status_code == 429:
             raise _Retryable(f"HTTP {response.status_code}: {response.text[:200]}")
         if response.status_code == 400:
@@ -223,7 +261,7 @@ class ChangeFeedConsumer:
         try:
             response = await client.get(f"{self.root}/changefeed/latest")
         except httpx.TransportError as exc:
-            raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+            raise _Retryable(_describe(exc)) from exc
         if response.status_code >= 500 or response.status_code == 429:
             raise _Retryable(f"HTTP {response.status_code} from changefeed/latest")
         if response.status_code != 200:

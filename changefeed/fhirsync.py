@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from changefeed.consumer import Entry
+from changefeed.consumer import DownstreamError, Entry
 from changefeed.fhir import (
     DEFAULT_PATIENT_SYSTEM,
     PATIENT_ID,
@@ -47,7 +47,7 @@ FHIR_JSON = "application/fhir+json"
 _FEED_ROOT = re.compile(r"^(?P<base>.*)/v1(?P<partition>/partitions/[^/]+)?/?$")
 
 
-class FhirError(Exception):
+class FhirError(DownstreamError):
     """The FHIR server refused a request (the consumer retries the batch with backoff)."""
 
 

@@ -419,3 +419,45 @@ async def test_postgres_checkpoint(database_url: str) -> None:
         assert (await PostgresCheckpoint(pool, "fhir-sync").load(), await b.load()) == (42, 7)
     finally:
         await pool.close()
+
+
+async def test_handler_failures_are_logged_without_repeating_tracebacks(
+    local_archive: RunningArchive, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A downstream that is down (the FHIR server of fhir-sync) is one warning line per retry, its errors
+    unwrapped from the handler's TaskGroup; a bug in a handler has its traceback logged once per streak."""
+    await stow_one_by_one(local_archive, instances(10, 1))
+    calls = 0
+
+    async def failing(entries: list[Entry]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls <= 3:  # the FHIR server refuses the connection, from inside a TaskGroup
+            async with asyncio.TaskGroup() as group:
+                request = httpx.Request("PUT", "http://fhir.invalid/fhir/Patient/1")
+                group.create_task(
+                    _raise(httpx.ConnectError("All connection attempts failed", request=request))
+                )
+        elif calls <= 6:
+            raise KeyError("Sequence")
+
+    caplog.set_level("WARNING", logger="changefeed.consumer")
+    await ChangeFeedConsumer(
+        f"{local_archive.base}/v1", MemoryCheckpoint(), failing, backoff=fast_backoff()
+    ).run(follow=False)
+    assert calls == 7
+    records = [r for r in caplog.records if r.name == "changefeed.consumer"]
+    tracebacks = [r for r in records if r.exc_info]
+    assert len(tracebacks) == 1 and "handler failed on entries 1..1" in tracebacks[0].getMessage()
+    assert isinstance(tracebacks[0].exc_info[1], KeyError)
+    retries = [r.getMessage() for r in records if "retrying in" in r.getMessage()]
+    assert len(retries) == 6
+    assert retries[0].startswith(
+        "change feed: handler failed: ConnectError: All connection attempts failed "
+        "(PUT http://fhir.invalid/fhir/Patient/1);"
+    )
+    assert retries[3].startswith("change feed: handler failed: KeyError: 'Sequence';")
+
+
+async def _raise(exc: Exception) -> None:
+    raise exc
