@@ -9,6 +9,7 @@ are made here with pydicom, carrying the UIDs the requests use.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 
@@ -357,3 +358,55 @@ async def test_partition_collection_in_order(client: httpx.AsyncClient, version:
     r = await client.get(second, headers=DICOM_JSON)
     assert r.json()[0]["00741202"]["Value"] == ["New Worklist Label"]
     assert "00081195" not in r.json()[0]
+
+
+async def wait_operation(client: httpx.AsyncClient, href: str) -> dict:
+    for _ in range(300):
+        r = await client.get(href)
+        if r.status_code == 200:
+            return r.json()
+        assert r.status_code == 202
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"operation {href} did not finish")
+
+
+async def test_extended_query_tags_how_to(client: httpx.AsyncClient) -> None:
+    """The examples of Azure's extended query tag guide: the three tag definitions, the 202 with the
+    operation's reference and Location, the operation as Azure shows it, QIDO on the tags."""
+    red = sample(AZ_STUDY, AZ_SERIES, RED_TRIANGLE)
+    assert (
+        await client.post("/v2/studies", content=red, headers={"Content-Type": "application/dicom"})
+    ).is_success
+    tags = [
+        {"Path": "04011001", "VR": "SS", "PrivateCreator": "MicrosoftPC", "Level": "Instance"},
+        {"Path": "ManufacturerModelName", "VR": "LO", "Level": "Series"},
+        {"Path": "00100040", "Level": "Study"},
+    ]
+    r = await client.post("/v2/extendedquerytags", json=tags)
+    assert r.status_code == 202
+    ref = r.json()
+    assert set(ref) == {"id", "href"}
+    assert ref["href"] == f"{client.base_url}/v2/operations/{ref['id']}"
+    assert r.headers["location"] == ref["href"]
+    op = await wait_operation(client, ref["href"])
+    assert op["id"] == ref["id"]
+    assert op["type"] == "reindex" and op["percentComplete"] == 100
+    assert sorted(op["resources"]) == sorted(
+        f"{client.base_url}/v2/extendedquerytags/{p}" for p in ("04011001", "00081090", "00100040")
+    )
+    r = await client.get("/v2/extendedquerytags/ManufacturerModelName")
+    assert r.json() == {
+        "path": "00081090",
+        "vr": "LO",
+        "level": "Series",
+        "status": "Ready",
+        "queryStatus": "Enabled",
+    }
+    r = await client.get(
+        "/v2/instances?00081090=Microsoft&PatientName=Anony&fuzzyMatching=true", headers=DICOM_JSON
+    )
+    assert r.status_code == 200 and r.json() == []
+    r = await client.get(
+        "/v2/instances?PatientSex=F&PatientName=Anony&fuzzyMatching=true", headers=DICOM_JSON
+    )
+    assert [i["00080018"]["Value"] for i in r.json()] == [[RED_TRIANGLE]]
