@@ -389,7 +389,7 @@ async def test_extended_query_tags_how_to(client: httpx.AsyncClient) -> None:
     assert ref["href"] == f"{client.base_url}/v2/operations/{ref['id']}"
     assert r.headers["location"] == ref["href"]
     op = await wait_operation(client, ref["href"])
-    assert op["id"] == ref["id"]
+    assert op["operationId"] == op["id"] == ref["id"]
     assert op["type"] == "reindex" and op["percentComplete"] == 100
     assert sorted(op["resources"]) == sorted(
         f"{client.base_url}/v2/extendedquerytags/{p}" for p in ("04011001", "00081090", "00100040")

@@ -54,7 +54,8 @@ async def get(request: Request) -> Response:
         raise HTTPProblem(404, f"operation {raw} not found")
     root = service_root(request)
     body = {
-        "id": op.id_hex,
+        "operationId": op.id_hex,  # Azure's name for it
+        "id": op.id_hex,  # this archive's first name for it, kept for the clients that read it
         "type": op.type,
         "createdTime": iso_time(op.created_at),
         "lastUpdatedTime": iso_time(op.updated_at),
