@@ -410,3 +410,24 @@ async def test_extended_query_tags_how_to(client: httpx.AsyncClient) -> None:
         "/v2/instances?PatientSex=F&PatientName=Anony&fuzzyMatching=true", headers=DICOM_JSON
     )
     assert [i["00080018"]["Value"] for i in r.json()] == [[RED_TRIANGLE]]
+
+
+async def test_a_store_with_no_instances_is_204(client: httpx.AsyncClient) -> None:
+    """Azure's conformance statement: 204 when no content was provided in the store request (a multipart
+    body with its closing boundary and no part), under both versions, with or without a study."""
+    for path in ("/v1/studies", f"/v2/studies/{STUDY1}", "/v2/partitions/Microsoft.Default/studies"):
+        r = await client.post(
+            path,
+            content=b"--ABCD1234--\r\n",
+            headers={
+                **DICOM_JSON,
+                "Content-Type": 'multipart/related; type="application/dicom"; boundary=ABCD1234',
+            },
+        )
+        assert (r.status_code, r.content) == (204, b""), path
+    # a body that is not multipart at all is still malformed
+    r = await client.post(
+        "/v2/studies", content=b"", headers={"Content-Type": "multipart/related; boundary=ABCD1234"}
+    )
+    assert r.status_code == 400
+    assert (await client.get("/v2/studies")).json() == []

@@ -63,7 +63,8 @@ async def store_instances(request: Request) -> Response:
             raise HTTPProblem(400, body_error)
         outcomes.append(StoreOutcome(failure=FailureReason.PROCESSING_FAILURE, message=body_error))
     if not outcomes:
-        raise HTTPProblem(400, "the request contains no DICOM instances")
+        # a well-formed multipart body without parts: Azure's "no content was provided" (204, no body)
+        return Response(status_code=204)
     return _store_response(service_root(request), study, outcomes)
 
 
