@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import uuid
 
 import httpx
 import numpy as np
@@ -431,3 +432,17 @@ async def test_a_store_with_no_instances_is_204(client: httpx.AsyncClient) -> No
     )
     assert r.status_code == 400
     assert (await client.get("/v2/studies")).json() == []
+
+
+async def test_an_unfinished_operation_points_to_itself(quiet_archive: RunningArchive) -> None:
+    """Azure's GET /operations/{id} answers 202 with a Location (the operation's own URL) while it has not
+    finished, so that a generic long-running-operation poller keeps polling; 200 without one after."""
+    async with httpx.AsyncClient(base_url=quiet_archive.base, timeout=60) as client:
+        r = await client.post("/v1/extendedquerytags", json=[{"Path": "PatientAge", "Level": "Study"}])
+        assert r.status_code == 202
+        href = r.json()["href"]
+        dashed = href.rsplit("/", 1)[0] + "/" + str(uuid.UUID(r.json()["id"]))
+        for url in (href, dashed):
+            r = await client.get(url)
+            assert r.status_code == 202 and r.json()["status"] == "notStarted"
+            assert r.headers["location"] == href
