@@ -10,6 +10,7 @@ are made here with pydicom, carrying the UIDs the requests use.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import io
 import json
 import uuid
@@ -446,3 +447,45 @@ async def test_an_unfinished_operation_points_to_itself(quiet_archive: RunningAr
             r = await client.get(url)
             assert r.status_code == 202 and r.json()["status"] == "notStarted"
             assert r.headers["location"] == href
+
+
+def raw_post(base: str, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+    """POST with the path sent exactly as given (httpx and browsers remove dot segments first)."""
+    url = httpx.URL(base)
+    conn = http.client.HTTPConnection(url.host, url.port, timeout=60)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": content_type})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+async def test_dot_segment_partition_names_are_refused(client: httpx.AsyncClient) -> None:
+    """Azure's partition names allow '.', so '.' and '..' would pass the character rule; but they are URL
+    dot segments: every client resolves .../partitions/../studies/{uid} (the RetrieveURL such a partition's
+    STOW would answer) to the default partition's study. They are refused; '...' is an ordinary name."""
+    red = sample(AZ_STUDY, AZ_SERIES, RED_TRIANGLE)
+    base = str(client.base_url)
+    for name in (".", ".."):
+        status, body = await asyncio.to_thread(
+            raw_post, base, f"/v2/partitions/{name}/studies", red, "application/dicom"
+        )
+        assert status == 400, body
+        assert b"invalid partition name" in body
+    names = [p["partitionName"] for p in (await client.get("/v2/partitions")).json()]
+    assert "." not in names and ".." not in names
+    r = await client.post(
+        "/v2/partitions/.../studies", content=red, headers={"Content-Type": "application/dicom"}
+    )
+    assert r.status_code == 200
+    # the same rule for an export into a partition
+    r = await client.post(
+        "/v2/export",
+        json={
+            "source": {"type": "identifiers", "settings": {"values": [AZ_STUDY]}},
+            "destination": {"type": "partition", "settings": {"name": ".."}},
+            "deidentification": {"project": "p"},
+        },
+    )
+    assert r.status_code == 400, r.text
