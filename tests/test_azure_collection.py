@@ -489,3 +489,17 @@ async def test_dot_segment_partition_names_are_refused(client: httpx.AsyncClient
         },
     )
     assert r.status_code == 400, r.text
+
+
+async def test_azure_health_check_route(client: httpx.AsyncClient) -> None:
+    """Azure's Health Check API: GET /health/check, {overallStatus, details: [{name, status, description}]},
+    200 when healthy (the same checks as /health/ready)."""
+    r = await client.get("/health/check")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert body["overallStatus"] == "Healthy"
+    assert [(d["name"], d["status"]) for d in body["details"]] == [
+        ("DatabaseHealthCheck", "Healthy"),
+        ("BlobStoreHealthCheck", "Healthy"),
+    ]
+    assert all(d["description"] for d in body["details"])
