@@ -503,3 +503,26 @@ async def test_azure_health_check_route(client: httpx.AsyncClient) -> None:
         ("BlobStoreHealthCheck", "Healthy"),
     ]
     assert all(d["description"] for d in body["details"])
+
+
+async def test_bulk_update_field_names_match_case_insensitively(client: httpx.AsyncClient) -> None:
+    """Azure matches request property names case-insensitively (as export and extended query tags do
+    here): a $bulkUpdate body in PascalCase is the same request; a field given twice is ambiguous."""
+    red = sample(AZ_STUDY, AZ_SERIES, RED_TRIANGLE)
+    assert (
+        await client.post("/v2/studies", content=red, headers={"Content-Type": "application/dicom"})
+    ).is_success
+    change = {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "New^Name"}]}}
+    r = await client.post(
+        "/v2/studies/$bulkUpdate", json={"StudyInstanceUids": [AZ_STUDY], "ChangeDataset": change}
+    )
+    assert r.status_code == 202, r.text
+    op = await wait_operation(client, r.json()["href"])
+    assert op["status"] == "succeeded" and op["results"]["instanceUpdated"] == 1
+    r = await client.get(f"/v2/studies?StudyInstanceUID={AZ_STUDY}", headers=DICOM_JSON)
+    assert r.json()[0]["00100010"]["Value"] == [{"Alphabetic": "New^Name"}]
+    r = await client.post(
+        "/v2/studies/$bulkUpdate",
+        json={"studyInstanceUids": [AZ_STUDY], "StudyInstanceUIDs": [AZ_STUDY], "changeDataset": change},
+    )
+    assert r.status_code == 400 and "twice" in r.json()["error"]["message"]
