@@ -526,3 +526,29 @@ async def test_bulk_update_field_names_match_case_insensitively(client: httpx.As
         json={"studyInstanceUids": [AZ_STUDY], "StudyInstanceUIDs": [AZ_STUDY], "changeDataset": change},
     )
     assert r.status_code == 400 and "twice" in r.json()["error"]["message"]
+
+
+async def test_a_store_that_stores_nothing_names_no_study_url(client: httpx.AsyncClient) -> None:
+    """Azure's Store response carries the study's RetrieveURL only when at least one instance was stored:
+    a 409 for POST /studies/{study} must not point at a study that does not exist."""
+    red = sample(AZ_STUDY, AZ_SERIES, RED_TRIANGLE)
+    r = await client.post("/v2/studies/1.2.3", content=red, headers={"Content-Type": "application/dicom"})
+    assert r.status_code == 409 and failure_reasons(r.json()) == [43265]
+    assert "00081190" not in r.json()
+    assert (await client.get("/v2/studies/1.2.3/metadata")).status_code == 404
+    # one stored, one refused: 202 and the URL of the study
+    green = sample(AZ_STUDY, AZ_SERIES, GREEN_SQUARE, 2)
+    other = sample(STUDY2, "1.2.276.0.50.192168001099.9140875.14547392.278", INSTANCE2)
+    r = await client.post(
+        f"/v2/studies/{AZ_STUDY}",
+        content=multipart([green, other]),
+        headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=ABCD1234'},
+    )
+    assert r.status_code == 202 and failure_reasons(r.json()) == [43265]
+    assert r.json()["00081190"]["Value"] == [f"{client.base_url}/v2/studies/{AZ_STUDY}"]
+    # the same instance again: nothing stored (45070), so no study URL either
+    r = await client.post(
+        f"/v2/studies/{AZ_STUDY}", content=green, headers={"Content-Type": "application/dicom"}
+    )
+    assert r.status_code == 409 and failure_reasons(r.json()) == [45070]
+    assert "00081190" not in r.json()

@@ -114,7 +114,8 @@ def _store_response(root: str, study: str | None, outcomes: list[StoreOutcome]) 
             failed.append(item)
     body: dict[str, dict] = {}
     studies = {o.study_instance_uid for o in outcomes if o.failure is None}
-    if study is not None or len(studies) == 1:
+    # the study's URL once something is stored in it (Azure's rule): a refused store names no study
+    if studies and (study is not None or len(studies) == 1):
         body["00081190"] = {"vr": "UR", "Value": [f"{root}/studies/{study or studies.pop()}"]}
     if failed:
         body["00081198"] = {"vr": "SQ", "Value": failed}
