@@ -552,3 +552,19 @@ async def test_a_store_that_stores_nothing_names_no_study_url(client: httpx.Asyn
     )
     assert r.status_code == 409 and failure_reasons(r.json()) == [45070]
     assert "00081190" not in r.json()
+
+
+async def test_a_keyword_in_the_wrong_case_gets_a_hint(client: httpx.AsyncClient) -> None:
+    """Azure's guides write PatientId (extended query tag paths, the worklist search example). Keywords are
+    case-sensitive here, so these stay 400, but the reason names the keyword meant."""
+    hint = "did you mean 'PatientID'?"
+    for path in (
+        "/v2/studies?PatientId=ID1",
+        "/v2/studies?includefield=PatientId",
+        "/v2/extendedquerytags/PatientId",
+        "/v2/workitems?PatientId=K123&0040A370.00080050=1423JS&includefield=00404005&limit=5&offset=0",
+    ):
+        r = await client.get(path)
+        assert r.status_code == 400 and hint in r.json()["error"]["message"], (path, r.text)
+    r = await client.get("/v2/studies?PatientIdentity=1")
+    assert r.status_code == 400 and "did you mean" not in r.json()["error"]["message"]
