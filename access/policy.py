@@ -240,7 +240,7 @@ def classify(method: str, path: str) -> Target:
     """The route family, partition and UIDs of a request (path as the server received it, decoded)."""
     if method == "HEAD":  # the router answers HEAD wherever it answers GET
         return replace(classify("GET", path), method="HEAD")
-    if path in ("/health/live", "/health/ready"):
+    if path in ("/health/live", "/health/ready", "/health/check"):
         return Target(Family.HEALTH, method=method)
     if path == "/metrics":
         return Target(Family.METRICS, method=method)

@@ -19,10 +19,10 @@ import asyncpg
 
 from access.notify import CHANNEL
 from access.policy import Role
+from indexer.lookup import valid_partition_name  # one rule for every door, beside the partition table
 
 PREFIX = "dwa_"
 _TOKEN_RE = re.compile(r"dwa_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
-_PARTITION_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class TokenError(ValueError):
@@ -55,10 +55,6 @@ def matches(secret: str, stored: bytes) -> bool:
     return hmac.compare_digest(digest(secret), stored)
 
 
-def valid_partition_name(name: str) -> bool:
-    return bool(_PARTITION_RE.fullmatch(name))
-
-
 def _stored(row: asyncpg.Record) -> StoredToken:
     return StoredToken(
         row["token_id"], row["name"], Role(row["role"]), row["partition_name"], row["created_at"],
@@ -81,7 +77,9 @@ async def create(
     except ValueError:
         raise TokenError(f"unknown role {role!r}: one of {', '.join(r.value for r in Role)}") from None
     if partition is not None and not valid_partition_name(partition):
-        raise TokenError(f"invalid partition name {partition!r}: use 1-64 letters, digits, '_', '.', '-'")
+        raise TokenError(
+            f"invalid partition name {partition!r}: use 1-64 letters, digits, '_', '.', '-' (not '.' or '..')"
+        )
     token_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
     row = await conn.fetchrow(
         """INSERT INTO access_token

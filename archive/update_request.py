@@ -94,13 +94,27 @@ def parse_change_dataset(obj: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
+_FIELDS = {"studyinstanceuids": "studyInstanceUids", "changedataset": "changeDataset"}
+
+
 def parse_update_request(body: Any) -> UpdateRequest:
     """Azure's body, {"studyInstanceUids": [...], "changeDataset": {...}}; ValueError with the reason."""
     if not isinstance(body, dict):
         raise ValueError("the request body must be a JSON object with studyInstanceUids and changeDataset")
-    unknown = set(body) - {"studyInstanceUids", "changeDataset"}
+    # property names match case-insensitively, as Azure's (and this archive's export) request bodies do
+    fields: dict[str, Any] = {}
+    unknown = []
+    for key, value in body.items():
+        name = _FIELDS.get(key.lower())
+        if name is None:
+            unknown.append(key)
+        elif name in fields:
+            raise ValueError(f"{name} is given twice (property names match case-insensitively)")
+        else:
+            fields[name] = value
     if unknown:
-        raise ValueError(f"unknown fields in the request body: {', '.join(sorted(map(str, unknown)))}")
+        raise ValueError(f"unknown fields in the request body: {', '.join(sorted(unknown))}")
+    body = fields
     uids = body.get("studyInstanceUids")
     if not isinstance(uids, list) or not uids:
         raise ValueError("studyInstanceUids must be a non-empty array of Study Instance UIDs")

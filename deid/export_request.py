@@ -21,6 +21,7 @@ from typing import Any
 from deid.mapping import valid_project
 from deid.profile import Options, ProfileError, pixel_rules_from_json
 from dicomcore.uids import is_valid_uid
+from indexer.lookup import valid_partition_name
 
 MAX_IDENTIFIERS = 100_000
 
@@ -138,9 +139,9 @@ def parse_destination(destination: dict[str, Any]) -> dict[str, Any]:
         return {"type": "directory", "settings": {"path": path.strip("/")}}
     if kind == "partition":
         name = _field(settings, "name")
-        if not isinstance(name, str) or not valid_project(name):
+        if not isinstance(name, str) or not valid_partition_name(name):
             raise ExportRequestError(
-                "a partition destination needs settings.name (1-64 letters, digits, _.-)"
+                "a partition destination needs settings.name (1-64 letters, digits, _.-; not '.' or '..')"
             )
         return {"type": "partition", "settings": {"name": name}}
     raise ExportRequestError("destination.type must be 's3', 'directory' or 'partition'")

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
-from pydicom.datadict import dictionary_keyword, dictionary_VR, keyword_for_tag, tag_for_keyword
+from functools import cache
+
+from pydicom.datadict import dictionary_keyword, dictionary_VR, keyword_dict, keyword_for_tag, tag_for_keyword
 
 
 class UnknownAttributeError(ValueError):
     """The name is neither a dictionary keyword nor a GGGGEEEE tag."""
+
+
+@cache
+def _keywords_by_lower_case() -> dict[str, str]:
+    return {keyword.lower(): keyword for keyword in keyword_dict}
+
+
+def did_you_mean(name: str) -> str:
+    """' (did you mean 'PatientID'?)' when `name` is a keyword in the wrong case, as Azure's guides write
+    PatientId; otherwise ''. Keywords stay case-sensitive: the hint only makes the 400 say why."""
+    keyword = _keywords_by_lower_case().get(name.lower())
+    return f" (did you mean {keyword!r}?)" if keyword is not None and keyword != name else ""
 
 
 def parse_tag(name: str) -> int:
@@ -18,7 +32,9 @@ def parse_tag(name: str) -> int:
             pass
     tag = tag_for_keyword(name)
     if tag is None:
-        raise UnknownAttributeError(f"unknown attribute {name!r}: not a DICOM keyword or GGGGEEEE tag")
+        raise UnknownAttributeError(
+            f"unknown attribute {name!r}: not a DICOM keyword or GGGGEEEE tag{did_you_mean(name)}"
+        )
     return tag
 
 

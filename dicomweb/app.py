@@ -310,6 +310,7 @@ def create_app(
     routes: list[BaseRoute] = [
         Route("/health/live", health.live, methods=["GET"]),
         Route("/health/ready", health.ready, methods=["GET"]),
+        Route("/health/check", health.check, methods=["GET"]),  # Azure's Health Check API
         Route("/metrics", metrics, methods=["GET"]),
         *access_routes(),
         *ae_routes(),

@@ -13,6 +13,7 @@ from dicomcore.uids import is_valid_uid
 from dicomweb.config import DEFAULT_PARTITION, Settings
 from dicomweb.errors import HTTPProblem
 from indexer.lookup import partition_key as lookup_partition_key
+from indexer.lookup import valid_partition_name
 from storage.base import BlobStore
 
 
@@ -38,8 +39,10 @@ async def partition_key(request: Request, *, create: bool = False) -> int:
     key = ctx.partitions.get(name)
     if key is not None:
         return key
-    if not (1 <= len(name) <= 64) or not all(c.isalnum() or c in "_.-" for c in name) or not name.isascii():
-        raise HTTPProblem(400, f"invalid partition name {name!r}: use 1-64 letters, digits, '_', '.', '-'")
+    if not valid_partition_name(name):
+        raise HTTPProblem(
+            400, f"invalid partition name {name!r}: use 1-64 letters, digits, '_', '.', '-' (not '.' or '..')"
+        )
     key = await lookup_partition_key(ctx.pool, name, create=create)
     if key is None:
         raise HTTPProblem(404, f"partition {name!r} does not exist")

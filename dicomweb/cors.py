@@ -11,7 +11,8 @@ from starlette.middleware.cors import CORSMiddleware
 
 from dicomweb.config import Settings
 
-# Response headers a DICOMweb client reads (multipart boundary, STOW warnings, caching, ranges, paging).
+# Response headers a DICOMweb client reads (multipart boundary, STOW warnings, caching, ranges, paging, and
+# Azure's erroneous-dicom-attributes: a search that used an extended query tag with indexing errors).
 EXPOSED_HEADERS = [
     "Content-Type",
     "Content-Length",
@@ -22,6 +23,7 @@ EXPOSED_HEADERS = [
     "ETag",
     "Location",
     "Warning",
+    "erroneous-dicom-attributes",
 ]
 ALLOWED_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 

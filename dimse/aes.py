@@ -14,6 +14,8 @@ from typing import Any
 
 import asyncpg
 
+from indexer.lookup import valid_partition_name
+
 DEFAULT_PARTITION = "Microsoft.Default"
 
 
@@ -113,13 +115,10 @@ def _check_host(value: object) -> str:
 def _check_partition(value: object) -> str:
     if value is None:
         return DEFAULT_PARTITION
-    if (
-        not isinstance(value, str)
-        or not (1 <= len(value) <= 64)
-        or not value.isascii()
-        or not all(c.isalnum() or c in "_.-" for c in value)
-    ):
-        raise AeError(f"partition {value!r} is invalid: use 1-64 letters, digits, '_', '.', '-'")
+    if not isinstance(value, str) or not valid_partition_name(value):
+        raise AeError(
+            f"partition {value!r} is invalid: use 1-64 letters, digits, '_', '.', '-' (not '.' or '..')"
+        )
     return value
 
 

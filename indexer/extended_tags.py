@@ -35,7 +35,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from dicomcore.tags import dictionary_vr, keyword, parse_tag, tag_hex
+from dicomcore.tags import dictionary_vr, did_you_mean, keyword, parse_tag, tag_hex
 from indexer.attributes import BY_TAG, Level
 from indexer.operations import Operation, cancel_operation, create_operation
 
@@ -145,7 +145,9 @@ def parse_tag_path(text: str) -> int:
     try:
         return parse_tag(text)
     except ValueError:
-        raise TagError(400, f"tag path {text!r} is not a DICOM keyword (nor GGGGEEEE)") from None
+        raise TagError(
+            400, f"tag path {text!r} is not a DICOM keyword (nor GGGGEEEE){did_you_mean(text)}"
+        ) from None
 
 
 def _field(item: dict[str, Any], name: str) -> Any:

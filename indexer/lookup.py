@@ -218,6 +218,18 @@ async def is_indexed(conn: asyncpg.Connection | asyncpg.Pool, storage_keys: list
     return {row[0] for row in rows}
 
 
+def valid_partition_name(name: str) -> bool:
+    """Azure's rule for a partition name (1-64 letters, digits, '_', '.', '-'), less '.' and '..': those are
+    URL dot segments, which clients remove from a path (RFC 3986 5.2.4), so a partition named '..' would
+    hand out URLs (/partitions/../studies/...) that every client resolves into another partition."""
+    return (
+        1 <= len(name) <= 64
+        and name.isascii()
+        and all(c.isalnum() or c in "_.-" for c in name)
+        and name not in (".", "..")
+    )
+
+
 async def partition_key(conn: asyncpg.Connection | asyncpg.Pool, name: str, *, create: bool) -> int | None:
     """The key of a data partition by name; created on first use when `create` (as Azure does on STOW)."""
     key = await conn.fetchval("SELECT partition_key FROM partition WHERE name = $1", name)

@@ -66,7 +66,7 @@ import asyncpg
 import orjson
 
 from dicomcore.dicomjson import BULK_PATH_PREFIX
-from dicomcore.tags import UnknownAttributeError, parse_tag, tag_hex
+from dicomcore.tags import UnknownAttributeError, did_you_mean, parse_tag, tag_hex
 from dicomcore.uids import is_valid_uid
 from indexer.attributes import (
     ATTRIBUTES,
@@ -392,9 +392,11 @@ def _parse_attribute_id(param: str, text: str) -> int:
             raise QueryError(
                 param,
                 "unknown query parameter: not a DICOM keyword or GGGGEEEE tag, nor includefield, "
-                "fuzzymatching, limit or offset",
+                f"fuzzymatching, limit or offset{did_you_mean(text)}",
             ) from None
-        raise QueryError(param, f"unknown attribute {text!r}: not a DICOM keyword or GGGGEEEE tag") from None
+        raise QueryError(
+            param, f"unknown attribute {text!r}: not a DICOM keyword or GGGGEEEE tag{did_you_mean(text)}"
+        ) from None
 
 
 def _searchable(level: Level, param: str, tag: int, extended: Mapping[int, ExtendedTag]) -> Attribute:

@@ -121,6 +121,7 @@ ROUTES: list[tuple[str, str, str]] = [
     ("restore", "POST", f"{S}/$restore"),
     ("health", "GET", "/health/live"),
     ("health", "GET", "/health/ready"),
+    ("health", "GET", "/health/check"),
     ("page", "GET", "/datarequests/page"),
     ("unknown", "GET", "/v2/nothing-here"),
     ("unknown", "PUT", S),

@@ -130,6 +130,8 @@ async def test_cors_preflight_and_exposed_headers(cors_archive: RunningArchive) 
         assert response.headers["access-control-allow-origin"] == VIEWER
         exposed = {h.strip().lower() for h in response.headers["access-control-expose-headers"].split(",")}
         assert {"content-type", "etag", "warning", "content-location", "content-range"} <= exposed
+        # QIDO's warning that results may miss instances with extended query tag errors (Azure's header)
+        assert "erroneous-dicom-attributes" in exposed
         # an origin not configured gets no CORS headers (the browser then withholds the response)
         stranger = await client.get(
             f"/studies/{spec.study_uid}/metadata", headers={"Origin": "http://evil.example"}

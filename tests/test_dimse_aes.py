@@ -56,6 +56,7 @@ async def test_aes_crud_over_http(owner: httpx.AsyncClient) -> None:
         ({"aeTitle": "CT", "host": "h", "port": 70000}, "port"),
         ({"aeTitle": "CT", "host": "h", "services": ["teleport"]}, "unknown services"),
         ({"aeTitle": "CT", "host": "h", "partition": "a/b"}, "partition"),
+        ({"aeTitle": "CT", "host": "h", "partition": ".."}, "partition"),  # a URL dot segment
         ({"aeTitle": "CT", "host": "h", "colour": "red"}, "unknown fields"),
     ],
 )

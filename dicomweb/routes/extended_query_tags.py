@@ -76,7 +76,7 @@ def _path_tag(request: Request) -> int:
 
 
 async def add(request: Request) -> Response:
-    """POST: define tags and start their re-index; 202 with a reference to the operation."""
+    """POST: define tags and start their re-index; 202 with a reference to the operation and its Location."""
     body = await json_body(request)
     try:
         new = validate_new_tags(body)
@@ -87,8 +87,10 @@ async def add(request: Request) -> Response:
     runner = getattr(request.app.state, "operations", None)
     if runner is not None:
         runner.poke()
-    root = service_root(request)
-    return _json({"id": op.id_hex, "href": f"{root}/operations/{op.id_hex}"}, 202)
+    href = f"{service_root(request)}/operations/{op.id_hex}"
+    response = _json({"id": op.id_hex, "href": href}, 202)
+    response.headers["Location"] = href  # as Azure's service, and as export and $bulkUpdate answer here
+    return response
 
 
 async def list_all(request: Request) -> Response:

@@ -1,6 +1,7 @@
 """GET /operations/{id}: a background operation's state (Azure DICOM service's long-running operations).
 
-200 once it has finished (succeeded, failed, canceled), 202 while it has not, as Azure answers.
+200 once it has finished (succeeded, failed, canceled), 202 with a Location to poll while it has not, as
+Azure answers.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ async def get(request: Request) -> Response:
         raise HTTPProblem(404, f"operation {raw} not found")
     root = service_root(request)
     body = {
-        "id": op.id_hex,
+        "operationId": op.id_hex,  # Azure's name for it
+        "id": op.id_hex,  # this archive's first name for it, kept for the clients that read it
         "type": op.type,
         "createdTime": iso_time(op.created_at),
         "lastUpdatedTime": iso_time(op.updated_at),
@@ -63,5 +65,8 @@ async def get(request: Request) -> Response:
         "resources": [f"{root}/{path}" for path in op.resources],
         "results": op.results,
     }
-    status = 200 if op.status in FINISHED else 202
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+    if op.status in FINISHED:
+        return Response(orjson.dumps(body), media_type="application/json")
+    # not finished: 202, and Location names where to poll (Azure's answer, which generic pollers follow)
+    headers = {"Location": f"{root}/operations/{op.id_hex}"}
+    return Response(orjson.dumps(body), status_code=202, media_type="application/json", headers=headers)

@@ -63,7 +63,8 @@ async def store_instances(request: Request) -> Response:
             raise HTTPProblem(400, body_error)
         outcomes.append(StoreOutcome(failure=FailureReason.PROCESSING_FAILURE, message=body_error))
     if not outcomes:
-        raise HTTPProblem(400, "the request contains no DICOM instances")
+        # a well-formed multipart body without parts: Azure's "no content was provided" (204, no body)
+        return Response(status_code=204)
     return _store_response(service_root(request), study, outcomes)
 
 
@@ -113,7 +114,8 @@ def _store_response(root: str, study: str | None, outcomes: list[StoreOutcome]) 
             failed.append(item)
     body: dict[str, dict] = {}
     studies = {o.study_instance_uid for o in outcomes if o.failure is None}
-    if study is not None or len(studies) == 1:
+    # the study's URL once something is stored in it (Azure's rule): a refused store names no study
+    if studies and (study is not None or len(studies) == 1):
         body["00081190"] = {"vr": "UR", "Value": [f"{root}/studies/{study or studies.pop()}"]}
     if failed:
         body["00081198"] = {"vr": "SQ", "Value": failed}

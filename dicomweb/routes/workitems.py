@@ -101,7 +101,8 @@ def _ae_title(request: Request) -> str:
 
 
 async def create(request: Request) -> Response:
-    """Create Workitem (11.4): 201 with Location; 409 when the UID exists."""
+    """Create Workitem (11.4): 201 with Location (and Content-Location, as Azure's service sends both);
+    409 when the UID exists."""
     uid_param = _bare_uid(request, ("workitem",), "workitem UID")
     ds = await _dataset(request)
     try:
@@ -116,7 +117,8 @@ async def create(request: Request) -> Response:
         await store.create(context(request).pool, key, uid, attrs)
     except store.UpsError as exc:
         raise _problem(exc) from exc
-    headers = {"Location": f"{service_root(request)}/workitems/{uid}"}
+    url = f"{service_root(request)}/workitems/{uid}"
+    headers = {"Location": url, "Content-Location": url}
     if modified:
         headers.update(_warning("The Workitem was created with modifications."))
     return Response(status_code=201, headers=headers)
