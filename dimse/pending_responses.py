@@ -17,6 +17,7 @@ object.
 
 from __future__ import annotations
 
+import functools
 from io import BytesIO
 from typing import Any
 
@@ -52,24 +53,35 @@ def pending_pdvs(primitive: Any, context_id: int, max_pdu: int) -> list[tuple[in
     identifier = primitive.Identifier.getvalue()
     if not identifier:
         return None
+    sop_class = primitive.AffectedSOPClassUID
+    command = _command_set(
+        None if sop_class is None else str(sop_class), primitive.MessageIDBeingRespondedTo, primitive.Status
+    )
+    if command is None:
+        return None
+    if max_pdu and 2 * _PDV_OVERHEAD + len(command) + len(identifier) > max_pdu:
+        return None
+    return [(context_id, _COMMAND + command), (context_id, _DATA + identifier)]
+
+
+@functools.lru_cache(maxsize=64)
+def _command_set(sop_class: str | None, message_id: int, status: int) -> bytes | None:
+    """A pending response's command set, with its group length; the same for every match of one C-FIND."""
     elements: list[tuple[int, str, object]] = []
-    if primitive.AffectedSOPClassUID is not None:
-        elements.append((0x00000002, "UI", str(primitive.AffectedSOPClassUID)))
+    if sop_class is not None:
+        elements.append((0x00000002, "UI", sop_class))
     elements += [
         (0x00000100, "US", C_FIND_RSP),
-        (0x00000120, "US", primitive.MessageIDBeingRespondedTo),
+        (0x00000120, "US", message_id),
         (0x00000800, "US", DATA_SET_PRESENT),
-        (0x00000900, "US", primitive.Status),
+        (0x00000900, "US", status),
     ]
     body = encode_elements(elements)
     if body is None:
         return None
-    command = encode_elements([(0x00000000, "UL", len(body))])
-    assert command is not None
-    command += body
-    if max_pdu and 2 * _PDV_OVERHEAD + len(command) + len(identifier) > max_pdu:
-        return None
-    return [(context_id, _COMMAND + command), (context_id, _DATA + identifier)]
+    length = encode_elements([(0x00000000, "UL", len(body))])
+    assert length is not None
+    return length + body
 
 
 def send_pending(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:

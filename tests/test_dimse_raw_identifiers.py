@@ -77,6 +77,11 @@ def test_the_same_bytes_as_pydicom(keys: list[str], result: dict, implicit: bool
     # a PN group holding "=" (never so in stored metadata, which splits groups at it) is pydicom's to encode
     assert isinstance(fast, EncodedIdentifier) or "=" in repr(result)
     assert got == expected
+    # its elements are the identifier too: pydicom encodes them in the other forms as it encodes its own
+    reference = response_identifier(request(keys), result, "DICOMWEB")
+    for other, little in ((not implicit, True), (False, False)):
+        assert pydicom_encode(fast, other, little) == pydicom_encode(reference, other, little)
+    assert [(e.tag, e.VR) for e in fast] == [(e.tag, e.VR) for e in reference]
 
 
 @pytest.mark.parametrize(
