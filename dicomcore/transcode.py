@@ -135,6 +135,8 @@ def transcode_instance(data: bytes, target: str) -> bytes:
     if stored == target:
         return data
     try:
+        if is_encapsulated(stored):
+            _decode_nested_pixel_data(ds, stored)  # first: decompress() changes the syntax items see
         if pixel is not None:
             if is_encapsulated(stored):
                 decode_as_reference(
@@ -173,6 +175,36 @@ def transcode_instance(data: bytes, target: str) -> bytes:
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
+
+
+def _decode_nested_pixel_data(ds: pydicom.Dataset, stored: str) -> None:
+    """Decode the pixel data nested in sequence items (Icon Image Sequence; DCMTK compresses icons with
+    the image), as dcmdjpeg and friends do: `decompress` handles only the top level, and encapsulated
+    pixel data left in an item would be invalid in a native output and in the wrong codec in another
+    compressed one. An item whose pixel data cannot be decoded takes its sequence with it (an icon is
+    optional; the image is what was asked for)."""
+    decoder = get_decoder(UID(stored))
+    for elem in list(ds):
+        if elem.VR != "SQ":
+            continue
+        for item in elem.value:
+            pixel = item.get(0x7FE00010)  # the element (a keyword would give its value)
+            if pixel is not None and pixel.is_undefined_length:
+                try:
+                    arr, meta = decode_as_reference(
+                        lambda plugin, item=item: decoder.as_array(item, as_rgb=True, decoding_plugin=plugin),
+                        stored,
+                    )
+                except Exception:  # decoder plugins raise anything from ValueError to RuntimeError
+                    del ds[elem.tag]
+                    break
+                item.PixelData = np.ascontiguousarray(arr).tobytes()
+                item["PixelData"].VR = "OW" if arr.itemsize > 1 else "OB"
+                item["PixelData"].is_undefined_length = False
+                item.PhotometricInterpretation = meta["photometric_interpretation"]
+                if int(item.get("SamplesPerPixel") or 1) > 1:
+                    item.PlanarConfiguration = 0
+            _decode_nested_pixel_data(item, stored)
 
 
 def _has_pixels(ds: pydicom.Dataset) -> bool:
