@@ -147,6 +147,9 @@ def transcode_instance(data: bytes, target: str) -> bytes:
                 )
             elif stored == EXPLICIT_VR_BIG_ENDIAN:
                 _to_little_endian(ds)
+                # the pixels are little endian now: pixel_array (JPEG Baseline, YBR expansion) must not
+                # swap them again, as it does for 8-bit OW under the big endian syntax
+                ds.file_meta.TransferSyntaxUID = UID(EXPLICIT_VR_LITTLE_ENDIAN)
             if target in ENCODED_TARGETS and ds.PhotometricInterpretation == "YBR_FULL_422":
                 _expand_native_ybr_422(ds)
         if stored == EXPLICIT_VR_BIG_ENDIAN:

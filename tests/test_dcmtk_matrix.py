@@ -14,10 +14,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 
-from dicomcore.transcode import transcode_instance
+from dicomcore.transcode import JPEG_BASELINE, transcode_instance
 from dicomcore.uids import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -45,13 +46,26 @@ def dcmtk_decoded(tmp_path: Path, path: Path, tool: str) -> pydicom.Dataset:
     return pydicom.dcmread(out)
 
 
-def dcmtk_reads(tmp_path: Path, data: bytes) -> None:
-    """DCMTK reads every element of `data` without an error, and converts it (pixel data included)."""
+def decoder_tool(transfer_syntax: str) -> str | None:
+    """The DCMTK tool that decodes (or, for native syntaxes, converts) this syntax; None for JPEG 2000."""
+    if transfer_syntax.startswith("1.2.840.10008.1.2.4.8"):
+        return "dcmdjpls"
+    if transfer_syntax.startswith("1.2.840.10008.1.2.4.9"):
+        return None
+    if transfer_syntax.startswith("1.2.840.10008.1.2.4."):
+        return "dcmdjpeg"
+    return "dcmdrle" if transfer_syntax == "1.2.840.10008.1.2.5" else "dcmconv"
+
+
+def dcmtk_reads(tmp_path: Path, data: bytes) -> pydicom.Dataset | None:
+    """DCMTK reads every element of `data` without an error and decodes its pixel data; DCMTK's decode
+    (Explicit VR Little Endian), or None for JPEG 2000, which this DCMTK does not decode."""
     path = tmp_path / "archive-output.dcm"
     path.write_bytes(data)
     dump = dcmtk("dcmdump", "-q", "+E", "-M", path)
     assert not dump.stderr.strip(), dump.stderr
-    dcmtk("dcmconv", "+te", path, tmp_path / "archive-output.converted.dcm")
+    tool = decoder_tool(str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID))
+    return dcmtk_decoded(tmp_path, path, tool) if tool else None
 
 
 def nested_pixel_data(ds: pydicom.Dataset) -> list[pydicom.DataElement]:
@@ -92,3 +106,19 @@ def test_an_icon_that_cannot_be_decoded_is_left_out(tmp_path: Path) -> None:
     got = pydicom.dcmread(io.BytesIO(out))
     assert "IconImageSequence" not in got
     assert got.PixelData == dcmtk_decoded(tmp_path, compressed, "dcmdjpeg").PixelData
+
+
+def test_big_endian_8_bit_ow_to_jpeg_baseline(tmp_path: Path) -> None:
+    """8-bit colour pixel data in OW under Explicit VR Big Endian (dcmconv +tb of dcmdrle's decode of
+    SC_rgb_rle_2frame.dcm) is stored byte-swapped in 16-bit words. Its JPEG Baseline transcode was made
+    from pixels swapped twice (up to 255 levels off in dcmdjpeg's decode); it must be the image, within
+    what JPEG at quality 90 loses."""
+    native = dcmtk_made(tmp_path, "SC_rgb_rle_2frame.dcm", "dcmdrle")
+    big = tmp_path / "big.dcm"
+    dcmtk("dcmconv", "+tb", native, big)
+    assert pydicom.dcmread(big)["PixelData"].VR == "OW"
+    out = transcode_instance(big.read_bytes(), JPEG_BASELINE)
+    got = dcmtk_reads(tmp_path, out).pixel_array.astype(int)
+    expected = pydicom.dcmread(native).pixel_array.astype(int)
+    assert got.shape == expected.shape == (2, 100, 100, 3)
+    assert np.abs(got - expected).max() <= 16
