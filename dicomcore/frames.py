@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from dicomcore.dicomjson import first_value
+from dicomcore.uids import EXPLICIT_VR_BIG_ENDIAN
 
 # (offset, length) in the stored object of one piece of a frame: the whole native frame, or one fragment's
 # bytes (without its item header). A frame is the concatenation of its pieces.
@@ -210,14 +211,25 @@ def parse_frame_list(text: str) -> list[int]:
 def cut_frames(data: bytes, path: str, pixel: PixelDescription, numbers: Sequence[int]) -> list[bytes]:
     """Frames cut from a whole stored object by parsing it: the fallback for objects without a frame table
     (deflated, indexed before the table existed, or fragments that could not be grouped at ingest). Native
-    frames come back in the stored byte order; deflated ones inflated. Raises ValueError when corrupt."""
+    frames come back in the stored byte order (but 8-bit samples in order, whatever their VR); deflated ones
+    inflated. Raises ValueError when corrupt."""
     import pydicom  # local: only this fallback needs a full parse
     from pydicom.encaps import generate_frames
     from pydicom.pixels.utils import pack_bits, unpack_bits
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
-        value = ds[int(path, 16)].value
+        elem = ds[int(path, 16)]
+        value = elem.value
+        if (
+            ds.file_meta.TransferSyntaxUID == EXPLICIT_VR_BIG_ENDIAN
+            and elem.VR == "OW"
+            and pixel.bits_allocated == 8
+        ):
+            # 8-bit samples swapped in 16-bit words, as big endian OW is: back in sample order
+            swapped = bytearray(value[: len(value) // 2 * 2])
+            swapped[0::2], swapped[1::2] = swapped[1::2], swapped[0::2]
+            value = bytes(swapped)
         if ds.file_meta.TransferSyntaxUID.is_compressed:
             frames = list(generate_frames(value, number_of_frames=pixel.number_of_frames))
             return [frames[n - 1] for n in numbers]

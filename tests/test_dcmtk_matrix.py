@@ -14,12 +14,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pydicom
 import pytest
 
 from dicomcore.transcode import JPEG_BASELINE, transcode_instance
 from dicomcore.uids import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
+from tests.fixtures.server import RunningArchive
+from tests.test_frames import store
+from tests.test_stow_wado_delete import parts_of
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
@@ -122,3 +126,34 @@ def test_big_endian_8_bit_ow_to_jpeg_baseline(tmp_path: Path) -> None:
     expected = pydicom.dcmread(native).pixel_array.astype(int)
     assert got.shape == expected.shape == (2, 100, 100, 3)
     assert np.abs(got - expected).max() <= 16
+
+
+async def test_frames_of_big_endian_8_bit_ow(tmp_path: Path, local_archive: RunningArchive) -> None:
+    """Frames of 8-bit pixel data in OW under Explicit VR Big Endian (dcmconv +tb), a two-frame colour image
+    and a 3x3 one whose frame has an odd length, are DCMTK's pixels (dcmconv +te): they were the stored
+    bytes still swapped in 16-bit words (the frame table cut the big endian bytes as if they were samples)."""
+    cases = [("SC_rgb_rle_2frame.dcm", "dcmdrle"), ("SC_rgb_small_odd.dcm", "dcmconv")]
+    async with httpx.AsyncClient(base_url=local_archive.url, timeout=60) as client:
+        for source, tool in cases:
+            work = tmp_path / source
+            work.mkdir()
+            native = dcmtk_made(work, source, tool, "+te")
+            big = work / "big.dcm"
+            dcmtk("dcmconv", "+tb", native, big)
+            stored = pydicom.dcmread(big)
+            assert stored["PixelData"].VR == "OW"
+            expected = dcmtk_decoded(work, big, "dcmconv")
+            frames = int(expected.get("NumberOfFrames") or 1)
+            size = expected.Rows * expected.Columns * 3
+            url = await store(client, big.read_bytes())
+            numbers = ",".join(str(n) for n in range(1, frames + 1))
+            response = await client.get(f"{url}/frames/{numbers}")
+            assert response.status_code == 200, response.text
+            parts = await parts_of(response)
+            assert [body for _, body in parts] == [
+                expected.PixelData[i * size : (i + 1) * size] for i in range(frames)
+            ]
+            for headers, _ in parts:
+                assert headers["content-type"] == (
+                    f"application/octet-stream; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
+                )
