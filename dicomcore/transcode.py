@@ -145,6 +145,13 @@ def transcode_instance(data: bytes, target: str) -> bytes:
                     ),
                     stored,
                 )
+                decoded = int(ds.get("NumberOfFrames") or 1)
+                if decoded != pixel.number_of_frames:
+                    # pydicom takes the frames it finds in the fragments and rewrites NumberOfFrames
+                    raise PixelDataError(
+                        f"stored pixel data cannot be decoded: {decoded} of its "
+                        f"{pixel.number_of_frames} frames found in its fragments"
+                    )
             elif stored == EXPLICIT_VR_BIG_ENDIAN:
                 _to_little_endian(ds)
                 # the pixels are little endian now: pixel_array (JPEG Baseline, YBR expansion) must not

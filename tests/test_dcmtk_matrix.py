@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomcore.transcode import JPEG_BASELINE, transcode_instance
+from dicomcore.transcode import JPEG_BASELINE, PixelDataError, transcode_instance
 from dicomcore.uids import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 from tests.fixtures.server import RunningArchive
 from tests.test_frames import store
@@ -157,3 +157,15 @@ async def test_frames_of_big_endian_8_bit_ow(tmp_path: Path, local_archive: Runn
                 assert headers["content-type"] == (
                     f"application/octet-stream; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
                 )
+
+
+def test_rle_frames_split_over_fragments_are_not_delivered_short(tmp_path: Path) -> None:
+    """dcmcrle +fs 1 -ot (fragments of at most 1 KiB, no offset table; DCMTK calls it non-standard, PS3.5
+    A.4.2 wants one fragment per frame) of a two-frame 16-bit colour image: pydicom finds one frame in the
+    fragments and decompress() set NumberOfFrames to 1, so the transcode was a valid-looking instance
+    holding half the image. It must be refused (WADO-RS: 406 with the reason; as stored still works)."""
+    native = dcmtk_made(tmp_path, "SC_rgb_rle_16bit_2frame.dcm", "dcmdrle")
+    split = tmp_path / "split.dcm"
+    dcmtk("dcmcrle", "+fs", "1", "-ot", native, split)
+    with pytest.raises(PixelDataError, match="1 of its 2 frames"):
+        transcode_instance(split.read_bytes(), EXPLICIT_VR_LITTLE_ENDIAN)
