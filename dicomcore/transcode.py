@@ -25,7 +25,7 @@ from pydicom.pixels import get_decoder, get_encoder
 from pydicom.pixels.utils import pack_bits
 from pydicom.uid import UID
 
-from dicomcore.decoding import decode_as_reference
+from dicomcore.decoding import converts_ybr_itself, decode_as_reference, ybr_full_to_rgb
 from dicomcore.frames import PixelDescription
 from dicomcore.uids import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
@@ -139,12 +139,17 @@ def transcode_instance(data: bytes, target: str) -> bytes:
             _decode_nested_pixel_data(ds, stored)  # first: decompress() changes the syntax items see
         if pixel is not None:
             if is_encapsulated(stored):
+                own_ybr = converts_ybr_itself(
+                    pixel.samples_per_pixel, pixel.bits_allocated, pixel.photometric_interpretation
+                )
                 decode_as_reference(
                     lambda plugin: ds.decompress(
-                        as_rgb=True, generate_instance_uid=False, decoding_plugin=plugin
+                        as_rgb=not own_ybr, generate_instance_uid=False, decoding_plugin=plugin
                     ),
                     stored,
                 )
+                if own_ybr:
+                    _ybr_to_rgb_in_place(ds, pixel.bits_stored)
                 decoded = int(ds.get("NumberOfFrames") or 1)
                 if decoded != pixel.number_of_frames:
                     # pydicom takes the frames it finds in the fragments and rewrites NumberOfFrames
@@ -185,6 +190,15 @@ def transcode_instance(data: bytes, target: str) -> bytes:
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
+
+
+def _ybr_to_rgb_in_place(ds: pydicom.Dataset, bits_stored: int) -> None:
+    """Decompressed YBR_FULL samples of more than 8 bits (little endian, pixel-interleaved, as decompress
+    writes them) converted to RGB; see dicomcore.decoding.converts_ybr_itself."""
+    ybr = np.frombuffer(ds.PixelData, "<u2").reshape(-1, 3)
+    ds.PixelData = ybr_full_to_rgb(ybr, bits_stored).astype("<u2").tobytes()
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
 
 
 def _decode_nested_pixel_data(ds: pydicom.Dataset, stored: str) -> None:
@@ -337,13 +351,19 @@ def decode_frame(frame: bytes, stored: str, pixel: PixelDescription) -> tuple[np
     if stored == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         stored = EXPLICIT_VR_LITTLE_ENDIAN  # frames handed in are already inflated
     source = encapsulate([frame]) if is_encapsulated(stored) else frame
+    own_ybr = converts_ybr_itself(
+        pixel.samples_per_pixel, pixel.bits_allocated, pixel.photometric_interpretation
+    )
     try:
         decoder = get_decoder(UID(stored))
         arr, meta = decode_as_reference(
-            lambda plugin: decoder.as_array(source, as_rgb=True, decoding_plugin=plugin, **options), stored
+            lambda plugin: decoder.as_array(source, as_rgb=not own_ybr, decoding_plugin=plugin, **options),
+            stored,
         )
     except Exception as exc:
         raise PixelDataError(f"frame cannot be decoded as {_name(stored)}: {exc}") from exc
+    if own_ybr:
+        return ybr_full_to_rgb(arr, pixel.bits_stored), "RGB"
     return arr, str(meta.get("photometric_interpretation", pixel.photometric_interpretation))
 
 

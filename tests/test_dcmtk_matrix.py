@@ -19,7 +19,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomcore.transcode import JPEG_BASELINE, PixelDataError, transcode_instance
+from dicomcore.frames import PixelDescription
+from dicomcore.render import RenderOptions, render
+from dicomcore.transcode import JPEG_BASELINE, PixelDataError, decode_frame, transcode_instance
 from dicomcore.uids import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 from tests.fixtures.server import RunningArchive
 from tests.test_frames import store
@@ -169,3 +171,41 @@ def test_rle_frames_split_over_fragments_are_not_delivered_short(tmp_path: Path)
     dcmtk("dcmcrle", "+fs", "1", "-ot", native, split)
     with pytest.raises(PixelDataError, match="1 of its 2 frames"):
         transcode_instance(split.read_bytes(), EXPLICIT_VR_LITTLE_ENDIAN)
+
+
+def test_12_bit_colour_jpeg_decodes_as_dcmdjpeg(tmp_path: Path) -> None:
+    """dcmcjpeg +ee +bt: a two-frame 8-bit colour image as 12-bit YBR_FULL_422 JPEG Extended. pydicom
+    converts YBR to RGB for 8-bit samples only, so the instance transcode and each frame were 406 ("Invalid
+    ndarray.dtype 'uint16' for color space conversion") and rendering 422, though dcmdjpeg decodes it (to
+    RGB). Each path must give dcmdjpeg's RGB within rounding (3 of 4095)."""
+    native = dcmtk_made(tmp_path, "SC_rgb_rle_2frame.dcm", "dcmdrle")
+    jpeg = tmp_path / "jpeg12.dcm"
+    dcmtk("dcmcjpeg", "+ee", "+bt", "+un", native, jpeg)
+    stored = pydicom.dcmread(jpeg)
+    assert (stored.BitsAllocated, stored.BitsStored, stored.PhotometricInterpretation) == (
+        16,
+        12,
+        "YBR_FULL_422",
+    )
+    expected = dcmtk_decoded(tmp_path, jpeg, "dcmdjpeg")
+    assert expected.PhotometricInterpretation == "RGB"
+    reference = expected.pixel_array.astype(int)
+
+    out = pydicom.dcmread(io.BytesIO(transcode_instance(jpeg.read_bytes(), EXPLICIT_VR_LITTLE_ENDIAN)))
+    assert out.PhotometricInterpretation == "RGB"
+    assert np.abs(out.pixel_array.astype(int) - reference).max() <= 3
+
+    pixel = PixelDescription(100, 100, 3, 16, 12, 0, "YBR_FULL_422", 0, 2)
+    from pydicom.encaps import generate_frames
+
+    for i, frame in enumerate(generate_frames(stored.PixelData, number_of_frames=2)):
+        arr, photometric = decode_frame(frame, str(stored.file_meta.TransferSyntaxUID), pixel)
+        assert photometric == "RGB"
+        assert np.abs(arr.astype(int) - reference[i]).max() <= 3
+
+    png = render(io.BytesIO(jpeg.read_bytes()), [2], RenderOptions(media_type="image/png"))
+    from PIL import Image
+
+    image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    assert image.shape == (100, 100, 3)
+    assert np.abs(image - reference[1] / 4095 * 255).max() <= 2
