@@ -93,8 +93,8 @@ def check_transcode(stored: str, target: str, pixel: PixelDescription | None) ->
         raise TranscodeError(f"transcoding to {_name(target)} is not supported; supported: {_supported()}")
     if pixel is None:
         return
-    if not can_decode(stored):
-        raise TranscodeError(f"no installed decoder for the stored transfer syntax {_name(stored)}")
+    if reason := syntax_refusal(stored, target):
+        raise TranscodeError(reason)
     if target == JPEG_BASELINE and not (
         pixel.bits_allocated == 8 and pixel.pixel_representation == 0 and pixel.samples_per_pixel in (1, 3)
     ):
@@ -106,6 +106,18 @@ def check_transcode(stored: str, target: str, pixel: PixelDescription | None) ->
         raise TranscodeError(f"{_name(target)} is lossy and would corrupt PALETTE COLOR indices")
     if target in (JPEG_LS_LOSSLESS, JPEG_2000_LOSSLESS, JPEG_2000) and pixel.bits_allocated > 16:
         raise TranscodeError(f"{_name(target)} is not available for {pixel.bits_allocated}-bit pixel data")
+
+
+def syntax_refusal(stored: str, target: str) -> str | None:
+    """Why pixel data stored in `stored` cannot be delivered in `target`, as far as the syntaxes alone
+    tell; None when it may be (the pixel data can still rule it out: check_transcode)."""
+    if target == stored:
+        return None
+    if target not in TARGETS:
+        return f"transcoding to {_name(target)} is not supported; supported: {_supported()}"
+    if not can_decode(stored):
+        return f"no installed decoder for the stored transfer syntax {_name(stored)}"
+    return None
 
 
 def _name(uid: str) -> str:

@@ -28,6 +28,7 @@ from tests.test_frames import store
 from tests.test_stow_wado_delete import parts_of
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
 
 
 def dcmtk(tool: str, *args: object) -> subprocess.CompletedProcess:
@@ -209,3 +210,31 @@ def test_12_bit_colour_jpeg_decodes_as_dcmdjpeg(tmp_path: Path) -> None:
     image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
     assert image.shape == (100, 100, 3)
     assert np.abs(image - reference[1] / 4095 * 255).max() <= 2
+
+
+async def test_retired_jpeg_process_refusal_names_the_cause(
+    tmp_path: Path, local_archive: RunningArchive
+) -> None:
+    """JPEG Progressive (retired 1.2.840.10008.1.2.4.55, dcmcjpeg +ep) has no installed decoder. Asked
+    for Explicit VR Little Endian it is a 406 that says the stored syntax has no decoder, not "no decoder
+    for it or no encoder for Explicit VR Little Endian"; as stored it is served, and naming no syntax
+    delivers it as stored (docs/conformance.md)."""
+    progressive = dcmtk_made(tmp_path, "CT_small.dcm", "dcmcjpeg", "+ep", "+un")
+    data = progressive.read_bytes()
+    async with httpx.AsyncClient(base_url=local_archive.url, timeout=60) as client:
+        url = await store(client, data)
+        study = url.rsplit("/series/", 1)[0]
+        for resource in (url, study):
+            refused = await client.get(
+                resource,
+                headers={"Accept": f"{MULTIPART_DICOM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"},
+            )
+            assert refused.status_code == 406
+            message = refused.json()["error"]["message"]
+            assert "no installed decoder for the stored transfer syntax JPEG Full Progression" in message
+            assert "no encoder" not in message
+        stored = await client.get(url, headers={"Accept": "application/dicom; transfer-syntax=*"})
+        assert stored.status_code == 200 and stored.content == data
+        default = await client.get(url, headers={"Accept": "application/dicom"})
+        assert default.status_code == 200 and default.content == data
+        assert default.headers["content-type"] == "application/dicom; transfer-syntax=1.2.840.10008.1.2.4.55"
