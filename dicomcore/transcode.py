@@ -188,7 +188,8 @@ def transcode_instance(data: bytes, target: str) -> bytes:
             if target == JPEG_BASELINE:
                 _compress_jpeg_baseline(ds)
             else:
-                ds.compress(target, generate_instance_uid=False, **_encode_options(target))
+                encoder = _encoder_syntax(target, str(ds.PhotometricInterpretation))
+                ds.compress(encoder, generate_instance_uid=False, **_encode_options(encoder))
         except TranscodeError:
             raise
         except Exception as exc:
@@ -266,6 +267,13 @@ def _pixel_json(ds: pydicom.Dataset) -> dict:
         if value is not None and value != "":
             out[key] = {"Value": [value]}
     return out
+
+
+def _encoder_syntax(target: str, photometric: str) -> str:
+    """The syntax whose pydicom encoder makes `target`'s codestream. JPEG 2000 (.91) is written losslessly
+    here, which its .90 encoder does too, and that one takes PALETTE COLOR (the .91 encoder refuses it,
+    the syntax being lossy in general); the codestream is valid under either UID."""
+    return JPEG_2000_LOSSLESS if target == JPEG_2000 and photometric == "PALETTE COLOR" else target
 
 
 def _encode_options(target: str) -> dict:
@@ -396,7 +404,8 @@ def transcode_frame(frame: bytes, stored: str, pixel: PixelDescription, target: 
         pixel, photometric_interpretation=photometric, planar_configuration=0, number_of_frames=1
     )
     try:
-        return get_encoder(UID(target)).encode(
+        encoder = _encoder_syntax(target, described.photometric_interpretation)
+        return get_encoder(UID(encoder)).encode(
             arr,
             rows=described.rows,
             columns=described.columns,
@@ -407,7 +416,7 @@ def transcode_frame(frame: bytes, stored: str, pixel: PixelDescription, target: 
             photometric_interpretation=described.photometric_interpretation,
             planar_configuration=0,
             number_of_frames=1,
-            **_encode_options(target),
+            **_encode_options(encoder),
         )
     except Exception as exc:
         raise TranscodeError(f"cannot encode this frame as {_name(target)}: {exc}") from exc

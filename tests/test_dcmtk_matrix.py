@@ -238,3 +238,24 @@ async def test_retired_jpeg_process_refusal_names_the_cause(
         default = await client.get(url, headers={"Accept": "application/dicom"})
         assert default.status_code == 200 and default.content == data
         assert default.headers["content-type"] == "application/dicom; transfer-syntax=1.2.840.10008.1.2.4.55"
+
+
+def test_palette_colour_as_jpeg_2000(tmp_path: Path) -> None:
+    """The archive writes JPEG 2000 (.91) losslessly, so PALETTE COLOR indices survive it as they survive
+    .90; pydicom's .91 encoder refuses PALETTE COLOR (a lossy syntax in general), which made examples_palette
+    .dcm (dcmconv +te) a 406 for .91 while .90 worked. Now .91 holds the same lossless codestream."""
+    from dicomcore.transcode import JPEG_2000, JPEG_2000_LOSSLESS, transcode_frame
+
+    native = dcmtk_made(tmp_path, "examples_palette.dcm", "dcmconv", "+te")
+    source = pydicom.dcmread(native)
+    for target in (JPEG_2000, JPEG_2000_LOSSLESS):
+        out = transcode_instance(native.read_bytes(), target)
+        dcmtk_reads(tmp_path, out)
+        got = pydicom.dcmread(io.BytesIO(out))
+        assert got.file_meta.TransferSyntaxUID == target
+        assert got.PhotometricInterpretation == "PALETTE COLOR"
+        assert np.array_equal(got.pixel_array, source.pixel_array)
+        pixel = PixelDescription(350, 800, 1, 8, 8, 0, "PALETTE COLOR", 0, 1)
+        frame = transcode_frame(source.PixelData, EXPLICIT_VR_LITTLE_ENDIAN, pixel, target)
+        arr, _ = decode_frame(frame, target, pixel)
+        assert np.array_equal(arr, source.pixel_array)
