@@ -71,8 +71,14 @@ def ybr_full_to_rgb(arr: np.ndarray, bits_stored: int) -> np.ndarray:
     return np.clip(np.rint(rgb), 0, top).astype(arr.dtype)
 
 
-# pydicom's loggers that report each codec plugin's failure with LOGGER.exception
-_CODEC_LOGGERS = ("pydicom.pixels.decoders.base", "pydicom.pixels.encoders.base")
+# pydicom's loggers that report each codec plugin's failure with LOGGER.exception, and OpenJPEG's, whose
+# messages (e.g. "Number of resolutions is too high" for a JPEG 2000 of an image under 32 pixels a side)
+# come at ERROR before pydicom raises the refusal the client gets
+_CODEC_LOGGERS = (
+    "pydicom.pixels.decoders.base",
+    "pydicom.pixels.encoders.base",
+    "openjpeg.encode",
+)
 
 
 class _WithoutTraceback(logging.Filter):

@@ -259,3 +259,18 @@ def test_palette_colour_as_jpeg_2000(tmp_path: Path) -> None:
         frame = transcode_frame(source.PixelData, EXPLICIT_VR_LITTLE_ENDIAN, pixel, target)
         arr, _ = decode_frame(frame, target, pixel)
         assert np.array_equal(arr, source.pixel_array)
+
+
+def test_jpeg_2000_refused_for_a_tiny_image_logs_no_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """JPEG 2000 of an image under 32 pixels a side is refused (406; a known limit of the encoder), and the
+    refusal is the answer: OpenJPEG's own messages reached the log at ERROR ("Number of resolutions is too
+    high ..."), two ERROR lines per request that the client was told about; they are warnings now."""
+    from dicomcore.transcode import JPEG_2000_LOSSLESS, TranscodeError
+
+    native = dcmtk_made(tmp_path, "SC_rgb_small_odd.dcm", "dcmconv", "+te")
+    with caplog.at_level("DEBUG"), pytest.raises(TranscodeError):
+        transcode_instance(native.read_bytes(), JPEG_2000_LOSSLESS)
+    assert [r.getMessage() for r in caplog.records if r.exc_info or r.levelno > 30] == []
+    assert any(r.name.startswith("openjpeg") for r in caplog.records)
