@@ -36,10 +36,14 @@ def reference_plugin(transfer_syntax: str) -> str:
     return REFERENCE_JPEG_PLUGIN if REFERENCE_JPEG_PLUGIN in available else ""
 
 
-def decode_as_reference(decode: Callable[[str], T], transfer_syntax: str) -> T:
+def decode_as_reference(
+    decode: Callable[[str], T], transfer_syntax: str, bits_stored: int | None = None
+) -> T:
     """`decode(plugin)` with the reference plugin for the syntax. Pillow refuses 12-bit JPEG Extended (and
-    may refuse a stream another decoder takes): then pydicom's own order decides, and raises its own error."""
-    plugin = reference_plugin(transfer_syntax)
+    may refuse a stream another decoder takes): then pydicom's own order decides, and raises its own error.
+    Samples of more than 8 bits (`bits_stored`, when the caller knows it) go to pydicom's order at once,
+    rather than through a refusal that pydicom logs as a warning on every decode."""
+    plugin = reference_plugin(transfer_syntax) if (bits_stored or 0) <= 8 else ""
     if not plugin:
         return decode("")
     try:

@@ -229,7 +229,7 @@ def decode_frames(
         )
         stored_bits = int(_get(header, "BitsStored") or allocated)
     except (TypeError, ValueError):
-        own_ybr, stored_bits = False, 8
+        own_ybr, stored_bits = False, 0
 
     def decode(plugin: str) -> list[np.ndarray]:
         if whole is not None:
@@ -242,7 +242,7 @@ def decode_frames(
         return [ybr_full_to_rgb(a, stored_bits) for a in arrays] if own_ybr else arrays
 
     try:
-        return decode_as_reference(decode, transfer_syntax_uid(header))
+        return decode_as_reference(decode, transfer_syntax_uid(header), stored_bits)
     except RenderError:
         raise
     except AttributeError as exc:

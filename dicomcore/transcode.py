@@ -159,6 +159,7 @@ def transcode_instance(data: bytes, target: str) -> bytes:
                         as_rgb=not own_ybr, generate_instance_uid=False, decoding_plugin=plugin
                     ),
                     stored,
+                    pixel.bits_stored,
                 )
                 if own_ybr:
                     _ybr_to_rgb_in_place(ds, pixel.bits_stored)
@@ -379,6 +380,7 @@ def decode_frame(frame: bytes, stored: str, pixel: PixelDescription) -> tuple[np
         arr, meta = decode_as_reference(
             lambda plugin: decoder.as_array(source, as_rgb=not own_ybr, decoding_plugin=plugin, **options),
             stored,
+            pixel.bits_stored,
         )
     except Exception as exc:
         raise PixelDataError(f"frame cannot be decoded as {_name(stored)}: {exc}") from exc
