@@ -27,6 +27,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, iter_pixels, pix
 
 from dicomcore.decoding import converts_ybr_itself, decode_as_reference, ybr_full_to_rgb
 from dicomcore.dicomjson import raw_values
+from dicomcore.frames import regroup_fragments
 from dicomcore.framing import read_file, transfer_syntax_uid
 from dicomcore.uids import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
@@ -218,6 +219,9 @@ def decode_frames(
 
     if whole is not None and (native := _native_frames(whole, indices)) is not None:
         return native
+    if whole is not None and "PixelData" in whole and whole["PixelData"].is_undefined_length:
+        if (regrouped := regroup_fragments(whole.PixelData, total)) is not None:
+            whole.PixelData = regrouped
 
     try:
         samples, allocated = (

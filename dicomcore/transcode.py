@@ -26,7 +26,7 @@ from pydicom.pixels.utils import pack_bits
 from pydicom.uid import UID
 
 from dicomcore.decoding import converts_ybr_itself, decode_as_reference, ybr_full_to_rgb
-from dicomcore.frames import PixelDescription
+from dicomcore.frames import PixelDescription, regroup_fragments
 from dicomcore.uids import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
@@ -151,6 +151,8 @@ def transcode_instance(data: bytes, target: str) -> bytes:
             _decode_nested_pixel_data(ds, stored)  # first: decompress() changes the syntax items see
         if pixel is not None:
             if is_encapsulated(stored):
+                if (regrouped := regroup_fragments(ds.PixelData, pixel.number_of_frames)) is not None:
+                    ds.PixelData = regrouped
                 own_ybr = converts_ybr_itself(
                     pixel.samples_per_pixel, pixel.bits_allocated, pixel.photometric_interpretation
                 )

@@ -18,6 +18,8 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
+from pydicom.encaps import generate_fragments
 
 from dicomcore.frames import PixelDescription
 from dicomcore.render import RenderOptions, render
@@ -162,16 +164,57 @@ async def test_frames_of_big_endian_8_bit_ow(tmp_path: Path, local_archive: Runn
                 )
 
 
-def test_rle_frames_split_over_fragments_are_not_delivered_short(tmp_path: Path) -> None:
+def rle_split_over_fragments(tmp_path: Path) -> Path:
     """dcmcrle +fs 1 -ot (fragments of at most 1 KiB, no offset table; DCMTK calls it non-standard, PS3.5
-    A.4.2 wants one fragment per frame) of a two-frame 16-bit colour image: pydicom finds one frame in the
-    fragments and decompress() set NumberOfFrames to 1, so the transcode was a valid-looking instance
-    holding half the image. It must be refused (WADO-RS: 406 with the reason; as stored still works)."""
+    A.4.2 wants one fragment per frame) of a two-frame 16-bit colour image."""
     native = dcmtk_made(tmp_path, "SC_rgb_rle_16bit_2frame.dcm", "dcmdrle")
     split = tmp_path / "split.dcm"
     dcmtk("dcmcrle", "+fs", "1", "-ot", native, split)
-    with pytest.raises(PixelDataError, match="1 of its 2 frames"):
-        transcode_instance(split.read_bytes(), EXPLICIT_VR_LITTLE_ENDIAN)
+    assert len(list(generate_fragments(pydicom.dcmread(split).PixelData))) > 2
+    return split
+
+
+def test_rle_frames_split_over_fragments_decode_as_dcmdrle(tmp_path: Path) -> None:
+    """pydicom finds one frame in such fragments: its decompress() set NumberOfFrames to 1, and the
+    transcode was a valid-looking one-frame instance holding half the image. Each frame starts with an RLE
+    header (segment count, first offset 64), which is how DCMTK finds them; the archive now groups the
+    fragments so too, and the instance, each frame and each rendered frame are dcmdrle's pixels."""
+    split = rle_split_over_fragments(tmp_path)
+    expected = dcmtk_decoded(tmp_path, split, "dcmdrle")
+    out = pydicom.dcmread(io.BytesIO(transcode_instance(split.read_bytes(), EXPLICIT_VR_LITTLE_ENDIAN)))
+    assert out.NumberOfFrames == 2
+    assert out.PixelData == expected.PixelData
+    for number in (1, 2):
+        png = render(io.BytesIO(split.read_bytes()), [number], RenderOptions(media_type="image/png"))
+        image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+        assert np.abs(image - expected.pixel_array[number - 1] / 65535 * 255).max() <= 1
+
+
+def test_a_transcode_never_delivers_fewer_frames_than_the_instance_has(tmp_path: Path) -> None:
+    """When the fragments cannot be grouped into the instance's frames at all, the transcode is refused
+    (WADO-RS: 406 with the reason; as stored still works) rather than a short instance."""
+    split = rle_split_over_fragments(tmp_path)
+    ds = pydicom.dcmread(split)
+    ds.NumberOfFrames = 3  # no grouping of the fragments gives three frames
+    data = io.BytesIO()
+    ds.save_as(data, enforce_file_format=True)
+    with pytest.raises(PixelDataError, match="of its 3 frames"):
+        transcode_instance(data.getvalue(), EXPLICIT_VR_LITTLE_ENDIAN)
+
+
+async def test_frames_of_rle_split_over_fragments(tmp_path: Path, local_archive: RunningArchive) -> None:
+    split = rle_split_over_fragments(tmp_path)
+    expected = dcmtk_decoded(tmp_path, split, "dcmdrle")
+    size = len(expected.PixelData) // 2
+    async with httpx.AsyncClient(base_url=local_archive.url, timeout=60) as client:
+        url = await store(client, split.read_bytes())
+        response = await client.get(f"{url}/frames/2,1")
+        assert response.status_code == 200, response.text
+        bodies = [body for _, body in await parts_of(response)]
+        assert bodies == [expected.PixelData[size:], expected.PixelData[:size]]
+        instance = await client.get(url, headers={"Accept": "application/dicom"})
+        assert instance.status_code == 200
+        assert pydicom.dcmread(io.BytesIO(instance.content)).PixelData == expected.PixelData
 
 
 def test_12_bit_colour_jpeg_decodes_as_dcmdjpeg(tmp_path: Path) -> None:
