@@ -223,7 +223,6 @@ def _decode_nested_pixel_data(ds: pydicom.Dataset, stored: str) -> None:
     pixel data left in an item would be invalid in a native output and in the wrong codec in another
     compressed one. An item whose pixel data cannot be decoded takes its sequence with it (an icon is
     optional; the image is what was asked for)."""
-    decoder = get_decoder(UID(stored))
     for elem in list(ds):
         if elem.VR != "SQ":
             continue
@@ -231,8 +230,11 @@ def _decode_nested_pixel_data(ds: pydicom.Dataset, stored: str) -> None:
             pixel = item.get(0x7FE00010)  # the element (a keyword would give its value)
             if pixel is not None and pixel.is_undefined_length:
                 try:
+                    decoder = get_decoder(UID(stored))  # NotImplementedError: no decoder for the syntax
                     arr, meta = decode_as_reference(
-                        lambda plugin, item=item: decoder.as_array(item, as_rgb=True, decoding_plugin=plugin),
+                        lambda plugin, item=item, decoder=decoder: decoder.as_array(
+                            item, as_rgb=True, decoding_plugin=plugin
+                        ),
                         stored,
                     )
                 except Exception:  # decoder plugins raise anything from ValueError to RuntimeError

@@ -117,6 +117,27 @@ def test_an_icon_that_cannot_be_decoded_is_left_out(tmp_path: Path) -> None:
     assert got.PixelData == dcmtk_decoded(tmp_path, compressed, "dcmdjpeg").PixelData
 
 
+def test_no_nested_pixel_data_needs_no_decoder() -> None:
+    """A data set without pixel data under a syntax that has no decoder (MPEG2 here) still changes only its
+    encoding: looking for nested pixel data must not ask for a decoder before it finds some (it did, and
+    the transcode failed with 'stored pixel data cannot be decoded')."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3", "1.2.3.5"
+    ds.ContentSequence = [Dataset()]
+    ds.ContentSequence[0].ValueType = "TEXT"
+    data = io.BytesIO()
+    ds.save_as(data, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    out = pydicom.dcmread(io.BytesIO(transcode_instance(data.getvalue(), EXPLICIT_VR_LITTLE_ENDIAN)))
+    assert out.file_meta.TransferSyntaxUID == EXPLICIT_VR_LITTLE_ENDIAN
+    assert out.ContentSequence[0].ValueType == "TEXT"
+
+
 def test_big_endian_8_bit_ow_to_jpeg_baseline(tmp_path: Path) -> None:
     """8-bit colour pixel data in OW under Explicit VR Big Endian (dcmconv +tb of dcmdrle's decode of
     SC_rgb_rle_2frame.dcm) is stored byte-swapped in 16-bit words. Its JPEG Baseline transcode was made
