@@ -17,6 +17,7 @@ from collections.abc import Callable
 from functools import cache
 from typing import TypeVar
 
+import numpy as np
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, JPEGBaseline8Bit, JPEGExtended12Bit
 
@@ -35,10 +36,14 @@ def reference_plugin(transfer_syntax: str) -> str:
     return REFERENCE_JPEG_PLUGIN if REFERENCE_JPEG_PLUGIN in available else ""
 
 
-def decode_as_reference(decode: Callable[[str], T], transfer_syntax: str) -> T:
+def decode_as_reference(
+    decode: Callable[[str], T], transfer_syntax: str, bits_stored: int | None = None
+) -> T:
     """`decode(plugin)` with the reference plugin for the syntax. Pillow refuses 12-bit JPEG Extended (and
-    may refuse a stream another decoder takes): then pydicom's own order decides, and raises its own error."""
-    plugin = reference_plugin(transfer_syntax)
+    may refuse a stream another decoder takes): then pydicom's own order decides, and raises its own error.
+    Samples of more than 8 bits (`bits_stored`, when the caller knows it) go to pydicom's order at once,
+    rather than through a refusal that pydicom logs as a warning on every decode."""
+    plugin = reference_plugin(transfer_syntax) if (bits_stored or 0) <= 8 else ""
     if not plugin:
         return decode("")
     try:
@@ -47,8 +52,37 @@ def decode_as_reference(decode: Callable[[str], T], transfer_syntax: str) -> T:
         return decode("")
 
 
-# pydicom's loggers that report each codec plugin's failure with LOGGER.exception
-_CODEC_LOGGERS = ("pydicom.pixels.decoders.base", "pydicom.pixels.encoders.base")
+_YBR_FULL = frozenset({"YBR_FULL", "YBR_FULL_422"})
+
+
+def converts_ybr_itself(samples_per_pixel: int, bits_allocated: int, photometric: str) -> bool:
+    """True when YBR_FULL(_422) samples of more than 8 bits are decoded: pydicom converts YBR to RGB for
+    8-bit samples only (its convert_color_space refuses others), so the caller decodes them with
+    as_rgb=False and converts with ybr_full_to_rgb. Such images are 12-bit colour JPEG (Extended), as
+    DCMTK's dcmcjpeg +ee writes for colour images of more than 8 bits (and for 8-bit ones with +bt)."""
+    return samples_per_pixel == 3 and bits_allocated > 8 and photometric.upper() in _YBR_FULL
+
+
+def ybr_full_to_rgb(arr: np.ndarray, bits_stored: int) -> np.ndarray:
+    """YBR_FULL samples (last axis) of `bits_stored` bits as RGB of the same dtype: PS3.3 C.7.6.3.1.2
+    (ITU T.871) with the chroma centred at 2**(bits_stored - 1), as pydicom does for 8 bits and IJG
+    libjpeg for 12 (within rounding of DCMTK's dcmdjpeg)."""
+    top = (1 << bits_stored) - 1
+    centre = float(1 << (bits_stored - 1))
+    ybr = arr.astype(np.float64)
+    y, cb, cr = ybr[..., 0], ybr[..., 1] - centre, ybr[..., 2] - centre
+    rgb = np.stack((y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb), axis=-1)
+    return np.clip(np.rint(rgb), 0, top).astype(arr.dtype)
+
+
+# pydicom's loggers that report each codec plugin's failure with LOGGER.exception, and OpenJPEG's, whose
+# messages (e.g. "Number of resolutions is too high" for a JPEG 2000 of an image under 32 pixels a side)
+# come at ERROR before pydicom raises the refusal the client gets
+_CODEC_LOGGERS = (
+    "pydicom.pixels.decoders.base",
+    "pydicom.pixels.encoders.base",
+    "openjpeg.encode",
+)
 
 
 class _WithoutTraceback(logging.Filter):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from dicomcore.dicomjson import first_value
+from dicomcore.uids import EXPLICIT_VR_BIG_ENDIAN
 
 # (offset, length) in the stored object of one piece of a frame: the whole native frame, or one fragment's
 # bytes (without its item header). A frame is the concatenation of its pieces.
@@ -36,6 +37,18 @@ _SEQUENCE_DELIMITER_TAG = 0xE0DDFFFE
 _FRAME_LIST_RE = re.compile(r"[0-9]+(,[0-9]+)*")
 # first bytes of a frame's codestream: JPEG / JPEG-LS SOI, JPEG 2000 SOC+SIZ, JP2 signature box
 _FRAME_STARTS = (b"\xff\xd8\xff", b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ")
+
+
+def _starts_frame(head: bytes) -> bool:
+    """Whether a fragment's first bytes are a frame's first: a codestream's first marker, or an RLE header
+    (PS3.5 G.5: 1 to 15 segments, the first at offset 64), which is how DCMTK finds RLE frames whose
+    fragments were split (dcmcrle +fs)."""
+    if head.startswith(_FRAME_STARTS):
+        return True
+    if len(head) < 8:
+        return False
+    segments, first = struct.unpack("<II", head[:8])
+    return 1 <= segments <= 15 and first == 64
 
 
 class FrameListError(ValueError):
@@ -142,7 +155,8 @@ def encapsulated_frame_table(fp: BinaryIO, value_offset: int, number_of_frames: 
 
     In order: one frame takes all fragments; as many fragments as frames means one each; a Basic Offset
     Table is used only when every entry points at a fragment item; otherwise a fragment that starts with a
-    codestream's first marker (SOI, SOC, JP2 signature) starts a frame, if that yields the frame count.
+    codestream's first marker (SOI, SOC, JP2 signature) or an RLE header starts a frame, if that yields the
+    frame count.
     Raises ValueError for malformed items.
     """
     offsets, pieces, heads = fragments(fp, value_offset)
@@ -161,10 +175,25 @@ def encapsulated_frame_table(fp: BinaryIO, value_offset: int, number_of_frames: 
         index = {start: i for i, start in enumerate(starts)}
         if all(o in index for o in offsets):
             return _group(pieces, [index[o] for o in offsets])
-    begins = [i for i, head in enumerate(heads) if head.startswith(_FRAME_STARTS)]
+    begins = [i for i, head in enumerate(heads) if _starts_frame(head)]
     if len(begins) == number_of_frames and begins[0] == 0:
         return _group(pieces, begins)
     return None
+
+
+def regroup_fragments(value: bytes, number_of_frames: int) -> bytes | None:
+    """An encapsulated value whose frames span several fragments, re-encapsulated with one fragment per
+    frame (as pydicom's decoders need when the Basic Offset Table is empty: they find the frames of RLE by
+    counting fragments); None when it needs no change or its fragments cannot be grouped."""
+    from pydicom.encaps import encapsulate  # local: pydicom is needed only here
+
+    try:
+        table = encapsulated_frame_table(io.BytesIO(value), 0, number_of_frames)
+    except ValueError:
+        return None
+    if table is None or len(table) != number_of_frames or all(len(frame) == 1 for frame in table):
+        return None
+    return encapsulate([b"".join(value[o : o + n] for o, n in frame) for frame in table])
 
 
 def _group(pieces: list[Extent], begins: list[int]) -> FrameTable:
@@ -210,15 +239,27 @@ def parse_frame_list(text: str) -> list[int]:
 def cut_frames(data: bytes, path: str, pixel: PixelDescription, numbers: Sequence[int]) -> list[bytes]:
     """Frames cut from a whole stored object by parsing it: the fallback for objects without a frame table
     (deflated, indexed before the table existed, or fragments that could not be grouped at ingest). Native
-    frames come back in the stored byte order; deflated ones inflated. Raises ValueError when corrupt."""
+    frames come back in the stored byte order (but 8-bit samples in order, whatever their VR); deflated ones
+    inflated. Raises ValueError when corrupt."""
     import pydicom  # local: only this fallback needs a full parse
     from pydicom.encaps import generate_frames
     from pydicom.pixels.utils import pack_bits, unpack_bits
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
-        value = ds[int(path, 16)].value
+        elem = ds[int(path, 16)]
+        value = elem.value
+        if (
+            ds.file_meta.TransferSyntaxUID == EXPLICIT_VR_BIG_ENDIAN
+            and elem.VR == "OW"
+            and pixel.bits_allocated == 8
+        ):
+            # 8-bit samples swapped in 16-bit words, as big endian OW is: back in sample order
+            swapped = bytearray(value[: len(value) // 2 * 2])
+            swapped[0::2], swapped[1::2] = swapped[1::2], swapped[0::2]
+            value = bytes(swapped)
         if ds.file_meta.TransferSyntaxUID.is_compressed:
+            value = regroup_fragments(value, pixel.number_of_frames) or value
             frames = list(generate_frames(value, number_of_frames=pixel.number_of_frames))
             return [frames[n - 1] for n in numbers]
     except Exception as exc:  # pydicom raises many types for corrupt data

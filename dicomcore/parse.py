@@ -28,7 +28,7 @@ from dicomcore.frames import (
     native_frame_table,
 )
 from dicomcore.framing import TruncatedError, read_file, transfer_syntax_uid
-from dicomcore.uids import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, is_valid_uid
+from dicomcore.uids import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN, is_valid_uid
 
 # Values larger than this are not read at parse time (pydicom's defer_size).
 DEFER_SIZE = 1024
@@ -154,7 +154,7 @@ def _describe(
     pixel: the top-level pixel data elements' (length, value) as read (framing's RawDataElement fields);
     empty for deflated objects, whose offsets are not the stored bytes'."""
     if pixel:
-        bulk.extend(_frame_refs(pixel, attrs, bulk, fp))
+        bulk.extend(_frame_refs(pixel, attrs, bulk, fp, transfer_syntax))
     uids: dict[str, str] = {}  # the valid ones
     problems: list[str] = []
     for name, key in REQUIRED_UIDS:
@@ -199,7 +199,11 @@ def _check_complete(ds: pydicom.Dataset, fp: BinaryIO) -> None:
 
 
 def _frame_refs(
-    pixel: dict[int, tuple[int | None, bytes | None]], attrs: dict, bulk: list[BulkRef], fp: BinaryIO | bytes
+    pixel: dict[int, tuple[int | None, bytes | None]],
+    attrs: dict,
+    bulk: list[BulkRef],
+    fp: BinaryIO | bytes,
+    transfer_syntax: str,
 ) -> list[BulkRef]:
     """The frame table of the top-level pixel data as extra bulk index rows (format above); [] when
     there is no pixel data or its frames cannot be located unambiguously (they are served by parsing then).
@@ -207,6 +211,10 @@ def _frame_refs(
     ref = next((b for b in bulk if b.path in PIXEL_DATA_PATHS and b.offset is not None), None)
     description = PixelDescription.from_json(attrs)
     if ref is None or ref.offset is None or description is None:
+        return []
+    if transfer_syntax == EXPLICIT_VR_BIG_ENDIAN and ref.vr == "OW" and description.bits_allocated == 8:
+        # 8-bit samples in big endian OW are swapped in 16-bit words: no byte range of the stored value is
+        # a frame (cut_frames swaps the value back first)
         return []
     try:
         length, value = pixel.get(int(ref.path, 16), (None, None))

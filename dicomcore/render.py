@@ -25,8 +25,9 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, iter_pixels, pixel_array
 
-from dicomcore.decoding import decode_as_reference
+from dicomcore.decoding import converts_ybr_itself, decode_as_reference, ybr_full_to_rgb
 from dicomcore.dicomjson import raw_values
+from dicomcore.frames import regroup_fragments
 from dicomcore.framing import read_file, transfer_syntax_uid
 from dicomcore.uids import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
@@ -218,15 +219,34 @@ def decode_frames(
 
     if whole is not None and (native := _native_frames(whole, indices)) is not None:
         return native
+    if whole is not None and "PixelData" in whole and whole["PixelData"].is_undefined_length:
+        if (regrouped := regroup_fragments(whole.PixelData, total)) is not None:
+            whole.PixelData = regrouped
+
+    try:
+        samples, allocated = (
+            int(_get(header, "SamplesPerPixel") or 1),
+            int(_get(header, "BitsAllocated") or 8),
+        )
+        own_ybr = converts_ybr_itself(
+            samples, allocated, str(_get(header, "PhotometricInterpretation") or "")
+        )
+        stored_bits = int(_get(header, "BitsStored") or allocated)
+    except (TypeError, ValueError):
+        own_ybr, stored_bits = False, 0
 
     def decode(plugin: str) -> list[np.ndarray]:
         if whole is not None:
-            return [pixel_array(whole, index=i, decoding_plugin=plugin) for i in indices]
-        fp.seek(0)
-        return list(iter_pixels(fp, indices=list(indices), decoding_plugin=plugin))
+            arrays = [
+                pixel_array(whole, index=i, decoding_plugin=plugin, as_rgb=not own_ybr) for i in indices
+            ]
+        else:
+            fp.seek(0)
+            arrays = list(iter_pixels(fp, indices=list(indices), decoding_plugin=plugin, as_rgb=not own_ybr))
+        return [ybr_full_to_rgb(a, stored_bits) for a in arrays] if own_ybr else arrays
 
     try:
-        return decode_as_reference(decode, transfer_syntax_uid(header))
+        return decode_as_reference(decode, transfer_syntax_uid(header), stored_bits)
     except RenderError:
         raise
     except AttributeError as exc:

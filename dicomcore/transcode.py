@@ -25,8 +25,8 @@ from pydicom.pixels import get_decoder, get_encoder
 from pydicom.pixels.utils import pack_bits
 from pydicom.uid import UID
 
-from dicomcore.decoding import decode_as_reference
-from dicomcore.frames import PixelDescription
+from dicomcore.decoding import converts_ybr_itself, decode_as_reference, ybr_full_to_rgb
+from dicomcore.frames import PixelDescription, regroup_fragments
 from dicomcore.uids import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
@@ -93,8 +93,8 @@ def check_transcode(stored: str, target: str, pixel: PixelDescription | None) ->
         raise TranscodeError(f"transcoding to {_name(target)} is not supported; supported: {_supported()}")
     if pixel is None:
         return
-    if not can_decode(stored):
-        raise TranscodeError(f"no installed decoder for the stored transfer syntax {_name(stored)}")
+    if reason := syntax_refusal(stored, target):
+        raise TranscodeError(reason)
     if target == JPEG_BASELINE and not (
         pixel.bits_allocated == 8 and pixel.pixel_representation == 0 and pixel.samples_per_pixel in (1, 3)
     ):
@@ -106,6 +106,18 @@ def check_transcode(stored: str, target: str, pixel: PixelDescription | None) ->
         raise TranscodeError(f"{_name(target)} is lossy and would corrupt PALETTE COLOR indices")
     if target in (JPEG_LS_LOSSLESS, JPEG_2000_LOSSLESS, JPEG_2000) and pixel.bits_allocated > 16:
         raise TranscodeError(f"{_name(target)} is not available for {pixel.bits_allocated}-bit pixel data")
+
+
+def syntax_refusal(stored: str, target: str) -> str | None:
+    """Why pixel data stored in `stored` cannot be delivered in `target`, as far as the syntaxes alone
+    tell; None when it may be (the pixel data can still rule it out: check_transcode)."""
+    if target == stored:
+        return None
+    if target not in TARGETS:
+        return f"transcoding to {_name(target)} is not supported; supported: {_supported()}"
+    if not can_decode(stored):
+        return f"no installed decoder for the stored transfer syntax {_name(stored)}"
+    return None
 
 
 def _name(uid: str) -> str:
@@ -135,16 +147,36 @@ def transcode_instance(data: bytes, target: str) -> bytes:
     if stored == target:
         return data
     try:
+        if is_encapsulated(stored):
+            _decode_nested_pixel_data(ds, stored)  # first: decompress() changes the syntax items see
         if pixel is not None:
             if is_encapsulated(stored):
+                if (regrouped := regroup_fragments(ds.PixelData, pixel.number_of_frames)) is not None:
+                    ds.PixelData = regrouped
+                own_ybr = converts_ybr_itself(
+                    pixel.samples_per_pixel, pixel.bits_allocated, pixel.photometric_interpretation
+                )
                 decode_as_reference(
                     lambda plugin: ds.decompress(
-                        as_rgb=True, generate_instance_uid=False, decoding_plugin=plugin
+                        as_rgb=not own_ybr, generate_instance_uid=False, decoding_plugin=plugin
                     ),
                     stored,
+                    pixel.bits_stored,
                 )
+                if own_ybr:
+                    _ybr_to_rgb_in_place(ds, pixel.bits_stored)
+                decoded = int(ds.get("NumberOfFrames") or 1)
+                if decoded != pixel.number_of_frames:
+                    # pydicom takes the frames it finds in the fragments and rewrites NumberOfFrames
+                    raise PixelDataError(
+                        f"stored pixel data cannot be decoded: {decoded} of its "
+                        f"{pixel.number_of_frames} frames found in its fragments"
+                    )
             elif stored == EXPLICIT_VR_BIG_ENDIAN:
                 _to_little_endian(ds)
+                # the pixels are little endian now: pixel_array (JPEG Baseline, YBR expansion) must not
+                # swap them again, as it does for 8-bit OW under the big endian syntax
+                ds.file_meta.TransferSyntaxUID = UID(EXPLICIT_VR_LITTLE_ENDIAN)
             if target in ENCODED_TARGETS and ds.PhotometricInterpretation == "YBR_FULL_422":
                 _expand_native_ybr_422(ds)
         if stored == EXPLICIT_VR_BIG_ENDIAN:
@@ -159,7 +191,8 @@ def transcode_instance(data: bytes, target: str) -> bytes:
             if target == JPEG_BASELINE:
                 _compress_jpeg_baseline(ds)
             else:
-                ds.compress(target, generate_instance_uid=False, **_encode_options(target))
+                encoder = _encoder_syntax(target, str(ds.PhotometricInterpretation))
+                ds.compress(encoder, generate_instance_uid=False, **_encode_options(encoder))
         except TranscodeError:
             raise
         except Exception as exc:
@@ -173,6 +206,47 @@ def transcode_instance(data: bytes, target: str) -> bytes:
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
+
+
+def _ybr_to_rgb_in_place(ds: pydicom.Dataset, bits_stored: int) -> None:
+    """Decompressed YBR_FULL samples of more than 8 bits (little endian, pixel-interleaved, as decompress
+    writes them) converted to RGB; see dicomcore.decoding.converts_ybr_itself."""
+    ybr = np.frombuffer(ds.PixelData, "<u2").reshape(-1, 3)
+    ds.PixelData = ybr_full_to_rgb(ybr, bits_stored).astype("<u2").tobytes()
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+
+
+def _decode_nested_pixel_data(ds: pydicom.Dataset, stored: str) -> None:
+    """Decode the pixel data nested in sequence items (Icon Image Sequence; DCMTK compresses icons with
+    the image), as dcmdjpeg and friends do: `decompress` handles only the top level, and encapsulated
+    pixel data left in an item would be invalid in a native output and in the wrong codec in another
+    compressed one. An item whose pixel data cannot be decoded takes its sequence with it (an icon is
+    optional; the image is what was asked for)."""
+    for elem in list(ds):
+        if elem.VR != "SQ":
+            continue
+        for item in elem.value:
+            pixel = item.get(0x7FE00010)  # the element (a keyword would give its value)
+            if pixel is not None and pixel.is_undefined_length:
+                try:
+                    decoder = get_decoder(UID(stored))  # NotImplementedError: no decoder for the syntax
+                    arr, meta = decode_as_reference(
+                        lambda plugin, item=item, decoder=decoder: decoder.as_array(
+                            item, as_rgb=True, decoding_plugin=plugin
+                        ),
+                        stored,
+                    )
+                except Exception:  # decoder plugins raise anything from ValueError to RuntimeError
+                    del ds[elem.tag]
+                    break
+                item.PixelData = np.ascontiguousarray(arr).tobytes()
+                item["PixelData"].VR = "OW" if arr.itemsize > 1 else "OB"
+                item["PixelData"].is_undefined_length = False
+                item.PhotometricInterpretation = meta["photometric_interpretation"]
+                if int(item.get("SamplesPerPixel") or 1) > 1:
+                    item.PlanarConfiguration = 0
+            _decode_nested_pixel_data(item, stored)
 
 
 def _has_pixels(ds: pydicom.Dataset) -> bool:
@@ -198,6 +272,13 @@ def _pixel_json(ds: pydicom.Dataset) -> dict:
         if value is not None and value != "":
             out[key] = {"Value": [value]}
     return out
+
+
+def _encoder_syntax(target: str, photometric: str) -> str:
+    """The syntax whose pydicom encoder makes `target`'s codestream. JPEG 2000 (.91) is written losslessly
+    here, which its .90 encoder does too, and that one takes PALETTE COLOR (the .91 encoder refuses it,
+    the syntax being lossy in general); the codestream is valid under either UID."""
+    return JPEG_2000_LOSSLESS if target == JPEG_2000 and photometric == "PALETTE COLOR" else target
 
 
 def _encode_options(target: str) -> dict:
@@ -295,13 +376,20 @@ def decode_frame(frame: bytes, stored: str, pixel: PixelDescription) -> tuple[np
     if stored == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         stored = EXPLICIT_VR_LITTLE_ENDIAN  # frames handed in are already inflated
     source = encapsulate([frame]) if is_encapsulated(stored) else frame
+    own_ybr = converts_ybr_itself(
+        pixel.samples_per_pixel, pixel.bits_allocated, pixel.photometric_interpretation
+    )
     try:
         decoder = get_decoder(UID(stored))
         arr, meta = decode_as_reference(
-            lambda plugin: decoder.as_array(source, as_rgb=True, decoding_plugin=plugin, **options), stored
+            lambda plugin: decoder.as_array(source, as_rgb=not own_ybr, decoding_plugin=plugin, **options),
+            stored,
+            pixel.bits_stored,
         )
     except Exception as exc:
         raise PixelDataError(f"frame cannot be decoded as {_name(stored)}: {exc}") from exc
+    if own_ybr:
+        return ybr_full_to_rgb(arr, pixel.bits_stored), "RGB"
     return arr, str(meta.get("photometric_interpretation", pixel.photometric_interpretation))
 
 
@@ -322,7 +410,8 @@ def transcode_frame(frame: bytes, stored: str, pixel: PixelDescription, target: 
         pixel, photometric_interpretation=photometric, planar_configuration=0, number_of_frames=1
     )
     try:
-        return get_encoder(UID(target)).encode(
+        encoder = _encoder_syntax(target, described.photometric_interpretation)
+        return get_encoder(UID(encoder)).encode(
             arr,
             rows=described.rows,
             columns=described.columns,
@@ -333,7 +422,7 @@ def transcode_frame(frame: bytes, stored: str, pixel: PixelDescription, target: 
             photometric_interpretation=described.photometric_interpretation,
             planar_configuration=0,
             number_of_frames=1,
-            **_encode_options(target),
+            **_encode_options(encoder),
         )
     except Exception as exc:
         raise TranscodeError(f"cannot encode this frame as {_name(target)}: {exc}") from exc

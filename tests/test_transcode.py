@@ -78,7 +78,6 @@ REFUSED = {
     ("MR_small_jpeg_ls_lossless.dcm", JPEG_BASELINE),
     ("JPGExtended.dcm", JPEG_BASELINE),  # 16-bit allocated
     ("examples_palette.dcm", JPEG_BASELINE),  # lossy would corrupt palette indices
-    ("examples_palette.dcm", JPEG_2000),  # pydicom's J2K encoder refuses PALETTE COLOR
     ("JPEGLSNearLossless_16.dcm", JPEG_BASELINE),
     ("JPEGLSNearLossless_16.dcm", JPEG_2000_LOSSLESS),  # OpenJPEG gives up on a 50x10 image
     ("JPEGLSNearLossless_16.dcm", JPEG_2000),

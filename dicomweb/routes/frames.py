@@ -140,6 +140,13 @@ async def load_source(
     if path is None:
         raise HTTPProblem(400, f"instance {instance.sop_instance_uid} has no pixel data, so no frames")
     source = PixelSource(instance, path, frames_from_index(entries, path))
+    vr = next(e[3] for e in entries if e[0] == path)
+    if source.table is not None and instance.transfer_syntax_uid == EXPLICIT_VR_BIG_ENDIAN and vr == "OW":
+        # 8-bit samples in big endian OW are swapped in 16-bit words, so no byte range is a frame; tables
+        # made before ingest knew that are ignored (cut_frames swaps the value back)
+        source = await with_pixel(pool, partition, source)
+        if source.pixel is not None and source.pixel.bits_allocated == 8:
+            source = replace(source, table=None)
     return source if source.table is not None else await with_pixel(pool, partition, source)
 
 

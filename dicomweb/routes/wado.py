@@ -20,6 +20,7 @@ from dicomcore.transcode import (
     TranscodeError,
     can_decode,
     is_encapsulated,
+    syntax_refusal,
     transcode_instance,
 )
 from dicomcore.uids import EXPLICIT_VR_BIG_ENDIAN
@@ -91,6 +92,12 @@ def _syntax_possible(stored: str, target: str | None) -> bool:
     return target in TARGETS and can_decode(stored)
 
 
+def _refusals(stored: str, targets: list[str]) -> list[str]:
+    """Why none of `targets` can be made from `stored`, each reason once."""
+    reasons = (syntax_refusal(stored, t) for t in targets if t is not None)
+    return list(dict.fromkeys(r for r in reasons if r)) or ["nothing acceptable"]
+
+
 class _Undeliverable(Exception):
     def __init__(self, instance: StoredInstance, reasons: list[str]) -> None:
         super().__init__("; ".join(reasons))
@@ -132,7 +139,7 @@ async def _deliver(
     stored = instance.transfer_syntax_uid
     usable = [t for t in targets if _syntax_possible(stored, t)]
     if not usable:
-        raise _Undeliverable(instance, [f"no decoder for {stored} or no encoder for {', '.join(targets)}"])
+        raise _Undeliverable(instance, _refusals(stored, targets))
     if usable[0] in (ANY_TRANSFER_SYNTAX, stored):
         return stored, instance.size, _object(store, instance)
     if instance.size > MAX_TRANSCODE_SIZE:
@@ -200,8 +207,7 @@ async def retrieve(request: Request) -> Response:
     targets = _targets(ranked)
     for instance in instances:
         if not any(_syntax_possible(instance.transfer_syntax_uid, t) for t in targets):
-            reason = f"no installed decoder for it or no encoder for {', '.join(targets)}"
-            raise _Undeliverable(instance, [reason]).problem()
+            raise _Undeliverable(instance, _refusals(instance.transfer_syntax_uid, targets)).problem()
     if all(_as_stored(instance, targets) for instance in instances):
         return _stored_multipart(request, ctx.store, instances, targets)
     # the first instance is produced before answering, so that a refusal is a clear 406, not a cut body
