@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import asyncpg
+from botocore.exceptions import ClientError, NoCredentialsError
 
 from archive.ingest import FailureReason, Ingestor
 from deid.engine import Deidentified, output_key
@@ -128,6 +129,42 @@ class PartitionSink:
             None if o.failure in (None, FailureReason.ALREADY_STORED) else f"{o.failure.name}: {o.message}"
             for o in outcomes
         ]
+
+
+class DestinationUnusable(Exception):
+    """The destination refuses every write, which no retry can change (no credentials, no such bucket,
+    access denied): the export fails once with this reason instead of retrying."""
+
+
+def unusable_reason(destination: dict[str, Any], exc: BaseException) -> str | None:
+    """The reason when `exc` (raised by the destination store) says the destination is unusable, else None
+    (a transient fault: the step is retried)."""
+    if destination["type"] != "s3":
+        return None
+    bucket = destination["settings"]["bucket"]
+    if isinstance(exc, NoCredentialsError):
+        return "the S3 destination has no credentials: the server has no AWS credentials configured"
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchBucket", "NotFound", "404"):
+            return f"the S3 destination's bucket {bucket!r} does not exist"
+        if code in ("AccessDenied", "Forbidden", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return f"the S3 destination's bucket {bucket!r} refuses the server's credentials ({code})"
+    return None
+
+
+async def check_destination(destination: dict[str, Any], store: BlobStore) -> None:
+    """Raise DestinationUnusable when the destination cannot take any output (checked before the first
+    instance, so that a missing bucket or missing credentials fail the export once, with the reason)."""
+    if not isinstance(store, S3BlobStore):
+        return
+    try:
+        await store.check_bucket()
+    except Exception as exc:
+        reason = unusable_reason(destination, exc)
+        if reason is None:
+            raise
+        raise DestinationUnusable(reason) from None
 
 
 def destination_store(

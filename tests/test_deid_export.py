@@ -487,3 +487,50 @@ def test_progress_rates() -> None:
         "bytesProcessed": 5_000_000, "instancesPerSecond": 2.5, "bytesPerSecond": 1_250_000,
     }  # fmt: skip
     assert deid_export.progress(checkpoint, now=100.0)["bytesPerSecond"] == 0  # no time has passed yet
+
+
+@pytest.mark.parametrize("fault", ["no credentials", "no such bucket"])
+async def test_an_unusable_s3_destination_fails_the_export_once_with_its_reason(
+    quiet_archive: RunningArchive, pool: asyncpg.Pool, tmp_path: Path, s3_server: S3Server, s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fault: str,
+) -> None:  # fmt: skip
+    """A destination no retry can fix (the server has no S3 credentials, the bucket does not exist) ends the
+    operation failed at its first step, its reason in the results, without a traceback per retry."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    bucket = s3_bucket
+    if fault == "no such bucket":
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+        bucket = f"missing-{uuid.uuid4().hex[:12]}"
+    cohort = make_cohort(16)
+    await stow(quiet_archive.url, cohort.files)
+    body = request_body(cohort, {"type": "s3", "settings": {"bucket": bucket, "prefix": "p"}})
+    response = await post_export(quiet_archive.url, body)
+    assert response.status_code == 202, response.text
+    op_id = response.json()["id"]
+    settings = ExportSettings(tmp_path / "exports", s3_server.endpoint_url, s3_server.region, workers=0)
+    runner = OperationRunner(
+        pool, {"export": ExportHandler(pool, LocalBlobStore(tmp_path / "blobs"), settings)}
+    )
+    caplog.set_level("INFO")
+    try:
+        assert await runner.run_once(uuid.UUID(op_id))
+    finally:
+        await runner.stop()
+    row = await pool.fetchrow(
+        "SELECT status, attempts, failures, results FROM operation WHERE operation_id = $1", uuid.UUID(op_id)
+    )
+    results = orjson.loads(row["results"])
+    expected = (
+        "the S3 destination has no credentials: the server has no AWS credentials configured"
+        if fault == "no credentials"
+        else f"the S3 destination's bucket {bucket!r} does not exist"
+    )
+    assert (row["status"], row["attempts"], row["failures"], results["error"]) == ("failed", 1, 0, expected)
+    assert [r for r in caplog.records if r.exc_info] == []
+    done = await wait_done(quiet_archive.url, op_id)
+    assert done["status"] == "failed" and done["results"]["error"] == expected
