@@ -26,7 +26,7 @@ _PARTITION_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class TokenError(ValueError):
-    """A token request an operator must correct (unknown role, bad partition name)."""
+    """A token request an operator must correct (unknown role, bad partition name, bad name)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +59,21 @@ def valid_partition_name(name: str) -> bool:
     return bool(_PARTITION_RE.fullmatch(name))
 
 
+MAX_NAME = 128
+
+
+def check_name(name: str) -> str:
+    """A name given for a token, refused when it is empty (a name that names nothing), holds a control
+    character (it would break `token list`'s columns and the audit log's lines) or is too long."""
+    if not name.strip():
+        raise TokenError("a token name must not be empty: leave it out to have it named token-<id>")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise TokenError("a token name must not contain a control character (tab, newline, NUL ...)")
+    if len(name) > MAX_NAME:
+        raise TokenError(f"a token name has at most {MAX_NAME} characters")
+    return name
+
+
 def _stored(row: asyncpg.Record) -> StoredToken:
     return StoredToken(
         row["token_id"], row["name"], Role(row["role"]), row["partition_name"], row["created_at"],
@@ -82,13 +97,15 @@ async def create(
         raise TokenError(f"unknown role {role!r}: one of {', '.join(r.value for r in Role)}") from None
     if partition is not None and not valid_partition_name(partition):
         raise TokenError(f"invalid partition name {partition!r}: use 1-64 letters, digits, '_', '.', '-'")
+    if name is not None:
+        check_name(name)
     token_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
     row = await conn.fetchrow(
         """INSERT INTO access_token
                (token_id, secret_sha256, name, role, partition_name, created_at, expires_at)
            VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *""",
-        token_id, digest(secret), name or f"token-{token_id[:6]}", role_value.value, partition, now,
-        expires_at,
+        token_id, digest(secret), f"token-{token_id[:6]}" if name is None else name, role_value.value,
+        partition, now, expires_at,
     )  # fmt: skip
     return f"{PREFIX}{token_id}_{secret}", _stored(row)
 

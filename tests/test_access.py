@@ -481,6 +481,37 @@ def test_token_commands(database_url: str, capsys: pytest.CaptureFixture[str], t
     assert capsys.readouterr().out == ""  # no requests were made
 
 
+BAD_NAMES = [("", "must not be empty"), ("   ", "must not be empty"), ("a\tb", "control character"),
+             ("a\nb", "control character"), ("x" * 129, "at most 128 characters")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "message"), BAD_NAMES)
+async def test_bad_token_names_are_refused_alike_over_http_and_by_the_cli(
+    secure: SecureArchive,
+    client: httpx.AsyncClient,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    message: str,
+) -> None:
+    """An empty name (the CLI's --name "" and the route's "name": "") was accepted and silently replaced by
+    token-<id>; a tab or newline broke `token list`'s columns. Both refuse it now, with the same reason;
+    leaving the name out still names it token-<id>."""
+    owner, _ = await make_token(secure.running.database_url, "owner")
+    r = await client.post("/tokens", json={"role": "reader", "name": name}, headers=bearer(owner))
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    database = ["--database-url", secure.running.database_url]
+    capsys.readouterr()
+    assert (
+        await asyncio.to_thread(main, ["token", "create", "--role", "reader", "--name", name, *database]) == 2
+    )
+    out = capsys.readouterr()
+    assert out.out == "" and message in out.err
+    listed = (await client.get("/tokens", headers=bearer(owner))).json()
+    assert [t["role"] for t in listed] == ["owner"]
+    r = await client.post("/tokens", json={"role": "reader", "name": None}, headers=bearer(owner))
+    assert r.status_code == 201 and r.json()["name"] == "token-" + r.json()["id"][:6]
+
+
 async def test_worklist_websocket_needs_the_worklist_role(
     secure: SecureArchive, client: httpx.AsyncClient
 ) -> None:
