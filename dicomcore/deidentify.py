@@ -531,7 +531,11 @@ def _write_dataset(
         elem = elements[key]
         if type(elem) is RawDataElement:
             if elem.length == UNDEFINED_LENGTH:
-                append(_pydicom_encoded(elem, None, implicit, endian))  # with its delimiter
+                if elem.value is None:  # deferred encapsulated pixel data: its items, copied as they are
+                    append(_header(tag, elem.VR, UNDEFINED_LENGTH, implicit, endian))
+                    append(_encapsulated_items(source, whole, elem.value_tell, endian))
+                else:
+                    append(_pydicom_encoded(elem, None, implicit, endian))  # with its delimiter
                 continue
             value = elem.value
             if value is None:  # deferred: in the source at value_tell (top level only)
@@ -558,6 +562,31 @@ def _write_dataset(
             append(short(0xFFFE, 0xE0DD, 0))
         else:
             append(_pydicom_encoded(elem, ds._character_set, implicit, endian))
+
+
+def _encapsulated_items(
+    source: BinaryIO | None, whole: memoryview | None, value_tell: int, endian: str
+) -> bytes | memoryview:
+    """The items of a deferred undefined-length value (PS3.5 A.4) from the source, through its Sequence
+    Delimitation Item: the reader found them well formed (dicomcore.framing, or pydicom) before deferring."""
+    item = Struct(endian + "HHL")
+    pos = value_tell
+    while True:
+        if whole is not None:
+            group, element, length = item.unpack_from(whole, pos)
+        else:
+            assert source is not None
+            source.seek(pos)
+            group, element, length = item.unpack(source.read(8))
+        pos += 8
+        if (group, element) == (0xFFFE, 0xE0DD):
+            break
+        pos += length
+    if whole is not None:
+        return whole[value_tell:pos]
+    assert source is not None
+    source.seek(value_tell)
+    return source.read(pos - value_tell)
 
 
 def _pydicom_encoded(
