@@ -538,7 +538,9 @@ def _write_dataset(
                     append(_pydicom_encoded(elem, None, implicit, endian))  # with its delimiter
                 continue
             value = elem.value
-            if value is None:  # deferred: in the source at value_tell (top level only)
+            if value is None and elem.length == 0:  # an empty implicit VR value (at any level)
+                value = b""
+            elif value is None:  # deferred: in the source at value_tell (top level only)
                 if whole is not None:
                     value = whole[elem.value_tell : elem.value_tell + elem.length]
                 else:
