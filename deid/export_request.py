@@ -15,6 +15,7 @@ De-identification is required: this archive never exports identified data.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ from deid.profile import Options, ProfileError, pixel_rules_from_json
 from dicomcore.uids import is_valid_uid
 
 MAX_IDENTIFIERS = 100_000
+# S3's rules for bucket names (general purpose buckets), which MinIO and SeaweedFS follow too
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 class ExportRequestError(ValueError):
@@ -128,6 +131,15 @@ def parse_destination(destination: dict[str, Any]) -> dict[str, Any]:
         prefix = _field(settings, "prefix") or ""
         if not isinstance(bucket, str) or not bucket or not isinstance(prefix, str):
             raise ExportRequestError("an s3 destination needs settings.bucket (and optionally prefix)")
+        if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
+            raise ExportRequestError(
+                f"{bucket!r} is not an S3 bucket name: 3-63 lowercase letters, digits, '.' and '-', "
+                "beginning and ending with a letter or digit"
+            )
+        if prefix.strip("/") and not _relative_path(prefix.strip("/")):
+            raise ExportRequestError(
+                "settings.prefix must be a relative key prefix: '/'-separated names, none empty, '.' or '..'"
+            )
         return {"type": "s3", "settings": {"bucket": bucket, "prefix": prefix.strip("/")}}
     if kind == "directory":
         path = _field(settings, "path")

@@ -242,6 +242,17 @@ async def test_export_to_a_directory(local_archive: RunningArchive, tmp_path: Pa
         ({"source": {"type": "identifiers", "settings": {"values": ["1.2"]}},
           "destination": {"type": "partition", "settings": {"name": "Microsoft.Default"}},
           "deidentification": {"project": "p"}}, "must not be the source partition"),
+        # bucket names and prefixes S3 (or the store) refuses were accepted with 202, and the operation
+        # then failed its steps with a traceback each (ParamValidationError, ValueError)
+        *[({"source": {"type": "identifiers", "settings": {"values": ["1.2"]}},
+            "destination": {"type": "s3", "settings": {"bucket": bucket, "prefix": prefix}},
+            "deidentification": {"project": "p"}}, message)
+          for bucket, prefix, message in [
+              ("../x", "", "is not an S3 bucket name"), ("UPPER", "", "is not an S3 bucket name"),
+              ("ab", "", "is not an S3 bucket name"), ("a" * 64, "", "is not an S3 bucket name"),
+              ("-ab", "", "is not an S3 bucket name"), ("a..b", "", "is not an S3 bucket name"),
+              ("research", "../x", "settings.prefix"), ("research", "a/./b", "settings.prefix"),
+              ("research", "a//b", "settings.prefix"), ("research", "a\\b", "settings.prefix")]],
     ],
 )  # fmt: skip
 async def test_bad_export_requests(local_archive: RunningArchive, body: dict[str, Any], message: str) -> None:
