@@ -48,7 +48,6 @@ from deid.keys import ProjectKeys
 from deid.profile import Options, build_plan, pixel_rules_from_json
 from deid.sinks import (
     BlobSink,
-    DestinationUnusable,
     PartitionSink,
     Sink,
     check_destination,
@@ -235,9 +234,12 @@ class ExportHandler:
         if checkpoint["total"] is None:
             if params["destination"]["type"] != "partition":
                 try:
-                    await check_destination(params["destination"], await self._destination_store(op))
-                except DestinationUnusable as exc:
-                    return await self._fail(op, checkpoint, str(exc))
+                    await check_destination(await self._destination_store(op))
+                except Exception as exc:
+                    reason = unusable_reason(params["destination"], exc)
+                    if reason is None:
+                        raise
+                    return await self._fail(op, checkpoint, reason)
             checkpoint["total"] = await count_instances(conn, params["partition"], identifiers)
             return Step(checkpoint, 0, results=progress(checkpoint))
         if checkpoint["index"] >= len(identifiers):

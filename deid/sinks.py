@@ -9,7 +9,10 @@ already stored in the partition. That is what makes a resumed export free of dup
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,6 +23,7 @@ from archive.ingest import FailureReason, Ingestor
 from deid.engine import Deidentified, output_key
 from storage import LocalBlobStore, S3BlobStore
 from storage.base import BlobStore, validate_key
+from storage.local import TMP_DIR_NAME
 
 
 class Sink(Protocol):
@@ -131,14 +135,20 @@ class PartitionSink:
         ]
 
 
-class DestinationUnusable(Exception):
-    """The destination refuses every write, which no retry can change (no credentials, no such bucket,
-    access denied): the export fails once with this reason instead of retrying."""
+# what a directory refuses for good: a file where a directory should be, no permission, a read-only file
+# system; anything else (a full disk, say) may pass, and the step is retried
+_UNUSABLE_DIRECTORY = {errno.ENOTDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def unusable_reason(destination: dict[str, Any], exc: BaseException) -> str | None:
-    """The reason when `exc` (raised by the destination store) says the destination is unusable, else None
-    (a transient fault: the step is retried)."""
+    """The reason when `exc` (raised by the destination store) says the destination is unusable, which
+    no retry changes, else None (a transient fault: the step is retried). Directory reasons name the
+    request's relative path, never the server's."""
+    if destination["type"] == "directory":
+        if isinstance(exc, OSError) and exc.errno in _UNUSABLE_DIRECTORY:
+            path = destination["settings"]["path"]
+            return f"the destination directory {path!r} cannot be written: {os.strerror(exc.errno)}"
+        return None
     if destination["type"] != "s3":
         return None
     bucket = destination["settings"]["bucket"]
@@ -153,18 +163,16 @@ def unusable_reason(destination: dict[str, Any], exc: BaseException) -> str | No
     return None
 
 
-async def check_destination(destination: dict[str, Any], store: BlobStore) -> None:
-    """Raise DestinationUnusable when the destination cannot take any output (checked before the first
-    instance, so that a missing bucket or missing credentials fail the export once, with the reason)."""
-    if not isinstance(store, S3BlobStore):
-        return
-    try:
+async def check_destination(store: BlobStore) -> None:
+    """Raise what the destination raises when it cannot take any output (checked before the first
+    instance; unusable_reason says whether that is for good): S3's HeadBucket, or a file created and
+    removed in a directory."""
+    if isinstance(store, S3BlobStore):
         await store.check_bucket()
-    except Exception as exc:
-        reason = unusable_reason(destination, exc)
-        if reason is None:
-            raise
-        raise DestinationUnusable(reason) from None
+    elif isinstance(store, LocalBlobStore):
+        fd, name = await asyncio.to_thread(tempfile.mkstemp, dir=store.root / TMP_DIR_NAME)
+        os.close(fd)
+        os.unlink(name)
 
 
 def destination_store(

@@ -545,3 +545,27 @@ async def test_an_unusable_s3_destination_fails_the_export_once_with_its_reason(
     assert [r for r in caplog.records if r.exc_info] == []
     done = await wait_done(quiet_archive.url, op_id)
     assert done["status"] == "failed" and done["results"]["error"] == expected
+
+
+@pytest.mark.parametrize("path", ["afile", "afile/sub"])
+async def test_an_unusable_directory_destination_fails_the_export_once_with_its_reason(
+    local_archive: RunningArchive, pool: asyncpg.Pool, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    path: str,
+) -> None:  # fmt: skip
+    """A directory destination that cannot be created (a file is in its way) failed each retry with a
+    traceback, and the operation's error named the server's own path; it now fails once, naming the
+    request's path only."""
+    (tmp_path / "exports").mkdir(exist_ok=True)
+    (tmp_path / "exports" / "afile").write_bytes(b"not a directory")
+    cohort = make_cohort(17)
+    await stow(local_archive.url, cohort.files)
+    response = await post_export(local_archive.url, request_body(cohort, directory(path)))
+    assert response.status_code == 202, response.text
+    done = await wait_done(local_archive.url, response.json()["id"])
+    expected = f"the destination directory {path!r} cannot be written: Not a directory"
+    assert (done["status"], done["results"]["error"]) == ("failed", expected)
+    row = await pool.fetchrow(
+        "SELECT attempts, failures FROM operation WHERE operation_id = $1", uuid.UUID(done["id"])
+    )
+    assert (row["attempts"], row["failures"]) == (1, 0)
+    assert [r for r in caplog.records if r.exc_info] == []
