@@ -212,6 +212,8 @@ async def _decide(request: Request, action: str) -> Response:
     ctx = context(request)
     now = request.app.state.access.clock.now()
     async with ctx.pool.acquire() as conn:
+        # what time and finished exports imply first (a grant that ran out is expired, not revocable)
+        await workflow.refresh(conn, now)
         current = await workflow.get(conn, request_id)
         if current is None:
             raise HTTPProblem(404, "no such data request")
