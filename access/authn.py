@@ -78,8 +78,9 @@ def parse_roles(claim: object) -> tuple[Grant, ...]:
     for item in items:
         if not isinstance(item, str):
             continue
-        name, _, partition = item.partition(":")
-        if name in Role.__members__.values() and (not partition or tokens.valid_partition_name(partition)):
+        name, scoped, partition = item.partition(":")
+        # `role:` with nothing after the colon is malformed, not a grant of every partition
+        if name in Role.__members__.values() and (not scoped or tokens.valid_partition_name(partition)):
             grants.append(Grant(Role(name), partition or None))
     return tuple(grants)
 

@@ -234,6 +234,13 @@ async def test_jwt_partition_roles(client: httpx.AsyncClient) -> None:
         assert (r.status_code, r.json()) == (403, DENIED), path
 
 
+async def test_a_jwt_role_with_an_empty_partition_reaches_nothing(client: httpx.AsyncClient) -> None:
+    token = hs256(roles=["owner:"])  # was read as owner of every partition: 200 and every route
+    for path in ("/v2/studies", "/tokens", "/audit"):
+        r = await client.get(path, headers=bearer(token))
+        assert (r.status_code, r.json()) == (403, DENIED), path
+
+
 # --- partitions, refusals that reveal nothing, path tricks ---------------------------------------------
 
 
