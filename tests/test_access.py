@@ -560,3 +560,40 @@ async def test_graceful_stop_writes_the_audit_buffer(
         assert await conn.fetchval("SELECT count(*) FROM audit_event") == 5
     finally:
         await conn.close()
+
+
+async def test_an_export_reaches_only_partitions_the_caller_may_write(
+    secure: SecureArchive, client: httpx.AsyncClient
+) -> None:
+    """An owner of partition alpha exported alpha into partition beta (202), or into a research partition,
+    writing where its grant cannot STOW; a partition destination now needs what a STOW there needs (else
+    the same 403 as every refusal), and research partitions are made by approved data requests only."""
+    db = secure.running.database_url
+    owner_all, _ = await make_token(db, "owner")
+    owner_alpha, _ = await make_token(db, "owner", partition="alpha")
+    uid = await stow_study(client, owner_alpha, "/v2/partitions/alpha/studies", seed=7)
+
+    def body(partition: str) -> dict[str, object]:
+        return {"source": {"type": "identifiers", "settings": {"values": [uid]}},
+                "destination": {"type": "partition", "settings": {"name": partition}},
+                "deidentification": {"project": "p"}}  # fmt: skip
+
+    r = await client.post("/v2/partitions/alpha/export", json=body("beta"), headers=bearer(owner_alpha))
+    assert (r.status_code, r.json()) == (403, DENIED)
+    for token in (owner_alpha, owner_all):
+        r = await client.post(
+            "/v2/partitions/alpha/export", json=body("research-0123456789abcdef"), headers=bearer(token)
+        )
+        assert (r.status_code, r.json()["error"]["message"]) == (
+            400,
+            "a research partition is made by an approved data request, not named by an export",
+        )
+    conn = await asyncpg.connect(db)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM operation WHERE type = 'export'") == 0
+        names = {r[0] for r in await conn.fetch("SELECT name FROM partition")}
+        assert "beta" not in names and "research-0123456789abcdef" not in names
+    finally:
+        await conn.close()
+    r = await client.post("/v2/partitions/alpha/export", json=body("beta"), headers=bearer(owner_all))
+    assert r.status_code == 202, r.text
