@@ -30,6 +30,7 @@ from access.policy import Grant, Role
 
 CACHE_SECONDS = 60.0
 _MAX_ENTRIES = 10_000
+MAX_SUBJECT = 255  # characters of a JWT `sub` (OpenID Connect Core 1.0, 2: at most 255 ASCII characters)
 
 
 class AuthError(Exception):
@@ -201,6 +202,10 @@ class Authenticator:
         subject = claims["sub"]
         if not isinstance(subject, str) or not subject:
             raise AuthError("invalid token")
+        # it is stored (audit log, data requests): PostgreSQL text holds no NUL, and OpenID Connect limits
+        # `sub` to 255 characters
+        if len(subject) > MAX_SUBJECT or any(ord(c) < 32 or ord(c) == 127 for c in subject):
+            raise AuthError(f"token subject must be 1-{MAX_SUBJECT} characters without control characters")
         principal = Principal(subject, "jwt", parse_roles(claims.get(self.jwt.roles_claim)),
                               expires_at=float(claims["exp"]))  # fmt: skip
         if len(self._jwts) >= _MAX_ENTRIES:

@@ -30,6 +30,7 @@ from tests.access_support import (
 )
 
 DENIED = {"error": {"code": 403, "message": "not permitted"}}
+SUBJECT_REFUSED = "token subject must be 1-255 characters without control characters"
 
 
 @pytest.fixture
@@ -204,13 +205,21 @@ async def test_hs256_jwt_with_roles_claim(client: httpx.AsyncClient) -> None:
         (lambda: jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "exp": 2_000_000_000, "roles": ["owner"]},
                             "test-shared-secret-0123456789abcdef", algorithm="HS256"), "invalid token"),
         (lambda: hs256(roles=["reader"]) + "x", "invalid token"),
+        # a subject PostgreSQL cannot store (NUL: a data request submitted with it was a 500), one that
+        # breaks the audit log's lines, or one longer than OpenID Connect allows (255)
+        (lambda: hs256(sub="a\u0000b", roles=["researcher"]), SUBJECT_REFUSED),
+        (lambda: hs256(sub="rita\n", roles=["researcher"]), SUBJECT_REFUSED),
+        (lambda: hs256(sub="x" * 256, roles=["researcher"]), SUBJECT_REFUSED),
     ],
     ids=["expired", "wrong-audience", "wrong-issuer", "wrongly-signed", "not-yet-valid", "alg-none", "no-sub",
-         "tampered"],
+         "tampered", "sub-nul", "sub-newline", "sub-too-long"],
 )  # fmt: skip
 async def test_bad_jwts_are_refused(client: httpx.AsyncClient, token: object, message: str) -> None:
-    r = await client.get("/v2/studies", headers=bearer(token()))  # type: ignore[operator]
+    credential = bearer(token())  # type: ignore[operator]
+    r = await client.get("/v2/studies", headers=credential)
     assert r.status_code == 401
+    assert r.json() == {"error": {"code": 401, "message": message}}
+    r = await client.post("/datarequests", json={"title": "t"}, headers=credential)
     assert r.json() == {"error": {"code": 401, "message": message}}
 
 
