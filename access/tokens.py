@@ -121,14 +121,22 @@ async def list_all(conn: asyncpg.Connection) -> list[StoredToken]:
 
 
 async def revoke(conn: asyncpg.Connection, token_id: str, *, now: datetime) -> list[str]:
-    """Revoke tokens by id or name; the ids revoked (none: nothing matched). Every process drops them from
-    its cache when the NOTIFY arrives; the caller's own process should drop them at once (`invalidate`)."""
+    """Revoke the active token with this id, or else the active tokens with this name; the ids revoked
+    (none: nothing matched). An id never also revokes a token that is merely named
+    like it. Every process drops them from its cache when the NOTIFY arrives; the caller's own process
+    should drop them at once (`invalidate`)."""
     async with conn.transaction():
         ids = await conn.fetch(
             """UPDATE access_token SET revoked_at = $2
-               WHERE (token_id = $1 OR name = $1) AND revoked_at IS NULL RETURNING token_id""",
+               WHERE token_id = $1 AND revoked_at IS NULL RETURNING token_id""",
             token_id, now,
         )  # fmt: skip
+        if not ids:
+            ids = await conn.fetch(
+                """UPDATE access_token SET revoked_at = $2
+                   WHERE name = $1 AND revoked_at IS NULL RETURNING token_id""",
+                token_id, now,
+            )  # fmt: skip
         for row in ids:
             await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, "token:" + row["token_id"])
     return [row["token_id"] for row in ids]

@@ -528,6 +528,26 @@ async def test_bad_token_names_are_refused_alike_over_http_and_by_the_cli(
     assert r.status_code == 201 and r.json()["name"] == "token-" + r.json()["id"][:6]
 
 
+async def test_revoking_by_id_revokes_only_that_token(
+    secure: SecureArchive, client: httpx.AsyncClient
+) -> None:
+    """DELETE /tokens/{id} also revoked a token whose name was that id (revoke matched id OR name); an id
+    now names its own token only, and a name is looked up only when no active token has that id."""
+    owner, _ = await make_token(secure.running.database_url, "owner")
+    first = (await client.post("/tokens", json={"role": "reader"}, headers=bearer(owner))).json()
+    r = await client.post("/tokens", json={"role": "reader", "name": first["id"]}, headers=bearer(owner))
+    namesake = r.json()
+    assert (await client.delete(f"/tokens/{first['id']}", headers=bearer(owner))).status_code == 204
+    listed = {t["id"]: t for t in (await client.get("/tokens", headers=bearer(owner))).json()}
+    assert listed[first["id"]]["revokedAt"] is not None
+    assert listed[namesake["id"]]["revokedAt"] is None
+    assert (await client.get("/v2/studies", headers=bearer(namesake["token"]))).status_code == 200
+    # once no active token has that id, the text names the active tokens of that name
+    assert (await client.delete(f"/tokens/{first['id']}", headers=bearer(owner))).status_code == 204
+    r = await client.get("/v2/studies", headers=bearer(namesake["token"]))
+    assert (r.status_code, r.json()["error"]["message"]) == (401, "token revoked")
+
+
 async def test_worklist_websocket_needs_the_worklist_role(
     secure: SecureArchive, client: httpx.AsyncClient
 ) -> None:
