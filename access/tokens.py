@@ -122,9 +122,11 @@ async def list_all(conn: asyncpg.Connection) -> list[StoredToken]:
 
 async def revoke(conn: asyncpg.Connection, token_id: str, *, now: datetime) -> list[str]:
     """Revoke the active token with this id, or else the active tokens with this name; the ids revoked
-    (none: nothing matched). An id never also revokes a token that is merely named
+    (none: nothing matched; a NUL names no token). An id never also revokes a token that is merely named
     like it. Every process drops them from its cache when the NOTIFY arrives; the caller's own process
     should drop them at once (`invalidate`)."""
+    if "\x00" in token_id:  # PostgreSQL text holds no NUL, so no id or name has one
+        return []
     async with conn.transaction():
         ids = await conn.fetch(
             """UPDATE access_token SET revoked_at = $2

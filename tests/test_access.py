@@ -532,7 +532,8 @@ async def test_revoking_by_id_revokes_only_that_token(
     secure: SecureArchive, client: httpx.AsyncClient
 ) -> None:
     """DELETE /tokens/{id} also revoked a token whose name was that id (revoke matched id OR name); an id
-    now names its own token only, and a name is looked up only when no active token has that id."""
+    now names its own token only, and a name is looked up only when no token has that id. A NUL in the
+    path was a 500 (PostgreSQL text holds none): it names no token, 404."""
     owner, _ = await make_token(secure.running.database_url, "owner")
     first = (await client.post("/tokens", json={"role": "reader"}, headers=bearer(owner))).json()
     r = await client.post("/tokens", json={"role": "reader", "name": first["id"]}, headers=bearer(owner))
@@ -546,6 +547,11 @@ async def test_revoking_by_id_revokes_only_that_token(
     assert (await client.delete(f"/tokens/{first['id']}", headers=bearer(owner))).status_code == 204
     r = await client.get("/v2/studies", headers=bearer(namesake["token"]))
     assert (r.status_code, r.json()["error"]["message"]) == (401, "token revoked")
+    r = await client.delete("/tokens/a%00b", headers=bearer(owner))
+    assert (r.status_code, r.json()) == (
+        404,
+        {"error": {"code": 404, "message": "no active token with that id or name"}},
+    )
 
 
 async def test_worklist_websocket_needs_the_worklist_role(
