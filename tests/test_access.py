@@ -396,12 +396,18 @@ async def test_reidentification_is_for_owners_and_audited(
     assert (await client.get(url, headers=bearer(auditor))).json() == DENIED
     assert (await client.get("/reidentify/cohort-1/patient/NOPE", headers=bearer(owner))).status_code == 404
     assert (await client.get("/reidentify/cohort-1/nurse/PSEUDO-7", headers=bearer(owner))).status_code == 400
+    # a NUL in the pseudonym was a 500 with a traceback (PostgreSQL text holds none): no pseudonym has one
+    r = await client.get("/reidentify/cohort-1/patient/PSEUDO%007", headers=bearer(owner))
+    assert (r.status_code, r.json()["error"]["message"]) == (
+        404, "project 'cohort-1' has no patient pseudonym 'PSEUDO\\x007'"
+    )  # fmt: skip
     rows = await audit_rows(secure)
     assert [(r["action"], r["action_code"], r["path"], r["status"]) for r in rows] == [
         ("reidentify", "E", url, 200),
         ("reidentify", "E", url, 403),
         ("reidentify", "E", "/reidentify/cohort-1/patient/NOPE", 404),
         ("reidentify", "E", "/reidentify/cohort-1/nurse/PSEUDO-7", 400),
+        ("reidentify", "E", "/reidentify/cohort-1/patient/PSEUDO\ufffd7", 404),
     ]
     # who looked up which pseudonym is recorded; the original never is
     assert "MRN-12345" not in json.dumps([dict(r) for r in rows], default=str)
