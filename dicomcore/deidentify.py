@@ -25,10 +25,10 @@ from typing import BinaryIO, Protocol
 
 import pydicom
 from pydicom.datadict import get_entry
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_data_element
+from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
 
@@ -548,7 +548,13 @@ def _write_dataset(
                     source.seek(elem.value_tell)
                     value = source.read(elem.length)
             vr = elem.VR
-            if implicit or vr is None:
+            if vr is None and not implicit:
+                # read implicit, written explicit (its pixel data decoded to explicit little endian): the
+                # header needs the VR the reader never saw
+                explicit_elem = _with_dictionary_vr(ds, elem._replace(value=bytes(value), length=len(value)))
+                append(_pydicom_encoded(explicit_elem, ds._character_set, implicit, endian))
+                continue
+            if implicit:
                 append(short(tag >> 16, tag & 0xFFFF, len(value)))
             elif vr in long_vrs:
                 append(long(tag >> 16, tag & 0xFFFF, vr.encode(), 0, len(value)))
@@ -564,6 +570,14 @@ def _write_dataset(
             append(short(0xFFFE, 0xE0DD, 0))
         else:
             append(_pydicom_encoded(elem, ds._character_set, implicit, endian))
+
+
+def _with_dictionary_vr(ds: Dataset, raw: RawDataElement) -> DataElement:
+    """An element read without its VR (implicit VR), its value in hand, converted with the data
+    dictionary's VR ('UN' for tags it does not know) and an ambiguous one ('US or SS') resolved, as
+    pydicom's writer would."""
+    elem = convert_raw_data_element(raw, encoding=ds._character_set, ds=ds)
+    return correct_ambiguous_vr_element(elem, ds, True)
 
 
 def _encapsulated_items(

@@ -465,3 +465,31 @@ def test_every_pydicom_test_file_exports_valid_or_is_skipped_with_a_reason(tmp_p
             failures.append(f"{name}: dcmdump: {refusal}")
     assert failures == []
     assert "rtplan.dcm" in exported and len(exported) >= 90
+
+
+def test_pixel_cleaned_pydicom_test_files_are_valid(tmp_path: Path) -> None:
+    """With a pixel rule for every image, burned-in candidates are cleaned and exported too. SC_rgb_jpeg.dcm
+    (an implicit VR data set behind a JPEG transfer syntax) was written corrupt: its pixel data decoded,
+    the output is explicit VR, but its unconverted elements kept implicit VR headers, so the SOP Instance
+    UID swallowed the elements after it and the markers were lost. Every output now carries its markers,
+    a file meta naming its own SOP Instance UID, and reads in pydicom and dcmdump."""
+    rules = pixel_rules_from_json([{"rectangles": [[0, 0, 2, 2]]}])
+    engine = Deidentifier(build_plan(Options(), rules), KEYS)
+    cleaned, failures = [], []
+    for path in _pydicom_test_files():
+        source = path.read_bytes()
+        try:
+            result = engine(source)
+        except Skipped:
+            continue
+        out = pydicom.dcmread(io.BytesIO(result.data))
+        if "113101" in result.data.decode("latin-1"):
+            cleaned.append(path.name)
+        if out.get("PatientIdentityRemoved") != "YES" or "DeidentificationMethodCodeSequence" not in out:
+            failures.append(f"{path.name}: markers lost")
+        if out.file_meta.MediaStorageSOPInstanceUID != out.get("SOPInstanceUID"):
+            failures.append(f"{path.name}: file meta names another SOP Instance UID")
+        if (refusal := _dcmdump_refusal(result.data, tmp_path)) is not None:
+            failures.append(f"{path.name}: dcmdump: {refusal}")
+    assert failures == []
+    assert "SC_rgb_jpeg.dcm" in cleaned
