@@ -18,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 import orjson
 
@@ -105,8 +106,10 @@ def run(
     counts = {"exported": 0, "skipped": 0, "failed": 0}
     seen: set[tuple[str, str]] = set()
     with (
-        errors_file.open("wb") if errors_file else open(sys.stderr.fileno(), "wb", closefd=False) as errors,
-        mapping_file.open("ab") if mapping_file else open(os.devnull, "wb") as mapping,
+        _private(errors_file, os.O_TRUNC)
+        if errors_file
+        else open(sys.stderr.fileno(), "wb", closefd=False) as errors,
+        _private(mapping_file, os.O_APPEND) if mapping_file else open(os.devnull, "wb") as mapping,
     ):
         for outcome in _outcomes(engine, source, out, jobs):
             counts[outcome.kind] += 1
@@ -120,6 +123,12 @@ def run(
                     row = {"project": project, "kind": kind, "pseudonym": pseudonym, "original": original}
                     mapping.write(orjson.dumps({**row, "issuer": issuer} if issuer else row) + b"\n")
     return counts
+
+
+def _private(path: Path, mode: int) -> BinaryIO:
+    """A report file only its owner may read, as the project secret: the mapping re-identifies, and the
+    errors name source paths. Created mode 0600; an existing file keeps the mode its owner gave it."""
+    return open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | mode, 0o600), "wb")
 
 
 def _outcomes(engine: Deidentifier, source: Path, out: Path, jobs: int) -> Iterator[FileOutcome]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,9 @@ def test_deidentify_files(tmp_path: Path) -> None:
     rows = [orjson.loads(line) for line in mapping.read_bytes().splitlines()]
     assert sorted(r["kind"] for r in rows) == ["instance"] * 5 + ["patient", "series", "study"]
     assert {r["original"] for r in rows if r["kind"] == "patient"} == {"P-21"}
+    # the mapping re-identifies and the errors name source paths: only their owner reads them, as the
+    # secret (both were created 0644 under the usual umask, readable by every local user)
+    assert {stat.S_IMODE(f.stat().st_mode) for f in (mapping, tmp_path / "errors.jsonl", secret)} == {0o600}
     # the mapping never lands beside the data
     assert b"P-21" not in b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
     # again with the same secret: the same files
