@@ -115,11 +115,20 @@ def build_plan(options: Options, pixel_rules: Iterable[PixelRule] = (), table: T
     )
 
 
+_RULE_FIELDS = frozenset({"manufacturer", "model", "rows", "columns", "rectangles"})
+
+
 def pixel_rules_from_json(items: Iterable[Mapping[str, object]]) -> list[PixelRule]:
     """Pixel-cleaning rules as configured: [{"manufacturer", "model", "rows", "columns",
     "rectangles": [[x, y, width, height], ...]}]; the match fields are optional."""
     rules = []
     for item in items:
+        # an ignored field would widen the rule to every device (fail closed: refuse what is not known)
+        unknown = sorted(set(item) - _RULE_FIELDS)
+        if unknown:
+            raise ProfileError(
+                f"unknown pixel-cleaning rule field {unknown[0]!r}: use {', '.join(sorted(_RULE_FIELDS))}"
+            )
         rects = item.get("rectangles")
         if not isinstance(rects, list) or not rects:
             raise ProfileError("a pixel-cleaning rule needs a non-empty 'rectangles' list")

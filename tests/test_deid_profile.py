@@ -331,6 +331,20 @@ def test_burned_in_text_fails_closed_unless_a_pixel_rule_applies() -> None:
         Deidentifier(build_plan(Options(), other), KEYS)(ultrasound(canaries, "YES"))
 
 
+@pytest.mark.parametrize("field", ["modle", "Model", "MANUFACTURER", "cols"])
+def test_a_pixel_rule_with_an_unknown_field_is_refused(field: str) -> None:
+    """A misspelt or mis-cased match field ("Model": Azure-style bodies are read case-insensitively
+    elsewhere) was ignored, so the rule matched every device: images whose burned-in text lies outside
+    its rectangles left marked BurnedInAnnotation NO. Unknown fields are refused (400 over HTTP)."""
+    canaries = Canaries(random.Random(5))
+    with pytest.raises(ProfileError, match=f"unknown pixel-cleaning rule field {field!r}: use columns, "):
+        pixel_rules_from_json([{field: "Other", "rectangles": [[0, 0, 1, 1]]}])
+    # the field spelt right still restricts the rule: another model's image stays skipped
+    other = pixel_rules_from_json([{"model": "Other", "rectangles": [[0, 0, 1, 1]]}])
+    with pytest.raises(Skipped):
+        Deidentifier(build_plan(Options(), other), KEYS)(ultrasound(canaries, "YES"))
+
+
 def test_unknown_public_tags_are_removed() -> None:
     canaries = Canaries(random.Random(6))
     ds = new_instance(canaries)
