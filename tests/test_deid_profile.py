@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import shutil
 import subprocess
 from collections import Counter
@@ -343,6 +344,21 @@ def test_a_pixel_rule_with_an_unknown_field_is_refused(field: str) -> None:
     other = pixel_rules_from_json([{"model": "Other", "rectangles": [[0, 0, 1, 1]]}])
     with pytest.raises(Skipped):
         Deidentifier(build_plan(Options(), other), KEYS)(ultrasound(canaries, "YES"))
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ({"rectangles": [[True, 0, 5, 5]]}, "is not [x, y, width, height] of non-negative integers"),
+        ({"rows": -5, "rectangles": [[0, 0, 5, 5]]}, "field 'rows' must be a non-negative integer"),
+        ({"columns": True, "rectangles": [[0, 0, 5, 5]]}, "field 'columns' must be a non-negative integer"),
+    ],
+)
+def test_pixel_rule_numbers_are_integers(rule: dict[str, object], message: str) -> None:
+    """JSON true was taken for the integer 1 and a negative size was a rule that never matches: both
+    accepted silently; now refused with the reason."""
+    with pytest.raises(ProfileError, match=re.escape(message)):
+        pixel_rules_from_json([rule])
 
 
 def test_unknown_public_tags_are_removed() -> None:
