@@ -156,7 +156,10 @@ async def test_tokens_over_http(secure: SecureArchive, client: httpx.AsyncClient
            ({"role": "reader", "expires": "soon"}, "--expires"),
            # past the year 9999 (OverflowError): a 500
            ({"role": "reader", "expires": "99999999d"}, "later than the year 9999"),
-           ({"role": "reader", "expires": "9999999999999d"}, "later than the year 9999")]  # fmt: skip
+           ({"role": "reader", "expires": "9999999999999d"}, "later than the year 9999"),
+           # a token born expired (201, then every use 401 "token expired")
+           ({"role": "reader", "expires": "0d"}, "--expires '0d' is not in the future"),
+           ({"role": "reader", "expires": "2000-01-01T00:00:00Z"}, "is not in the future")]  # fmt: skip
     for body, message in bad:
         r = await client.post("/tokens", json=body, headers=bearer(owner))
         assert r.status_code == 400 and message in r.json()["error"]["message"]
