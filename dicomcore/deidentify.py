@@ -375,6 +375,8 @@ def _burned_in(ds: Dataset) -> str | None:
     modality = _text(ds, MODALITY).upper()
     if flag == "YES":
         return "BurnedInAnnotation is YES"
+    if flag and flag != "NO":  # YES or NO only (PS3.3 C.7.6.1.1.4): anything else may mean text, fail closed
+        return f"BurnedInAnnotation is {flag!r}, not NO"
     if not flag and modality in BURNED_IN_MODALITIES:
         return f"modality {modality} without BurnedInAnnotation (text is often burned in)"
     return None

@@ -332,6 +332,22 @@ def test_burned_in_text_fails_closed_unless_a_pixel_rule_applies() -> None:
         Deidentifier(build_plan(Options(), other), KEYS)(ultrasound(canaries, "YES"))
 
 
+@pytest.mark.parametrize("flag", ["Y", "TRUE", "UNKNOWN", "yes"])
+def test_a_burned_in_flag_that_is_not_no_fails_closed(flag: str) -> None:
+    """BurnedInAnnotation is YES or NO (CS, PS3.3 C.7.6.1.1.4); any other value ("Y", "TRUE") was read as
+    no burned-in text, so an ultrasound saying it had some left uncleaned. Only NO (any case) passes now."""
+    canaries = Canaries(random.Random(5))
+    engine = Deidentifier(build_plan(Options()), KEYS)
+    reason = (
+        "BurnedInAnnotation is YES"
+        if flag.upper() == "YES"
+        else f"BurnedInAnnotation is {flag.upper()!r}, not NO"
+    )
+    with pytest.raises(Skipped, match=re.escape(f"{reason}; no pixel-cleaning rule applies")):
+        engine(ultrasound(canaries, flag))
+    assert engine(ultrasound(canaries, "no")).data
+
+
 @pytest.mark.parametrize("field", ["modle", "Model", "MANUFACTURER", "cols"])
 def test_a_pixel_rule_with_an_unknown_field_is_refused(field: str) -> None:
     """A misspelt or mis-cased match field ("Model": Azure-style bodies are read case-insensitively
