@@ -51,6 +51,8 @@ STUDY_UID, SERIES_UID, SOP_UID, SOP_CLASS_UID = 0x0020000D, 0x0020000E, 0x000800
 MODALITY = 0x00080060
 BURNED_IN = 0x00280301
 PIXEL_DATA = 0x7FE00010
+PIXEL_DATA_TAGS = (PIXEL_DATA, 0x7FE00008, 0x7FE00009)
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # Modalities where text is often burned into pixels; without BurnedInAnnotation they count as YES.
 BURNED_IN_MODALITIES = frozenset({"US", "SC", "XA", "ES", "OT"})
 
@@ -369,7 +371,7 @@ def _text(ds: Dataset, tag: int) -> str:
 
 def _burned_in(ds: Dataset) -> str | None:
     """Why this instance may carry text in its pixels, or None."""
-    if PIXEL_DATA not in ds._dict:
+    if not any(tag in ds._dict for tag in PIXEL_DATA_TAGS):  # Pixel, Float and Double Float Pixel Data
         return None
     flag = _text(ds, BURNED_IN).upper()
     modality = _text(ds, MODALITY).upper()
@@ -391,7 +393,8 @@ def _clean_pixels(ds: Dataset, rule: PixelRule) -> None:
     view = arr if frames > 1 else arr[None, ...]
     for x, y, w, h in rule.rectangles:
         view[:, y : y + h, x : x + w, ...] = 0
-    ds.PixelData = arr.tobytes()
+    keyword = next(k for t, k in zip(PIXEL_DATA_TAGS, _PIXEL_KEYWORDS, strict=True) if t in ds._dict)
+    setattr(ds, keyword, arr.tobytes())  # where the pixels were (float pixel data stays float)
     if int(getattr(ds, "SamplesPerPixel", 1)) > 1:
         ds.PlanarConfiguration = 0
     ds.BurnedInAnnotation = "NO"

@@ -332,6 +332,32 @@ def test_burned_in_text_fails_closed_unless_a_pixel_rule_applies() -> None:
         Deidentifier(build_plan(Options(), other), KEYS)(ultrasound(canaries, "YES"))
 
 
+@pytest.mark.parametrize("keyword", ["FloatPixelData", "DoubleFloatPixelData"])
+def test_float_pixel_data_is_checked_for_burned_in_text(keyword: str) -> None:
+    """Only (7FE0,0010) Pixel Data counted as pixels: an ultrasound whose image is Float or Double Float
+    Pixel Data was exported without a look at BurnedInAnnotation. All three are pixel data now."""
+    canaries = Canaries(random.Random(5))
+    ds = pydicom.dcmread(io.BytesIO(ultrasound(canaries, None)))
+    del ds.PixelData
+    dtype = np.float32 if keyword == "FloatPixelData" else np.float64
+    setattr(ds, keyword, np.full((4, 4), 0.5, dtype=dtype).tobytes())
+    ds.BitsAllocated = 32 if keyword == "FloatPixelData" else 64
+    for name in ("BitsStored", "HighBit", "PixelRepresentation"):
+        ds.pop(name, None)
+    with pytest.raises(Skipped, match="modality US without BurnedInAnnotation"):
+        Deidentifier(build_plan(Options()), KEYS)(to_file(ds, canaries))
+    # a rule cleans them where they are
+    rules = pixel_rules_from_json([{"rectangles": [[0, 0, 4, 2]]}])
+    out = pydicom.dcmread(
+        io.BytesIO(Deidentifier(build_plan(Options(), rules), KEYS)(to_file(ds, canaries)).data)
+    )
+    assert "PixelData" not in out and out.BurnedInAnnotation == "NO"
+    assert (
+        np.frombuffer(out[keyword].value, dtype=dtype).reshape(4, 4).tolist()
+        == [[0.0] * 4] * 2 + [[0.5] * 4] * 2
+    )
+
+
 @pytest.mark.parametrize("flag", ["Y", "TRUE", "UNKNOWN", "yes"])
 def test_a_burned_in_flag_that_is_not_no_fails_closed(flag: str) -> None:
     """BurnedInAnnotation is YES or NO (CS, PS3.3 C.7.6.1.1.4); any other value ("Y", "TRUE") was read as
