@@ -159,10 +159,13 @@ def parse_destination(destination: dict[str, Any]) -> dict[str, Any]:
 
 
 def _relative_path(path: str) -> bool:
+    """'/'-separated names, none empty, '.' or '..', each at most 255 bytes (a file name's limit), 1024 in
+    all (an S3 key's)."""
     parts = path.strip("/").split("/")
     return (
         not path.startswith("/")
         and "\\" not in path
         and "\x00" not in path
-        and all(p not in ("", ".", "..") for p in parts)
+        and len(path.encode()) <= 1024
+        and all(p not in ("", ".", "..") and len(p.encode()) <= 255 for p in parts)
     )

@@ -137,7 +137,14 @@ class PartitionSink:
 
 # what a directory refuses for good: a file where a directory should be, no permission, a read-only file
 # system; anything else (a full disk, say) may pass, and the step is retried
-_UNUSABLE_DIRECTORY = {errno.ENOTDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS}
+_UNUSABLE_DIRECTORY = {
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENAMETOOLONG,
+}
 
 
 def unusable_reason(destination: dict[str, Any], exc: BaseException) -> str | None:

@@ -252,7 +252,13 @@ async def test_export_to_a_directory(local_archive: RunningArchive, tmp_path: Pa
               ("ab", "", "is not an S3 bucket name"), ("a" * 64, "", "is not an S3 bucket name"),
               ("-ab", "", "is not an S3 bucket name"), ("a..b", "", "is not an S3 bucket name"),
               ("research", "../x", "settings.prefix"), ("research", "a/./b", "settings.prefix"),
-              ("research", "a//b", "settings.prefix"), ("research", "a\\b", "settings.prefix")]],
+              ("research", "a//b", "settings.prefix"), ("research", "a\\b", "settings.prefix"),
+              ("research", "p" * 256, "settings.prefix")]],
+        # a name longer than a file system allows was accepted, then each retry failed with a traceback
+        *[({"source": {"type": "identifiers", "settings": {"values": ["1.2"]}},
+            "destination": {"type": "directory", "settings": {"path": path}},
+            "deidentification": {"project": "p"}}, "relative to the server's export directory")
+          for path in ["a" * 256, "/".join(["a" * 200] * 6)]],
     ],
 )  # fmt: skip
 async def test_bad_export_requests(local_archive: RunningArchive, body: dict[str, Any], message: str) -> None:
