@@ -639,6 +639,15 @@ async def test_an_export_reaches_only_partitions_the_caller_may_write(
             400,
             "a research partition is made by an approved data request, not named by an export",
         )
+    # nor can it borrow a data request's pseudonym project: its secret would link the researcher's
+    # pseudonyms to the originals this owner reads
+    borrowed = {**body("gamma"), "destination": {"type": "directory", "settings": {"path": "mine"}},
+                "deidentification": {"project": "research-0123456789abcdef"}}  # fmt: skip
+    r = await client.post("/v2/partitions/alpha/export", json=borrowed, headers=bearer(owner_alpha))
+    assert (r.status_code, r.json()["error"]["message"]) == (
+        400,
+        "a research-* project belongs to a data request; name another project",
+    )
     conn = await asyncpg.connect(db)
     try:
         assert await conn.fetchval("SELECT count(*) FROM operation WHERE type = 'export'") == 0

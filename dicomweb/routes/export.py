@@ -35,6 +35,10 @@ async def export(request: Request) -> Response:
                 raise ExportRequestError("source.settings.query matches no study")
     except ExportRequestError as exc:
         raise HTTPProblem(400, str(exc)) from exc
+    if req.project.startswith(RESEARCH_PREFIX):
+        # a data request's own project: its secret would give this export the researcher's pseudonyms,
+        # linking them to originals (re-identification is GET /reidentify's, for all-partition owners)
+        raise HTTPProblem(400, "a research-* project belongs to a data request; name another project")
     params = {
         "partition": source,
         "identifiers": identifiers,
