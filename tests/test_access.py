@@ -598,6 +598,30 @@ async def test_worklist_websocket_needs_the_worklist_role(
     ]
 
 
+async def test_a_revoked_token_loses_its_open_worklist_websocket(
+    secure: SecureArchive, client: httpx.AsyncClient
+) -> None:
+    """A UPS-RS WebSocket was authorized once, at the upgrade: after its token was revoked (or expired) it
+    went on receiving work item events (patient names among them) for as long as it stayed open. The
+    channel now re-checks its credential before each read of events and closes with 1008 once it is no
+    longer valid (within the channel's 5 s re-read when idle)."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    url = secure.running.base.replace("http://", "ws://") + "/v2/ws/subscribers/AE2"
+    owner, _ = await make_token(secure.running.database_url, "owner")
+    worklist, row = await make_token(secure.running.database_url, "worklist", name="ris-feed")
+    async with connect(url, additional_headers=bearer(worklist)) as ws:
+        assert (await client.delete(f"/tokens/{row.token_id}", headers=bearer(owner))).status_code == 204
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), timeout=15)
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+            1008,
+            "the credential was revoked or has expired",
+        )
+
+
 async def test_graceful_stop_writes_the_audit_buffer(
     secure: SecureArchive, client: httpx.AsyncClient
 ) -> None:
