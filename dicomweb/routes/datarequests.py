@@ -22,7 +22,7 @@ from starlette.responses import Response
 from access import requests as workflow
 from access.authn import Principal
 from access.policy import Role
-from deid.cohort import resolve_query
+from deid.cohort import check_query, resolve_query
 from deid.export_request import ExportRequestError, normalize_identifiers
 from deid.profile import Options, ProfileError, option_api_name
 from dicomweb.auth import principal_of
@@ -162,6 +162,11 @@ async def submit(request: Request) -> Response:
     sub = parse_submission(current_names(await json_object(request)))
     now = request.app.state.access.clock.now()
     async with context(request).pool.acquire() as conn:
+        if "query" in sub.cohort:  # resolved at approval; refused now if it could never run
+            try:
+                await check_query(conn, sub.cohort["query"], "cohort.query")
+            except ExportRequestError as exc:
+                raise HTTPProblem(400, str(exc)) from exc
         created = await workflow.submit(conn, _caller(request).subject, sub, now)
     return _json(request_json(created, service_root(request)), 201)
 
