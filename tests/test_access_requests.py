@@ -166,6 +166,9 @@ async def test_reviews(setup: tuple[SecureArchive, httpx.AsyncClient, dict]) -> 
         ({"durationDays": 0}, "durationDays"),
         ({"durationDays": 400}, "durationDays"),
         ({"partition": "research-0123456789abcdef"}, "research partition"),
+        # a name no partition can have was accepted (201), to fail only at approval
+        ({"partition": "../x"}, "partition must name a data partition"),
+        ({"partition": "a" * 65}, "partition must name a data partition"),
         # a query that can never run was accepted (201) and refused only at approval (409)
         ({"cohort": {"query": "bogus=1"}}, "cohort.query: bogus: unknown query parameter"),
         ({"cohort": {"query": "StudyDate=notadate"}}, "cohort.query: StudyDate: 'notadate' is not a date"),

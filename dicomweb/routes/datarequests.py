@@ -22,6 +22,7 @@ from starlette.responses import Response
 from access import requests as workflow
 from access.authn import Principal
 from access.policy import Role
+from access.tokens import valid_partition_name
 from deid.cohort import check_query, resolve_query
 from deid.export_request import ExportRequestError, normalize_identifiers
 from deid.profile import Options, ProfileError, option_api_name
@@ -129,8 +130,16 @@ def _text(body: dict[str, Any], name: str, *, required: bool = True) -> str | No
 def parse_submission(body: dict[str, Any]) -> workflow.Submission:
     title, purpose = _text(body, "title"), _text(body, "purpose")
     partition = body.get("partition", DEFAULT_PARTITION)
-    if not isinstance(partition, str) or not partition or partition.startswith(workflow.RESEARCH_PREFIX):
-        raise HTTPProblem(400, "partition must name a data partition (not a research partition)")
+    if (
+        not isinstance(partition, str)
+        or not valid_partition_name(partition)
+        or partition.startswith(workflow.RESEARCH_PREFIX)
+    ):
+        raise HTTPProblem(
+            400,
+            "partition must name a data partition (1-64 letters, digits, '_', '.', '-'; "
+            "not a research partition)",
+        )
     cohort = body.get("cohort")
     if not isinstance(cohort, dict) or len(cohort) != 1 or not ({"studies", "query"} & set(cohort)):
         raise HTTPProblem(400, 'cohort must be {"studies": [identifiers]} or {"query": "QIDO parameters"}')
