@@ -157,6 +157,11 @@ async def test_tokens_over_http(secure: SecureArchive, client: httpx.AsyncClient
            # past the year 9999 (OverflowError): a 500
            ({"role": "reader", "expires": "99999999d"}, "later than the year 9999"),
            ({"role": "reader", "expires": "9999999999999d"}, "later than the year 9999"),
+           # a misspelt field was ignored: "partiton" made an all-partition token, "expiry" one that never
+           # expires
+           ({"role": "reader", "partiton": "alpha"},
+            "unknown field 'partiton': use expires, name, partition, role"),
+           ({"role": "reader", "expiry": "1h"}, "unknown field 'expiry'"),
            # a token born expired (201, then every use 401 "token expired")
            ({"role": "reader", "expires": "0d"}, "--expires '0d' is not in the future"),
            ({"role": "reader", "expires": "2000-01-01T00:00:00Z"}, "is not in the future")]  # fmt: skip
