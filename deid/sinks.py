@@ -147,6 +147,9 @@ _UNUSABLE_DIRECTORY = {
 }
 
 
+_DENIED = frozenset({"AccessDenied", "Forbidden", "403"})
+
+
 def unusable_reason(destination: dict[str, Any], exc: BaseException) -> str | None:
     """The reason when `exc` (raised by the destination store) says the destination is unusable, which
     no retry changes, else None (a transient fault: the step is retried). Directory reasons name the
@@ -165,7 +168,7 @@ def unusable_reason(destination: dict[str, Any], exc: BaseException) -> str | No
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in ("NoSuchBucket", "NotFound", "404"):
             return f"the S3 destination's bucket {bucket!r} does not exist"
-        if code in ("AccessDenied", "Forbidden", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        if code in _DENIED or code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return f"the S3 destination's bucket {bucket!r} refuses the server's credentials ({code})"
     return None
 
@@ -175,7 +178,13 @@ async def check_destination(store: BlobStore) -> None:
     instance; unusable_reason says whether that is for good): S3's HeadBucket, or a file created and
     removed in a directory."""
     if isinstance(store, S3BlobStore):
-        await store.check_bucket()
+        try:
+            await store.check_bucket()
+        except ClientError as exc:
+            # HeadBucket needs s3:ListBucket, which a write-only drop bucket's credentials lack: the
+            # uploads themselves tell (an errors.log refused with 403 fails the export then)
+            if str(exc.response.get("Error", {}).get("Code", "")) not in _DENIED:
+                raise
     elif isinstance(store, LocalBlobStore):
         fd, name = await asyncio.to_thread(tempfile.mkstemp, dir=store.root / TMP_DIR_NAME)
         os.close(fd)
