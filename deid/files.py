@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import secrets
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -70,9 +71,24 @@ def _one(path: Path, out: Path) -> FileOutcome:
         return FileOutcome(str(path), "failed", f"de-identification failed ({exc.__class__.__name__}: {exc})")
     target = out / result.new.study / result.new.series / f"{result.new.sop}.dcm"
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".part")
-    partial.write_bytes(result.data)
-    partial.replace(target)
+    # written whole under a name of its own, then linked in place only if nothing is there: two inputs
+    # with one SOP Instance UID never overwrite each other (nor race on one temporary name)
+    partial = target.parent / f".{result.new.sop}.{secrets.token_hex(8)}.part"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)  # the umask decides
+    try:
+        with open(fd, "wb") as f:
+            f.write(result.data)
+        try:
+            os.link(partial, target)
+        except FileExistsError:
+            if target.read_bytes() != result.data:  # the same output (a rerun) counts as exported
+                return FileOutcome(
+                    str(path),
+                    "skipped",
+                    f"another input with the same SOP Instance UID was written to {target}",
+                )
+    finally:
+        os.unlink(partial)
     o, n = result.original, result.new
     rows = (
         ("patient", n.patient_id, o.patient_id, o.issuer),
