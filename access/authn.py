@@ -206,6 +206,9 @@ class Authenticator:
         # `sub` to 255 characters
         if len(subject) > MAX_SUBJECT or any(ord(c) < 32 or ord(c) == 127 for c in subject):
             raise AuthError(f"token subject must be 1-{MAX_SUBJECT} characters without control characters")
+        # subjects the archive gives its own callers: research grants and data requests are keyed by subject
+        if subject.startswith("token:") or subject in ("system", "anonymous"):
+            raise AuthError(f"token subject {subject!r} is one the archive gives its own callers")
         principal = Principal(subject, "jwt", parse_roles(claims.get(self.jwt.roles_claim)),
                               expires_at=float(claims["exp"]))  # fmt: skip
         if len(self._jwts) >= _MAX_ENTRIES:

@@ -251,6 +251,32 @@ async def test_jwt_partition_roles(client: httpx.AsyncClient) -> None:
         assert (r.status_code, r.json()) == (403, DENIED), path
 
 
+async def test_a_jwt_cannot_take_an_api_tokens_subject(
+    secure: SecureArchive, client: httpx.AsyncClient
+) -> None:
+    """API tokens act as `token:<id>`, and a researcher's research grants and data requests are keyed by
+    subject: a JWT whose sub was `token:<id>` of a researcher token read that token's research partition
+    and requests. Subjects of the archive's own forms (`token:...`, `system`, `anonymous`) are refused."""
+    token, row = await make_token(secure.running.database_url, "researcher", name="lab-script")
+    r = await client.post(
+        "/datarequests",
+        json={"title": "t", "purpose": "p", "cohort": {"studies": ["1.2.3"]}, "durationDays": 1},
+        headers=bearer(token),
+    )
+    assert r.status_code == 201
+    for sub in (f"token:{row.token_id}", "system", "anonymous"):
+        r = await client.get("/datarequests", headers=bearer(hs256(sub=sub, roles=["researcher"])))
+        assert (r.status_code, r.json()) == (
+            401,
+            {
+                "error": {
+                    "code": 401,
+                    "message": f"token subject {sub!r} is one the archive gives its own callers",
+                }
+            },
+        )
+
+
 async def test_a_jwt_role_with_an_empty_partition_reaches_nothing(client: httpx.AsyncClient) -> None:
     token = hs256(roles=["owner:"])  # was read as owner of every partition: 200 and every route
     for path in ("/v2/studies", "/tokens", "/audit"):
