@@ -43,12 +43,15 @@ def default_secret_file(project: str) -> Path:
     return base / "dicomweb" / "deid" / f"{project}.secret"
 
 
-def input_files(source: Path) -> Iterator[Path]:
+def input_files(source: Path, out: Path | None = None) -> Iterator[Path]:
+    """The files under `source`, except those under `out` (an output directory inside the input one holds
+    de-identified copies, which are not inputs: a rerun would de-identify them again)."""
     if source.is_file():
         yield source
         return
+    skip = out.resolve() if out is not None else None
     for root, dirs, files in os.walk(source):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if skip is None or (Path(root) / d).resolve() != skip)
         for name in sorted(files):
             yield Path(root) / name
 
@@ -148,7 +151,7 @@ def _private(path: Path, mode: int) -> BinaryIO:
 
 
 def _outcomes(engine: Deidentifier, source: Path, out: Path, jobs: int) -> Iterator[FileOutcome]:
-    files = input_files(source)
+    files = input_files(source, out)
     if jobs <= 1:
         _init(engine)
         for path in files:

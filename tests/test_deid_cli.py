@@ -140,6 +140,18 @@ def test_two_inputs_with_one_sop_instance_uid_are_not_overwritten(tmp_path: Path
     assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~_umask()  # outputs are as readable as before
 
 
+def test_an_output_directory_inside_the_input_is_not_read_as_input(tmp_path: Path) -> None:
+    """`dicomweb deidentify IN IN/out`: a rerun walked IN/out too and de-identified the earlier outputs
+    again (exported 2, then 4, then 6: copies of copies under new UIDs); OUT is never an input."""
+    paths, _ = write_inputs(tmp_path)
+    out = tmp_path / "in" / "zz-out"
+    args = ["--project", "p", "--secret-file", tmp_path / "s", "--errors", tmp_path / "errors.jsonl"]
+    for _ in range(2):
+        done = deidentify(tmp_path / "in", out, *args)
+        assert (done.returncode, done.stdout.strip()) == (0, "exported 5, skipped 2, failed 0"), done.stderr
+        assert len(list(out.rglob("*.dcm"))) == len(paths)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
