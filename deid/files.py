@@ -198,6 +198,9 @@ def _command(args: argparse.Namespace) -> int:
     if not args.source.exists():
         print(f"error: {args.source} does not exist", file=sys.stderr)
         return 2
+    if args.out.resolve() == args.source.resolve():
+        print("error: OUT must not be IN: its outputs would be read as inputs", file=sys.stderr)
+        return 2
     try:
         counts = run(
             args.source, args.out, project=args.project, secret_file=args.secret_file, options=args.option,

@@ -110,6 +110,14 @@ def test_deidentify_rejects_bad_arguments(tmp_path: Path) -> None:
     done = deidentify(tmp_path / "in", tmp_path / "out", "--project", "p", "--option", "retainAll",
                       "--secret-file", tmp_path / "s")  # fmt: skip
     assert done.returncode == 2 and "unknown de-identification option 'retainAll'" in done.stderr
+    # IN as OUT: each rerun de-identified the outputs of the last one again (exported 1, then 2, ...)
+    done = deidentify(
+        tmp_path / "in", tmp_path / "in" / ".", "--project", "p", "--secret-file", tmp_path / "s"
+    )
+    assert (done.returncode, done.stderr.strip()) == (
+        2,
+        "error: OUT must not be IN: its outputs would be read as inputs",
+    )
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
