@@ -169,7 +169,7 @@ class AuditQuery:
     def sql(self) -> tuple[str, list[object]]:
         conditions, args = [], []
         for column, op, value in (
-            ("subject", "=", self.subject), ("event_time", ">=", self.start),
+            ("subject", "=", _storable((self.subject,))[0]), ("event_time", ">=", self.start),
             ("event_time", "<", self.end), ("action", "=", self.action),
         ):  # fmt: skip
             if value is not None:

@@ -27,9 +27,11 @@ import jwt
 from access import requests, tokens
 from access.clock import Clock
 from access.policy import Grant, Role
+from indexer.lookup import valid_partition_name
 
 CACHE_SECONDS = 60.0
 _MAX_ENTRIES = 10_000
+MAX_SUBJECT = 255  # characters of a JWT `sub` (OpenID Connect Core 1.0, 2: at most 255 ASCII characters)
 
 
 class AuthError(Exception):
@@ -78,8 +80,9 @@ def parse_roles(claim: object) -> tuple[Grant, ...]:
     for item in items:
         if not isinstance(item, str):
             continue
-        name, _, partition = item.partition(":")
-        if name in Role.__members__.values() and (not partition or tokens.valid_partition_name(partition)):
+        name, scoped, partition = item.partition(":")
+        # `role:` with nothing after the colon is malformed, not a grant of every partition
+        if name in Role.__members__.values() and (not scoped or valid_partition_name(partition)):
             grants.append(Grant(Role(name), partition or None))
     return tuple(grants)
 
@@ -200,6 +203,13 @@ class Authenticator:
         subject = claims["sub"]
         if not isinstance(subject, str) or not subject:
             raise AuthError("invalid token")
+        # it is stored (audit log, data requests): PostgreSQL text holds no NUL, and OpenID Connect limits
+        # `sub` to 255 characters
+        if len(subject) > MAX_SUBJECT or any(ord(c) < 32 or ord(c) == 127 for c in subject):
+            raise AuthError(f"token subject must be 1-{MAX_SUBJECT} characters without control characters")
+        # subjects the archive gives its own callers: research grants and data requests are keyed by subject
+        if subject.startswith("token:") or subject in ("system", "anonymous"):
+            raise AuthError(f"token subject {subject!r} is one the archive gives its own callers")
         principal = Principal(subject, "jwt", parse_roles(claims.get(self.jwt.roles_claim)),
                               expires_at=float(claims["exp"]))  # fmt: skip
         if len(self._jwts) >= _MAX_ENTRIES:

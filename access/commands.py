@@ -24,17 +24,24 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 
 
 def parse_expiry(text: str, now: datetime) -> datetime:
-    """'30d', '12h', '90m' from now, or an ISO 8601 date-time (UTC when it names no zone)."""
+    """'30d', '12h', '90m' from now, or an ISO 8601 date-time (UTC when it names no zone); never `now` or
+    before (a token born expired is a mistake)."""
     if m := _DURATION_RE.fullmatch(text.strip()):
         try:
-            return now + timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+            value = now + timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
         except OverflowError:  # a datetime ends with the year 9999
             raise tokens.TokenError(f"--expires {text!r} is later than the year 9999") from None
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise tokens.TokenError(f"--expires takes 30d, 12h, 90m or an ISO date-time, not {text!r}") from None
-    return value if value.tzinfo else value.replace(tzinfo=now.tzinfo)
+    else:
+        try:
+            value = datetime.fromisoformat(text)
+        except ValueError:
+            raise tokens.TokenError(
+                f"--expires takes 30d, 12h, 90m or an ISO date-time, not {text!r}"
+            ) from None
+        value = value if value.tzinfo else value.replace(tzinfo=now.tzinfo)
+    if value <= now:
+        raise tokens.TokenError(f"--expires {text!r} is not in the future")
+    return value
 
 
 @asynccontextmanager

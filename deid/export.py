@@ -46,7 +46,15 @@ from deid import mapping
 from deid.engine import Deidentified, Deidentifier, Skipped, output_key
 from deid.keys import ProjectKeys
 from deid.profile import Options, build_plan, pixel_rules_from_json
-from deid.sinks import BlobSink, PartitionSink, Sink, describe, destination_store
+from deid.sinks import (
+    BlobSink,
+    PartitionSink,
+    Sink,
+    check_destination,
+    describe,
+    destination_store,
+    unusable_reason,
+)
 from indexer.lookup import scope_sql
 from indexer.operations import Operation, Step
 from storage import LocalBlobStore
@@ -224,6 +232,14 @@ class ExportHandler:
         if checkpoint["started"] is None:
             checkpoint["started"] = time.time()
         if checkpoint["total"] is None:
+            if params["destination"]["type"] != "partition":
+                try:
+                    await check_destination(await self._destination_store(op))
+                except Exception as exc:
+                    reason = unusable_reason(params["destination"], exc)
+                    if reason is None:
+                        raise
+                    return await self._fail(op, checkpoint, reason)
             checkpoint["total"] = await count_instances(conn, params["partition"], identifiers)
             return Step(checkpoint, 0, results=progress(checkpoint))
         if checkpoint["index"] >= len(identifiers):
@@ -479,12 +495,28 @@ class ExportHandler:
             keep = "retain_uids" in op.params["options"]
             lines = [_error_line(r, None if keep else engine.keys.uid) for r in rows]
             log = b"".join(orjson.dumps(line) + b"\n" for line in lines)
-            await (await self._destination_store(op)).put(f"{op.id_hex}/errors.log", log)
+            try:
+                await (await self._destination_store(op)).put(f"{op.id_hex}/errors.log", log)
+            except Exception as exc:  # e.g. credentials withdrawn since the check of the first step
+                reason = unusable_reason(destination, exc)
+                if reason is None:
+                    raise
+                return await self._fail(op, checkpoint, reason)
             results["errorHref"] = describe(destination, op.id_hex, "errors.log")
         self._engines.pop(op.id, None)
         self._drop_ahead(op.id)
         await self._close_store(op.id)
         return Step(checkpoint, 100, done=True, results=results)
+
+    async def _fail(self, op: Operation, checkpoint: dict[str, Any], reason: str) -> Step:
+        """End the operation failed, with the reason no retry would change."""
+        log.info("operation %s: export failed: %s", op.id_hex, reason)
+        self._engines.pop(op.id, None)
+        self._drop_ahead(op.id)
+        await self._close_store(op.id)
+        return Step(
+            checkpoint, 100, done=True, failed=True, results={**progress(checkpoint), "error": reason}
+        )
 
 
 def progress(checkpoint: dict[str, Any], now: float | None = None) -> dict[str, Any]:

@@ -15,6 +15,7 @@ De-identification is required: this archive never exports identified data.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,8 @@ from dicomcore.uids import is_valid_uid
 from indexer.lookup import valid_partition_name
 
 MAX_IDENTIFIERS = 100_000
+# S3's rules for bucket names (general purpose buckets), which MinIO and SeaweedFS follow too
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 class ExportRequestError(ValueError):
@@ -129,6 +132,15 @@ def parse_destination(destination: dict[str, Any]) -> dict[str, Any]:
         prefix = _field(settings, "prefix") or ""
         if not isinstance(bucket, str) or not bucket or not isinstance(prefix, str):
             raise ExportRequestError("an s3 destination needs settings.bucket (and optionally prefix)")
+        if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
+            raise ExportRequestError(
+                f"{bucket!r} is not an S3 bucket name: 3-63 lowercase letters, digits, '.' and '-', "
+                "beginning and ending with a letter or digit"
+            )
+        if prefix.strip("/") and not _relative_path(prefix.strip("/")):
+            raise ExportRequestError(
+                "settings.prefix must be a relative key prefix: '/'-separated names, none empty, '.' or '..'"
+            )
         return {"type": "s3", "settings": {"bucket": bucket, "prefix": prefix.strip("/")}}
     if kind == "directory":
         path = _field(settings, "path")
@@ -148,10 +160,13 @@ def parse_destination(destination: dict[str, Any]) -> dict[str, Any]:
 
 
 def _relative_path(path: str) -> bool:
+    """'/'-separated names, none empty, '.' or '..', each at most 255 bytes (a file name's limit), 1024 in
+    all (an S3 key's)."""
     parts = path.strip("/").split("/")
     return (
         not path.startswith("/")
         and "\\" not in path
         and "\x00" not in path
-        and all(p not in ("", ".", "..") for p in parts)
+        and len(path.encode()) <= 1024
+        and all(p not in ("", ".", "..") and len(p.encode()) <= 255 for p in parts)
     )

@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import secrets
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 import orjson
 
@@ -41,12 +43,15 @@ def default_secret_file(project: str) -> Path:
     return base / "dicomweb" / "deid" / f"{project}.secret"
 
 
-def input_files(source: Path) -> Iterator[Path]:
+def input_files(source: Path, out: Path | None = None) -> Iterator[Path]:
+    """The files under `source`, except those under `out` (an output directory inside the input one holds
+    de-identified copies, which are not inputs: a rerun would de-identify them again)."""
     if source.is_file():
         yield source
         return
+    skip = out.resolve() if out is not None else None
     for root, dirs, files in os.walk(source):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if skip is None or (Path(root) / d).resolve() != skip)
         for name in sorted(files):
             yield Path(root) / name
 
@@ -69,9 +74,24 @@ def _one(path: Path, out: Path) -> FileOutcome:
         return FileOutcome(str(path), "failed", f"de-identification failed ({exc.__class__.__name__}: {exc})")
     target = out / result.new.study / result.new.series / f"{result.new.sop}.dcm"
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".part")
-    partial.write_bytes(result.data)
-    partial.replace(target)
+    # written whole under a name of its own, then linked in place only if nothing is there: two inputs
+    # with one SOP Instance UID never overwrite each other (nor race on one temporary name)
+    partial = target.parent / f".{result.new.sop}.{secrets.token_hex(8)}.part"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)  # the umask decides
+    try:
+        with open(fd, "wb") as f:
+            f.write(result.data)
+        try:
+            os.link(partial, target)
+        except FileExistsError:
+            if target.read_bytes() != result.data:  # the same output (a rerun) counts as exported
+                return FileOutcome(
+                    str(path),
+                    "skipped",
+                    f"another input with the same SOP Instance UID was written to {target}",
+                )
+    finally:
+        os.unlink(partial)
     o, n = result.original, result.new
     rows = (
         ("patient", n.patient_id, o.patient_id, o.issuer),
@@ -105,8 +125,10 @@ def run(
     counts = {"exported": 0, "skipped": 0, "failed": 0}
     seen: set[tuple[str, str]] = set()
     with (
-        errors_file.open("wb") if errors_file else open(sys.stderr.fileno(), "wb", closefd=False) as errors,
-        mapping_file.open("ab") if mapping_file else open(os.devnull, "wb") as mapping,
+        _private(errors_file, os.O_TRUNC)
+        if errors_file
+        else open(sys.stderr.fileno(), "wb", closefd=False) as errors,
+        _private(mapping_file, os.O_APPEND) if mapping_file else open(os.devnull, "wb") as mapping,
     ):
         for outcome in _outcomes(engine, source, out, jobs):
             counts[outcome.kind] += 1
@@ -122,8 +144,14 @@ def run(
     return counts
 
 
+def _private(path: Path, mode: int) -> BinaryIO:
+    """A report file only its owner may read, as the project secret: the mapping re-identifies, and the
+    errors name source paths. Created mode 0600; an existing file keeps the mode its owner gave it."""
+    return open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | mode, 0o600), "wb")
+
+
 def _outcomes(engine: Deidentifier, source: Path, out: Path, jobs: int) -> Iterator[FileOutcome]:
-    files = input_files(source)
+    files = input_files(source, out)
     if jobs <= 1:
         _init(engine)
         for path in files:
@@ -169,6 +197,9 @@ def _command(args: argparse.Namespace) -> int:
         return 2
     if not args.source.exists():
         print(f"error: {args.source} does not exist", file=sys.stderr)
+        return 2
+    if args.out.resolve() == args.source.resolve():
+        print("error: OUT must not be IN: its outputs would be read as inputs", file=sys.stderr)
         return 2
     try:
         counts = run(

@@ -66,6 +66,8 @@ async def record(
 
 async def reidentify(conn: asyncpg.Connection, project: str, kind: str, pseudonym: str) -> Mapping | None:
     """The original behind a pseudonym (for the authorised re-identification path)."""
+    if "\x00" in pseudonym:  # PostgreSQL text holds no NUL, so no pseudonym has one
+        return None
     row = await conn.fetchrow(
         "SELECT original, issuer FROM deid_mapping WHERE project = $1 AND kind = $2 AND pseudonym = $3",
         project,

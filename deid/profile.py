@@ -115,19 +115,26 @@ def build_plan(options: Options, pixel_rules: Iterable[PixelRule] = (), table: T
     )
 
 
+_RULE_FIELDS = frozenset({"manufacturer", "model", "rows", "columns", "rectangles"})
+
+
 def pixel_rules_from_json(items: Iterable[Mapping[str, object]]) -> list[PixelRule]:
     """Pixel-cleaning rules as configured: [{"manufacturer", "model", "rows", "columns",
     "rectangles": [[x, y, width, height], ...]}]; the match fields are optional."""
     rules = []
     for item in items:
+        # an ignored field would widen the rule to every device (fail closed: refuse what is not known)
+        unknown = sorted(set(item) - _RULE_FIELDS)
+        if unknown:
+            raise ProfileError(
+                f"unknown pixel-cleaning rule field {unknown[0]!r}: use {', '.join(sorted(_RULE_FIELDS))}"
+            )
         rects = item.get("rectangles")
         if not isinstance(rects, list) or not rects:
             raise ProfileError("a pixel-cleaning rule needs a non-empty 'rectangles' list")
         rectangles = []
         for rect in rects:
-            if not (
-                isinstance(rect, list) and len(rect) == 4 and all(isinstance(v, int) and v >= 0 for v in rect)
-            ):
+            if not (isinstance(rect, list) and len(rect) == 4 and all(_count(v) for v in rect)):
                 raise ProfileError(
                     f"rectangle {rect!r} is not [x, y, width, height] of non-negative integers"
                 )
@@ -137,11 +144,23 @@ def pixel_rules_from_json(items: Iterable[Mapping[str, object]]) -> list[PixelRu
                 rectangles=tuple(rectangles),
                 manufacturer=_optional(item, "manufacturer", str),
                 model=_optional(item, "model", str),
-                rows=_optional(item, "rows", int),
-                columns=_optional(item, "columns", int),
+                rows=_optional_count(item, "rows"),
+                columns=_optional_count(item, "columns"),
             )
         )
     return rules
+
+
+def _count(value: object) -> bool:
+    """A non-negative JSON integer (true and false are not numbers here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _optional_count(item: Mapping[str, object], key: str) -> int | None:
+    value = item.get(key)
+    if value is not None and not _count(value):
+        raise ProfileError(f"pixel-cleaning rule field {key!r} must be a non-negative integer")
+    return value  # type: ignore[return-value]
 
 
 def _optional(item: Mapping[str, object], key: str, kind: type) -> object:

@@ -9,16 +9,21 @@ already stored in the partition. That is what makes a resumed export free of dup
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
 import asyncpg
+from botocore.exceptions import ClientError, NoCredentialsError
 
 from archive.ingest import FailureReason, Ingestor
 from deid.engine import Deidentified, output_key
 from storage import LocalBlobStore, S3BlobStore
 from storage.base import BlobStore, validate_key
+from storage.local import TMP_DIR_NAME
 
 
 class Sink(Protocol):
@@ -128,6 +133,62 @@ class PartitionSink:
             None if o.failure in (None, FailureReason.ALREADY_STORED) else f"{o.failure.name}: {o.message}"
             for o in outcomes
         ]
+
+
+# what a directory refuses for good: a file where a directory should be, no permission, a read-only file
+# system; anything else (a full disk, say) may pass, and the step is retried
+_UNUSABLE_DIRECTORY = {
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENAMETOOLONG,
+}
+
+
+_DENIED = frozenset({"AccessDenied", "Forbidden", "403"})
+
+
+def unusable_reason(destination: dict[str, Any], exc: BaseException) -> str | None:
+    """The reason when `exc` (raised by the destination store) says the destination is unusable, which
+    no retry changes, else None (a transient fault: the step is retried). Directory reasons name the
+    request's relative path, never the server's."""
+    if destination["type"] == "directory":
+        if isinstance(exc, OSError) and exc.errno in _UNUSABLE_DIRECTORY:
+            path = destination["settings"]["path"]
+            return f"the destination directory {path!r} cannot be written: {os.strerror(exc.errno)}"
+        return None
+    if destination["type"] != "s3":
+        return None
+    bucket = destination["settings"]["bucket"]
+    if isinstance(exc, NoCredentialsError):
+        return "the S3 destination has no credentials: the server has no AWS credentials configured"
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchBucket", "NotFound", "404"):
+            return f"the S3 destination's bucket {bucket!r} does not exist"
+        if code in _DENIED or code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return f"the S3 destination's bucket {bucket!r} refuses the server's credentials ({code})"
+    return None
+
+
+async def check_destination(store: BlobStore) -> None:
+    """Raise what the destination raises when it cannot take any output (checked before the first
+    instance; unusable_reason says whether that is for good): S3's HeadBucket, or a file created and
+    removed in a directory."""
+    if isinstance(store, S3BlobStore):
+        try:
+            await store.check_bucket()
+        except ClientError as exc:
+            # HeadBucket needs s3:ListBucket, which a write-only drop bucket's credentials lack: the
+            # uploads themselves tell (an errors.log refused with 403 fails the export then)
+            if str(exc.response.get("Error", {}).get("Code", "")) not in _DENIED:
+                raise
+    elif isinstance(store, LocalBlobStore):
+        fd, name = await asyncio.to_thread(tempfile.mkstemp, dir=store.root / TMP_DIR_NAME)
+        os.close(fd)
+        os.unlink(name)
 
 
 def destination_store(

@@ -25,10 +25,10 @@ from typing import BinaryIO, Protocol
 
 import pydicom
 from pydicom.datadict import get_entry
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_data_element
+from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
 
@@ -51,6 +51,8 @@ STUDY_UID, SERIES_UID, SOP_UID, SOP_CLASS_UID = 0x0020000D, 0x0020000E, 0x000800
 MODALITY = 0x00080060
 BURNED_IN = 0x00280301
 PIXEL_DATA = 0x7FE00010
+PIXEL_DATA_TAGS = (PIXEL_DATA, 0x7FE00008, 0x7FE00009)
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # Modalities where text is often burned into pixels; without BurnedInAnnotation they count as YES.
 BURNED_IN_MODALITIES = frozenset({"US", "SC", "XA", "ES", "OT"})
 
@@ -369,12 +371,14 @@ def _text(ds: Dataset, tag: int) -> str:
 
 def _burned_in(ds: Dataset) -> str | None:
     """Why this instance may carry text in its pixels, or None."""
-    if PIXEL_DATA not in ds._dict:
+    if not any(tag in ds._dict for tag in PIXEL_DATA_TAGS):  # Pixel, Float and Double Float Pixel Data
         return None
     flag = _text(ds, BURNED_IN).upper()
     modality = _text(ds, MODALITY).upper()
     if flag == "YES":
         return "BurnedInAnnotation is YES"
+    if flag and flag != "NO":  # YES or NO only (PS3.3 C.7.6.1.1.4): anything else may mean text, fail closed
+        return f"BurnedInAnnotation is {flag!r}, not NO"
     if not flag and modality in BURNED_IN_MODALITIES:
         return f"modality {modality} without BurnedInAnnotation (text is often burned in)"
     return None
@@ -389,7 +393,8 @@ def _clean_pixels(ds: Dataset, rule: PixelRule) -> None:
     view = arr if frames > 1 else arr[None, ...]
     for x, y, w, h in rule.rectangles:
         view[:, y : y + h, x : x + w, ...] = 0
-    ds.PixelData = arr.tobytes()
+    keyword = next(k for t, k in zip(PIXEL_DATA_TAGS, _PIXEL_KEYWORDS, strict=True) if t in ds._dict)
+    setattr(ds, keyword, arr.tobytes())  # where the pixels were (float pixel data stays float)
     if int(getattr(ds, "SamplesPerPixel", 1)) > 1:
         ds.PlanarConfiguration = 0
     ds.BurnedInAnnotation = "NO"
@@ -531,10 +536,16 @@ def _write_dataset(
         elem = elements[key]
         if type(elem) is RawDataElement:
             if elem.length == UNDEFINED_LENGTH:
-                append(_pydicom_encoded(elem, None, implicit, endian))  # with its delimiter
+                if elem.value is None:  # deferred encapsulated pixel data: its items, copied as they are
+                    append(_header(tag, elem.VR, UNDEFINED_LENGTH, implicit, endian))
+                    append(_encapsulated_items(source, whole, elem.value_tell, endian))
+                else:
+                    append(_pydicom_encoded(elem, None, implicit, endian))  # with its delimiter
                 continue
             value = elem.value
-            if value is None:  # deferred: in the source at value_tell (top level only)
+            if value is None and elem.length == 0:  # an empty implicit VR value (at any level)
+                value = b""
+            elif value is None:  # deferred: in the source at value_tell (top level only)
                 if whole is not None:
                     value = whole[elem.value_tell : elem.value_tell + elem.length]
                 else:
@@ -542,7 +553,13 @@ def _write_dataset(
                     source.seek(elem.value_tell)
                     value = source.read(elem.length)
             vr = elem.VR
-            if implicit or vr is None:
+            if vr is None and not implicit:
+                # read implicit, written explicit (its pixel data decoded to explicit little endian): the
+                # header needs the VR the reader never saw
+                explicit_elem = _with_dictionary_vr(ds, elem._replace(value=bytes(value), length=len(value)))
+                append(_pydicom_encoded(explicit_elem, ds._character_set, implicit, endian))
+                continue
+            if implicit:
                 append(short(tag >> 16, tag & 0xFFFF, len(value)))
             elif vr in long_vrs:
                 append(long(tag >> 16, tag & 0xFFFF, vr.encode(), 0, len(value)))
@@ -558,6 +575,39 @@ def _write_dataset(
             append(short(0xFFFE, 0xE0DD, 0))
         else:
             append(_pydicom_encoded(elem, ds._character_set, implicit, endian))
+
+
+def _with_dictionary_vr(ds: Dataset, raw: RawDataElement) -> DataElement:
+    """An element read without its VR (implicit VR), its value in hand, converted with the data
+    dictionary's VR ('UN' for tags it does not know) and an ambiguous one ('US or SS') resolved, as
+    pydicom's writer would."""
+    elem = convert_raw_data_element(raw, encoding=ds._character_set, ds=ds)
+    return correct_ambiguous_vr_element(elem, ds, True)
+
+
+def _encapsulated_items(
+    source: BinaryIO | None, whole: memoryview | None, value_tell: int, endian: str
+) -> bytes | memoryview:
+    """The items of a deferred undefined-length value (PS3.5 A.4) from the source, through its Sequence
+    Delimitation Item: the reader found them well formed (dicomcore.framing, or pydicom) before deferring."""
+    item = Struct(endian + "HHL")
+    pos = value_tell
+    while True:
+        if whole is not None:
+            group, element, length = item.unpack_from(whole, pos)
+        else:
+            assert source is not None
+            source.seek(pos)
+            group, element, length = item.unpack(source.read(8))
+        pos += 8
+        if (group, element) == (0xFFFE, 0xE0DD):
+            break
+        pos += length
+    if whole is not None:
+        return whole[value_tell:pos]
+    assert source is not None
+    source.seek(value_tell)
+    return source.read(pos - value_tell)
 
 
 def _pydicom_encoded(

@@ -49,6 +49,19 @@ def _has_token_parameter(query: bytes) -> bool:
     return any(k.lower() == "access_token" for k, _ in parse_qsl(query.decode("latin-1"), True))
 
 
+async def still_allowed(scope: Scope) -> bool:
+    """Whether the credential a long-lived connection (the UPS-RS WebSocket) was admitted with still admits
+    it: a token revoked or expired since, or a JWT past its exp, does not, and the connection is closed."""
+    access: AccessControl = scope["app"].state.access
+    if access.insecure_open:
+        return True
+    try:
+        principal = await access.authenticator.authenticate(_header(scope, b"authorization"))
+    except AuthError:
+        return False
+    return allows(principal.grants, classify("GET", scope["path"]), access.clock.now())
+
+
 class AccessMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

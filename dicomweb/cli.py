@@ -196,8 +196,8 @@ def _unusable(settings: Settings) -> str | None:
     traceback (or a worker that died at start), a negative worker count a server that accepted
     connections and never answered, an invalid AE title or HL7 partition a listener no peer could use."""
     from access.service import parse_networks
-    from access.tokens import valid_partition_name
     from dimse.aes import AeError, check_ae_title
+    from indexer.lookup import valid_partition_name
 
     for flag, port in (
         ("--port (DICOMWEB_PORT)", settings.port),

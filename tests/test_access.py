@@ -30,6 +30,7 @@ from tests.access_support import (
 )
 
 DENIED = {"error": {"code": 403, "message": "not permitted"}}
+SUBJECT_REFUSED = "token subject must be 1-255 characters without control characters"
 
 
 @pytest.fixture
@@ -155,7 +156,15 @@ async def test_tokens_over_http(secure: SecureArchive, client: httpx.AsyncClient
            ({"role": "reader", "expires": "soon"}, "--expires"),
            # past the year 9999 (OverflowError): a 500
            ({"role": "reader", "expires": "99999999d"}, "later than the year 9999"),
-           ({"role": "reader", "expires": "9999999999999d"}, "later than the year 9999")]  # fmt: skip
+           ({"role": "reader", "expires": "9999999999999d"}, "later than the year 9999"),
+           # a misspelt field was ignored: "partiton" made an all-partition token, "expiry" one that never
+           # expires
+           ({"role": "reader", "partiton": "alpha"},
+            "unknown field 'partiton': use expires, name, partition, role"),
+           ({"role": "reader", "expiry": "1h"}, "unknown field 'expiry'"),
+           # a token born expired (201, then every use 401 "token expired")
+           ({"role": "reader", "expires": "0d"}, "--expires '0d' is not in the future"),
+           ({"role": "reader", "expires": "2000-01-01T00:00:00Z"}, "is not in the future")]  # fmt: skip
     for body, message in bad:
         r = await client.post("/tokens", json=body, headers=bearer(owner))
         assert r.status_code == 400 and message in r.json()["error"]["message"]
@@ -204,13 +213,21 @@ async def test_hs256_jwt_with_roles_claim(client: httpx.AsyncClient) -> None:
         (lambda: jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "exp": 2_000_000_000, "roles": ["owner"]},
                             "test-shared-secret-0123456789abcdef", algorithm="HS256"), "invalid token"),
         (lambda: hs256(roles=["reader"]) + "x", "invalid token"),
+        # a subject PostgreSQL cannot store (NUL: a data request submitted with it was a 500), one that
+        # breaks the audit log's lines, or one longer than OpenID Connect allows (255)
+        (lambda: hs256(sub="a\u0000b", roles=["researcher"]), SUBJECT_REFUSED),
+        (lambda: hs256(sub="rita\n", roles=["researcher"]), SUBJECT_REFUSED),
+        (lambda: hs256(sub="x" * 256, roles=["researcher"]), SUBJECT_REFUSED),
     ],
     ids=["expired", "wrong-audience", "wrong-issuer", "wrongly-signed", "not-yet-valid", "alg-none", "no-sub",
-         "tampered"],
+         "tampered", "sub-nul", "sub-newline", "sub-too-long"],
 )  # fmt: skip
 async def test_bad_jwts_are_refused(client: httpx.AsyncClient, token: object, message: str) -> None:
-    r = await client.get("/v2/studies", headers=bearer(token()))  # type: ignore[operator]
+    credential = bearer(token())  # type: ignore[operator]
+    r = await client.get("/v2/studies", headers=credential)
     assert r.status_code == 401
+    assert r.json() == {"error": {"code": 401, "message": message}}
+    r = await client.post("/datarequests", json={"title": "t"}, headers=credential)
     assert r.json() == {"error": {"code": 401, "message": message}}
 
 
@@ -230,6 +247,39 @@ async def test_jwt_partition_roles(client: httpx.AsyncClient) -> None:
     uid = await stow_study(client, token, "/v2/partitions/alpha/studies")
     assert (await client.get("/v2/partitions/alpha/studies", headers=bearer(token))).status_code == 200
     for path in ("/v2/studies", "/v2/partitions/beta/studies", f"/v2/partitions/beta/studies/{uid}"):
+        r = await client.get(path, headers=bearer(token))
+        assert (r.status_code, r.json()) == (403, DENIED), path
+
+
+async def test_a_jwt_cannot_take_an_api_tokens_subject(
+    secure: SecureArchive, client: httpx.AsyncClient
+) -> None:
+    """API tokens act as `token:<id>`, and a researcher's research grants and data requests are keyed by
+    subject: a JWT whose sub was `token:<id>` of a researcher token read that token's research partition
+    and requests. Subjects of the archive's own forms (`token:...`, `system`, `anonymous`) are refused."""
+    token, row = await make_token(secure.running.database_url, "researcher", name="lab-script")
+    r = await client.post(
+        "/datarequests",
+        json={"title": "t", "purpose": "p", "cohort": {"studies": ["1.2.3"]}, "durationDays": 1},
+        headers=bearer(token),
+    )
+    assert r.status_code == 201
+    for sub in (f"token:{row.token_id}", "system", "anonymous"):
+        r = await client.get("/datarequests", headers=bearer(hs256(sub=sub, roles=["researcher"])))
+        assert (r.status_code, r.json()) == (
+            401,
+            {
+                "error": {
+                    "code": 401,
+                    "message": f"token subject {sub!r} is one the archive gives its own callers",
+                }
+            },
+        )
+
+
+async def test_a_jwt_role_with_an_empty_partition_reaches_nothing(client: httpx.AsyncClient) -> None:
+    token = hs256(roles=["owner:"])  # was read as owner of every partition: 200 and every route
+    for path in ("/v2/studies", "/tokens", "/audit"):
         r = await client.get(path, headers=bearer(token))
         assert (r.status_code, r.json()) == (403, DENIED), path
 
@@ -380,12 +430,18 @@ async def test_reidentification_is_for_owners_and_audited(
     assert (await client.get(url, headers=bearer(auditor))).json() == DENIED
     assert (await client.get("/reidentify/cohort-1/patient/NOPE", headers=bearer(owner))).status_code == 404
     assert (await client.get("/reidentify/cohort-1/nurse/PSEUDO-7", headers=bearer(owner))).status_code == 400
+    # a NUL in the pseudonym was a 500 with a traceback (PostgreSQL text holds none): no pseudonym has one
+    r = await client.get("/reidentify/cohort-1/patient/PSEUDO%007", headers=bearer(owner))
+    assert (r.status_code, r.json()["error"]["message"]) == (
+        404, "project 'cohort-1' has no patient pseudonym 'PSEUDO\\x007'"
+    )  # fmt: skip
     rows = await audit_rows(secure)
     assert [(r["action"], r["action_code"], r["path"], r["status"]) for r in rows] == [
         ("reidentify", "E", url, 200),
         ("reidentify", "E", url, 403),
         ("reidentify", "E", "/reidentify/cohort-1/patient/NOPE", 404),
         ("reidentify", "E", "/reidentify/cohort-1/nurse/PSEUDO-7", 400),
+        ("reidentify", "E", "/reidentify/cohort-1/patient/PSEUDO\ufffd7", 404),
     ]
     # who looked up which pseudonym is recorded; the original never is
     assert "MRN-12345" not in json.dumps([dict(r) for r in rows], default=str)
@@ -456,6 +512,13 @@ async def test_audit_query_and_export(secure: SecureArchive, client: httpx.Async
     for params, message in bad:
         r = await client.get("/audit", params=params, headers=bearer(auditor))
         assert r.status_code == 400 and message in r.json()["error"]["message"]
+    # a NUL in the subject was a 500 with a traceback (PostgreSQL text holds none); records are stored with
+    # each NUL as U+FFFD, and the subject is looked up the same way
+    for accept in ("application/json", "application/x-ndjson"):
+        r = await client.get(
+            "/audit", params={"subject": "a\x00b"}, headers={"Accept": accept, **bearer(auditor)}
+        )
+        assert (r.status_code, r.text.strip()) == (200, "[]" if accept == "application/json" else "")
 
 
 # --- operators' commands -----------------------------------------------------------------------------
@@ -479,6 +542,63 @@ def test_token_commands(database_url: str, capsys: pytest.CaptureFixture[str], t
     capsys.readouterr()
     assert main(["audit", "export", *common]) == 0
     assert capsys.readouterr().out == ""  # no requests were made
+
+
+BAD_NAMES = [("", "must not be empty"), ("   ", "must not be empty"), ("a\tb", "control character"),
+             ("a\nb", "control character"), ("x" * 129, "at most 128 characters")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "message"), BAD_NAMES)
+async def test_bad_token_names_are_refused_alike_over_http_and_by_the_cli(
+    secure: SecureArchive,
+    client: httpx.AsyncClient,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    message: str,
+) -> None:
+    """An empty name (the CLI's --name "" and the route's "name": "") was accepted and silently replaced by
+    token-<id>; a tab or newline broke `token list`'s columns. Both refuse it now, with the same reason;
+    leaving the name out still names it token-<id>."""
+    owner, _ = await make_token(secure.running.database_url, "owner")
+    r = await client.post("/tokens", json={"role": "reader", "name": name}, headers=bearer(owner))
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    database = ["--database-url", secure.running.database_url]
+    capsys.readouterr()
+    assert (
+        await asyncio.to_thread(main, ["token", "create", "--role", "reader", "--name", name, *database]) == 2
+    )
+    out = capsys.readouterr()
+    assert out.out == "" and message in out.err
+    listed = (await client.get("/tokens", headers=bearer(owner))).json()
+    assert [t["role"] for t in listed] == ["owner"]
+    r = await client.post("/tokens", json={"role": "reader", "name": None}, headers=bearer(owner))
+    assert r.status_code == 201 and r.json()["name"] == "token-" + r.json()["id"][:6]
+
+
+async def test_revoking_by_id_revokes_only_that_token(
+    secure: SecureArchive, client: httpx.AsyncClient
+) -> None:
+    """DELETE /tokens/{id} also revoked a token whose name was that id (revoke matched id OR name); an id
+    now names its own token only, and a name is looked up only when no token has that id. A NUL in the
+    path was a 500 (PostgreSQL text holds none): it names no token, 404."""
+    owner, _ = await make_token(secure.running.database_url, "owner")
+    first = (await client.post("/tokens", json={"role": "reader"}, headers=bearer(owner))).json()
+    r = await client.post("/tokens", json={"role": "reader", "name": first["id"]}, headers=bearer(owner))
+    namesake = r.json()
+    assert (await client.delete(f"/tokens/{first['id']}", headers=bearer(owner))).status_code == 204
+    listed = {t["id"]: t for t in (await client.get("/tokens", headers=bearer(owner))).json()}
+    assert listed[first["id"]]["revokedAt"] is not None
+    assert listed[namesake["id"]]["revokedAt"] is None
+    assert (await client.get("/v2/studies", headers=bearer(namesake["token"]))).status_code == 200
+    # once no active token has that id, the text names the active tokens of that name
+    assert (await client.delete(f"/tokens/{first['id']}", headers=bearer(owner))).status_code == 204
+    r = await client.get("/v2/studies", headers=bearer(namesake["token"]))
+    assert (r.status_code, r.json()["error"]["message"]) == (401, "token revoked")
+    r = await client.delete("/tokens/a%00b", headers=bearer(owner))
+    assert (r.status_code, r.json()) == (
+        404,
+        {"error": {"code": 404, "message": "no active token with that id or name"}},
+    )
 
 
 async def test_worklist_websocket_needs_the_worklist_role(
@@ -509,6 +629,30 @@ async def test_worklist_websocket_needs_the_worklist_role(
     ]
 
 
+async def test_a_revoked_token_loses_its_open_worklist_websocket(
+    secure: SecureArchive, client: httpx.AsyncClient
+) -> None:
+    """A UPS-RS WebSocket was authorized once, at the upgrade: after its token was revoked (or expired) it
+    went on receiving work item events (patient names among them) for as long as it stayed open. The
+    channel now re-checks its credential before each read of events and closes with 1008 once it is no
+    longer valid (within the channel's 5 s re-read when idle)."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    url = secure.running.base.replace("http://", "ws://") + "/v2/ws/subscribers/AE2"
+    owner, _ = await make_token(secure.running.database_url, "owner")
+    worklist, row = await make_token(secure.running.database_url, "worklist", name="ris-feed")
+    async with connect(url, additional_headers=bearer(worklist)) as ws:
+        assert (await client.delete(f"/tokens/{row.token_id}", headers=bearer(owner))).status_code == 204
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), timeout=15)
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+            1008,
+            "the credential was revoked or has expired",
+        )
+
+
 async def test_graceful_stop_writes_the_audit_buffer(
     secure: SecureArchive, client: httpx.AsyncClient
 ) -> None:
@@ -522,3 +666,49 @@ async def test_graceful_stop_writes_the_audit_buffer(
         assert await conn.fetchval("SELECT count(*) FROM audit_event") == 5
     finally:
         await conn.close()
+
+
+async def test_an_export_reaches_only_partitions_the_caller_may_write(
+    secure: SecureArchive, client: httpx.AsyncClient
+) -> None:
+    """An owner of partition alpha exported alpha into partition beta (202), or into a research partition,
+    writing where its grant cannot STOW; a partition destination now needs what a STOW there needs (else
+    the same 403 as every refusal), and research partitions are made by approved data requests only."""
+    db = secure.running.database_url
+    owner_all, _ = await make_token(db, "owner")
+    owner_alpha, _ = await make_token(db, "owner", partition="alpha")
+    uid = await stow_study(client, owner_alpha, "/v2/partitions/alpha/studies", seed=7)
+
+    def body(partition: str) -> dict[str, object]:
+        return {"source": {"type": "identifiers", "settings": {"values": [uid]}},
+                "destination": {"type": "partition", "settings": {"name": partition}},
+                "deidentification": {"project": "p"}}  # fmt: skip
+
+    r = await client.post("/v2/partitions/alpha/export", json=body("beta"), headers=bearer(owner_alpha))
+    assert (r.status_code, r.json()) == (403, DENIED)
+    for token in (owner_alpha, owner_all):
+        r = await client.post(
+            "/v2/partitions/alpha/export", json=body("research-0123456789abcdef"), headers=bearer(token)
+        )
+        assert (r.status_code, r.json()["error"]["message"]) == (
+            400,
+            "a research partition is made by an approved data request, not named by an export",
+        )
+    # nor can it borrow a data request's pseudonym project: its secret would link the researcher's
+    # pseudonyms to the originals this owner reads
+    borrowed = {**body("gamma"), "destination": {"type": "directory", "settings": {"path": "mine"}},
+                "deidentification": {"project": "research-0123456789abcdef"}}  # fmt: skip
+    r = await client.post("/v2/partitions/alpha/export", json=borrowed, headers=bearer(owner_alpha))
+    assert (r.status_code, r.json()["error"]["message"]) == (
+        400,
+        "a research-* project belongs to a data request; name another project",
+    )
+    conn = await asyncpg.connect(db)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM operation WHERE type = 'export'") == 0
+        names = {r[0] for r in await conn.fetch("SELECT name FROM partition")}
+        assert "beta" not in names and "research-0123456789abcdef" not in names
+    finally:
+        await conn.close()
+    r = await client.post("/v2/partitions/alpha/export", json=body("beta"), headers=bearer(owner_all))
+    assert r.status_code == 202, r.text

@@ -95,6 +95,14 @@ def test_roles_claim() -> None:
     assert parse_roles(None) == () and parse_roles({"reader": True}) == ()
 
 
+def test_a_role_with_an_empty_partition_grants_nothing() -> None:
+    """`owner:` (an identity provider's `role:${partition}` template with an empty partition) was read as
+    `owner` of every partition: a malformed entry widened the grant to the whole archive. It is ignored
+    now, as every other malformed entry is."""
+    assert parse_roles(["owner:", "reader:alpha", "writer: ", "auditor:*"]) == (Grant(Role.READER, "alpha"),)
+    assert parse_roles("owner: reader") == (Grant(Role.READER),)
+
+
 def test_jwts_need_issuer_and_audience() -> None:
     assert jwt_config(Settings()) is None
     with pytest.raises(RuntimeError, match="DICOMWEB_JWT_ISSUER and DICOMWEB_JWT_AUDIENCE"):

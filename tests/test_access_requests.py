@@ -166,6 +166,16 @@ async def test_reviews(setup: tuple[SecureArchive, httpx.AsyncClient, dict]) -> 
         ({"durationDays": 0}, "durationDays"),
         ({"durationDays": 400}, "durationDays"),
         ({"partition": "research-0123456789abcdef"}, "research partition"),
+        # a name no partition can have was accepted (201), to fail only at approval
+        ({"partition": "../x"}, "partition must name a data partition"),
+        ({"partition": "a" * 65}, "partition must name a data partition"),
+        # a query that can never run was accepted (201) and refused only at approval (409)
+        ({"cohort": {"query": "bogus=1"}}, "cohort.query: bogus: unknown query parameter"),
+        ({"cohort": {"query": "StudyDate=notadate"}}, "cohort.query: StudyDate: 'notadate' is not a date"),
+        (
+            {"cohort": {"query": "ModalitiesInStudy=CT&limit=5"}},
+            "cohort.query: limit, offset and includefield",
+        ),
     ],
 )
 async def test_bad_submissions(
@@ -234,3 +244,25 @@ async def test_request_json_is_camel_case_and_old_names_are_accepted(
     }  # fmt: skip
     r = await client.get(operation["href"], headers=owner)
     assert r.status_code in (200, 202) and r.json()["type"] == "export"
+
+
+async def test_a_decision_after_the_grant_ran_out_sees_it_expired(
+    setup: tuple[SecureArchive, httpx.AsyncClient, dict],
+) -> None:
+    """A revoke after the grant's expiry, before anything read the request, moved it active -> revoked: the
+    history then said a reviewer ended a grant that had already run out, and no expiry was recorded.
+    Decisions now write what time implies first, as reads do: the revoke is 409, the state expired."""
+    archive, client, owner = setup
+    request = await submit_and_activate(client, [await stow(client, owner, 6)])
+    archive.clock.advance(timedelta(days=30, seconds=1))
+    r = await client.post(f"/datarequests/{request['id']}/revoke", json={"comment": "late"}, headers=REVIEWER)
+    assert (r.status_code, r.json()["error"]["message"]) == (
+        409,
+        "the request is expired; this needs approved or active",
+    )
+    final = (await client.get(f"/datarequests/{request['id']}", headers=REVIEWER)).json()
+    assert final["state"] == "expired"
+    assert [(e["fromState"], e["toState"]) for e in final["events"]][-2:] == [
+        ("approved", "active"),
+        ("active", "expired"),
+    ]

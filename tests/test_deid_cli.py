@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import io
+import os
 import random
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import orjson
 import pydicom
+import pytest
 
 from deid.engine import Deidentifier
 from deid.keys import ProjectKeys, read_secret_file
@@ -85,6 +88,9 @@ def test_deidentify_files(tmp_path: Path) -> None:
     rows = [orjson.loads(line) for line in mapping.read_bytes().splitlines()]
     assert sorted(r["kind"] for r in rows) == ["instance"] * 5 + ["patient", "series", "study"]
     assert {r["original"] for r in rows if r["kind"] == "patient"} == {"P-21"}
+    # the mapping re-identifies and the errors name source paths: only their owner reads them, as the
+    # secret (both were created 0644 under the usual umask, readable by every local user)
+    assert {stat.S_IMODE(f.stat().st_mode) for f in (mapping, tmp_path / "errors.jsonl", secret)} == {0o600}
     # the mapping never lands beside the data
     assert b"P-21" not in b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
     # again with the same secret: the same files
@@ -104,3 +110,57 @@ def test_deidentify_rejects_bad_arguments(tmp_path: Path) -> None:
     done = deidentify(tmp_path / "in", tmp_path / "out", "--project", "p", "--option", "retainAll",
                       "--secret-file", tmp_path / "s")  # fmt: skip
     assert done.returncode == 2 and "unknown de-identification option 'retainAll'" in done.stderr
+    # IN as OUT: each rerun de-identified the outputs of the last one again (exported 1, then 2, ...)
+    done = deidentify(
+        tmp_path / "in", tmp_path / "in" / ".", "--project", "p", "--secret-file", tmp_path / "s"
+    )
+    assert (done.returncode, done.stderr.strip()) == (
+        2,
+        "error: OUT must not be IN: its outputs would be read as inputs",
+    )
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_two_inputs_with_one_sop_instance_uid_are_not_overwritten(tmp_path: Path, jobs: str) -> None:
+    """Two input files with the same SOP Instance UID (the same image stored twice, pydicom's test files
+    have many) de-identify to the same output path: the later silently replaced the earlier, and the
+    summary counted both as exported (pydicom's test files: 'exported 115' for 98 files). The first
+    written stays; the other is reported skipped with the reason; a rerun into the same OUT finds its
+    own identical output and counts it exported again."""
+    canaries = Canaries(random.Random(22))
+    ds = base_instance(canaries, study=canaries.uid(), series=canaries.uid(), sop=canaries.uid(), patient="P")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.dcm").write_bytes(to_file(ds, canaries))
+    ds.SliceThickness = "2.5"  # the same instance, one more kept attribute: another output
+    (tmp_path / "in" / "b.dcm").write_bytes(to_file(ds, canaries))
+    secret, out, errors = tmp_path / "s", tmp_path / "out", tmp_path / "errors.jsonl"
+    args = ["--project", "p", "--secret-file", secret, "--errors", errors, "--jobs", jobs]
+    for _ in range(2):  # the rerun into the same OUT answers the same
+        done = deidentify(tmp_path / "in", out, *args)
+        assert (done.returncode, done.stdout.strip()) == (0, "exported 1, skipped 1, failed 0"), done.stderr
+        outputs = list(out.rglob("*"))
+        assert [p.suffix for p in outputs if p.is_file()] == [".dcm"]  # no temporary file left behind
+        lines = [orjson.loads(line) for line in errors.read_bytes().splitlines()]
+        assert [(Path(e["Identifier"]).name, e["Kind"]) for e in lines] == [("b.dcm", "skipped")]
+        assert lines[0]["Error"].startswith("another input with the same SOP Instance UID was written to ")
+    written = next(p for p in out.rglob("*.dcm"))
+    assert "SliceThickness" not in pydicom.dcmread(written)  # a.dcm's, the first
+    assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~_umask()  # outputs are as readable as before
+
+
+def test_an_output_directory_inside_the_input_is_not_read_as_input(tmp_path: Path) -> None:
+    """`dicomweb deidentify IN IN/out`: a rerun walked IN/out too and de-identified the earlier outputs
+    again (exported 2, then 4, then 6: copies of copies under new UIDs); OUT is never an input."""
+    paths, _ = write_inputs(tmp_path)
+    out = tmp_path / "in" / "zz-out"
+    args = ["--project", "p", "--secret-file", tmp_path / "s", "--errors", tmp_path / "errors.jsonl"]
+    for _ in range(2):
+        done = deidentify(tmp_path / "in", out, *args)
+        assert (done.returncode, done.stdout.strip()) == (0, "exported 5, skipped 2, failed 0"), done.stderr
+        assert len(list(out.rglob("*.dcm"))) == len(paths)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -242,6 +242,23 @@ async def test_export_to_a_directory(local_archive: RunningArchive, tmp_path: Pa
         ({"source": {"type": "identifiers", "settings": {"values": ["1.2"]}},
           "destination": {"type": "partition", "settings": {"name": "Microsoft.Default"}},
           "deidentification": {"project": "p"}}, "must not be the source partition"),
+        # bucket names and prefixes S3 (or the store) refuses were accepted with 202, and the operation
+        # then failed its steps with a traceback each (ParamValidationError, ValueError)
+        *[({"source": {"type": "identifiers", "settings": {"values": ["1.2"]}},
+            "destination": {"type": "s3", "settings": {"bucket": bucket, "prefix": prefix}},
+            "deidentification": {"project": "p"}}, message)
+          for bucket, prefix, message in [
+              ("../x", "", "is not an S3 bucket name"), ("UPPER", "", "is not an S3 bucket name"),
+              ("ab", "", "is not an S3 bucket name"), ("a" * 64, "", "is not an S3 bucket name"),
+              ("-ab", "", "is not an S3 bucket name"), ("a..b", "", "is not an S3 bucket name"),
+              ("research", "../x", "settings.prefix"), ("research", "a/./b", "settings.prefix"),
+              ("research", "a//b", "settings.prefix"), ("research", "a\\b", "settings.prefix"),
+              ("research", "p" * 256, "settings.prefix")]],
+        # a name longer than a file system allows was accepted, then each retry failed with a traceback
+        *[({"source": {"type": "identifiers", "settings": {"values": ["1.2"]}},
+            "destination": {"type": "directory", "settings": {"path": path}},
+            "deidentification": {"project": "p"}}, "relative to the server's export directory")
+          for path in ["a" * 256, "/".join(["a" * 200] * 6)]],
     ],
 )  # fmt: skip
 async def test_bad_export_requests(local_archive: RunningArchive, body: dict[str, Any], message: str) -> None:
@@ -487,3 +504,74 @@ def test_progress_rates() -> None:
         "bytesProcessed": 5_000_000, "instancesPerSecond": 2.5, "bytesPerSecond": 1_250_000,
     }  # fmt: skip
     assert deid_export.progress(checkpoint, now=100.0)["bytesPerSecond"] == 0  # no time has passed yet
+
+
+@pytest.mark.parametrize("fault", ["no credentials", "no such bucket"])
+async def test_an_unusable_s3_destination_fails_the_export_once_with_its_reason(
+    quiet_archive: RunningArchive, pool: asyncpg.Pool, tmp_path: Path, s3_server: S3Server, s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fault: str,
+) -> None:  # fmt: skip
+    """A destination no retry can fix (the server has no S3 credentials, the bucket does not exist) ends the
+    operation failed at its first step, its reason in the results, without a traceback per retry."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    bucket = s3_bucket
+    if fault == "no such bucket":
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+        bucket = f"missing-{uuid.uuid4().hex[:12]}"
+    cohort = make_cohort(16)
+    await stow(quiet_archive.url, cohort.files)
+    body = request_body(cohort, {"type": "s3", "settings": {"bucket": bucket, "prefix": "p"}})
+    response = await post_export(quiet_archive.url, body)
+    assert response.status_code == 202, response.text
+    op_id = response.json()["id"]
+    settings = ExportSettings(tmp_path / "exports", s3_server.endpoint_url, s3_server.region, workers=0)
+    runner = OperationRunner(
+        pool, {"export": ExportHandler(pool, LocalBlobStore(tmp_path / "blobs"), settings)}
+    )
+    caplog.set_level("INFO")
+    try:
+        assert await runner.run_once(uuid.UUID(op_id))
+    finally:
+        await runner.stop()
+    row = await pool.fetchrow(
+        "SELECT status, attempts, failures, results FROM operation WHERE operation_id = $1", uuid.UUID(op_id)
+    )
+    results = orjson.loads(row["results"])
+    expected = (
+        "the S3 destination has no credentials: the server has no AWS credentials configured"
+        if fault == "no credentials"
+        else f"the S3 destination's bucket {bucket!r} does not exist"
+    )
+    assert (row["status"], row["attempts"], row["failures"], results["error"]) == ("failed", 1, 0, expected)
+    assert [r for r in caplog.records if r.exc_info] == []
+    done = await wait_done(quiet_archive.url, op_id)
+    assert done["status"] == "failed" and done["results"]["error"] == expected
+
+
+@pytest.mark.parametrize("path", ["afile", "afile/sub"])
+async def test_an_unusable_directory_destination_fails_the_export_once_with_its_reason(
+    local_archive: RunningArchive, pool: asyncpg.Pool, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    path: str,
+) -> None:  # fmt: skip
+    """A directory destination that cannot be created (a file is in its way) failed each retry with a
+    traceback, and the operation's error named the server's own path; it now fails once, naming the
+    request's path only."""
+    (tmp_path / "exports").mkdir(exist_ok=True)
+    (tmp_path / "exports" / "afile").write_bytes(b"not a directory")
+    cohort = make_cohort(17)
+    await stow(local_archive.url, cohort.files)
+    response = await post_export(local_archive.url, request_body(cohort, directory(path)))
+    assert response.status_code == 202, response.text
+    done = await wait_done(local_archive.url, response.json()["id"])
+    expected = f"the destination directory {path!r} cannot be written: Not a directory"
+    assert (done["status"], done["results"]["error"]) == ("failed", expected)
+    row = await pool.fetchrow(
+        "SELECT attempts, failures FROM operation WHERE operation_id = $1", uuid.UUID(done["id"])
+    )
+    assert (row["attempts"], row["failures"]) == (1, 0)
+    assert [r for r in caplog.records if r.exc_info] == []

@@ -32,13 +32,13 @@ def test_identifiers_are_deduplicated_and_nested_ones_dropped() -> None:
 def test_azure_shape_is_read_case_insensitively() -> None:
     body = {
         "Source": {"Type": "identifiers", "Settings": {"Values": ["1.2.3/4.5"]}},
-        "Destination": {"Type": "s3", "Settings": {"Bucket": "b", "Prefix": "/x/y/"}},
+        "Destination": {"Type": "s3", "Settings": {"Bucket": "bkt", "Prefix": "/x/y/"}},
         "Deidentification": {"Project": "p", "Options": ["retainUids", "clean_graphics"],
                              "PixelRules": [{"model": "M", "rectangles": [[0, 0, 5, 5]]}]},
     }  # fmt: skip
     req = parse_export_request(body)
     assert req.identifiers == ["1.2.3/4.5"]
-    assert req.destination == {"type": "s3", "settings": {"bucket": "b", "prefix": "x/y"}}
+    assert req.destination == {"type": "s3", "settings": {"bucket": "bkt", "prefix": "x/y"}}
     assert (req.project, req.options) == ("p", ["retain_uids", "clean_graphics"])
     assert req.pixel_rules == [{"model": "M", "rectangles": [[0, 0, 5, 5]]}]
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+from botocore.exceptions import ClientError
+
 from deid.engine import Deidentified, output_key
-from deid.sinks import UPLOADS_IN_FLIGHT, BlobSink
+from deid.sinks import UPLOADS_IN_FLIGHT, BlobSink, check_destination, unusable_reason
 from dicomcore.deidentify import Identity
-from storage import BlobStore
+from storage import BlobStore, S3BlobStore
 
 TS = "1.2.840.10008.1.2.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -46,3 +49,27 @@ async def test_abandon_leaves_no_upload_running(blob_store: BlobStore) -> None:
     await sink.abandon()
     tasks = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "BlobSink._put"]  # type: ignore[union-attr]
     assert tasks == []
+
+
+async def test_a_bucket_that_denies_head_bucket_is_not_refused_before_writing() -> None:
+    """Credentials of a write-only drop bucket may PutObject but not HeadBucket (s3:ListBucket): the
+    check before the first instance must not fail such an export; a missing bucket still fails it.
+    (A stub: SeaweedFS cannot grant PutObject without ListBucket.)"""
+
+    class Denied(S3BlobStore):
+        def __init__(self, code: str) -> None:
+            super().__init__("drop-bucket")
+            self.code = code
+
+        async def check_bucket(self) -> None:
+            raise ClientError({"Error": {"Code": self.code}}, "HeadBucket")
+
+    await check_destination(Denied("403"))
+    await check_destination(Denied("AccessDenied"))
+    with pytest.raises(ClientError):
+        await check_destination(Denied("404"))
+    destination = {"type": "s3", "settings": {"bucket": "drop-bucket", "prefix": ""}}
+    denied_put = ClientError({"Error": {"Code": "AccessDenied"}}, "PutObject")
+    assert unusable_reason(destination, denied_put) == (
+        "the S3 destination's bucket 'drop-bucket' refuses the server's credentials (AccessDenied)"
+    )

@@ -21,6 +21,7 @@ from dicomweb.routes import datarequests, datarequests_page, reidentify
 NDJSON = "application/x-ndjson"
 _AUDIT_PARAMS = {"subject", "from", "to", "action", "limit", "offset"}
 MAX_LIMIT = 1000
+_TOKEN_FIELDS = frozenset({"role", "partition", "name", "expires"})
 
 
 def parse_time(name: str, text: str) -> datetime:
@@ -88,6 +89,10 @@ async def create_token(request: Request) -> Response:
         isinstance(body.get(k), str) or body.get(k) is None for k in ("role", "partition", "name", "expires")
     ):
         raise HTTPProblem(400, 'the body must be {"role": ..., "partition"?, "name"?, "expires"?} (strings)')
+    # a misspelt field must not be ignored: "partiton" would make an all-partition token
+    unknown = sorted(set(body) - _TOKEN_FIELDS)
+    if unknown:
+        raise HTTPProblem(400, f"unknown field {unknown[0]!r}: use {', '.join(sorted(_TOKEN_FIELDS))}")
     now = request.app.state.access.clock.now()
     try:
         expires_at = parse_expiry(body["expires"], now) if body.get("expires") else None

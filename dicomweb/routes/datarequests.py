@@ -22,7 +22,7 @@ from starlette.responses import Response
 from access import requests as workflow
 from access.authn import Principal
 from access.policy import Role
-from deid.cohort import resolve_query
+from deid.cohort import check_query, resolve_query
 from deid.export_request import ExportRequestError, normalize_identifiers
 from deid.profile import Options, ProfileError, option_api_name
 from dicomweb.auth import principal_of
@@ -33,6 +33,7 @@ from dicomweb.jsonbody import json_object
 from dicomweb.routes.export import EXPORT
 from dicomweb.routes.extended_query_tags import iso_time
 from indexer.lookup import partition_key as lookup_partition_key
+from indexer.lookup import valid_partition_name
 from indexer.operations import cancel_operation, create_operation
 
 MAX_TEXT = 10_000
@@ -129,8 +130,16 @@ def _text(body: dict[str, Any], name: str, *, required: bool = True) -> str | No
 def parse_submission(body: dict[str, Any]) -> workflow.Submission:
     title, purpose = _text(body, "title"), _text(body, "purpose")
     partition = body.get("partition", DEFAULT_PARTITION)
-    if not isinstance(partition, str) or not partition or partition.startswith(workflow.RESEARCH_PREFIX):
-        raise HTTPProblem(400, "partition must name a data partition (not a research partition)")
+    if (
+        not isinstance(partition, str)
+        or not valid_partition_name(partition)
+        or partition.startswith(workflow.RESEARCH_PREFIX)
+    ):
+        raise HTTPProblem(
+            400,
+            "partition must name a data partition (1-64 letters, digits, '_', '.', '-'; "
+            "not a research partition)",
+        )
     cohort = body.get("cohort")
     if not isinstance(cohort, dict) or len(cohort) != 1 or not ({"studies", "query"} & set(cohort)):
         raise HTTPProblem(400, 'cohort must be {"studies": [identifiers]} or {"query": "QIDO parameters"}')
@@ -162,6 +171,11 @@ async def submit(request: Request) -> Response:
     sub = parse_submission(current_names(await json_object(request)))
     now = request.app.state.access.clock.now()
     async with context(request).pool.acquire() as conn:
+        if "query" in sub.cohort:  # resolved at approval; refused now if it could never run
+            try:
+                await check_query(conn, sub.cohort["query"], "cohort.query")
+            except ExportRequestError as exc:
+                raise HTTPProblem(400, str(exc)) from exc
         created = await workflow.submit(conn, _caller(request).subject, sub, now)
     return _json(request_json(created, service_root(request)), 201)
 
@@ -212,6 +226,8 @@ async def _decide(request: Request, action: str) -> Response:
     ctx = context(request)
     now = request.app.state.access.clock.now()
     async with ctx.pool.acquire() as conn:
+        # what time and finished exports imply first (a grant that ran out is expired, not revocable)
+        await workflow.refresh(conn, now)
         current = await workflow.get(conn, request_id)
         if current is None:
             raise HTTPProblem(404, "no such data request")

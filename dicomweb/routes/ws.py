@@ -26,6 +26,7 @@ import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from changefeed.notify import RECHECK, FeedNotifier
+from dicomweb.auth import still_allowed
 from dicomweb.context import context, partition_key
 from dicomweb.errors import HTTPProblem
 from worklist import subscriptions
@@ -69,6 +70,9 @@ async def subscriber_channel(ws: WebSocket) -> None:
             await ws.send_text(gap_notice(cursor + 1, dropped).decode())
             cursor = dropped
         while not reader.done():
+            if not await still_allowed(ws.scope):  # revoked or expired since the connection was admitted
+                await ws.close(code=1008, reason="the credential was revoked or has expired")
+                break
             wake = notifier.next_change()
             batch = await read_after(pool, key, ae, cursor)
             if batch and batch[0].sequence > cursor + 1:  # dropped while we were sending
