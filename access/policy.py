@@ -38,6 +38,10 @@ class Family(StrEnum):
     EQT_READ = "extendedquerytags.read"
     EQT_WRITE = "extendedquerytags.write"
     OPERATIONS = "operations"
+    # GET /vN/partitions/{p}/operations/{id}: an operation started in that partition (export, update,
+    # acquisition), so that its owners and writers follow what they started (the plain route needs an
+    # all-partition grant: it shows every partition's operations)
+    PARTITION_OPERATIONS = "operations.partition"
     EXPORT = "export"
     UPDATE = "update"  # bulk update of stored studies (an operation)
     WORKITEMS = "workitems"
@@ -77,6 +81,7 @@ POLICY: dict[Family, frozenset[Role]] = {
     Family.EQT_READ: frozenset({OWN, WRI, REA}),
     Family.EQT_WRITE: frozenset({OWN}),
     Family.OPERATIONS: frozenset({OWN, WRI, RV}),
+    Family.PARTITION_OPERATIONS: frozenset({OWN, WRI, RV}),
     Family.EXPORT: frozenset({OWN}),
     Family.UPDATE: frozenset({OWN, WRI}),  # a correction of what writers store
     Family.WORKITEMS: frozenset({OWN, WL}),
@@ -103,10 +108,12 @@ OPEN_FAMILIES = frozenset({Family.HEALTH, Family.PAGE})
 # families whose data lives in one partition: a grant must cover the partition in the URL
 PARTITIONED = frozenset({Family.STOW, Family.WADO, Family.QIDO, Family.DELETE, Family.CHANGEFEED,
                          Family.WORKITEMS, Family.EXPORT, Family.ACQUIRE, Family.UPDATE, Family.RETENTION,
-                         Family.RETENTION_READ, Family.RESTORE})  # fmt: skip
+                         Family.RETENTION_READ, Family.RESTORE, Family.PARTITION_OPERATIONS})  # fmt: skip
 # Listing partitions: every role that may use some partition; each caller sees only the partitions its
 # grants reach (partition_visible), so the list discloses nothing the caller could not address anyway.
-POLICY[Family.PARTITIONS] = frozenset().union(*(POLICY[f] for f in PARTITIONED))
+# (the families of a partition's data: following an operation started there does not make it listed)
+LISTED = PARTITIONED - {Family.PARTITION_OPERATIONS}
+POLICY[Family.PARTITIONS] = frozenset().union(*(POLICY[f] for f in LISTED))
 # researchers' reads need a grant naming the partition; an all-partition researcher role reads nothing
 NEEDS_NAMED_PARTITION = frozenset({Role.RESEARCHER})
 # ATNA EventActionCode per family (C create, R read, U update, D delete, E execute)
@@ -170,7 +177,7 @@ def allows(grants: tuple[Grant, ...] | list[Grant], target: Target, now: datetim
 def partition_visible(grants: tuple[Grant, ...] | list[Grant], partition: str, now: datetime) -> bool:
     """Whether the grants admit some family in `partition` (what GET /vN/partitions lists for a caller).
     Researchers' grants must include their research grants (access.authn.research_grants)."""
-    return any(allows(grants, Target(family, partition), now) for family in PARTITIONED)
+    return any(allows(grants, Target(family, partition), now) for family in LISTED)
 
 
 _SEG = r"([^/]+)"
@@ -189,8 +196,8 @@ def _retention_target(method: str, partition: str, study: str, what: str) -> Tar
     return Target(family[what] if method in allowed else Family.UNKNOWN, partition, study, method=method)
 
 
-def _service_target(method: str, partition: str, rest: str) -> Target:
-    """Classify a path below a service root (/vN or /vN/partitions/P)."""
+def _service_target(method: str, partition: str, rest: str, named: bool = False) -> Target:
+    """Classify a path below a service root (/vN or /vN/partitions/P: `named`)."""
     t = Target(Family.UNKNOWN, partition, method=method)
     if rest in ("/studies", "/series", "/instances"):
         if method == "POST" and rest == "/studies":
@@ -224,7 +231,10 @@ def _service_target(method: str, partition: str, rest: str) -> Target:
         family = Family.EQT_READ if method == "GET" else Family.EQT_WRITE
         return Target(family, None, method=method)
     if rest.startswith("/operations/"):
-        return Target(Family.OPERATIONS, None, method=method) if method == "GET" else t
+        if method != "GET":
+            return t
+        family = Family.PARTITION_OPERATIONS if named else Family.OPERATIONS
+        return Target(family, partition if named else None, method=method)
     if rest == "/export":
         return Target(Family.EXPORT, partition, method=method) if method == "POST" else t
     if rest == "/acquire" and method == "POST":
@@ -274,4 +284,4 @@ def classify(method: str, path: str) -> Target:
     if m is None:
         return Target(Family.UNKNOWN, method=method)
     partition = DEFAULT_PARTITION if m.group(1) is None else m.group(1)
-    return _service_target(method, partition, m.group(2) or "")
+    return _service_target(method, partition, m.group(2) or "", m.group(1) is not None)

@@ -712,3 +712,43 @@ async def test_an_export_reaches_only_partitions_the_caller_may_write(
         await conn.close()
     r = await client.post("/v2/partitions/alpha/export", json=body("beta"), headers=bearer(owner_all))
     assert r.status_code == 202, r.text
+
+
+async def test_a_partition_owner_follows_its_own_operations(
+    secure: SecureArchive, client: httpx.AsyncClient
+) -> None:
+    """An owner of partition alpha got 202 for an export from alpha, and then 403 for the operation it was
+    given to follow (operations needed an all-partition grant). Under alpha's root the operations started
+    there are readable with alpha's grant; another partition's root does not show them (404), and the plain
+    route, which shows every partition's operations, still needs an all-partition grant."""
+    db = secure.running.database_url
+    owner_alpha, _ = await make_token(db, "owner", partition="alpha")
+    writer_alpha, _ = await make_token(db, "writer", partition="alpha")
+    owner_beta, _ = await make_token(db, "owner", partition="beta")
+    owner_all, _ = await make_token(db, "owner")
+    uid = await stow_study(client, owner_alpha, "/v2/partitions/alpha/studies", seed=8)
+    await stow_study(client, owner_beta, "/v2/partitions/beta/studies", seed=9)
+    body = {"source": {"type": "identifiers", "settings": {"values": [uid]}},
+            "destination": {"type": "partition", "settings": {"name": "alpha-copy"}},
+            "deidentification": {"project": "p"}}  # fmt: skip
+    owner_alpha_copy, _ = await make_token(db, "owner", partition="alpha-copy")
+    r = await client.post("/v2/partitions/alpha/export", json=body, headers=bearer(owner_all))
+    assert r.status_code == 202, r.text
+    href = r.json()["href"]
+    op_id = r.json()["id"]
+    assert href.endswith(f"/v2/partitions/alpha/operations/{op_id}")
+    for token in (owner_alpha, writer_alpha, owner_all):
+        r = await client.get(f"/v2/partitions/alpha/operations/{op_id}", headers=bearer(token))
+        assert r.status_code in (200, 202), r.text
+        assert r.json()["id"] == op_id
+    for token in (owner_beta, owner_alpha_copy):
+        r = await client.get(f"/v2/partitions/alpha/operations/{op_id}", headers=bearer(token))
+        assert (r.status_code, r.json()) == (403, DENIED)
+    # beta's root shows only beta's operations: to beta's owner and to an all-partition owner alike
+    for token in (owner_beta, owner_all):
+        r = await client.get(f"/v2/partitions/beta/operations/{op_id}", headers=bearer(token))
+        assert r.status_code == 404, r.text
+    r = await client.get(f"/v2/operations/{op_id}", headers=bearer(owner_alpha))
+    assert (r.status_code, r.json()) == (403, DENIED)
+    r = await client.get(f"/v2/operations/{op_id}", headers=bearer(owner_all))
+    assert r.status_code in (200, 202), r.text

@@ -93,6 +93,7 @@ ROUTES: list[tuple[str, str, str]] = [
     ("eqt-write", "PATCH", "/v2/extendedquerytags/00101002"),
     ("eqt-write", "DELETE", "/v2/extendedquerytags/00101002"),
     ("operations", "GET", "/v2/operations/00000000000000000000000000000000"),
+    ("operations", "GET", "/v2/partitions/Microsoft.Default/operations/00000000000000000000000000000000"),
     ("export", "POST", "/v2/export"),
     ("update", "POST", "/v2/studies/$bulkUpdate"),
     ("workitems", "GET", "/v2/workitems"),

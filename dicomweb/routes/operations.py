@@ -15,7 +15,8 @@ from starlette.responses import Response
 from dicomweb.context import context, service_root
 from dicomweb.errors import HTTPProblem
 from dicomweb.routes.extended_query_tags import iso_time
-from indexer.operations import FINISHED, create_operation, get_operation, parse_operation_id
+from indexer.lookup import partition_key as lookup_partition_key
+from indexer.operations import FINISHED, Operation, create_operation, get_operation, parse_operation_id
 
 
 async def start_operation(
@@ -51,7 +52,7 @@ async def get(request: Request) -> Response:
         raise HTTPProblem(400, f"{raw!r} is not an operation id (a GUID)")
     async with context(request).pool.acquire() as conn:
         op = await get_operation(conn, operation_id)
-    if op is None:
+    if op is None or not await _of_this_partition(request, op):
         raise HTTPProblem(404, f"operation {raw} not found")
     root = service_root(request)
     body = {
@@ -70,3 +71,16 @@ async def get(request: Request) -> Response:
     # not finished: 202, and Location names where to poll (Azure's answer, which generic pollers follow)
     headers = {"Location": f"{root}/operations/{op.id_hex}"}
     return Response(orjson.dumps(body), status_code=202, media_type="application/json", headers=headers)
+
+
+async def _of_this_partition(request: Request, op: Operation) -> bool:
+    """Under a partition's root, only that partition's operations exist (an export, update, acquisition or
+    $send started there): its owners and writers follow them there without seeing other partitions'."""
+    name = request.path_params.get("partition")
+    if name is None:
+        return True  # the plain root shows every operation (its readers hold an all-partition grant)
+    started_in = op.params.get("partition")  # a key (export, acquisition, $send) or a name (bulk update)
+    if isinstance(started_in, str):
+        return started_in == name
+    key = await lookup_partition_key(context(request).pool, name, create=False)
+    return key is not None and isinstance(started_in, int) and started_in == key
