@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+import asyncpg
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -159,9 +160,8 @@ async def retrieve(request: Request) -> Response:
     offers = (_MULTIPART_DICOM, _SINGLE_DICOM) if sop else (_MULTIPART_DICOM,)
     ranked = _rank(request, offers)
     ctx = context(request)
-    instances = await find_instances(
-        ctx.pool, await partition_key(request), study, series, sop, original=wants_original(request)
-    )
+    key = await partition_key(request)
+    instances = await find_instances(ctx.pool, key, study, series, sop, original=wants_original(request))
     if not instances:
         raise not_found(study, series, sop)
     if sop:
@@ -183,6 +183,8 @@ async def retrieve(request: Request) -> Response:
                 etag = _instance_etag(request, instance.sha256, media_type)
                 if matches_if_none_match(request, etag):
                     return not_modified(etag)
+            if not isinstance(body, bytes):
+                body = await _started(ctx.pool, key, instance, body, original=wants_original(request))
             if media_type == "application/dicom":
                 response = _single(syntax, length, body)
                 if etag is not None:
@@ -464,12 +466,54 @@ async def _object(store: BlobStore, instance: StoredInstance) -> AsyncIterator[b
     try:
         async for chunk in verified(store.stream(key), key, instance.sha256):
             yield chunk
-    except BlobNotFoundError:
-        # deleted between lookup and read: the headers are sent, so all that is left is to end the body
-        return
+    except BlobNotFoundError as exc:
+        # deleted between lookup and read, or missing from the store (_started tells which before answering)
+        raise _ObjectGone(f"the object of instance {instance.sop_instance_uid} is not in the store") from exc
     except DigestMismatchError as exc:
         _report_altered(instance, exc)
         raise  # the response is under way: raising makes the server close the connection mid-body
+
+
+async def _started(
+    pool: asyncpg.Pool, key: int, instance: StoredInstance, body: AsyncIterator[bytes], *, original: bool
+) -> AsyncIterator[bytes]:
+    """`body` with its first chunk read before the response starts, so that an object the store does not
+    hold is an error answer rather than a 200 cut short (and an altered object of one chunk, the common
+    case, is refused whole). Missing while the index still references it: 500, logged with its key (the
+    scrub reports it too); deleted meanwhile: 404."""
+    try:
+        first = await anext(body)
+    except StopAsyncIteration:
+        return _chunks([])
+    except DigestMismatchError as exc:  # _object reported it
+        raise _altered_problem(instance) from exc
+    except _ObjectGone as exc:
+        uids = instance.study_instance_uid, instance.series_instance_uid, instance.sop_instance_uid
+        again = await find_instances(pool, key, *uids, original=original)
+        if not any(i.storage_key == instance.storage_key for i in again):
+            raise not_found(*uids) from exc  # deleted while it was read
+        log.error(
+            "retrieve: instance %s/%s/%s: its object %s is missing from the store",
+            *uids,
+            instance.storage_key,
+        )
+        raise HTTPProblem(
+            500,
+            f"instance {instance.sop_instance_uid} is damaged: its stored object is missing from the store "
+            "(reported to the archive's log)",
+        ) from exc
+    return _chained(first, body)
+
+
+async def _chained(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+async def _chunks(items: list[bytes]) -> AsyncIterator[bytes]:
+    for item in items:
+        yield item
 
 
 def _report_altered(instance: StoredInstance, exc: DigestMismatchError) -> None:
