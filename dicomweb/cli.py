@@ -100,6 +100,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     workers = settings.worker_count()
     settings = replace(settings, workers=workers)
+    if (unusable := _store_unusable(settings)) is not None:
+        print(f"error: {unusable}", file=sys.stderr)
+        return 1
     if settings.s3_object_lock_days > 0:
         try:
             asyncio.run(_check_object_lock(settings))
@@ -316,6 +319,27 @@ async def _ensure_bucket(settings: Settings) -> None:
         await store.close()
 
 
+def _store_unusable(settings: Settings) -> str | None:
+    """Why the configured S3 bucket cannot be used (missing, credentials refused, endpoint unreachable),
+    checked before anything starts: a server started on it answered every STOW 409, the sweep died with a
+    traceback. None when it can be used, or when the store is a directory."""
+    from storage.s3 import S3BlobStore, StoreUnusableError
+
+    async def check() -> None:
+        store = blob_store(settings)
+        try:
+            if isinstance(store, S3BlobStore):
+                await store.check_bucket()
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(check())
+    except StoreUnusableError as exc:
+        return f"cannot use the store {settings.resolved_storage_url()}: {exc}"
+    return None
+
+
 async def _check_object_lock(settings: Settings) -> None:
     """Refuse a retention on a bucket without Object Lock before any worker starts, with one message and
     status 1. Each worker checks too (dicomweb/app.py), and a worker that fails to start stops the server
@@ -336,6 +360,9 @@ def _sweep_cmd(args: argparse.Namespace) -> int:
     from archive.maintenance import drain_deletions, sweep_orphans
 
     settings = _settings(args)
+    if (unusable := _store_unusable(settings)) is not None:
+        print(f"error: {unusable}", file=sys.stderr)
+        return 1
 
     async def run(dsn: str) -> tuple[int, int]:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
