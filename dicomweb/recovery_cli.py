@@ -62,12 +62,12 @@ def _backup_cmd(args: argparse.Namespace) -> int:
 
 
 def _restore_cmd(args: argparse.Namespace) -> int:
-    from archive.backup import BackupError, read_manifest, restore
+    from archive.backup import BackupError, check_backup, read_manifest, read_object_list, restore
     from dicomweb.cli import _settings
 
     settings = _settings(args)
-    try:
-        read_manifest(args.source)  # refuse an incomplete backup before starting a database for it
+    try:  # refuse an incomplete or damaged backup before starting a database for it
+        check_backup(args.source, read_manifest(args.source), read_object_list(args.source))
     except BackupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
