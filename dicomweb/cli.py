@@ -548,6 +548,14 @@ def _at_least_one(text: str) -> int:
     return int(text)
 
 
+def _listen_port(text: str) -> int:
+    """A port to listen on: out of range was bind()'s OverflowError as a traceback, and 0 a random port
+    that nobody could scrape."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port within 1..65535, not {text!r}")
+    return int(text)
+
+
 def _feed_limit(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 10_000:
         raise argparse.ArgumentTypeError(f"must be within 1..10000, not {text!r}")

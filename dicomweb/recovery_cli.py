@@ -127,7 +127,8 @@ def _replicate_cmd(args: argparse.Namespace) -> int:
 
 
 def add_recovery_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
-    from dicomweb.cli import _at_least_one, _feed_limit, _http_url  # a count; a feed page size; a root URL
+    # a count; a feed page size; a root URL; a port to listen on
+    from dicomweb.cli import _at_least_one, _feed_limit, _http_url, _listen_port
 
     backup = sub.add_parser("backup", help="a consistent backup of the archive, also while it runs")
     backup.add_argument("dest", type=Path, help="a new directory for the backup")
@@ -166,6 +167,8 @@ def add_recovery_commands(sub: Any, add_common: Callable[[argparse.ArgumentParse
         "--status-file", type=Path, help="JSON status (position, lag) rewritten after each batch"
     )
     rep.add_argument("--metrics-file", type=Path, help="Prometheus text file (lag gauges) for node_exporter")
-    rep.add_argument("--metrics-port", type=int, help="serve the lag gauges for Prometheus on this port")
+    rep.add_argument(
+        "--metrics-port", type=_listen_port, help="serve the lag gauges for Prometheus on this port"
+    )
     rep.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (127.0.0.1)")
     rep.set_defaults(func=_replicate_cmd)

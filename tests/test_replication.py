@@ -297,6 +297,10 @@ async def test_a_series_the_batch_mostly_wants_is_read_in_one_request(
         ("--batch-size", "0", "argument --batch-size: must be within 1..10000, not '0'"),  # a traceback
         ("--parallel", "0", "argument --parallel: must be a whole number of at least 1, not '0'"),  # a hang
         ("--parallel", "-2", "argument --parallel: must be a whole number of at least 1, not '-2'"),
+        # an OverflowError traceback from bind(), after the feed was already being read
+        ("--metrics-port", "99999", "argument --metrics-port: must be a port within 1..65535, not '99999'"),
+        ("--metrics-port", "0", "argument --metrics-port: must be a port within 1..65535, not '0'"),
+        ("--metrics-port", "http", "argument --metrics-port: must be a port within 1..65535, not 'http'"),
     ],
 )
 def test_replicate_refuses_counts_it_cannot_run_with(
