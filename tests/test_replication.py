@@ -313,3 +313,21 @@ def test_replicate_refuses_counts_it_cannot_run_with(
         main(argv)
     assert exited.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(error)
+
+
+async def test_a_restarted_replicator_reports_its_checkpoint_before_its_first_batch(
+    local_archive: RunningArchive, standby: RunningArchive, tmp_path: Path
+) -> None:
+    """Restarted on a source with nothing new, the replicator said "replicated up to sequence 0" and its
+    status file and dicomweb_replication_sequence showed 0 until the next change: a monitor saw it fall to
+    the start of the feed. They now start at the checkpoint it resumes from."""
+    source, checkpoint, status_file = local_archive, tmp_path / "replica.checkpoint", tmp_path / "status.json"
+    async with httpx.AsyncClient(timeout=60) as client:
+        await stow(client, source.url, instances(7, 3))
+        assert (await run_once(source, standby, checkpoint)).position == 3
+        again = await replicate(
+            source.url, standby.url, checkpoint=str(checkpoint), follow=False, status_file=status_file
+        )
+    assert (again.position, again.copied, again.already_present) == (3, 0, 0)
+    assert orjson.loads(status_file.read_bytes())["position"] == 3
+    assert "dicomweb_replication_sequence 3\n" in again.prometheus()
