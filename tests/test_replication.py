@@ -5,6 +5,8 @@ failover (source stopped, replication stopped) clients carry on against the stan
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -25,6 +27,7 @@ from dicomweb_client.api import DICOMwebClient
 from bench.common import embedded_archive, free_port, serve_processes
 from changefeed.checkpoint import FileCheckpoint
 from changefeed.commands import replicate
+from changefeed.consumer import ChangeFeedError
 from changefeed.replicate import DEFAULT_PARTITION, ReplicationStatus, Replicator, stow_body
 from dicomweb.cli import main
 from dicomweb.config import Settings
@@ -331,3 +334,36 @@ async def test_a_restarted_replicator_reports_its_checkpoint_before_its_first_ba
     assert (again.position, again.copied, again.already_present) == (3, 0, 0)
     assert orjson.loads(status_file.read_bytes())["position"] == 3
     assert "dicomweb_replication_sequence 3\n" in again.prometheus()
+
+
+async def test_a_token_the_target_refuses_stops_the_replicator(
+    postgres_server: str, local_archive: RunningArchive, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer's token the standby refuses (401) is to stop the replicator with the reason, as a single
+    request's refusal did; since the batch's copies run in a TaskGroup the refusal came wrapped in an
+    ExceptionGroup, so it was retried for ever, each attempt logged with a traceback."""
+    async with fresh_database(postgres_server) as url:
+        blobs = tmp_path / "secured-blobs"
+        settings = Settings(data_dir=tmp_path / "secured")
+        thread, secured = start_archive(
+            settings, url, LocalBlobStore(blobs), LocalBlobStore(blobs), secure=True
+        )
+        try:
+            async with httpx.AsyncClient(timeout=60) as client:
+                await stow(client, local_archive.url, instances(8, 2))
+                await stow(client, local_archive.url, instances(9, 2))
+            with caplog.at_level(logging.WARNING, logger="changefeed.consumer"):
+                with pytest.raises(ChangeFeedError) as stopped:
+                    await asyncio.wait_for(
+                        replicate(
+                            local_archive.url, secured.url, checkpoint=str(tmp_path / "cp"), follow=False,
+                            target_token="not-a-token",
+                        ),
+                        timeout=60,
+                    )  # fmt: skip
+        finally:
+            thread.stop()
+    assert "HTTP 401" in str(stopped.value)
+    assert str(stopped.value).endswith("(a reader's token on the source, a writer's on the target)")
+    assert [r for r in caplog.records if "retrying" in r.getMessage()] == []
+    assert await FileCheckpoint(tmp_path / "cp").load() == 0
