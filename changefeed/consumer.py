@@ -72,6 +72,15 @@ class Backoff:
         return ceiling * (1.0 - self.jitter * self.rng.random())
 
 
+def _transport_error(exc: httpx.TransportError) -> str:
+    """`ConnectError: All connection attempts failed (POST http://host/v2/studies)`."""
+    try:
+        request = exc.request
+    except RuntimeError:  # raised without a request
+        return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {exc} ({request.method} {request.url})"
+
+
 class _Retryable(Exception):
     """A failure worth retrying after a pause (connection error, 5xx, 429, callback error)."""
 
@@ -169,6 +178,9 @@ class ChangeFeedConsumer:
             await self.handler(entries)
         except (asyncio.CancelledError, ChangeFeedError):
             raise  # a handler stops the consumer (without advancing) by raising a ChangeFeedError
+        except httpx.TransportError as exc:
+            # the handler's downstream is down or unreachable: the retry's warning says it, no traceback
+            raise _Retryable(f"handler failed: {_transport_error(exc)}") from exc
         except Exception as exc:
             log.exception("change feed handler failed on entries %d..%d", offset + 1, entries[-1]["Sequence"])
             raise _Retryable(f"handler failed: {exc!r}") from exc
