@@ -55,21 +55,32 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 @contextmanager
-def database(settings: Settings, *, attach: bool = True) -> Iterator[str]:
+def database(settings: Settings, *, attach: bool = True, existing: bool = False) -> Iterator[str]:
     """The configured PostgreSQL, or the embedded one in the data directory for as long as needed.
 
     `attach`: use the embedded server a running `dicomweb serve` owns, if there is one, so that commands
     (scrub, sweep, tokens, backup ...) work on a live archive as they do on a stopped one; `serve` itself
-    must own the server and passes False."""
+    must own the server and passes False.
+    `existing`: the command works on an archive that must be there (sweep, scrub, audit, tokens, backup):
+    a data directory or database without one exits 1 saying so. A mistyped --data-dir got a new cluster
+    and an UndefinedTableError traceback."""
     if settings.database_url:
+        if existing:
+            _require_archive(
+                settings.database_url, "check --database-url (`dicomweb migrate` prepares a new one)"
+            )
         yield settings.database_url
         return
     from indexer.embedded import EmbeddedPostgres
 
+    cluster = settings.data_dir.resolve() / "postgres"
+    if existing and not cluster.is_dir():
+        raise SystemExit(
+            f"error: {settings.data_dir} holds no archive: check --data-dir (`dicomweb serve` or "
+            "`dicomweb migrate` makes one)"
+        )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    server = EmbeddedPostgres(
-        settings.data_dir.resolve() / "postgres", max_connections=settings.database_connections()
-    )
+    server = EmbeddedPostgres(cluster, max_connections=settings.database_connections())
     if attach and (running := server.running_dsn()) is not None:
         log.info("using the embedded PostgreSQL of the running archive in %s", settings.data_dir)
         yield running
@@ -77,9 +88,26 @@ def database(settings: Settings, *, attach: bool = True) -> Iterator[str]:
     log.info("starting the embedded PostgreSQL in %s", settings.data_dir / "postgres")
     dsn = server.start()
     try:
+        if existing:
+            _require_archive(dsn, "check --data-dir (`dicomweb serve` or `dicomweb migrate` makes one)")
         yield dsn
     finally:
         server.stop()
+
+
+def _require_archive(dsn: str, hint: str) -> None:
+    """Exit 1 unless the database holds the archive's schema."""
+    import asyncpg
+
+    async def has_schema() -> bool:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return bool(await conn.fetchval("SELECT to_regclass('instance') IS NOT NULL"))
+        finally:
+            await conn.close()
+
+    if not asyncio.run(has_schema()):
+        raise SystemExit(f"error: the database holds no archive (no dicomweb tables): {hint}")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -325,6 +353,9 @@ def _store_unusable(settings: Settings) -> str | None:
     traceback. None when it can be used, or when the store is a directory."""
     from storage.s3 import S3BlobStore, StoreUnusableError
 
+    if not settings.resolved_storage_url().startswith("s3://"):
+        return None  # a directory: nothing to reach (and opening the store would create it)
+
     async def check() -> None:
         store = blob_store(settings)
         try:
@@ -375,7 +406,7 @@ def _sweep_cmd(args: argparse.Namespace) -> int:
             await store.close()
             await pool.close()
 
-    with database(settings) as dsn:
+    with database(settings, existing=True) as dsn:
         deleted, orphans = asyncio.run(run(dsn))
     print(f"deleted {deleted} queued objects, removed {orphans} unreferenced objects")
     return 0
@@ -451,7 +482,7 @@ def _scrub_cmd(args: argparse.Namespace) -> int:
             return 2
         return 1 if r.get(MISSING) or r.get(ALTERED) else 0
 
-    with database(settings) as dsn:
+    with database(settings, existing=True) as dsn:
         return asyncio.run(run(dsn))
 
 

@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any
 
 
-def _on_archive(settings: Any, work: Callable[[str, Any], Awaitable[Any]], *, attach: bool = False) -> Any:
+def _on_archive(
+    settings: Any, work: Callable[[str, Any], Awaitable[Any]], *, attach: bool = False, existing: bool = False
+) -> Any:
     """Run `work(dsn, store)` on the configured (or embedded) database and blob store; None after printing
-    the error when a BackupError, or a directory that cannot be made or read, stops it."""
+    the error when a BackupError, or a directory that cannot be made or read, stops it. `existing`: the
+    archive must be there (a backup), as `dicomweb.cli.database` checks."""
     from archive.backup import BackupError
     from dicomweb.cli import blob_store, database
 
@@ -26,7 +29,7 @@ def _on_archive(settings: Any, work: Callable[[str, Any], Awaitable[Any]], *, at
             await store.close()
 
     try:
-        with database(settings, attach=attach) as dsn:
+        with database(settings, attach=attach, existing=existing) as dsn:
             return asyncio.run(run(dsn))
     except BackupError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -51,6 +54,7 @@ def _backup_cmd(args: argparse.Namespace) -> int:
             dsn, store, args.dest, concurrency=args.concurrency, progress=_progress("copied")
         ),
         attach=True,  # a running `dicomweb serve` owns the embedded PostgreSQL: use it
+        existing=True,
     )
     if summary is None:
         return 1
