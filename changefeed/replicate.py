@@ -59,6 +59,7 @@ SERIES_INSTANCES = "00201209"  # NumberOfSeriesRelatedInstances
 WHOLE_SERIES_MAX = 64  # a series read whole holds at most this many instances (all in memory at once)
 _BOUNDARY = re.compile(r'boundary="?([^";\s]+)"?', re.IGNORECASE)
 _VERSIONED = re.compile(r"/v\d+$")
+_WARNING_TEXT = re.compile(r'\d{3} \S+ "([^"]*)"')  # the text of each `299 dicomweb "..."`
 
 
 class ReplicationError(Exception):
@@ -395,7 +396,11 @@ class Replicator:
             else:
                 refused.append(f"{sop}: failure reason {reason}")
         if refused:
-            raise ReplicationError(f"the target refused instances: {'; '.join(refused)}")
+            # the reasons in words are in the Warning header (not per instance): 272 alone says nothing
+            said = "; ".join(_WARNING_TEXT.findall(response.headers.get("warning", "")))
+            raise ReplicationError(
+                f"the target refused instances: {'; '.join(refused)}" + (f" ({said})" if said else "")
+            )
         return duplicates
 
     async def _reconcile(self, ref: InstanceRef, data: bytes) -> None:

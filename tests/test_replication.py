@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from io import BytesIO
 from pathlib import Path
@@ -33,7 +34,9 @@ from dicomweb.cli import main
 from dicomweb.config import Settings
 from indexer.embedded import EmbeddedPostgres
 from storage import LocalBlobStore
+from storage.s3 import S3BlobStore
 from tests.fixtures.postgres import fresh_database
+from tests.fixtures.s3 import S3Server
 from tests.fixtures.server import RunningArchive, start_archive
 from tests.recovery_support import delete, holdings, instances, stow
 
@@ -367,3 +370,39 @@ async def test_a_token_the_target_refuses_stops_the_replicator(
     assert str(stopped.value).endswith("(a reader's token on the source, a writer's on the target)")
     assert [r for r in caplog.records if "retrying" in r.getMessage()] == []
     assert await FileCheckpoint(tmp_path / "cp").load() == 0
+
+
+async def test_a_store_refused_by_the_target_says_why(
+    local_archive: RunningArchive,
+    postgres_server: str,
+    s3_server: S3Server,
+    s3_bucket: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The standby answering 409 with failure reason 272 was logged as "failure reason 272" alone; the
+    reason the standby gave in its Warning header (here its bucket refusing the writes, elsewhere a
+    deadlock) is in the replicator's retry line now."""
+    async with fresh_database(postgres_server) as url:
+        refusing = S3BlobStore(
+            s3_bucket, f"t-{uuid.uuid4().hex}", endpoint_url=s3_server.endpoint_url, region=s3_server.region,
+            access_key=s3_server.access_key, secret_key="not-the-secret",
+        )  # fmt: skip
+        settings = Settings(data_dir=tmp_path / "refusing")
+        thread, target = start_archive(settings, url, refusing, LocalBlobStore(tmp_path / "unused"))
+        try:
+            async with httpx.AsyncClient(timeout=60) as client:
+                await stow(client, local_archive.url, instances(11, 1))
+            with caplog.at_level(logging.WARNING, logger="changefeed.consumer"):
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(
+                        replicate(
+                            local_archive.url, target.url, checkpoint=str(tmp_path / "cp"), follow=False
+                        ),
+                        timeout=3,
+                    )
+        finally:
+            thread.stop()
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert retries and "failure reason 272 (could not store the object: ClientError: " in retries[0]
+    assert "SignatureDoesNotMatch" in retries[0]
