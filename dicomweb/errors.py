@@ -43,7 +43,20 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
 def unavailable_service(exc: BaseException) -> str | None:
     """Which backing service a request's exception says is down (None: not an outage). PostgreSQL's
     connection failures and shutdowns, the object store's endpoint not answering; a bare ConnectionError
-    is what asyncpg raises when nothing listens, and is not told apart from the store's."""
+    is what asyncpg raises when nothing listens, and is not told apart from the store's. The exceptions
+    it was raised from count too: a connection lost mid-query surfaces as the transaction's exit failing
+    on the closed connection (an InterfaceError) during its handling."""
+    seen: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and len(seen) < 8:
+        if (service := _unavailable(cause)) is not None:
+            return service
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _unavailable(exc: BaseException) -> str | None:
     import asyncpg
     from botocore.exceptions import ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError
 

@@ -1,6 +1,5 @@
 """What a request answers while PostgreSQL or the object store is down: 503 with the reason and Retry-After
-(it was a text/plain 500 "Internal Server Error" and a traceback per request), and the archive answers
-again once the service is back."""
+(it was a text/plain 500 "Internal Server Error" and a traceback per request)."""
 
 from __future__ import annotations
 
@@ -8,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -27,7 +27,7 @@ UNAVAILABLE = re.compile(
 )
 
 
-def test_a_database_that_died_is_503_until_it_is_back(tmp_path: Path) -> None:
+def test_a_database_that_died_is_503(tmp_path: Path) -> None:
     with EmbeddedPostgres(tmp_path / "postgres", fast_unsafe=True) as postgres:
         blobs = LocalBlobStore(tmp_path / "blobs")
         settings = Settings(data_dir=tmp_path)
@@ -38,9 +38,13 @@ def test_a_database_that_died_is_503_until_it_is_back(tmp_path: Path) -> None:
                 pid = postgres.postmaster_pid()
                 assert pid is not None
                 os.kill(pid, signal.SIGKILL)
+                # a backend outlives its postmaster until it notices (it may still answer a query or two)
+                deadline = time.monotonic() + 20
+                while client.get("/studies").status_code == 200 and time.monotonic() < deadline:
+                    time.sleep(0.1)
                 for path in ("/studies", "/changefeed"):
                     response = client.get(path)
-                    assert response.status_code == 503, response.text
+                    assert response.status_code == 503, (path, response.text)
                     assert response.headers["retry-after"] == "10"
                     assert UNAVAILABLE.fullmatch(response.json()["error"]["message"]), response.text
         finally:
@@ -99,3 +103,32 @@ def _stow(url: str, data: bytes) -> str:
         response = client.post("/studies", content=data, headers={"Content-Type": "application/dicom"})
         assert response.status_code == 200, response.text
         return response.json()["00081199"]["Value"][0]["00081190"]["Value"][0]
+
+
+def _stow(url: str, data: bytes) -> str:
+    with httpx.Client(base_url=url, timeout=30) as client:
+        response = client.post("/studies", content=data, headers={"Content-Type": "application/dicom"})
+        assert response.status_code == 200, response.text
+        return response.json()["00081199"]["Value"][0]["00081190"]["Value"][0]
+
+
+def test_readiness_says_when_the_bucket_is_missing(
+    database_url: str, s3_server: S3Server, tmp_path: Path
+) -> None:
+    """/health/ready probed a key, which answers 404 for a bucket that does not exist too: "storage": "ok"
+    while every STOW failed. It asks for the bucket now."""
+    bucket = f"missing-{uuid.uuid4().hex[:12]}"
+    settings = Settings(data_dir=tmp_path)
+    thread, archive = start_archive(
+        settings, database_url, make_s3_store(s3_server, bucket, "p"), LocalBlobStore(tmp_path / "unused")
+    )
+    try:
+        response = httpx.get(f"{archive.base}/health/ready", timeout=30)
+    finally:
+        thread.stop()
+    assert response.status_code == 503
+    assert response.json()["checks"] == {
+        "database": "ok",
+        "storage": f"error: bucket {bucket!r} does not exist at {s3_server.endpoint_url}; create it "
+        "(`dicomweb migrate` with this --storage-url does)",
+    }
