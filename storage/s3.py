@@ -205,6 +205,11 @@ class S3BlobStore(BlobStore):
         except BotoCoreError as exc:  # no credentials at all, a malformed endpoint URL...
             raise StoreUnusableError(f"S3 at {where}: {exc}") from exc
 
+    async def check_ready(self) -> None:
+        """The bucket itself: a probe of a key answered 404 for a bucket that does not exist, so the
+        readiness probe said the storage was fine while every STOW failed."""
+        await self.check_bucket()
+
     async def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (tests and the embedded setup; production pre-creates)."""
         client = await self._get_client()

@@ -105,13 +105,6 @@ def _stow(url: str, data: bytes) -> str:
         return response.json()["00081199"]["Value"][0]["00081190"]["Value"][0]
 
 
-def _stow(url: str, data: bytes) -> str:
-    with httpx.Client(base_url=url, timeout=30) as client:
-        response = client.post("/studies", content=data, headers={"Content-Type": "application/dicom"})
-        assert response.status_code == 200, response.text
-        return response.json()["00081199"]["Value"][0]["00081190"]["Value"][0]
-
-
 def test_readiness_says_when_the_bucket_is_missing(
     database_url: str, s3_server: S3Server, tmp_path: Path
 ) -> None:
