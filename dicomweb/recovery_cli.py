@@ -101,8 +101,13 @@ def _replicate_cmd(args: argparse.Namespace) -> int:
     from changefeed.checkpoint import CheckpointError
     from changefeed.commands import replicate
     from changefeed.consumer import ChangeFeedError, CheckpointAheadError
+    from changefeed.replicate import service_base
     from dicomweb.cli import _token
 
+    if service_base(args.source).lower() == service_base(args.target).lower():
+        # it ran, reading the feed and finding each instance "already present" on itself
+        print(f"error: --source and --target are the same archive ({args.source})", file=sys.stderr)
+        return 2
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         status = asyncio.run(

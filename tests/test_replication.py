@@ -406,3 +406,17 @@ async def test_a_store_refused_by_the_target_says_why(
     retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
     assert retries and "failure reason 272 (could not store the object: ClientError: " in retries[0]
     assert "SignatureDoesNotMatch" in retries[0]
+
+
+def test_replicate_refuses_to_copy_an_archive_onto_itself(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--target the same as --source (a copy-paste slip) read the whole feed and found every instance
+    "already present" on itself, exit 0, as if a standby were in step. Refused before anything is read."""
+    argv = ["replicate", "--source", "http://127.0.0.1:9/v2", "--target", "http://127.0.0.1:9/v1/",
+            "--checkpoint", str(tmp_path / "checkpoint")]  # fmt: skip
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        "error: --source and --target are the same archive (http://127.0.0.1:9/v2)\n"
+    )
+    assert not (tmp_path / "checkpoint").exists()
