@@ -161,3 +161,25 @@ async def test_an_instance_whose_object_is_missing_is_an_error_not_a_cut_200(
 
     ok = await client.get(instance_path(files, 6, study, series), headers={"Accept": SINGLE_ANY})
     assert ok.status_code == 200 and ok.content == files[6]
+
+
+async def test_a_series_whose_first_batch_misses_an_object_is_an_error_not_a_cut_200(
+    client: httpx.AsyncClient, archive: RunningArchive, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A series read as stored whose first batch holds an instance without its object was answered 200
+    with the whole Content-Length and cut at once (logged as "deleted (or changed size) while it was
+    sent"); the first batch is read before answering now, so it is a 500 naming the instance."""
+    study, series, files = mixed_series()
+    assert (await stow(client, files)).status_code == 200
+    keys = await storage_keys(archive, files)
+    await archive.store.delete(keys[0])
+    with caplog.at_level(logging.ERROR, logger="dicomweb.routes.wado"):
+        response = await client.get(f"/studies/{study}/series/{series}", headers={"Accept": ANY_SYNTAX})
+    assert response.status_code == 500
+    assert response.json()["error"]["message"] == (
+        f"instance {pydicom.dcmread(io.BytesIO(files[0])).SOPInstanceUID} is damaged: its stored object is "
+        "missing from the store (reported to the archive's log)"
+    )
+    assert next(r.getMessage() for r in caplog.records if keys[0] in r.getMessage()).endswith(
+        f"its object {keys[0]} is missing from the store"
+    )
