@@ -72,6 +72,11 @@ class Backoff:
         return ceiling * (1.0 - self.jitter * self.rng.random())
 
 
+class HandlerRefused(Exception):
+    """A failure a handler expects and explains in its message (its downstream refusing an entry): the
+    batch is retried with backoff, logged in one line without a traceback."""
+
+
 def _transport_error(exc: httpx.TransportError) -> str:
     """`ConnectError: All connection attempts failed (POST http://host/v2/studies)`."""
     try:
@@ -181,6 +186,8 @@ class ChangeFeedConsumer:
         except httpx.TransportError as exc:
             # the handler's downstream is down or unreachable: the retry's warning says it, no traceback
             raise _Retryable(f"handler failed: {_transport_error(exc)}") from exc
+        except HandlerRefused as exc:
+            raise _Retryable(f"handler failed: {exc}") from exc
         except Exception as exc:
             log.exception("change feed handler failed on entries %d..%d", offset + 1, entries[-1]["Sequence"])
             raise _Retryable(f"handler failed: {exc!r}") from exc

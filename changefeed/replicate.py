@@ -47,7 +47,7 @@ import orjson
 from prometheus_client import CollectorRegistry, Metric, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
-from changefeed.consumer import ChangeFeedError, Entry
+from changefeed.consumer import ChangeFeedError, Entry, HandlerRefused
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ _VERSIONED = re.compile(r"/v\d+$")
 _WARNING_TEXT = re.compile(r'\d{3} \S+ "([^"]*)"')  # the text of each `299 dicomweb "..."`
 
 
-class ReplicationError(Exception):
+class ReplicationError(HandlerRefused):
     """The target refused an instance for a reason retrying cannot be expected to fix by itself."""
 
 

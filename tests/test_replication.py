@@ -406,6 +406,8 @@ async def test_a_store_refused_by_the_target_says_why(
     retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
     assert retries and "failure reason 272 (could not store the object: ClientError: " in retries[0]
     assert "SignatureDoesNotMatch" in retries[0]
+    # an expected refusal: one line per retry, no ERROR with a traceback beside it
+    assert [r for r in caplog.records if r.name == "changefeed.consumer" and r.exc_info] == []
 
 
 def test_replicate_refuses_to_copy_an_archive_onto_itself(
