@@ -447,3 +447,11 @@ async def test_frames_of_a_truncated_object_are_refused(
     await archive.store.put(key, b"")
     response = await client.get(f"{url}/frames/1", headers={"Accept": OCTETS_ANY})
     assert (response.status_code, response.json()["error"]["message"]) == (500, damaged)
+    # gone from the store while the index still has it: 'deleted while it was read' (404) before
+    await archive.store.delete(key)
+    response = await client.get(f"{url}/frames/1", headers={"Accept": OCTETS_ANY})
+    assert (response.status_code, response.json()["error"]["message"]) == (
+        500,
+        f"instance {sop} is damaged: its stored object is missing from the store (reported to the "
+        "archive's log)",
+    )

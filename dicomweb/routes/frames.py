@@ -49,7 +49,7 @@ from dicomweb.negotiation import (
     select,
 )
 from dicomweb.ranges import parse_range
-from indexer.lookup import StoredInstance, find_bulk_index, find_metadata
+from indexer.lookup import StoredInstance, find_bulk_index, find_instances, find_metadata
 from storage.base import BlobNotFoundError, BlobStore
 
 log = logging.getLogger(__name__)
@@ -227,6 +227,23 @@ async def frames_response(
     iterator = _produce(store, source, numbers, target)
     try:
         first = await anext(iterator)
+    except _ObjectGone as exc:
+        instance = source.instance
+        uids = instance.study_instance_uid, instance.series_instance_uid, instance.sop_instance_uid
+        if not any(
+            i.storage_key == instance.storage_key for i in await find_instances(pool, partition, *uids)
+        ):
+            raise HTTPProblem(404, "the instance was deleted while it was read") from exc
+        log.error(
+            "frames of instance %s/%s/%s: its object %s is missing from the store",
+            *uids,
+            instance.storage_key,
+        )
+        raise HTTPProblem(
+            500,
+            f"instance {instance.sop_instance_uid} is damaged: its stored object is missing from the store "
+            "(reported to the archive's log)",
+        ) from exc
     except (PixelDataError, TranscodeError) as exc:
         hint = "; transfer-syntax=* delivers them as stored" if target != source.frame_syntax else ""
         what = f"frames of instance {source.instance.sop_instance_uid}"
@@ -251,7 +268,7 @@ async def frames_response(
                 frame = await anext(iterator)
             except StopAsyncIteration:
                 frame = None
-            except (PixelDataError, TranscodeError, HTTPProblem) as exc:
+            except (PixelDataError, TranscodeError, HTTPProblem, _ObjectGone) as exc:
                 # the status line is sent: end the body early rather than send a wrong frame
                 log.warning("frames of %s cut short: %s", source.instance.sop_instance_uid, exc)
                 return
@@ -328,7 +345,7 @@ async def read_frame(store: BlobStore, key: str, pieces: list[Extent]) -> bytes:
     try:
         span = await store.read(key, start, end)
     except BlobNotFoundError as exc:
-        raise HTTPProblem(404, "the instance was deleted while it was read") from exc
+        raise _ObjectGone(key) from exc
     if len(span) != end - start:  # frames are not hashed (docs/integrity.md), but a cut object shows here
         raise ShortObjectError(
             f"object {key} ends before byte {end} of its frame table ({len(span)} of bytes {start}..{end})"
@@ -342,4 +359,9 @@ async def _read_all(store: BlobStore, key: str) -> bytes:
     try:
         return await store.read(key)
     except BlobNotFoundError as exc:
-        raise HTTPProblem(404, "the instance was deleted while it was read") from exc
+        raise _ObjectGone(key) from exc
+
+
+class _ObjectGone(Exception):
+    """The object of a frame's instance is not in the store: deleted while it was read, or missing (the
+    first frame tells which, before answering; later ones can only end the response)."""
