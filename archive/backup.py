@@ -305,6 +305,13 @@ async def restore(
     manifest = read_manifest(source)
     entries = read_object_list(source)
     await asyncio.to_thread(check_backup, source, manifest, entries)
+    # Objects already there would be unreferenced in the restored index, and its sweeper would delete them
+    # after the grace period: another archive's objects, if this is its bucket and prefix.
+    async for found in store.list(""):
+        raise BackupError(
+            f"the target blob store is not empty (it holds {found.key}, and the restored archive would "
+            "delete what its index does not reference): restore into an empty one"
+        )
     conn = await asyncpg.connect(dsn)
     try:
         if await conn.fetchval("SELECT to_regclass('instance') IS NOT NULL"):

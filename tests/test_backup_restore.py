@@ -352,3 +352,30 @@ async def test_restore_refuses_a_damaged_backup_before_writing_anything(
         err = capsys.readouterr().err
         assert err.startswith("error: ") and reason in err and "Traceback" not in err, err
         assert not never.exists()
+
+
+async def test_restore_refuses_a_blob_store_that_is_not_empty(
+    local_archive: RunningArchive, postgres_server: str, tmp_path: Path
+) -> None:
+    """Restored onto an empty database but a store holding objects (another archive's bucket and prefix),
+    the restore went ahead: those objects were unreferenced in the restored index, so its orphan sweeper
+    deleted them after the grace period. Refused now, before anything is written."""
+    async with httpx.AsyncClient(timeout=60) as client:
+        await stow(client, local_archive.url, instances(12, 2))
+    dest = tmp_path / "backup"
+    await backup(local_archive.database_url, local_archive.store, dest)
+    occupied = LocalBlobStore(tmp_path / "occupied")
+    await occupied.put("p1/someone/elses.dcm", b"an object of another archive")
+    async with fresh_database(postgres_server) as target_url:
+        with pytest.raises(BackupError) as refused:
+            await restore(dest, target_url, occupied)
+        conn = await asyncpg.connect(target_url)
+        try:
+            assert await conn.fetchval("SELECT to_regclass('instance')") is None
+        finally:
+            await conn.close()
+    assert str(refused.value) == (
+        "the target blob store is not empty (it holds p1/someone/elses.dcm, and the restored archive would "
+        "delete what its index does not reference): restore into an empty one"
+    )
+    assert [b.key async for b in occupied.list("")] == ["p1/someone/elses.dcm"]
