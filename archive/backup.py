@@ -241,17 +241,54 @@ def read_manifest(source: Path) -> dict:
         manifest = orjson.loads((Path(source) / MANIFEST).read_bytes())
     except FileNotFoundError:
         raise BackupError(f"{source} has no {MANIFEST}: not a backup, or one that did not finish") from None
-    if manifest.get("format") != FORMAT:
-        raise BackupError(f"{source}: unknown backup format {manifest.get('format')!r} (expected {FORMAT})")
+    except orjson.JSONDecodeError as exc:
+        raise BackupError(
+            f"{Path(source) / MANIFEST} is not valid JSON ({exc}): the backup is damaged"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise BackupError(f"{source}: unknown backup format {found!r} (expected {FORMAT})")
     return manifest
 
 
 def read_object_list(source: Path) -> list[ObjectEntry]:
+    path = Path(source) / OBJECT_LIST
     entries = []
-    for line in (Path(source) / OBJECT_LIST).read_bytes().splitlines():
-        item = orjson.loads(line)
-        entries.append(ObjectEntry(item["key"], item["sha256"], int(item["size"])))
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        raise BackupError(f"{path} is missing: the backup is damaged") from None
+    for number, line in enumerate(lines, 1):
+        try:
+            item = orjson.loads(line)
+            entries.append(ObjectEntry(item["key"], item["sha256"], int(item["size"])))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise BackupError(
+                f"{path} line {number} is not an object entry ({exc!r}): the backup is damaged"
+            ) from None
     return entries
+
+
+def check_backup(source: Path, manifest: dict, entries: list[ObjectEntry]) -> None:
+    """Before anything is written: the object list is the one the manifest counted, and each listed copy
+    is there with its size (digests are checked as the copies are read). An object list that lost lines
+    restored an index whose instances had no objects, and said every digest was checked."""
+    count, total = len(entries), sum(e.size for e in entries)
+    if (count, total) != (manifest.get("objects"), manifest.get("bytes")):
+        raise BackupError(
+            f"{Path(source) / OBJECT_LIST} lists {count} objects of {total} bytes, {MANIFEST} "
+            f"{manifest.get('objects')} of {manifest.get('bytes')}: the backup is damaged"
+        )
+    for entry in entries:
+        path = _object_path(source, entry.key)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise BackupError(f"{path} is missing: the backup is damaged") from None
+        if size != entry.size:
+            raise BackupError(
+                f"{path} is {size} bytes, {OBJECT_LIST} says {entry.size}: the backup is damaged"
+            )
 
 
 async def restore(
@@ -267,6 +304,14 @@ async def restore(
     source = Path(source)
     manifest = read_manifest(source)
     entries = read_object_list(source)
+    await asyncio.to_thread(check_backup, source, manifest, entries)
+    # Objects already there would be unreferenced in the restored index, and its sweeper would delete them
+    # after the grace period: another archive's objects, if this is its bucket and prefix.
+    async for found in store.list(""):
+        raise BackupError(
+            f"the target blob store is not empty (it holds {found.key}, and the restored archive would "
+            "delete what its index does not reference): restore into an empty one"
+        )
     conn = await asyncpg.connect(dsn)
     try:
         if await conn.fetchval("SELECT to_regclass('instance') IS NOT NULL"):

@@ -227,11 +227,17 @@ def _prepare_group(
                 write(key, prepared.data)
             except Exception as exc:  # storage failures are per instance: the others may still succeed
                 outcome.failure = FailureReason.PROCESSING_FAILURE
-                outcome.message = f"could not store the object: {exc.__class__.__name__}"
+                outcome.message = _store_failure(exc)
                 continue
             item.stored = True
         item.data = prepared.data
         item.record = record_of(prepared, key)
+
+
+def _store_failure(exc: Exception) -> str:
+    """The reason of a part whose object the store refused, in the store's own words (an S3 error code
+    and message, an errno): the same for every part when the store is down or misconfigured."""
+    return f"could not store the object: {exc.__class__.__name__}: {exc}"
 
 
 _INDEX_FAILURE = "index write failed: "
@@ -290,6 +296,11 @@ class Ingestor:
         while self._tasks:
             await asyncio.gather(*list(self._tasks))
         await self.flush()
+        # a part's reason goes to its sender only; a store or database that fails them is the operator's
+        failed = [o.message or "" for o in self.outcomes if o.failure == FailureReason.PROCESSING_FAILURE]
+        if failed:
+            reasons = "; ".join(list(dict.fromkeys(failed))[:3])
+            log.error("ingest: %d of %d instances failed: %s", len(failed), len(self.outcomes), reasons)
         return self.outcomes
 
     async def _dispatch(self) -> None:
@@ -362,7 +373,7 @@ class Ingestor:
         except Exception as exc:  # storage failures are per instance: the others may still succeed
             item.record = None
             item.outcome.failure = FailureReason.PROCESSING_FAILURE
-            item.outcome.message = f"could not store the object: {exc.__class__.__name__}"
+            item.outcome.message = _store_failure(exc)
 
     async def _index(self, records: list[InstanceRecord], durable: asyncio.Future[None]) -> list[IndexResult]:
         """Index rows and change feed entries of `records` in one transaction, committed once `durable`

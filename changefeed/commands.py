@@ -175,6 +175,8 @@ async def replicate(
             status_file=status_file,
             metrics_file=metrics_file,
         )
+        # where it resumes is what it has applied: not 0 until the next batch (a restart on a quiet feed)
+        replicator.status.position = await store.load()
         if replicator_ready is not None:
             replicator_ready(replicator)
         consumer = ChangeFeedConsumer(

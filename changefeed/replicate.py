@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import os
 import re
@@ -35,7 +36,7 @@ import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ import orjson
 from prometheus_client import CollectorRegistry, Metric, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
-from changefeed.consumer import ChangeFeedError, Entry
+from changefeed.consumer import ChangeFeedError, DownstreamError, Entry
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,10 @@ SERIES_INSTANCES = "00201209"  # NumberOfSeriesRelatedInstances
 WHOLE_SERIES_MAX = 64  # a series read whole holds at most this many instances (all in memory at once)
 _BOUNDARY = re.compile(r'boundary="?([^";\s]+)"?', re.IGNORECASE)
 _VERSIONED = re.compile(r"/v\d+$")
+_WARNING_TEXT = re.compile(r'\d{3} \S+ "([^"]*)"')  # the text of each `299 dicomweb "..."`
 
 
-class ReplicationError(Exception):
+class ReplicationError(DownstreamError):
     """The target refused an instance for a reason retrying cannot be expected to fix by itself."""
 
 
@@ -256,11 +258,14 @@ class Replicator:
         for ref in copies:
             studies.setdefault((ref.partition, ref.study), []).append(ref)
         limit = asyncio.Semaphore(self.parallel)
-        async with asyncio.TaskGroup() as group:
-            for ref in deletes:
-                group.create_task(_bounded(limit, self._delete(ref)))
-            for refs in studies.values():
-                group.create_task(self._copy_study(refs, group, limit))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for ref in deletes:
+                    group.create_task(_bounded(limit, functools.partial(self._delete, ref)))
+                for refs in studies.values():
+                    group.create_task(self._copy_study(refs, group, limit))
+        except ExceptionGroup as failed:
+            raise _one_error(failed) from failed
         self._applied(entries)
 
     async def _copy_study(
@@ -284,11 +289,12 @@ class Replicator:
         for uid, wanted in series.items():
             size = sizes.get(uid)
             if len(wanted) > 1 and size is not None and size <= min(WHOLE_SERIES_MAX, 2 * len(wanted)):
-                group.create_task(_bounded(limit, self._copy_series(wanted)))
+                group.create_task(_bounded(limit, functools.partial(self._copy_series, wanted)))
             else:
                 singles += wanted
         for i in range(0, len(singles), self.stow_batch):
-            group.create_task(_bounded(limit, self._copy(singles[i : i + self.stow_batch])))
+            batch = singles[i : i + self.stow_batch]
+            group.create_task(_bounded(limit, functools.partial(self._copy, batch)))
 
     async def _series_sizes(self, ref: InstanceRef) -> dict[str, int]:
         """Series Instance UID -> its number of instances on the source, for each series of `ref`'s study."""
@@ -390,7 +396,11 @@ class Replicator:
             else:
                 refused.append(f"{sop}: failure reason {reason}")
         if refused:
-            raise ReplicationError(f"the target refused instances: {'; '.join(refused)}")
+            # the reasons in words are in the Warning header (not per instance): 272 alone says nothing
+            said = "; ".join(_WARNING_TEXT.findall(response.headers.get("warning", "")))
+            raise ReplicationError(
+                f"the target refused instances: {'; '.join(refused)}" + (f" ({said})" if said else "")
+            )
         return duplicates
 
     async def _reconcile(self, ref: InstanceRef, data: bytes) -> None:
@@ -408,9 +418,26 @@ class Replicator:
         self.status.replaced += 1
 
 
-async def _bounded(limit: asyncio.Semaphore, work: Awaitable[None]) -> None:
+def _one_error(failed: BaseExceptionGroup) -> BaseException:
+    """The error of a batch that its consumer acts on, out of the TaskGroup's: a refused token first (a
+    ChangeFeedError stops the consumer; wrapped in the group it was retried for ever), else the first one
+    (its message, not the group's, is what the consumer logs before retrying)."""
+    errors: list[BaseException] = []
+    pending: list[BaseException] = [failed]
+    while pending:
+        error = pending.pop(0)
+        if isinstance(error, BaseExceptionGroup):
+            pending[:0] = error.exceptions
+        else:
+            errors.append(error)
+    return next((e for e in errors if isinstance(e, ChangeFeedError)), errors[0])
+
+
+async def _bounded(limit: asyncio.Semaphore, work: Callable[[], Awaitable[None]]) -> None:
+    """`work()` once a slot is free; made only then, so that a batch that fails leaves no coroutine that
+    was never awaited (each was a RuntimeWarning on the operator's terminal)."""
     async with limit:
-        await work
+        await work()
 
 
 def _expect(response: httpx.Response, *statuses: int) -> None:

@@ -16,7 +16,7 @@ def _token_cmd(args: argparse.Namespace) -> int:
     from access.tokens import TokenError
     from dicomweb.cli import _settings, database
 
-    with database(_settings(args)) as dsn:
+    with database(_settings(args), existing=True) as dsn:
         if args.token_command == "create":
             try:
                 text, stored = asyncio.run(
@@ -62,7 +62,7 @@ def _audit_cmd(args: argparse.Namespace) -> int:
     except HTTPProblem as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
-    with database(_settings(args)) as dsn:
+    with database(_settings(args), existing=True) as dsn:
         count = asyncio.run(commands.export_audit(dsn, q, sys.stdout.buffer))
     print(f"exported {count} audit records", file=sys.stderr)
     return 0
@@ -74,7 +74,7 @@ def _audit_verify_cmd(args: argparse.Namespace) -> int:
     from access import commands
     from dicomweb.cli import _settings, database
 
-    with database(_settings(args)) as dsn:
+    with database(_settings(args), existing=True) as dsn:
         verdict = asyncio.run(commands.verify_audit(dsn))
     before = f" ({verdict.before_chain} records from before the chain began)" if verdict.before_chain else ""
     if not verdict.intact:

@@ -29,7 +29,7 @@ from dicomweb.config import Settings
 from dicomweb.context import ArchiveContext
 from dicomweb.cors import cors_middleware
 from dicomweb.dimse_listener import dimse_server
-from dicomweb.errors import HTTPProblem, handle_http_exception, handle_problem
+from dicomweb.errors import HTTPProblem, UnavailableMiddleware, handle_http_exception, handle_problem
 from dicomweb.gcpolicy import tune_for_serving
 from dicomweb.hl7_listener import hl7_server
 from dicomweb.metrics import MetricsMiddleware, metrics
@@ -334,6 +334,7 @@ def create_app(
         middleware=[
             *balance_middleware(),
             Middleware(MetricsMiddleware),
+            Middleware(UnavailableMiddleware),  # inside metrics: a 503 for an outage is counted as such
             *cors_middleware(settings),
             Middleware(AccessMiddleware),
         ],

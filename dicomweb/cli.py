@@ -55,21 +55,32 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 @contextmanager
-def database(settings: Settings, *, attach: bool = True) -> Iterator[str]:
+def database(settings: Settings, *, attach: bool = True, existing: bool = False) -> Iterator[str]:
     """The configured PostgreSQL, or the embedded one in the data directory for as long as needed.
 
     `attach`: use the embedded server a running `dicomweb serve` owns, if there is one, so that commands
     (scrub, sweep, tokens, backup ...) work on a live archive as they do on a stopped one; `serve` itself
-    must own the server and passes False."""
+    must own the server and passes False.
+    `existing`: the command works on an archive that must be there (sweep, scrub, audit, tokens, backup):
+    a data directory or database without one exits 1 saying so. A mistyped --data-dir got a new cluster
+    and an UndefinedTableError traceback."""
     if settings.database_url:
+        if existing:
+            _require_archive(
+                settings.database_url, "check --database-url (`dicomweb migrate` prepares a new one)"
+            )
         yield settings.database_url
         return
     from indexer.embedded import EmbeddedPostgres
 
+    cluster = settings.data_dir.resolve() / "postgres"
+    if existing and not cluster.is_dir():
+        raise SystemExit(
+            f"error: {settings.data_dir} holds no archive: check --data-dir (`dicomweb serve` or "
+            "`dicomweb migrate` makes one)"
+        )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    server = EmbeddedPostgres(
-        settings.data_dir.resolve() / "postgres", max_connections=settings.database_connections()
-    )
+    server = EmbeddedPostgres(cluster, max_connections=settings.database_connections())
     if attach and (running := server.running_dsn()) is not None:
         log.info("using the embedded PostgreSQL of the running archive in %s", settings.data_dir)
         yield running
@@ -77,9 +88,26 @@ def database(settings: Settings, *, attach: bool = True) -> Iterator[str]:
     log.info("starting the embedded PostgreSQL in %s", settings.data_dir / "postgres")
     dsn = server.start()
     try:
+        if existing:
+            _require_archive(dsn, "check --data-dir (`dicomweb serve` or `dicomweb migrate` makes one)")
         yield dsn
     finally:
         server.stop()
+
+
+def _require_archive(dsn: str, hint: str) -> None:
+    """Exit 1 unless the database holds the archive's schema."""
+    import asyncpg
+
+    async def has_schema() -> bool:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return bool(await conn.fetchval("SELECT to_regclass('instance') IS NOT NULL"))
+        finally:
+            await conn.close()
+
+    if not asyncio.run(has_schema()):
+        raise SystemExit(f"error: the database holds no archive (no dicomweb tables): {hint}")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -100,6 +128,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     workers = settings.worker_count()
     settings = replace(settings, workers=workers)
+    if (unusable := _store_unusable(settings)) is not None:
+        print(f"error: {unusable}", file=sys.stderr)
+        return 1
     if settings.s3_object_lock_days > 0:
         try:
             asyncio.run(_check_object_lock(settings))
@@ -316,6 +347,30 @@ async def _ensure_bucket(settings: Settings) -> None:
         await store.close()
 
 
+def _store_unusable(settings: Settings) -> str | None:
+    """Why the configured S3 bucket cannot be used (missing, credentials refused, endpoint unreachable),
+    checked before anything starts: a server started on it answered every STOW 409, the sweep died with a
+    traceback. None when it can be used, or when the store is a directory."""
+    from storage.s3 import S3BlobStore, StoreUnusableError
+
+    if not settings.resolved_storage_url().startswith("s3://"):
+        return None  # a directory: nothing to reach (and opening the store would create it)
+
+    async def check() -> None:
+        store = blob_store(settings)
+        try:
+            if isinstance(store, S3BlobStore):
+                await store.check_bucket()
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(check())
+    except StoreUnusableError as exc:
+        return f"cannot use the store {settings.resolved_storage_url()}: {exc}"
+    return None
+
+
 async def _check_object_lock(settings: Settings) -> None:
     """Refuse a retention on a bucket without Object Lock before any worker starts, with one message and
     status 1. Each worker checks too (dicomweb/app.py), and a worker that fails to start stops the server
@@ -336,6 +391,9 @@ def _sweep_cmd(args: argparse.Namespace) -> int:
     from archive.maintenance import drain_deletions, sweep_orphans
 
     settings = _settings(args)
+    if (unusable := _store_unusable(settings)) is not None:
+        print(f"error: {unusable}", file=sys.stderr)
+        return 1
 
     async def run(dsn: str) -> tuple[int, int]:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
@@ -348,7 +406,7 @@ def _sweep_cmd(args: argparse.Namespace) -> int:
             await store.close()
             await pool.close()
 
-    with database(settings) as dsn:
+    with database(settings, existing=True) as dsn:
         deleted, orphans = asyncio.run(run(dsn))
     print(f"deleted {deleted} queued objects, removed {orphans} unreferenced objects")
     return 0
@@ -424,7 +482,7 @@ def _scrub_cmd(args: argparse.Namespace) -> int:
             return 2
         return 1 if r.get(MISSING) or r.get(ALTERED) else 0
 
-    with database(settings) as dsn:
+    with database(settings, existing=True) as dsn:
         return asyncio.run(run(dsn))
 
 
@@ -518,6 +576,14 @@ def _at_least_one(text: str) -> int:
     traceback, or a semaphore that waited for ever."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
+def _listen_port(text: str) -> int:
+    """A port to listen on: out of range was bind()'s OverflowError as a traceback, and 0 a random port
+    that nobody could scrape."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port within 1..65535, not {text!r}")
     return int(text)
 
 

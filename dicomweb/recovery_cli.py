@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any
 
 
-def _on_archive(settings: Any, work: Callable[[str, Any], Awaitable[Any]], *, attach: bool = False) -> Any:
+def _on_archive(
+    settings: Any, work: Callable[[str, Any], Awaitable[Any]], *, attach: bool = False, existing: bool = False
+) -> Any:
     """Run `work(dsn, store)` on the configured (or embedded) database and blob store; None after printing
-    the error when a BackupError, or a directory that cannot be made or read, stops it."""
+    the error when a BackupError, or a directory that cannot be made or read, stops it. `existing`: the
+    archive must be there (a backup), as `dicomweb.cli.database` checks."""
     from archive.backup import BackupError
     from dicomweb.cli import blob_store, database
 
@@ -26,7 +29,7 @@ def _on_archive(settings: Any, work: Callable[[str, Any], Awaitable[Any]], *, at
             await store.close()
 
     try:
-        with database(settings, attach=attach) as dsn:
+        with database(settings, attach=attach, existing=existing) as dsn:
             return asyncio.run(run(dsn))
     except BackupError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -51,6 +54,7 @@ def _backup_cmd(args: argparse.Namespace) -> int:
             dsn, store, args.dest, concurrency=args.concurrency, progress=_progress("copied")
         ),
         attach=True,  # a running `dicomweb serve` owns the embedded PostgreSQL: use it
+        existing=True,
     )
     if summary is None:
         return 1
@@ -62,12 +66,12 @@ def _backup_cmd(args: argparse.Namespace) -> int:
 
 
 def _restore_cmd(args: argparse.Namespace) -> int:
-    from archive.backup import BackupError, read_manifest, restore
+    from archive.backup import BackupError, check_backup, read_manifest, read_object_list, restore
     from dicomweb.cli import _settings
 
     settings = _settings(args)
-    try:
-        read_manifest(args.source)  # refuse an incomplete backup before starting a database for it
+    try:  # refuse an incomplete or damaged backup before starting a database for it
+        check_backup(args.source, read_manifest(args.source), read_object_list(args.source))
     except BackupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -97,8 +101,13 @@ def _replicate_cmd(args: argparse.Namespace) -> int:
     from changefeed.checkpoint import CheckpointError
     from changefeed.commands import replicate
     from changefeed.consumer import ChangeFeedError, CheckpointAheadError
+    from changefeed.replicate import service_base
     from dicomweb.cli import _token
 
+    if service_base(args.source).lower() == service_base(args.target).lower():
+        # it ran, reading the feed and finding each instance "already present" on itself
+        print(f"error: --source and --target are the same archive ({args.source})", file=sys.stderr)
+        return 2
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         status = asyncio.run(
@@ -127,7 +136,8 @@ def _replicate_cmd(args: argparse.Namespace) -> int:
 
 
 def add_recovery_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
-    from dicomweb.cli import _at_least_one, _feed_limit, _http_url  # a count; a feed page size; a root URL
+    # a count; a feed page size; a root URL; a port to listen on
+    from dicomweb.cli import _at_least_one, _feed_limit, _http_url, _listen_port
 
     backup = sub.add_parser("backup", help="a consistent backup of the archive, also while it runs")
     backup.add_argument("dest", type=Path, help="a new directory for the backup")
@@ -166,6 +176,8 @@ def add_recovery_commands(sub: Any, add_common: Callable[[argparse.ArgumentParse
         "--status-file", type=Path, help="JSON status (position, lag) rewritten after each batch"
     )
     rep.add_argument("--metrics-file", type=Path, help="Prometheus text file (lag gauges) for node_exporter")
-    rep.add_argument("--metrics-port", type=int, help="serve the lag gauges for Prometheus on this port")
+    rep.add_argument(
+        "--metrics-port", type=_listen_port, help="serve the lag gauges for Prometheus on this port"
+    )
     rep.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (127.0.0.1)")
     rep.set_defaults(func=_replicate_cmd)

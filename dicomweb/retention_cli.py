@@ -36,9 +36,16 @@ async def _audit(dsn: str, partition: str, method: str, detail: str) -> None:
 async def _run(dsn: str, args: argparse.Namespace) -> int:
     import asyncpg
 
+    from access.tokens import valid_partition_name
     from indexer.lookup import partition_key
     from retention.policy import PolicyError, clear_policy, get_policy, parse_policy, set_policy
 
+    if not valid_partition_name(args.partition):  # the routes' 400; the table's CHECK raised a traceback
+        print(
+            f"error: invalid partition name {args.partition!r}: use 1-64 letters, digits, '_', '.', '-'",
+            file=sys.stderr,
+        )
+        return 2
     body: dict[str, Any] = {}
     if args.retention_command == "set":
         body = {"minimumRetentionDays": args.minimum_days, "expireAfterDays": args.expire_after_days,

@@ -178,6 +178,10 @@ class BlobStore(abc.ABC):
             return False
         return True
 
+    async def check_ready(self) -> None:
+        """Raise unless the store can be used now (the readiness probe): here, a read answers."""
+        await self.exists("health/probe")
+
     @abc.abstractmethod
     async def delete(self, key: str) -> None:
         """Remove the object; deleting a missing key is not an error (deletes are retried). Raises

@@ -23,7 +23,7 @@ from typing import Any
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
 from .base import (
     READ_CHUNK_SIZE,
@@ -49,6 +49,10 @@ DEFAULT_REGION = "us-east-1"
 
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
 _NO_BUCKET_CODES = frozenset({"NoSuchBucket", "NotFound", "404"})
+
+
+class StoreUnusableError(Exception):
+    """The bucket cannot be used as configured; the message says why in one line."""
 
 
 def _error_code(exc: ClientError) -> str:
@@ -177,6 +181,34 @@ class S3BlobStore(BlobStore):
 
     def _full_key(self, key: str) -> str:
         return self.prefix + validate_key(key)
+
+    async def check_bucket(self) -> None:
+        """Raise StoreUnusableError, with a one-line reason, unless the bucket exists and these credentials
+        may use it (HeadBucket): what commands check before they start, as they check the database."""
+        where = self.endpoint_url or "AWS S3"
+        try:
+            client = await self._get_client()
+            await client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if _error_code(exc) in _NO_BUCKET_CODES:
+                raise StoreUnusableError(
+                    f"bucket {self.bucket!r} does not exist at {where}; create it "
+                    "(`dicomweb migrate` with this --storage-url does)"
+                ) from exc
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            hint = " (wrong credentials, or no access to this bucket)" if status in (401, 403) else ""
+            raise StoreUnusableError(
+                f"S3 at {where} refused bucket {self.bucket!r} with HTTP {status}{hint}"
+            ) from exc
+        except EndpointConnectionError as exc:
+            raise StoreUnusableError(f"cannot reach S3 at {where}: {exc}") from exc
+        except BotoCoreError as exc:  # no credentials at all, a malformed endpoint URL...
+            raise StoreUnusableError(f"S3 at {where}: {exc}") from exc
+
+    async def check_ready(self) -> None:
+        """The bucket itself: a probe of a key answered 404 for a bucket that does not exist, so the
+        readiness probe said the storage was fine while every STOW failed."""
+        await self.check_bucket()
 
     async def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (tests and the embedded setup; production pre-creates)."""

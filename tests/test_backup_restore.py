@@ -9,7 +9,7 @@ import contextlib
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -224,9 +224,9 @@ async def test_restore_refuses_what_it_cannot_restore_cleanly(
     (incomplete / "manifest.json").unlink()
     assert main(["restore", str(incomplete), "--data-dir", str(tmp_path / "never")]) == 1
     assert not (tmp_path / "never").exists()
-    # a damaged object copy: the digest check refuses it
+    # a damaged object copy of the same size: the digest check refuses it
     entry = read_object_list(dest)[0]
-    (dest / OBJECTS / entry.key).write_bytes(b"not the object")
+    (dest / OBJECTS / entry.key).write_bytes(b"x" * entry.size)
     async with fresh_database(postgres_server) as target_url:
         with pytest.raises(BackupError, match="does not match its digest"):
             await restore(dest, target_url, LocalBlobStore(tmp_path / "target"))
@@ -292,3 +292,90 @@ async def test_a_backup_directory_that_cannot_be_made_is_an_error_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and str(tmp_path / "no") in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+async def test_restore_refuses_a_damaged_backup_before_writing_anything(
+    local_archive: RunningArchive, postgres_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """objects.jsonl that lost its last lines restored an index whose instances had no objects, exit 0
+    and "every digest checked" (the scrub then found them missing); cut mid-line, or a manifest that is not
+    JSON, the command died with an orjson traceback; a missing or truncated copy was found only after the
+    index was loaded. Each is now refused before the target is touched, in one line."""
+    async with httpx.AsyncClient(timeout=60) as client:
+        await stow(client, local_archive.url, instances(6, 3))
+    good = tmp_path / "backup"
+    await backup(local_archive.database_url, local_archive.store, good)
+    listed = (good / "objects.jsonl").read_bytes().splitlines(keepends=True)
+    total = sum(e.size for e in read_object_list(good))
+    last = read_object_list(good)[2]
+
+    def damaged(name: str, damage: Callable[[Path], None]) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(good, copy)
+        damage(copy)
+        return copy
+
+    cases = [
+        (
+            damaged("lines", lambda b: (b / "objects.jsonl").write_bytes(b"".join(listed[:2]))),
+            f"lists 2 objects of {total - last.size} bytes, manifest.json 3 of {total}: the backup is "
+            "damaged",
+        ),
+        (
+            damaged("cut", lambda b: (b / "objects.jsonl").write_bytes(b"".join(listed)[:-20])),
+            "objects.jsonl line 3 is not an object entry",
+        ),
+        (
+            damaged("manifest", lambda b: (b / "manifest.json").write_bytes(b'{"format": ')),
+            "is not valid JSON",
+        ),
+        (damaged("gone", lambda b: (b / OBJECTS / last.key).unlink()), "is missing: the backup is damaged"),
+        (
+            damaged("short", lambda b: (b / OBJECTS / last.key).write_bytes(b"x")),
+            f"is 1 bytes, objects.jsonl says {last.size}: the backup is damaged",
+        ),
+    ]
+    for source, reason in cases:
+        async with fresh_database(postgres_server) as target_url:
+            target = LocalBlobStore(tmp_path / f"target-{source.name}")
+            with pytest.raises(BackupError) as refused:
+                await restore(source, target_url, target)
+            assert reason in str(refused.value), source.name
+            conn = await asyncpg.connect(target_url)
+            try:
+                assert await conn.fetchval("SELECT to_regclass('instance')") is None  # nothing loaded
+            finally:
+                await conn.close()
+            assert [b async for b in target.list("")] == []
+        never = tmp_path / f"never-{source.name}"
+        assert main(["restore", str(source), "--data-dir", str(never)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and reason in err and "Traceback" not in err, err
+        assert not never.exists()
+
+
+async def test_restore_refuses_a_blob_store_that_is_not_empty(
+    local_archive: RunningArchive, postgres_server: str, tmp_path: Path
+) -> None:
+    """Restored onto an empty database but a store holding objects (another archive's bucket and prefix),
+    the restore went ahead: those objects were unreferenced in the restored index, so its orphan sweeper
+    deleted them after the grace period. Refused now, before anything is written."""
+    async with httpx.AsyncClient(timeout=60) as client:
+        await stow(client, local_archive.url, instances(12, 2))
+    dest = tmp_path / "backup"
+    await backup(local_archive.database_url, local_archive.store, dest)
+    occupied = LocalBlobStore(tmp_path / "occupied")
+    await occupied.put("p1/someone/elses.dcm", b"an object of another archive")
+    async with fresh_database(postgres_server) as target_url:
+        with pytest.raises(BackupError) as refused:
+            await restore(dest, target_url, occupied)
+        conn = await asyncpg.connect(target_url)
+        try:
+            assert await conn.fetchval("SELECT to_regclass('instance')") is None
+        finally:
+            await conn.close()
+    assert str(refused.value) == (
+        "the target blob store is not empty (it holds p1/someone/elses.dcm, and the restored archive would "
+        "delete what its index does not reference): restore into an empty one"
+    )
+    assert [b.key async for b in occupied.list("")] == ["p1/someone/elses.dcm"]

@@ -4,6 +4,7 @@ checkpoint, backoff while the server is down or failing, and the checkpoint-ahea
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import socket
@@ -461,3 +462,29 @@ async def test_handler_failures_are_logged_without_repeating_tracebacks(
 
 async def _raise(exc: Exception) -> None:
     raise exc
+
+
+async def test_a_downstream_that_does_not_answer_is_one_warning_per_retry(
+    local_archive: RunningArchive, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler whose downstream is down (a standby archive, a FHIR server: httpx's ConnectError) logged
+    an ERROR with a full traceback at every retry beside the warning; a network failure is now the warning
+    line alone, naming the error and its request. An unexpected error keeps its traceback."""
+    await stow_one_by_one(local_archive, instances(10, 1))
+    calls = 0
+
+    async def unreachable(entries: list[Entry]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            request = httpx.Request("POST", "http://127.0.0.1:9/v2/studies")
+            raise httpx.ConnectError("All connection attempts failed", request=request)
+
+    with caplog.at_level(logging.WARNING, logger="changefeed.consumer"):
+        await ChangeFeedConsumer(
+            f"{local_archive.base}/v1", MemoryCheckpoint(), unreachable, backoff=fast_backoff()
+        ).run(follow=False)
+    assert [(r.levelname, r.getMessage().split(";")[0], r.exc_info) for r in caplog.records] == [
+        ("WARNING", "change feed: handler failed: ConnectError: All connection attempts failed "
+         "(POST http://127.0.0.1:9/v2/studies)", None),
+    ] * 2  # fmt: skip

@@ -16,6 +16,7 @@ from bench.common import embedded_archive
 from bench.synthetic import instance_variants, make_study, multipart_body
 from dicomweb.config import Settings
 from indexer.embedded import EmbeddedPostgres
+from tests.fixtures.s3 import ACCESS_KEY, SECRET_KEY, S3Server
 
 
 def test_embedded_default_keeps_data_across_restarts(tmp_path: Path) -> None:
@@ -161,3 +162,51 @@ def test_serve_refuses_settings_that_cannot_work(args: list[str], error: str, en
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines()[-1] == error
     assert "Traceback" not in done.stderr
+
+
+def _serve_on(
+    storage_url: str, endpoint: str, secret: str, command: str = "serve"
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": secret}
+    return subprocess.run(
+        [sys.executable, "-m", "dicomweb.cli", command, "--database-url", "postgresql://nowhere.invalid/x",
+         "--storage-url", storage_url, "--s3-endpoint-url", endpoint,
+         *(["--dimse-port", "0"] if command == "serve" else [])],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+
+
+def test_serve_refuses_a_bucket_it_cannot_use(s3_server: S3Server, s3_bucket: str) -> None:
+    """With a wrong secret key, a bucket that does not exist or an endpoint nobody listens on, `serve`
+    started and answered every STOW 409 (272) while /health/ready said the storage was fine when the
+    bucket was missing. The bucket is now checked before anything starts, as the database is: exit 1 and
+    one line saying what is wrong (the database named here is never reached)."""
+    endpoint = s3_server.endpoint_url
+    done = _serve_on(f"s3://{s3_bucket}/a", endpoint, "not-the-secret")
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: cannot use the store s3://{s3_bucket}/a: S3 at {endpoint} refused bucket {s3_bucket!r} "
+        "with HTTP 403 (wrong credentials, or no access to this bucket)"
+    )
+    done = _serve_on("s3://no-such-bucket-here/a", endpoint, SECRET_KEY)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: cannot use the store s3://no-such-bucket-here/a: bucket 'no-such-bucket-here' does not "
+        f"exist at {endpoint}; create it (`dicomweb migrate` with this --storage-url does)"
+    )
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    done = _serve_on(f"s3://{s3_bucket}/a", nobody, SECRET_KEY)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: cannot use the store s3://{s3_bucket}/a: cannot reach S3 at {nobody}: Could not connect to "
+        f'the endpoint URL: "{nobody}/{s3_bucket}"'
+    )
+    # the sweep said the same with a traceback
+    done = _serve_on(f"s3://{s3_bucket}/a", endpoint, "not-the-secret", command="sweep")
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert (
+        done.stderr.strip().splitlines()[-1].startswith(f"error: cannot use the store s3://{s3_bucket}/a: ")
+    )

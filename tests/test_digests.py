@@ -73,9 +73,9 @@ async def test_altered_objects_are_never_served_whole(
     with caplog.at_level(logging.ERROR, logger="dicomweb.routes.wado"):
         with pytest.raises(httpx.RemoteProtocolError):
             await client.get(path, headers={"Accept": ANY_SYNTAX})
-        # alone, as application/dicom: streamed, and cut before its last chunk
-        with pytest.raises(httpx.RemoteProtocolError):
-            await client.get(instance_path(files, 5, study, series), headers={"Accept": SINGLE_ANY})
+        # alone, as application/dicom: its one chunk is read and checked before answering, so refused
+        alone = await client.get(instance_path(files, 5, study, series), headers={"Accept": SINGLE_ANY})
+        assert alone.status_code == 500
     altered = [r for r in caplog.records if r.levelno == logging.ERROR and keys[5] in r.getMessage()]
     assert len(altered) == 2 and "altered" in altered[0].getMessage()
     assert DIGEST_MISMATCHES._value.get() == before + 2
@@ -129,3 +129,57 @@ async def test_single_instance_carries_its_digest(client: httpx.AsyncClient) -> 
     rle = instance_path(files, 3, study, series)
     decoded = await client.get(rle, headers={"Accept": f"application/dicom; transfer-syntax={ELE}"})
     assert decoded.status_code == 200 and "etag" not in decoded.headers
+
+
+async def test_an_instance_whose_object_is_missing_is_an_error_not_a_cut_200(
+    client: httpx.AsyncClient, archive: RunningArchive, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An indexed instance whose object is gone from the store (as `scrub` reports `missing`) was answered
+    200 with its Content-Length and then an empty body (the server logged only "Response content shorter
+    than Content-Length"); a small altered one was cut the same way. Both are now refused before answering,
+    with a reason, and the missing key is logged; an instance deleted meanwhile is 404 as before."""
+    study, series, files = mixed_series()
+    assert (await stow(client, files)).status_code == 200
+    keys = await storage_keys(archive, files)
+    await archive.store.delete(keys[4])
+    path = instance_path(files, 4, study, series)
+    with caplog.at_level(logging.ERROR, logger="dicomweb.routes.wado"):
+        for accept in (SINGLE_ANY, ANY_SYNTAX):
+            response = await client.get(path, headers={"Accept": accept})
+            assert response.status_code == 500
+            assert response.json()["error"]["message"] == (
+                f"instance {pydicom.dcmread(io.BytesIO(files[4])).SOPInstanceUID} is damaged: its stored "
+                "object is missing from the store (reported to the archive's log)"
+            )
+    missing = [r.getMessage() for r in caplog.records if keys[4] in r.getMessage()]
+    assert len(missing) == 2 and missing[0].endswith(f"its object {keys[4]} is missing from the store")
+
+    await flip_byte(archive, keys[5])  # small: one chunk, so checked whole before answering
+    response = await client.get(instance_path(files, 5, study, series), headers={"Accept": SINGLE_ANY})
+    assert response.status_code == 500
+    assert "no longer matches the SHA-256" in response.json()["error"]["message"]
+
+    ok = await client.get(instance_path(files, 6, study, series), headers={"Accept": SINGLE_ANY})
+    assert ok.status_code == 200 and ok.content == files[6]
+
+
+async def test_a_series_whose_first_batch_misses_an_object_is_an_error_not_a_cut_200(
+    client: httpx.AsyncClient, archive: RunningArchive, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A series read as stored whose first batch holds an instance without its object was answered 200
+    with the whole Content-Length and cut at once (logged as "deleted (or changed size) while it was
+    sent"); the first batch is read before answering now, so it is a 500 naming the instance."""
+    study, series, files = mixed_series()
+    assert (await stow(client, files)).status_code == 200
+    keys = await storage_keys(archive, files)
+    await archive.store.delete(keys[0])
+    with caplog.at_level(logging.ERROR, logger="dicomweb.routes.wado"):
+        response = await client.get(f"/studies/{study}/series/{series}", headers={"Accept": ANY_SYNTAX})
+    assert response.status_code == 500
+    assert response.json()["error"]["message"] == (
+        f"instance {pydicom.dcmread(io.BytesIO(files[0])).SOPInstanceUID} is damaged: its stored object is "
+        "missing from the store (reported to the archive's log)"
+    )
+    assert next(r.getMessage() for r in caplog.records if keys[0] in r.getMessage()).endswith(
+        f"its object {keys[0]} is missing from the store"
+    )

@@ -420,3 +420,38 @@ async def test_every_bulkdata_uri_resolves(local_client: httpx.AsyncClient) -> N
                 assert bodies == [reference_pixels(data).astype("<i2").tobytes()]
             else:
                 assert bodies == [_value_at(ds, path)], (name, path)
+
+
+async def test_frames_of_a_truncated_object_are_refused(
+    archive: RunningArchive, client: httpx.AsyncClient
+) -> None:
+    """An object cut short after ingest (a zero-length file, a half-written copy) was read by the frame
+    table's offsets as it was: frames past its end came back 200 with 0 bytes (or a part of a frame). A
+    short read is now a 500 naming the instance; frames within what remains are served as before."""
+    data = (TEST_FILES / "rtdose.dcm").read_bytes()
+    url = await store(client, data)
+    sop = str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID)
+    conn = await asyncpg.connect(archive.database_url)
+    try:
+        key = await conn.fetchval("SELECT storage_key FROM instance WHERE sop_instance_uid = $1", sop)
+    finally:
+        await conn.close()
+    expected = expected_frames(data)
+    single = {"Accept": "application/octet-stream; transfer-syntax=*"}
+    damaged = f"instance {sop} is damaged: its stored object is shorter than recorded at ingest"
+    await archive.store.put(key, data[: len(data) - len(expected[-1]) // 2])  # the last frame cut in half
+    first = await client.get(f"{url}/frames/1", headers=single)
+    assert first.status_code == 200 and first.content == expected[0]
+    response = await client.get(f"{url}/frames/{len(expected)}", headers=single)
+    assert (response.status_code, response.json()["error"]["message"]) == (500, damaged)
+    await archive.store.put(key, b"")
+    response = await client.get(f"{url}/frames/1", headers={"Accept": OCTETS_ANY})
+    assert (response.status_code, response.json()["error"]["message"]) == (500, damaged)
+    # gone from the store while the index still has it: 'deleted while it was read' (404) before
+    await archive.store.delete(key)
+    response = await client.get(f"{url}/frames/1", headers={"Accept": OCTETS_ANY})
+    assert (response.status_code, response.json()["error"]["message"]) == (
+        500,
+        f"instance {sop} is damaged: its stored object is missing from the store (reported to the "
+        "archive's log)",
+    )

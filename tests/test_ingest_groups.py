@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import random
+import uuid
 from pathlib import Path
 
 import asyncpg
@@ -17,6 +19,7 @@ from indexer.lookup import find_instances
 from storage import LocalBlobStore
 from storage.base import BlobStore
 from storage.s3 import S3BlobStore
+from tests.fixtures.s3 import S3Server
 
 
 def files(seed: int, count: int) -> tuple[str, list[bytes]]:
@@ -122,7 +125,7 @@ async def test_a_failed_write_fails_only_its_part(pool: asyncpg.Pool, tmp_path: 
     await pool.execute("DELETE FROM instance")
     outcomes = await store_all(pool, store, data)
     assert [o.failure for o in outcomes] == [None, None, FailureReason.PROCESSING_FAILURE, None, None, None]
-    assert outcomes[2].message == "could not store the object: OSError"
+    assert outcomes[2].message == "could not store the object: OSError: [Errno 28] No space left on device"
     expected = {sop_uid(o): d for o, d in zip(outcomes, data, strict=True) if o.failure is None}
     await assert_stored_exactly(pool, store, study, expected)
     await store.close()
@@ -144,3 +147,31 @@ async def test_a_large_part_is_dispatched_alone(
     assert [o.failure for o in outcomes] == [None] * 4
     stored = dict(zip(map(sop_uid, outcomes), data, strict=True))
     await assert_stored_exactly(pool, local_store, study, stored)
+
+
+async def test_a_store_refusing_every_write_says_why(
+    pool: asyncpg.Pool, s3_server: S3Server, s3_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """S3 with a wrong secret key: each part failed with "could not store the object: ClientError" and
+    nothing in the server's log. The reason now carries the store's own words (the S3 error code), and
+    the ingest logs one error for the request: an operator sees why every STOW answers 409."""
+    _, data = files(6, 3)
+    store = S3BlobStore(
+        s3_bucket,
+        f"t-{uuid.uuid4().hex}",
+        endpoint_url=s3_server.endpoint_url,
+        region=s3_server.region,
+        access_key=s3_server.access_key,
+        secret_key="not-the-secret",
+    )
+    with caplog.at_level(logging.ERROR, logger="archive.ingest"):
+        outcomes = await store_all(pool, store, data)
+    await store.close()
+    reason = (
+        "could not store the object: ClientError: An error occurred (SignatureDoesNotMatch) when calling the "
+        "PutObject operation: The request signature we calculated does not match the signature you "
+        "provided. Check your key and signing method."
+    )
+    assert [(o.failure, o.message) for o in outcomes] == [(FailureReason.PROCESSING_FAILURE, reason)] * 3
+    assert [r.getMessage() for r in caplog.records] == [f"ingest: 3 of 3 instances failed: {reason}"]
+    assert await pool.fetchval("SELECT count(*) FROM instance") == 0

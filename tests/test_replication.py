@@ -5,6 +5,8 @@ failover (source stopped, replication stopped) clients carry on against the stan
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -12,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from io import BytesIO
 from pathlib import Path
@@ -25,12 +28,15 @@ from dicomweb_client.api import DICOMwebClient
 from bench.common import embedded_archive, free_port, serve_processes
 from changefeed.checkpoint import FileCheckpoint
 from changefeed.commands import replicate
+from changefeed.consumer import ChangeFeedError
 from changefeed.replicate import DEFAULT_PARTITION, ReplicationStatus, Replicator, stow_body
 from dicomweb.cli import main
 from dicomweb.config import Settings
 from indexer.embedded import EmbeddedPostgres
 from storage import LocalBlobStore
+from storage.s3 import S3BlobStore
 from tests.fixtures.postgres import fresh_database
+from tests.fixtures.s3 import S3Server
 from tests.fixtures.server import RunningArchive, start_archive
 from tests.recovery_support import delete, holdings, instances, stow
 
@@ -297,6 +303,10 @@ async def test_a_series_the_batch_mostly_wants_is_read_in_one_request(
         ("--batch-size", "0", "argument --batch-size: must be within 1..10000, not '0'"),  # a traceback
         ("--parallel", "0", "argument --parallel: must be a whole number of at least 1, not '0'"),  # a hang
         ("--parallel", "-2", "argument --parallel: must be a whole number of at least 1, not '-2'"),
+        # an OverflowError traceback from bind(), after the feed was already being read
+        ("--metrics-port", "99999", "argument --metrics-port: must be a port within 1..65535, not '99999'"),
+        ("--metrics-port", "0", "argument --metrics-port: must be a port within 1..65535, not '0'"),
+        ("--metrics-port", "http", "argument --metrics-port: must be a port within 1..65535, not 'http'"),
     ],
 )
 def test_replicate_refuses_counts_it_cannot_run_with(
@@ -309,3 +319,106 @@ def test_replicate_refuses_counts_it_cannot_run_with(
         main(argv)
     assert exited.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(error)
+
+
+async def test_a_restarted_replicator_reports_its_checkpoint_before_its_first_batch(
+    local_archive: RunningArchive, standby: RunningArchive, tmp_path: Path
+) -> None:
+    """Restarted on a source with nothing new, the replicator said "replicated up to sequence 0" and its
+    status file and dicomweb_replication_sequence showed 0 until the next change: a monitor saw it fall to
+    the start of the feed. They now start at the checkpoint it resumes from."""
+    source, checkpoint, status_file = local_archive, tmp_path / "replica.checkpoint", tmp_path / "status.json"
+    async with httpx.AsyncClient(timeout=60) as client:
+        await stow(client, source.url, instances(7, 3))
+        assert (await run_once(source, standby, checkpoint)).position == 3
+        again = await replicate(
+            source.url, standby.url, checkpoint=str(checkpoint), follow=False, status_file=status_file
+        )
+    assert (again.position, again.copied, again.already_present) == (3, 0, 0)
+    assert orjson.loads(status_file.read_bytes())["position"] == 3
+    assert "dicomweb_replication_sequence 3\n" in again.prometheus()
+
+
+async def test_a_token_the_target_refuses_stops_the_replicator(
+    postgres_server: str, local_archive: RunningArchive, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer's token the standby refuses (401) is to stop the replicator with the reason, as a single
+    request's refusal did; since the batch's copies run in a TaskGroup the refusal came wrapped in an
+    ExceptionGroup, so it was retried for ever, each attempt logged with a traceback."""
+    async with fresh_database(postgres_server) as url:
+        blobs = tmp_path / "secured-blobs"
+        settings = Settings(data_dir=tmp_path / "secured")
+        thread, secured = start_archive(
+            settings, url, LocalBlobStore(blobs), LocalBlobStore(blobs), secure=True
+        )
+        try:
+            async with httpx.AsyncClient(timeout=60) as client:
+                await stow(client, local_archive.url, instances(8, 2))
+                await stow(client, local_archive.url, instances(9, 2))
+            with caplog.at_level(logging.WARNING, logger="changefeed.consumer"):
+                with pytest.raises(ChangeFeedError) as stopped:
+                    await asyncio.wait_for(
+                        replicate(
+                            local_archive.url, secured.url, checkpoint=str(tmp_path / "cp"), follow=False,
+                            target_token="not-a-token",
+                        ),
+                        timeout=60,
+                    )  # fmt: skip
+        finally:
+            thread.stop()
+    assert "HTTP 401" in str(stopped.value)
+    assert str(stopped.value).endswith("(a reader's token on the source, a writer's on the target)")
+    assert [r for r in caplog.records if "retrying" in r.getMessage()] == []
+    assert await FileCheckpoint(tmp_path / "cp").load() == 0
+
+
+async def test_a_store_refused_by_the_target_says_why(
+    local_archive: RunningArchive,
+    postgres_server: str,
+    s3_server: S3Server,
+    s3_bucket: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The standby answering 409 with failure reason 272 was logged as "failure reason 272" alone; the
+    reason the standby gave in its Warning header (here its bucket refusing the writes, elsewhere a
+    deadlock) is in the replicator's retry line now."""
+    async with fresh_database(postgres_server) as url:
+        refusing = S3BlobStore(
+            s3_bucket, f"t-{uuid.uuid4().hex}", endpoint_url=s3_server.endpoint_url, region=s3_server.region,
+            access_key=s3_server.access_key, secret_key="not-the-secret",
+        )  # fmt: skip
+        settings = Settings(data_dir=tmp_path / "refusing")
+        thread, target = start_archive(settings, url, refusing, LocalBlobStore(tmp_path / "unused"))
+        try:
+            async with httpx.AsyncClient(timeout=60) as client:
+                await stow(client, local_archive.url, instances(11, 1))
+            with caplog.at_level(logging.WARNING, logger="changefeed.consumer"):
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(
+                        replicate(
+                            local_archive.url, target.url, checkpoint=str(tmp_path / "cp"), follow=False
+                        ),
+                        timeout=3,
+                    )
+        finally:
+            thread.stop()
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert retries and "failure reason 272 (could not store the object: ClientError: " in retries[0]
+    assert "SignatureDoesNotMatch" in retries[0]
+    # an expected refusal: one line per retry, no ERROR with a traceback beside it
+    assert [r for r in caplog.records if r.name == "changefeed.consumer" and r.exc_info] == []
+
+
+def test_replicate_refuses_to_copy_an_archive_onto_itself(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--target the same as --source (a copy-paste slip) read the whole feed and found every instance
+    "already present" on itself, exit 0, as if a standby were in step. Refused before anything is read."""
+    argv = ["replicate", "--source", "http://127.0.0.1:9/v2", "--target", "http://127.0.0.1:9/v1/",
+            "--checkpoint", str(tmp_path / "checkpoint")]  # fmt: skip
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        "error: --source and --target are the same archive (http://127.0.0.1:9/v2)\n"
+    )
+    assert not (tmp_path / "checkpoint").exists()

@@ -655,3 +655,18 @@ async def _audit_of(database_url: str, action: str) -> list[asyncpg.Record]:
         )
     finally:
         await conn.close()
+
+
+async def test_cli_refuses_a_partition_name_the_routes_refuse(
+    pool: asyncpg.Pool, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`retention set --partition 'bad name!'` died with asyncpg's CheckViolationError traceback; the route
+    answers 400 for such a name, and so does the command now (exit 2, the same reason), for every verb."""
+    for verb in ("show", "set", "clear"):
+        args = ["retention", verb, "--partition", "bad name!", "--database-url", database_url]
+        assert await asyncio.to_thread(main, args) == 2
+        assert capsys.readouterr().err == (
+            "error: invalid partition name 'bad name!': use 1-64 letters, digits, '_', '.', '-'\n"
+        )
+    assert await pool.fetchval("SELECT count(*) FROM partition WHERE name = 'bad name!'") == 0
+    assert await pool.fetchval("SELECT count(*) FROM audit_event") == 0

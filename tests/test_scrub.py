@@ -324,3 +324,30 @@ def test_sweep_and_scrub_refuse_amounts_they_cannot_use(
         main([*argv, "--database-url", "postgresql://nowhere.invalid/x"])
     assert exited.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(error)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["sweep"], ["scrub"], ["audit", "verify"], ["token", "list"], ["backup", "BACKUP"]],
+)
+async def test_commands_on_no_archive_say_so(
+    command: list[str], database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped --data-dir made the command create a PostgreSQL cluster there and die with asyncpg's
+    UndefinedTableError traceback; an empty database (a mistyped --database-url) the same traceback.
+    Both are one line and exit 1 now, and the mistyped directory is not created."""
+    argv = [str(tmp_path / "backup") if a == "BACKUP" else a for a in command]
+    typo = tmp_path / "dicomweb-dta"
+    with pytest.raises(SystemExit) as exited:
+        await asyncio.to_thread(main, [*argv, "--data-dir", str(typo)])
+    assert exited.value.code == (
+        f"error: {typo} holds no archive: check --data-dir (`dicomweb serve` or `dicomweb migrate` makes one)"
+    )
+    assert not typo.exists() and not (tmp_path / "backup").exists()
+    with pytest.raises(SystemExit) as exited:
+        await asyncio.to_thread(main, [*argv, "--database-url", database_url])  # no migrations applied
+    assert exited.value.code == (
+        "error: the database holds no archive (no dicomweb tables): check --database-url "
+        "(`dicomweb migrate` prepares a new one)"
+    )
+    assert "Traceback" not in capsys.readouterr().err

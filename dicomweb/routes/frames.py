@@ -49,7 +49,7 @@ from dicomweb.negotiation import (
     select,
 )
 from dicomweb.ranges import parse_range
-from indexer.lookup import StoredInstance, find_bulk_index, find_metadata
+from indexer.lookup import StoredInstance, find_bulk_index, find_instances, find_metadata
 from storage.base import BlobNotFoundError, BlobStore
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,23 @@ async def frames_response(
     iterator = _produce(store, source, numbers, target)
     try:
         first = await anext(iterator)
+    except _ObjectGone as exc:
+        instance = source.instance
+        uids = instance.study_instance_uid, instance.series_instance_uid, instance.sop_instance_uid
+        if not any(
+            i.storage_key == instance.storage_key for i in await find_instances(pool, partition, *uids)
+        ):
+            raise HTTPProblem(404, "the instance was deleted while it was read") from exc
+        log.error(
+            "frames of instance %s/%s/%s: its object %s is missing from the store",
+            *uids,
+            instance.storage_key,
+        )
+        raise HTTPProblem(
+            500,
+            f"instance {instance.sop_instance_uid} is damaged: its stored object is missing from the store "
+            "(reported to the archive's log)",
+        ) from exc
     except (PixelDataError, TranscodeError) as exc:
         hint = "; transfer-syntax=* delivers them as stored" if target != source.frame_syntax else ""
         what = f"frames of instance {source.instance.sop_instance_uid}"
@@ -258,7 +275,7 @@ async def frames_response(
                 frame = await anext(iterator)
             except StopAsyncIteration:
                 frame = None
-            except (PixelDataError, TranscodeError, HTTPProblem) as exc:
+            except (PixelDataError, TranscodeError, HTTPProblem, _ObjectGone) as exc:
                 # the status line is sent: end the body early rather than send a wrong frame
                 log.warning("frames of %s cut short: %s", source.instance.sop_instance_uid, exc)
                 return
@@ -286,11 +303,21 @@ async def _produce(
         frames: AsyncIterator[bytes] = _iterate(raw_frames)
     else:
         frames = _ranged_frames(store, key, source.table, numbers)
-    async for frame in frames:
-        if target == source.frame_syntax:
-            yield frame
-        else:
-            yield await asyncio.to_thread(transcode_frame, frame, source.frame_syntax, source.pixel, target)
+    try:
+        async for frame in frames:
+            if target == source.frame_syntax:
+                yield frame
+            else:
+                yield await asyncio.to_thread(
+                    transcode_frame, frame, source.frame_syntax, source.pixel, target
+                )
+    except ShortObjectError as exc:
+        log.error("frames of instance %s: %s", source.instance.sop_instance_uid, exc)
+        raise HTTPProblem(
+            500,
+            f"instance {source.instance.sop_instance_uid} is damaged: its stored object is shorter than "
+            "recorded at ingest",
+        ) from exc
 
 
 async def _iterate(items: list[bytes]) -> AsyncIterator[bytes]:
@@ -313,6 +340,10 @@ async def _ranged_frames(
         yield await read_frame(store, key, table[n - 1])
 
 
+class ShortObjectError(Exception):
+    """A stored object shorter than the frame table recorded at ingest says: it was cut after ingest."""
+
+
 async def read_frame(store: BlobStore, key: str, pieces: list[Extent]) -> bytes:
     """One frame with one ranged read: the span from its first to its last piece (fragments are apart only
     by their 8-byte item headers), then the pieces cut out of it."""
@@ -321,7 +352,11 @@ async def read_frame(store: BlobStore, key: str, pieces: list[Extent]) -> bytes:
     try:
         span = await store.read(key, start, end)
     except BlobNotFoundError as exc:
-        raise HTTPProblem(404, "the instance was deleted while it was read") from exc
+        raise _ObjectGone(key) from exc
+    if len(span) != end - start:  # frames are not hashed (docs/integrity.md), but a cut object shows here
+        raise ShortObjectError(
+            f"object {key} ends before byte {end} of its frame table ({len(span)} of bytes {start}..{end})"
+        )
     if len(pieces) == 1:
         return span
     return b"".join(span[offset - start : offset - start + length] for offset, length in pieces)
@@ -331,4 +366,9 @@ async def _read_all(store: BlobStore, key: str) -> bytes:
     try:
         return await store.read(key)
     except BlobNotFoundError as exc:
-        raise HTTPProblem(404, "the instance was deleted while it was read") from exc
+        raise _ObjectGone(key) from exc
+
+
+class _ObjectGone(Exception):
+    """The object of a frame's instance is not in the store: deleted while it was read, or missing (the
+    first frame tells which, before answering; later ones can only end the response)."""

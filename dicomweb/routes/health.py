@@ -6,6 +6,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from dicomweb.context import context
+from storage.s3 import StoreUnusableError
 
 
 async def live(request: Request) -> JSONResponse:
@@ -22,8 +23,10 @@ async def _checks(request: Request) -> dict[str, str]:
     except Exception as exc:
         checks["database"] = f"error: {exc.__class__.__name__}"
     try:
-        await ctx.store.exists("health/probe")
+        await ctx.store.check_ready()
         checks["storage"] = "ok"
+    except StoreUnusableError as exc:  # its one-line reason: a missing bucket, refused credentials
+        checks["storage"] = f"error: {exc}"
     except Exception as exc:
         checks["storage"] = f"error: {exc.__class__.__name__}"
     return checks

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
+import asyncpg
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -166,9 +168,8 @@ async def retrieve(request: Request) -> Response:
     offers = (_MULTIPART_DICOM, _SINGLE_DICOM) if sop else (_MULTIPART_DICOM,)
     ranked = _rank(request, offers)
     ctx = context(request)
-    instances = await find_instances(
-        ctx.pool, await partition_key(request), study, series, sop, original=wants_original(request)
-    )
+    key = await partition_key(request)
+    instances = await find_instances(ctx.pool, key, study, series, sop, original=wants_original(request))
     if not instances:
         raise not_found(study, series, sop)
     if sop:
@@ -190,6 +191,8 @@ async def retrieve(request: Request) -> Response:
                 etag = _instance_etag(request, instance.sha256, media_type)
                 if matches_if_none_match(request, etag):
                     return not_modified(etag)
+            if not isinstance(body, bytes):
+                body = await _started(ctx.pool, key, instance, body, original=wants_original(request))
             if media_type == "application/dicom":
                 response = _single(syntax, length, body)
                 if etag is not None:
@@ -209,7 +212,7 @@ async def retrieve(request: Request) -> Response:
         if not any(_syntax_possible(instance.transfer_syntax_uid, t) for t in targets):
             raise _Undeliverable(instance, _refusals(instance.transfer_syntax_uid, targets)).problem()
     if all(_as_stored(instance, targets) for instance in instances):
-        return _stored_multipart(request, ctx.store, instances, targets)
+        return await _stored_multipart(request, ctx.store, key, instances, targets)
     # the first instance is produced before answering, so that a refusal is a clear 406, not a cut body
     try:
         first = await _deliver(ctx.store, instances[0], targets)
@@ -292,8 +295,8 @@ def _part_headers(root: str, instance: StoredInstance, syntax: str, length: int)
     }
 
 
-def _stored_multipart(
-    request: Request, store: BlobStore, instances: list[StoredInstance], targets: list[str]
+async def _stored_multipart(
+    request: Request, store: BlobStore, key: int, instances: list[StoredInstance], targets: list[str]
 ) -> Response:
     """Every instance sent as stored (transfer-syntax=*, the common case): the body is framed here, not by
     write_multipart. Each part's head is made once (it gives the Content-Length too), and each batch of
@@ -307,19 +310,39 @@ def _stored_multipart(
         for n, i in enumerate(instances)
     ]
     length = sum(map(len, heads)) + sum(i.size for i in instances) + len(closing(raw))
+    groups = _groups(instances, targets)
+    # the first batch is read before answering: an object missing from it is then a clear 500, not a 200
+    # cut short (later batches can only cut the response)
+    first: asyncio.Future[bytes | bytearray | None] | None = None
+    if groups and (len(groups[0]) > 1 or _batched(groups[0][0], targets)):
+        first = asyncio.ensure_future(_read_framed(store, groups[0], heads[: len(groups[0])]))
+        try:
+            await asyncio.shield(first)
+        except _ObjectGone as exc:
+            await _missing_problem(request, store, key, groups[0], exc)
+        except DigestMismatchError as exc:
+            altered = next(i for i in groups[0] if i.storage_key == exc.key)
+            raise _altered_problem(altered) from exc
     return StreamingResponse(
-        _stored_body(store, instances, heads, targets, raw),
+        _stored_body(store, instances, heads, targets, raw, groups, first),
         media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
         headers={"Content-Length": str(length)},
     )
 
 
 async def _stored_body(
-    store: BlobStore, instances: list[StoredInstance], heads: list[bytes], targets: list[str], boundary: bytes
+    store: BlobStore,
+    instances: list[StoredInstance],
+    heads: list[bytes],
+    targets: list[str],
+    boundary: bytes,
+    groups: list[list[StoredInstance]],
+    first: asyncio.Future[bytes | bytearray | None] | None,
 ) -> AsyncIterator[bytes | memoryview]:
     """The framed body, in order; the next batch is read (and hashed, in the reading thread) while the
-    current one is sent. The length is declared, so an object gone meanwhile cuts the response short."""
-    groups, starts = _groups(instances, targets), []
+    current one is sent (`first`: the first batch, already read). The length is declared, so an object
+    gone meanwhile cuts the response short."""
+    starts: list[int] = []
     start = 0
     for group in groups:
         starts.append(start)
@@ -331,7 +354,7 @@ async def _stored_body(
             return asyncio.ensure_future(_no_batch())
         return asyncio.ensure_future(_read_framed(store, group, heads[starts[n] : starts[n] + len(group)]))
 
-    ahead = read(0) if groups else None
+    ahead = (first if first is not None else read(0)) if groups else None
     try:
         for n, group in enumerate(groups):
             assert ahead is not None
@@ -470,12 +493,79 @@ async def _object(store: BlobStore, instance: StoredInstance) -> AsyncIterator[b
     try:
         async for chunk in verified(store.stream(key), key, instance.sha256):
             yield chunk
-    except BlobNotFoundError:
-        # deleted between lookup and read: the headers are sent, so all that is left is to end the body
-        return
+    except BlobNotFoundError as exc:
+        # deleted between lookup and read, or missing from the store (_started tells which before answering)
+        raise _ObjectGone(f"the object of instance {instance.sop_instance_uid} is not in the store") from exc
     except DigestMismatchError as exc:
         _report_altered(instance, exc)
         raise  # the response is under way: raising makes the server close the connection mid-body
+
+
+async def _missing_problem(
+    request: Request, store: BlobStore, key: int, group: list[StoredInstance], exc: Exception
+) -> NoReturn:
+    """Raise the answer for a batch of which an object could not be read before anything was sent: 500
+    naming an instance the index still references whose object the store does not hold (logged with its
+    key); else (deleted while it was read) 409, as the retrieval can be asked again."""
+    for instance in group:
+        if await store.exists(instance.storage_key):
+            continue
+        uids = instance.study_instance_uid, instance.series_instance_uid, instance.sop_instance_uid
+        again = await find_instances(context(request).pool, key, *uids, original=wants_original(request))
+        if any(i.storage_key == instance.storage_key for i in again):
+            log.error(
+                "retrieve: instance %s/%s/%s: its object %s is missing from the store",
+                *uids,
+                instance.storage_key,
+            )
+            raise _missing(instance) from exc
+    raise HTTPProblem(409, "instances changed while they were read; retrieve them again") from exc
+
+
+def _missing(instance: StoredInstance) -> HTTPProblem:
+    return HTTPProblem(
+        500,
+        f"instance {instance.sop_instance_uid} is damaged: its stored object is missing from the store "
+        "(reported to the archive's log)",
+    )
+
+
+async def _started(
+    pool: asyncpg.Pool, key: int, instance: StoredInstance, body: AsyncIterator[bytes], *, original: bool
+) -> AsyncIterator[bytes]:
+    """`body` with its first chunk read before the response starts, so that an object the store does not
+    hold is an error answer rather than a 200 cut short (and an altered object of one chunk, the common
+    case, is refused whole). Missing while the index still references it: 500, logged with its key (the
+    scrub reports it too); deleted meanwhile: 404."""
+    try:
+        first = await anext(body)
+    except StopAsyncIteration:
+        return _chunks([])
+    except DigestMismatchError as exc:  # _object reported it
+        raise _altered_problem(instance) from exc
+    except _ObjectGone as exc:
+        uids = instance.study_instance_uid, instance.series_instance_uid, instance.sop_instance_uid
+        again = await find_instances(pool, key, *uids, original=original)
+        if not any(i.storage_key == instance.storage_key for i in again):
+            raise not_found(*uids) from exc  # deleted while it was read
+        log.error(
+            "retrieve: instance %s/%s/%s: its object %s is missing from the store",
+            *uids,
+            instance.storage_key,
+        )
+        raise _missing(instance) from exc
+    return _chained(first, body)
+
+
+async def _chained(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+async def _chunks(items: list[bytes]) -> AsyncIterator[bytes]:
+    for item in items:
+        yield item
 
 
 def _report_altered(instance: StoredInstance, exc: DigestMismatchError) -> None:
