@@ -24,6 +24,7 @@ from deid.engine import Deidentified, output_key
 from storage import LocalBlobStore, S3BlobStore
 from storage.base import BlobStore, validate_key
 from storage.local import TMP_DIR_NAME
+from storage.s3 import StoreUnusableError
 
 
 class Sink(Protocol):
@@ -180,11 +181,14 @@ async def check_destination(store: BlobStore) -> None:
     if isinstance(store, S3BlobStore):
         try:
             await store.check_bucket()
-        except ClientError as exc:
+        except StoreUnusableError as exc:
+            cause = exc.__cause__  # what S3 answered, which unusable_reason reads
             # HeadBucket needs s3:ListBucket, which a write-only drop bucket's credentials lack: the
             # uploads themselves tell (an errors.log refused with 403 fails the export then)
-            if str(exc.response.get("Error", {}).get("Code", "")) not in _DENIED:
-                raise
+            code = cause.response.get("Error", {}).get("Code", "") if isinstance(cause, ClientError) else ""
+            if str(code) in _DENIED:
+                return
+            raise (cause if isinstance(cause, Exception) else exc) from None
     elif isinstance(store, LocalBlobStore):
         fd, name = await asyncio.to_thread(tempfile.mkstemp, dir=store.root / TMP_DIR_NAME)
         os.close(fd)

@@ -66,7 +66,10 @@ def _unavailable(exc: BaseException) -> str | None:
         | asyncpg.CannotConnectNowError
         | asyncpg.AdminShutdownError
         | asyncpg.CrashShutdownError
-        | asyncpg.ConnectionDoesNotExistError,
+        | asyncpg.ConnectionDoesNotExistError
+        # a pooled connection whose server died under an earlier query: asyncpg's protocol state machine
+        # refuses the next one ("cannot switch to state 15; another operation (2) is in progress")
+        | asyncpg.InternalClientError,
     ):
         return "the database"
     if isinstance(exc, EndpointConnectionError | ConnectionClosedError | ConnectTimeoutError):

@@ -230,12 +230,6 @@ class S3BlobStore(BlobStore):
             if _error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise
 
-    async def check_bucket(self) -> None:
-        """Raise what S3 answers when the bucket cannot be reached with these credentials (HeadBucket):
-        botocore's NoCredentialsError, or a ClientError (404 no such bucket, 403 access denied)."""
-        client = await self._get_client()
-        await client.head_bucket(Bucket=self.bucket)
-
     async def check_object_lock(self) -> None:
         """With object_lock set, fail unless the bucket has Object Lock enabled: retention was asked for,
         and writing unprotected objects instead would be silent."""

@@ -12,6 +12,7 @@ from deid.engine import Deidentified, output_key
 from deid.sinks import UPLOADS_IN_FLIGHT, BlobSink, check_destination, unusable_reason
 from dicomcore.deidentify import Identity
 from storage import BlobStore, S3BlobStore
+from storage.s3 import StoreUnusableError
 
 TS = "1.2.840.10008.1.2.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -61,8 +62,8 @@ async def test_a_bucket_that_denies_head_bucket_is_not_refused_before_writing() 
             super().__init__("drop-bucket")
             self.code = code
 
-        async def check_bucket(self) -> None:
-            raise ClientError({"Error": {"Code": self.code}}, "HeadBucket")
+        async def check_bucket(self) -> None:  # S3BlobStore.check_bucket's refusal, with S3's answer as cause
+            raise StoreUnusableError("refused") from ClientError({"Error": {"Code": self.code}}, "HeadBucket")
 
     await check_destination(Denied("403"))
     await check_destination(Denied("AccessDenied"))
