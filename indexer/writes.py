@@ -429,6 +429,13 @@ async def replace_instances(
     version then read as replaced. The instance's first version is kept in instance_original; an
     intermediate version's object is queued for deletion.
     """
+    # the study rows first, as ingest and a delete lock them (see lock_study_row), then the instance rows
+    await conn.execute(
+        """SELECT FROM study WHERE study_key IN
+               (SELECT study_key FROM instance WHERE instance_key = ANY($1::bigint[]))
+           ORDER BY study_instance_uid FOR UPDATE""",
+        [v.instance_key for v in versions],
+    )
     rows = await conn.fetch(
         """SELECT instance_key, storage_key FROM instance
            WHERE instance_key = ANY($1::bigint[]) ORDER BY instance_key FOR UPDATE""",
@@ -465,6 +472,26 @@ def keep_originals_sql(source: str, where: str) -> str:
                ON CONFLICT (partition_key, sop_instance_uid) DO NOTHING RETURNING storage_key"""
 
 
+async def lock_study_row(conn: asyncpg.Connection, partition_key: int, study_uid: str) -> bool:
+    """Lock the study's row before removing any of its instances; False when the study is not indexed.
+
+    Every ingest into the study locks this row (its upsert) before it inserts instances, and holds it to its
+    commit. A delete that read and deleted instances first and met that lock only at its recount would
+    recount, and prune empty series and studies, with a snapshot taken before the ingest committed: the
+    counters would leave the new instances out, and the prune would delete their series or study row, whose
+    ON DELETE CASCADE removes the new instance rows with no change feed entry and no queued object. With the
+    row locked first, each later statement of the delete starts after any such ingest has committed (or the
+    ingest waits for the delete). Bulk update (replace_instances) locks the study rows before the instance
+    rows too, in this order.
+    """
+    found = await conn.fetchval(
+        "SELECT true FROM study WHERE partition_key = $1 AND study_instance_uid = $2 FOR UPDATE",
+        partition_key,
+        study_uid,
+    )
+    return bool(found)
+
+
 async def remove_instances(
     conn: asyncpg.Connection,
     partition_key: int,
@@ -479,6 +506,8 @@ async def remove_instances(
     Runs in the caller's transaction; returns what was removed (empty: nothing matched, i.e. 404).
     `keep_objects`: queue nothing, because the caller keeps the objects for a restore window (retention/).
     """
+    if not await lock_study_row(conn, partition_key, study_uid):
+        return []
     where, args = scope_sql(study_uid, series_uid, sop_uid)
     rows = await conn.fetch(
         f"""SELECT i.instance_key, i.study_key, i.series_key, i.sop_instance_uid, i.storage_key,

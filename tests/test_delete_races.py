@@ -1,0 +1,99 @@
+"""A DELETE that races a STOW into the same study: neither may undo the other's committed rows.
+
+The STOW's transaction is held open at its flush (after its index statements, before its commit) while the
+DELETE of another instance of the study runs; then the STOW commits and the DELETE finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+from pathlib import Path
+
+import asyncpg
+import pydicom
+
+from archive.removal import delete_instances
+from bench.synthetic import instance_variants, make_study
+from storage import LocalBlobStore
+from tests.test_ingest_durability import _HeldFlushStore, _ingest, _wait_for_open_transaction
+
+
+async def _wait_for_lock_wait(pool: asyncpg.Pool) -> None:
+    for _ in range(500):
+        if await pool.fetchval(
+            """SELECT EXISTS (SELECT FROM pg_stat_activity WHERE datname = current_database()
+               AND pid <> pg_backend_pid() AND wait_event_type = 'Lock')"""
+        ):
+            return
+        await asyncio.sleep(0.01)
+
+
+async def _race(pool: asyncpg.Pool, tmp_path: Path, seed: int, scope: str) -> tuple[str, list[str], list]:
+    """Store instance A; hold a STOW of B (same series) open; meanwhile DELETE A (`scope` "instance") or
+    the series; let the STOW commit. Returns the study, A's and B's SOP Instance UIDs, what was removed."""
+    spec = make_study(random.Random(seed), series_count=1)
+    first, second = instance_variants(spec, 0, 2, start=seed * 100)
+    plain = LocalBlobStore(tmp_path / "blobs")
+    assert [o.failure for o in await _ingest(pool, plain, [first])] == [None]
+    sop_a = pydicom.dcmread(io.BytesIO(first)).SOPInstanceUID
+    sop_b = pydicom.dcmread(io.BytesIO(second)).SOPInstanceUID
+    held = _HeldFlushStore(tmp_path / "blobs")
+    stow = asyncio.create_task(_ingest(pool, held, [second]))
+    try:
+        await asyncio.wait_for(held.started.wait(), 30)
+        await _wait_for_open_transaction(pool)
+        delete = asyncio.create_task(
+            delete_instances(
+                pool, 1, spec.study_uid, spec.series[0][0], sop_a if scope == "instance" else None
+            )
+        )
+        await _wait_for_lock_wait(pool)
+    finally:
+        held.release.set()
+    assert [o.failure for o in await asyncio.wait_for(stow, 30)] == [None]
+    removed = await asyncio.wait_for(delete, 30)
+    await plain.close()
+    await held.close()
+    return spec.study_uid, [sop_a, sop_b], removed
+
+
+async def _state(pool: asyncpg.Pool, study_uid: str) -> dict[str, object]:
+    row = await pool.fetchrow(
+        """SELECT (SELECT array_agg(sop_instance_uid ORDER BY sop_instance_uid) FROM instance i
+                   JOIN study s USING (study_key) WHERE s.study_instance_uid = $1) AS sops,
+                  (SELECT instance_count FROM study WHERE study_instance_uid = $1) AS study_count,
+                  (SELECT sum(x.instance_count) FROM series x JOIN study s USING (study_key)
+                   WHERE s.study_instance_uid = $1) AS series_count,
+                  (SELECT array_agg(sop_instance_uid || ':' || action ORDER BY sequence) FROM changefeed
+                   WHERE study_instance_uid = $1) AS feed""",
+        study_uid,
+    )
+    return dict(row)
+
+
+async def test_a_stow_committed_while_an_instance_delete_waits_keeps_its_instance(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    study, (a, b), removed = await _race(pool, tmp_path, 1, "instance")
+    assert [r.sop_instance_uid for r in removed] == [a]
+    state = await _state(pool, study)
+    # B was answered 200 and has a Create entry: its row must still be there, and counted
+    assert state == {"sops": [b], "study_count": 1, "series_count": 1, "feed": [f"{a}:0", f"{b}:0", f"{a}:2"]}
+
+
+async def test_a_stow_committed_while_a_series_delete_waits_is_counted(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    study, (a, b), removed = await _race(pool, tmp_path, 2, "series")
+    state = await _state(pool, study)
+    gone = sorted(r.sop_instance_uid for r in removed)
+    left = sorted({a, b} - set(gone))
+    # whatever the delete took, the rest is indexed, counted, and the feed says the same
+    assert state["sops"] == (left or None)
+    assert state["study_count"] == (len(left) or None)
+    assert state["series_count"] == (len(left) or None)
+    creates = {e.split(":")[0] for e in state["feed"] if e.endswith(":0")}
+    deletes = {e.split(":")[0] for e in state["feed"] if e.endswith(":2")}
+    assert creates == {a, b} and deletes == set(gone)
