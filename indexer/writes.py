@@ -429,12 +429,32 @@ async def replace_instances(
     version then read as replaced. The instance's first version is kept in instance_original; an
     intermediate version's object is queued for deletion.
     """
-    # the study rows first, as ingest and a delete lock them (see lock_study_row), then the instance rows
+    # The patient and study rows first, in ingest's order (see lock_study_row), then the instance rows. The
+    # patients are those the instances have and those the new versions will have (an update can change
+    # PatientID): upserted here, in ingest's order, as the re-index below will upsert them, so that a STOW
+    # carrying the new PatientID (which locks that patient, then the study) cannot hold it meanwhile.
+    keys = [v.instance_key for v in versions]
+    identities = sorted({patient_identity(v.record.attrs) for v in versions})
+    await conn.execute(
+        """INSERT INTO patient (partition_key, patient_id, issuer_of_patient_id)
+           SELECT $1, p.patient_id, p.issuer_of_patient_id FROM (
+               SELECT patient_id, issuer_of_patient_id FROM patient WHERE patient_key IN
+                   (SELECT st.patient_key FROM instance i JOIN study st USING (study_key)
+                    WHERE i.instance_key = ANY($2::bigint[]))
+               UNION SELECT * FROM unnest($3::text[], $4::text[])) p
+           ORDER BY p.patient_id, p.issuer_of_patient_id
+           ON CONFLICT (partition_key, patient_id, issuer_of_patient_id)
+           DO UPDATE SET patient_id = EXCLUDED.patient_id""",
+        partition_key,
+        keys,
+        [i[0] for i in identities],
+        [i[1] for i in identities],
+    )
     await conn.execute(
         """SELECT FROM study WHERE study_key IN
                (SELECT study_key FROM instance WHERE instance_key = ANY($1::bigint[]))
            ORDER BY study_instance_uid FOR UPDATE""",
-        [v.instance_key for v in versions],
+        keys,
     )
     rows = await conn.fetch(
         """SELECT instance_key, storage_key FROM instance
@@ -484,12 +504,43 @@ async def lock_study_row(conn: asyncpg.Connection, partition_key: int, study_uid
     ingest waits for the delete). Bulk update (replace_instances) locks the study rows before the instance
     rows too, in this order.
     """
-    found = await conn.fetchval(
-        "SELECT true FROM study WHERE partition_key = $1 AND study_instance_uid = $2 FOR UPDATE",
-        partition_key,
-        study_uid,
-    )
-    return bool(found)
+    # Its patient's row before it, in ingest's order (patient, study, series): a STOW locks the patient row
+    # and then waits for the study, and the delete's second update of the study row (its level attributes,
+    # after the recount updated it) checks the patient foreign key, which waits for the STOW's lock. A STOW
+    # with another PatientID can move the study to another patient between the two locks: then both are
+    # given back (the savepoint) and taken again, rather than the new patient locked after the study.
+    for attempt in range(_RELOCK_TRIES):
+        try:
+            async with conn.transaction():
+                patient_key = await conn.fetchval(
+                    """SELECT patient_key FROM patient WHERE patient_key =
+                           (SELECT patient_key FROM study
+                            WHERE partition_key = $1 AND study_instance_uid = $2)
+                       FOR KEY SHARE""",
+                    partition_key,
+                    study_uid,
+                )
+                locked = await conn.fetchrow(
+                    """SELECT patient_key FROM study WHERE partition_key = $1 AND study_instance_uid = $2
+                       FOR UPDATE""",
+                    partition_key,
+                    study_uid,
+                )
+                if locked is None:
+                    return False
+                if locked["patient_key"] == patient_key or attempt == _RELOCK_TRIES - 1:
+                    return True
+                raise _Moved  # leaves the savepoint: both row locks are released
+        except _Moved:
+            continue
+    return True  # not reached
+
+
+_RELOCK_TRIES = 5
+
+
+class _Moved(Exception):
+    """The study moved to another patient between the two locks of lock_study_row."""
 
 
 async def remove_instances(

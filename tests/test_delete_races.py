@@ -14,8 +14,10 @@ from pathlib import Path
 import asyncpg
 import pydicom
 
+from archive.ingest import prepare, record_of
 from archive.removal import delete_instances
-from bench.synthetic import instance_variants, make_study
+from bench.synthetic import instance_variants, make_study, to_bytes
+from indexer.writes import NewVersion, replace_instances
 from storage import LocalBlobStore
 from tests.test_ingest_durability import _HeldFlushStore, _ingest, _wait_for_open_transaction
 
@@ -97,3 +99,85 @@ async def test_a_stow_committed_while_a_series_delete_waits_is_counted(
     creates = {e.split(":")[0] for e in state["feed"] if e.endswith(":0")}
     deletes = {e.split(":")[0] for e in state["feed"] if e.endswith(":2")}
     assert creates == {a, b} and deletes == set(gone)
+
+
+async def _lock_waiters(pool: asyncpg.Pool, count: int) -> None:
+    for _ in range(500):
+        waiting = await pool.fetchval(
+            """SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+               AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'"""
+        )
+        if waiting >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"fewer than {count} backends waiting for a lock")
+
+
+async def test_a_delete_and_a_stow_of_the_same_patient_do_not_deadlock(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """The delete holds the study row; a STOW into the study has locked the patient row and waits for the
+    study; the delete then updates the study row a second time (its level attributes), which checks the
+    patient foreign key. Both must finish: no deadlock, neither request fails."""
+    spec = make_study(random.Random(3), series_count=1)
+    first, second, third = instance_variants(spec, 0, 3, start=300)
+    store = LocalBlobStore(tmp_path / "blobs")
+    assert [o.failure for o in await _ingest(pool, store, [first, second])] == [None, None]
+    sop_a = pydicom.dcmread(io.BytesIO(first)).SOPInstanceUID
+    # pause the delete after its first locks: another transaction holds the instance row it wants
+    async with pool.acquire() as blocker:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("SELECT FROM instance WHERE sop_instance_uid = $1 FOR UPDATE", sop_a)
+        delete = asyncio.create_task(delete_instances(pool, 1, spec.study_uid, spec.series[0][0], sop_a))
+        await _lock_waiters(pool, 1)
+        stow = asyncio.create_task(_ingest(pool, store, [third]))
+        await _lock_waiters(pool, 2)
+        await tx.rollback()
+    removed = await asyncio.wait_for(delete, 30)
+    outcomes = await asyncio.wait_for(stow, 30)
+    assert [r.sop_instance_uid for r in removed] == [sop_a]
+    assert [(o.failure, o.message or None) for o in outcomes] == [(None, None)]
+    state = await _state(pool, spec.study_uid)
+    assert (state["study_count"], state["series_count"], len(state["sops"])) == (2, 2, 2)
+    await store.close()
+
+
+async def test_an_update_to_a_new_patient_id_and_a_stow_carrying_it_do_not_deadlock(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """A bulk update's step holds the study and then upserts the new PatientID's patient row; a STOW into the
+    study carrying that PatientID locks that patient row first and then waits for the study. Both finish."""
+    spec = make_study(random.Random(4), series_count=1)
+    first, second = instance_variants(spec, 0, 2, start=400)
+    store = LocalBlobStore(tmp_path / "blobs")
+    assert [o.failure for o in await _ingest(pool, store, [first])] == [None]
+    row = await pool.fetchrow("SELECT instance_key, storage_key FROM instance")
+    ds = pydicom.dcmread(io.BytesIO(first))
+    ds.PatientID = "MERGED-1"
+    prepared = prepare(io.BytesIO(to_bytes(ds)))
+    version = NewVersion(row["instance_key"], row["storage_key"], record_of(prepared, "p1/updated.dcm"))
+    incoming = pydicom.dcmread(io.BytesIO(second))
+    incoming.PatientID = "MERGED-1"
+
+    async def update() -> list[int | None]:
+        async with pool.acquire() as conn, conn.transaction():
+            return await replace_instances(conn, 1, [version])
+
+    # pause the update after its first locks: another transaction holds the instance row it wants
+    async with pool.acquire() as blocker:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("SELECT FROM instance FOR UPDATE")
+        updating = asyncio.create_task(update())
+        await _lock_waiters(pool, 1)
+        stow = asyncio.create_task(_ingest(pool, store, [to_bytes(incoming)]))
+        await _lock_waiters(pool, 2)
+        await tx.rollback()
+    new_keys = await asyncio.wait_for(updating, 30)
+    outcomes = await asyncio.wait_for(stow, 30)
+    assert new_keys[0] is not None
+    assert [(o.failure, o.message or None) for o in outcomes] == [(None, None)]
+    state = await _state(pool, spec.study_uid)
+    assert (state["study_count"], state["series_count"], len(state["sops"])) == (2, 2, 2)
+    await store.close()
