@@ -539,6 +539,30 @@ async def lock_study_row(conn: asyncpg.Connection, partition_key: int, study_uid
 _RELOCK_TRIES = 5
 
 
+async def lock_study_rows(conn: asyncpg.Connection, partition_key: int, study_uids: list[str]) -> None:
+    """Lock the patient and study rows of several studies at once, in ingest's order, before a transaction
+    deletes them one after the other (the expiry sweep's step).
+
+    Each deletion appends to the change feed, and the counter row it locks is held to the commit. Were the
+    next study's rows locked only then, a STOW holding them and waiting for the counter would deadlock with
+    the step. A study that moves to another patient meanwhile is locked again by lock_study_row.
+    """
+    await conn.execute(
+        """SELECT FROM patient WHERE patient_key IN
+               (SELECT patient_key FROM study
+                WHERE partition_key = $1 AND study_instance_uid = ANY($2::text[]))
+           ORDER BY patient_id, issuer_of_patient_id FOR KEY SHARE""",
+        partition_key,
+        study_uids,
+    )
+    await conn.execute(
+        """SELECT FROM study WHERE partition_key = $1 AND study_instance_uid = ANY($2::text[])
+           ORDER BY study_instance_uid FOR UPDATE""",
+        partition_key,
+        study_uids,
+    )
+
+
 class _Moved(Exception):
     """The study moved to another patient between the two locks of lock_study_row."""
 

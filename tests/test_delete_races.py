@@ -7,8 +7,10 @@ DELETE of another instance of the study runs; then the STOW commits and the DELE
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import random
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -17,7 +19,10 @@ import pydicom
 from archive.ingest import prepare, record_of
 from archive.removal import delete_instances
 from bench.synthetic import instance_variants, make_study, to_bytes
+from indexer.operations import create_operation
 from indexer.writes import NewVersion, replace_instances
+from retention.policy import RetentionPolicy, set_policy
+from retention.sweep import RETENTION_SWEEP, RetentionSweepHandler
 from storage import LocalBlobStore
 from tests.test_ingest_durability import _HeldFlushStore, _ingest, _wait_for_open_transaction
 
@@ -180,4 +185,55 @@ async def test_an_update_to_a_new_patient_id_and_a_stow_carrying_it_do_not_deadl
     assert [(o.failure, o.message or None) for o in outcomes] == [(None, None)]
     state = await _state(pool, spec.study_uid)
     assert (state["study_count"], state["series_count"], len(state["sops"])) == (2, 2, 2)
+    await store.close()
+
+
+async def test_an_expiry_sweep_and_a_stow_into_an_expiring_study_do_not_deadlock(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """A sweep step deletes several studies in one transaction, and each deletion appends to the change
+    feed (whose counter row it then holds to its commit). A STOW into the step's second study, holding that
+    study's patient and study rows and waiting for the counter, must not be what the step waits for."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    specs = [make_study(random.Random(seed), series_count=1) for seed in (5, 6)]
+    for n, spec in enumerate(specs):
+        assert [
+            o.failure for o in await _ingest(pool, store, instance_variants(spec, 0, 2, start=500 + n * 10))
+        ] == [
+            None,
+            None,
+        ]
+    await pool.execute("UPDATE study SET created_at = now() - interval '3 days'")
+    await set_policy(pool, 1, RetentionPolicy(expire_after_days=1))
+    handler = RetentionSweepHandler(lambda: datetime.now(UTC), lambda event: None)
+    async with pool.acquire() as conn:
+        op = await create_operation(conn, RETENTION_SWEEP, {}, [])
+
+    async def sweep() -> None:
+        nonlocal op
+        while True:
+            async with pool.acquire() as conn, conn.transaction():
+                step = await handler.step(conn, op)
+            if step.done:
+                return
+            op = dataclasses.replace(op, checkpoint=step.checkpoint)
+
+    later = instance_variants(specs[1], 0, 1, start=600)
+    async with pool.acquire() as blocker:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute(
+            "SELECT FROM study WHERE study_instance_uid = $1 FOR UPDATE", specs[1].study_uid
+        )
+        stow = asyncio.create_task(_ingest(pool, store, later))  # holds the patient, waits for the study
+        await _lock_waiters(pool, 1)
+        sweeping = asyncio.create_task(sweep())
+        await _lock_waiters(pool, 2)
+        await tx.rollback()
+    outcomes = await asyncio.wait_for(stow, 30)
+    await asyncio.wait_for(sweeping, 30)
+    assert [(o.failure, o.message or None) for o in outcomes] == [(None, None)]
+    # the first study is gone; the second is gone too, or holds the STOW's instance if it came after
+    left = await pool.fetchval("SELECT count(*) FROM instance")
+    assert left in (0, 1)
     await store.close()
