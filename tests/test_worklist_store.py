@@ -227,3 +227,16 @@ async def test_concurrent_creates_with_a_global_subscriber_do_not_deadlock(pool:
     rows = await pool.fetch("SELECT ae_title, last_sequence FROM ups_subscriber ORDER BY ae_title")
     # two reports per item (its state, and Assigned: the item names a station), each AE's sequence dense
     assert [(r["ae_title"], r["last_sequence"]) for r in rows] == [("RACE-A", 48), ("RACE-B", 48)]
+
+
+async def test_concurrent_subscriptions_of_one_ae_do_not_deadlock(pool: asyncpg.Pool) -> None:
+    """An AE subscribing to several items at once: each subscription's foreign key share-locks the
+    subscriber row before its initial report locks the row for update."""
+    from worklist.subscriptions import subscribe_workitem
+
+    items = [await new_item(pool) for _ in range(12)]
+    results = await asyncio.gather(
+        *(subscribe_workitem(pool, key, "RACE-S", uid, False) for key, uid in items), return_exceptions=True
+    )
+    assert [r for r in results if r is not None] == []
+    assert await pool.fetchval("SELECT last_sequence FROM ups_subscriber WHERE ae_title = 'RACE-S'") == 12

@@ -282,12 +282,7 @@ async def _subscribe_new(conn: asyncpg.Connection, partition_key: int, key: int)
     # The subscriber rows first, for update, in AE title order (as events.emit locks them): a subscription's
     # foreign key share-locks its subscriber row, and two creates that each held that share lock and then
     # asked emit to lock the row for update waited for each other (a deadlock, one create failed).
-    await conn.execute(
-        """SELECT 1 FROM ups_subscriber WHERE partition_key = $1 AND ae_title = ANY($2::text[])
-           ORDER BY ae_title FOR UPDATE""",
-        partition_key,
-        titles,
-    )
+    await events.lock_subscribers(conn, partition_key, titles)
     await conn.executemany(
         """INSERT INTO ups_subscription (workitem_key, partition_key, ae_title, deletion_lock)
            VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING""",
