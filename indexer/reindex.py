@@ -29,6 +29,7 @@ from indexer.operations import Operation, Step
 
 ORDER = (Level.STUDY, Level.SERIES, Level.INSTANCE)
 _KEY = {Level.STUDY: "study_key", Level.SERIES: "series_key"}
+_UID = {Level.STUDY: "study_instance_uid", Level.SERIES: "series_instance_uid"}
 
 
 class ReindexHandler:
@@ -80,22 +81,33 @@ class ReindexHandler:
                 bound,
                 self.batch_size,
             )
+            if not rows:
+                return None
+            last = rows[-1]["row_key"]
         else:
-            key = _KEY[level]
+            key, uid = _KEY[level], _UID[level]
             table = level.value
-            rows = await conn.fetch(
-                f"""SELECT s.{key} AS row_key, r.instance_key, r.metadata
-                    FROM (SELECT {key} FROM {table} WHERE {key} > $1 AND {key} <= $2
-                          ORDER BY {key} LIMIT $3 FOR SHARE) AS s
-                    CROSS JOIN LATERAL (SELECT i.instance_key, i.metadata FROM instance i
-                                        WHERE i.{key} = s.{key} ORDER BY i.instance_key DESC LIMIT 1) AS r
-                    ORDER BY s.{key}""",
+            # The batch is a range of keys, but its rows are locked in UID order, the order in which a STOW
+            # batch locks the studies (then the series) it writes: locked in key order, a batch and a STOW
+            # of several studies can each hold a row the other waits for (a deadlock, and one of them fails).
+            batch = await conn.fetch(
+                f"SELECT {key} FROM {table} WHERE {key} > $1 AND {key} <= $2 ORDER BY {key} LIMIT $3",
                 after,
                 bound,
                 self.batch_size,
             )
-        if not rows:
-            return None
+            if not batch:
+                return None
+            last = batch[-1][0]
+            rows = await conn.fetch(
+                f"""SELECT s.{key} AS row_key, r.instance_key, r.metadata
+                    FROM (SELECT {key} FROM {table} WHERE {key} = ANY($1::bigint[])
+                          ORDER BY {uid} FOR SHARE) AS s
+                    CROSS JOIN LATERAL (SELECT i.instance_key, i.metadata FROM instance i
+                                        WHERE i.{key} = s.{key} ORDER BY i.instance_key DESC LIMIT 1) AS r
+                    ORDER BY s.{key}""",
+                [r[0] for r in batch],
+            )
         sources = [Source(r["row_key"], r["instance_key"], r["metadata"]) for r in rows]
         collected: Collected = await asyncio.to_thread(collect, tags, sources)
         if level is not Level.INSTANCE:
@@ -109,7 +121,7 @@ class ReindexHandler:
                 failed,
             )
         checkpoint["processed"] = int(checkpoint.get("processed", 0)) + len(rows)
-        return rows[-1]["row_key"]
+        return last
 
     async def _finish(
         self, conn: asyncpg.Connection, op: Operation, tags: list[ExtendedTag], checkpoint: dict[str, Any]

@@ -437,6 +437,33 @@ async def replace_instances(
     version then read as replaced. The instance's first version is kept in instance_original; an
     intermediate version's object is queued for deletion.
     """
+    # The patient and study rows first, in ingest's order (see lock_study_row), then the instance rows. The
+    # patients are those the instances have and those the new versions will have (an update can change
+    # PatientID): upserted here, in ingest's order, as the re-index below will upsert them, so that a STOW
+    # carrying the new PatientID (which locks that patient, then the study) cannot hold it meanwhile.
+    keys = [v.instance_key for v in versions]
+    identities = sorted({patient_identity(v.record.attrs) for v in versions})
+    await conn.execute(
+        """INSERT INTO patient (partition_key, patient_id, issuer_of_patient_id)
+           SELECT $1, p.patient_id, p.issuer_of_patient_id FROM (
+               SELECT patient_id, issuer_of_patient_id FROM patient WHERE patient_key IN
+                   (SELECT st.patient_key FROM instance i JOIN study st USING (study_key)
+                    WHERE i.instance_key = ANY($2::bigint[]))
+               UNION SELECT * FROM unnest($3::text[], $4::text[])) p
+           ORDER BY p.patient_id, p.issuer_of_patient_id
+           ON CONFLICT (partition_key, patient_id, issuer_of_patient_id)
+           DO UPDATE SET patient_id = EXCLUDED.patient_id""",
+        partition_key,
+        keys,
+        [i[0] for i in identities],
+        [i[1] for i in identities],
+    )
+    await conn.execute(
+        """SELECT FROM study WHERE study_key IN
+               (SELECT study_key FROM instance WHERE instance_key = ANY($1::bigint[]))
+           ORDER BY study_instance_uid FOR UPDATE""",
+        keys,
+    )
     rows = await conn.fetch(
         """SELECT instance_key, storage_key FROM instance
            WHERE instance_key = ANY($1::bigint[]) ORDER BY instance_key FOR UPDATE""",
@@ -473,6 +500,81 @@ def keep_originals_sql(source: str, where: str) -> str:
                ON CONFLICT (partition_key, sop_instance_uid) DO NOTHING RETURNING storage_key"""
 
 
+async def lock_study_row(conn: asyncpg.Connection, partition_key: int, study_uid: str) -> bool:
+    """Lock the study's row before removing any of its instances; False when the study is not indexed.
+
+    Every ingest into the study locks this row (its upsert) before it inserts instances, and holds it to its
+    commit. A delete that read and deleted instances first and met that lock only at its recount would
+    recount, and prune empty series and studies, with a snapshot taken before the ingest committed: the
+    counters would leave the new instances out, and the prune would delete their series or study row, whose
+    ON DELETE CASCADE removes the new instance rows with no change feed entry and no queued object. With the
+    row locked first, each later statement of the delete starts after any such ingest has committed (or the
+    ingest waits for the delete). Bulk update (replace_instances) locks the study rows before the instance
+    rows too, in this order.
+    """
+    # Its patient's row before it, in ingest's order (patient, study, series): a STOW locks the patient row
+    # and then waits for the study, and the delete's second update of the study row (its level attributes,
+    # after the recount updated it) checks the patient foreign key, which waits for the STOW's lock. A STOW
+    # with another PatientID can move the study to another patient between the two locks: then both are
+    # given back (the savepoint) and taken again, rather than the new patient locked after the study.
+    for attempt in range(_RELOCK_TRIES):
+        try:
+            async with conn.transaction():
+                patient_key = await conn.fetchval(
+                    """SELECT patient_key FROM patient WHERE patient_key =
+                           (SELECT patient_key FROM study
+                            WHERE partition_key = $1 AND study_instance_uid = $2)
+                       FOR KEY SHARE""",
+                    partition_key,
+                    study_uid,
+                )
+                locked = await conn.fetchrow(
+                    """SELECT patient_key FROM study WHERE partition_key = $1 AND study_instance_uid = $2
+                       FOR UPDATE""",
+                    partition_key,
+                    study_uid,
+                )
+                if locked is None:
+                    return False
+                if locked["patient_key"] == patient_key or attempt == _RELOCK_TRIES - 1:
+                    return True
+                raise _Moved  # leaves the savepoint: both row locks are released
+        except _Moved:
+            continue
+    return True  # not reached
+
+
+_RELOCK_TRIES = 5
+
+
+async def lock_study_rows(conn: asyncpg.Connection, partition_key: int, study_uids: list[str]) -> None:
+    """Lock the patient and study rows of several studies at once, in ingest's order, before a transaction
+    deletes them one after the other (the expiry sweep's step).
+
+    Each deletion appends to the change feed, and the counter row it locks is held to the commit. Were the
+    next study's rows locked only then, a STOW holding them and waiting for the counter would deadlock with
+    the step. A study that moves to another patient meanwhile is locked again by lock_study_row.
+    """
+    await conn.execute(
+        """SELECT FROM patient WHERE patient_key IN
+               (SELECT patient_key FROM study
+                WHERE partition_key = $1 AND study_instance_uid = ANY($2::text[]))
+           ORDER BY patient_id, issuer_of_patient_id FOR KEY SHARE""",
+        partition_key,
+        study_uids,
+    )
+    await conn.execute(
+        """SELECT FROM study WHERE partition_key = $1 AND study_instance_uid = ANY($2::text[])
+           ORDER BY study_instance_uid FOR UPDATE""",
+        partition_key,
+        study_uids,
+    )
+
+
+class _Moved(Exception):
+    """The study moved to another patient between the two locks of lock_study_row."""
+
+
 async def remove_instances(
     conn: asyncpg.Connection,
     partition_key: int,
@@ -487,6 +589,8 @@ async def remove_instances(
     Runs in the caller's transaction; returns what was removed (empty: nothing matched, i.e. 404).
     `keep_objects`: queue nothing, because the caller keeps the objects for a restore window (retention/).
     """
+    if not await lock_study_row(conn, partition_key, study_uid):
+        return []
     where, args = scope_sql(study_uid, series_uid, sop_uid)
     rows = await conn.fetch(
         f"""SELECT i.instance_key, i.study_key, i.series_key, i.sop_instance_uid, i.storage_key,

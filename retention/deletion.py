@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from archive.removal import remove_in
-from indexer.writes import RemovedInstance
+from indexer.writes import RemovedInstance, lock_study_row
 from retention.guard import check_deletion, lock_study
 from retention.policy import RetentionPolicy, get_policy
 from retention.window import keep_objects, queue_for_deletion
@@ -41,6 +41,8 @@ async def delete_in(
     if policy.delete_delay_days == 0:
         return Deletion(await remove_in(conn, partition_key, study_uid, series_uid, sop_uid), None)
     scope = (study_uid, series_uid, sop_uid)
+    # the study row before the instance rows that keep_objects locks: the order of every writer
+    await lock_study_row(conn, partition_key, study_uid)
     until = now + timedelta(days=policy.delete_delay_days)
     kept = await keep_objects(conn, partition_key, scope, now, until)
     removed = await remove_in(conn, partition_key, *scope, keep_objects=True)

@@ -17,8 +17,9 @@ import asyncpg
 
 from access.audit import AuditEvent, outcome_of, system_event
 from indexer.operations import Operation, Step
+from indexer.writes import lock_study_rows
 from retention.deletion import Deletion, delete_in
-from retention.guard import DeletionRefused
+from retention.guard import DeletionRefused, lock_study
 from retention.policy import partitions_with_policy
 from retention.window import purge_due
 
@@ -101,6 +102,12 @@ class RetentionSweepHandler:
                 now - timedelta(days=policy.expire_after_days),
                 STUDIES_PER_STEP,
             )
+            # Every study of the step is locked before the first deletion holds the change feed's counter: the
+            # retention lock of each (as delete_in takes it, first), then their patient and study rows.
+            uids = [row["study_instance_uid"] for row in rows]
+            for uid in uids:
+                await lock_study(conn, partition_key, uid)
+            await lock_study_rows(conn, partition_key, uids)
             deleted = 0
             for row in rows:
                 if deleted >= INSTANCES_PER_STEP:

@@ -530,6 +530,51 @@ async def test_deleting_while_a_step_runs_waits_for_it(pool: asyncpg.Pool) -> No
     assert await pool.fetchval("SELECT count(*) FROM ext_string") == 0
 
 
+async def test_reindex_and_a_store_of_several_studies_do_not_deadlock(pool: asyncpg.Pool) -> None:
+    """A store locks its studies in UID order; a re-index batch locks them too, and must take the same order
+    as a range of keys does not: study 1.2.9 is stored (and keyed) before 1.2.10, whose UID sorts first."""
+    station = {"StationName": {"vr": "SH", "Value": ["S1"]}}
+    for s in (9, 10):  # one at a time: 1.2.9 gets the smaller key
+        await store(pool, [dataset(f"1.2.{s}", f"1.2.{s}.1", f"1.2.{s}.1.1", **station)])
+    await define(pool, {"Path": "StationName", "Level": "Study"})
+    failures: list[BaseException] = []
+
+    class Recording(ReindexHandler):
+        async def step(self, conn: asyncpg.Connection, op: Any) -> Any:
+            try:
+                return await super().step(conn, op)
+            except BaseException as exc:
+                failures.append(exc)
+                raise
+
+    async def waiting(count: int) -> None:
+        query = """SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                   AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'"""
+        async with asyncio.timeout(30):
+            while True:
+                if await pool.fetchval(query) >= count:
+                    return
+                await asyncio.sleep(0.01)
+
+    later = [dataset(f"1.2.{s}", f"1.2.{s}.1", f"1.2.{s}.1.2", **station) for s in (9, 10)]
+    async with pool.acquire() as blocker:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("SELECT FROM study WHERE study_instance_uid = '1.2.10' FOR UPDATE")
+        storing = asyncio.create_task(store(pool, later))  # holds nothing yet: 1.2.10 is its first lock
+        await waiting(1)
+        runner = OperationRunner(pool, {"reindex": Recording(10)})
+        reindexing = asyncio.create_task(runner.run_once())
+        await waiting(2)
+        await tx.rollback()
+    await asyncio.wait_for(storing, 30)
+    await asyncio.wait_for(reindexing, 30)
+    assert failures == []
+    while await runner.run_once():
+        pass
+    assert sorted(await find(pool, Level.STUDY, [("StationName", "S1")])) == ["1.2.10", "1.2.9"]
+
+
 async def test_killed_deletion_resumes_on_another_worker(pool: asyncpg.Pool) -> None:
     """Values, then elements, then errors go in batches; a worker killed mid-way leaves the rest to the next
     claimant."""

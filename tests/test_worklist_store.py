@@ -205,3 +205,38 @@ async def test_pool_without_reset_query_still_ends_open_transactions(database_ur
         async with p.acquire() as conn:
             assert not conn.is_in_transaction()
             assert await conn.fetchval("SELECT to_regclass('left_open')") is None  # rolled back
+
+
+async def test_concurrent_creates_with_a_global_subscriber_do_not_deadlock(pool: asyncpg.Pool) -> None:
+    """Each create subscribes the global subscriber to its item (a row whose foreign key share-locks the
+    subscriber row) and then queues its events (which locks that row for update). Two creates holding the
+    share lock each and waiting to upgrade it deadlocked: one failed."""
+    from worklist.subscriptions import subscribe_worklist
+
+    key = await lookup_partition_key(pool, "default", create=True)
+    assert key is not None
+    for title in ("RACE-A", "RACE-B"):
+        await subscribe_worklist(pool, key, title, None, None, False)
+
+    async def create() -> None:
+        uid, attrs, _ = prepare_create(parse_dataset(orjson.dumps(workitem())), new_uid())
+        await store.create(pool, key, uid, attrs)
+
+    results = await asyncio.gather(*(create() for _ in range(24)), return_exceptions=True)
+    assert [r for r in results if r is not None] == []
+    rows = await pool.fetch("SELECT ae_title, last_sequence FROM ups_subscriber ORDER BY ae_title")
+    # two reports per item (its state, and Assigned: the item names a station), each AE's sequence dense
+    assert [(r["ae_title"], r["last_sequence"]) for r in rows] == [("RACE-A", 48), ("RACE-B", 48)]
+
+
+async def test_concurrent_subscriptions_of_one_ae_do_not_deadlock(pool: asyncpg.Pool) -> None:
+    """An AE subscribing to several items at once: each subscription's foreign key share-locks the
+    subscriber row before its initial report locks the row for update."""
+    from worklist.subscriptions import subscribe_workitem
+
+    items = [await new_item(pool) for _ in range(12)]
+    results = await asyncio.gather(
+        *(subscribe_workitem(pool, key, "RACE-S", uid, False) for key, uid in items), return_exceptions=True
+    )
+    assert [r for r in results if r is not None] == []
+    assert await pool.fetchval("SELECT last_sequence FROM ups_subscriber WHERE ae_title = 'RACE-S'") == 12

@@ -121,6 +121,18 @@ def with_sequence(payload: bytes, sequence: int) -> bytes:
     return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
 
 
+async def lock_subscribers(conn: asyncpg.Connection, partition_key: int, titles: list[str]) -> None:
+    """Lock the subscriber rows for update, in AE title order: what emit does, and what a writer that inserts
+    subscriptions (whose foreign key share-locks the row) must do before, or two such writers each holding
+    the share lock and waiting to upgrade it deadlock."""
+    await conn.execute(
+        """SELECT 1 FROM ups_subscriber WHERE partition_key = $1 AND ae_title = ANY($2::text[])
+           ORDER BY ae_title FOR UPDATE""",
+        partition_key,
+        titles,
+    )
+
+
 async def emit(conn: asyncpg.Connection, partition_key: int, deliveries: Iterable[tuple[str, Event]]) -> int:
     """Queue (AE title, event) pairs in the caller's transaction, in order per AE; returns how many.
 
@@ -132,12 +144,7 @@ async def emit(conn: asyncpg.Connection, partition_key: int, deliveries: Iterabl
     if not per_ae:
         return 0
     titles = sorted(per_ae)
-    await conn.execute(
-        """SELECT 1 FROM ups_subscriber WHERE partition_key = $1 AND ae_title = ANY($2::text[])
-           ORDER BY ae_title FOR UPDATE""",
-        partition_key,
-        titles,
-    )
+    await lock_subscribers(conn, partition_key, titles)
     rows = await conn.fetch(
         """UPDATE ups_subscriber s SET last_sequence = s.last_sequence + c.n
            FROM unnest($2::text[], $3::bigint[]) AS c(ae, n)

@@ -263,6 +263,7 @@ async def _subscribe_new(conn: asyncpg.Connection, partition_key: int, key: int)
         partition_key,
     )
     titles: list[str] = []
+    locks: list[bool] = []
     for g in globals_:
         if g["ae_title"] in titles:
             continue
@@ -275,14 +276,18 @@ async def _subscribe_new(conn: asyncpg.Connection, partition_key: int, key: int)
             ):
                 continue
         titles.append(g["ae_title"])
-        await conn.execute(
-            """INSERT INTO ups_subscription (workitem_key, partition_key, ae_title, deletion_lock)
-               VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING""",
-            key,
-            partition_key,
-            g["ae_title"],
-            g["deletion_lock"],
-        )
+        locks.append(g["deletion_lock"])
+    if not titles:
+        return titles
+    # The subscriber rows first, for update, in AE title order (as events.emit locks them): a subscription's
+    # foreign key share-locks its subscriber row, and two creates that each held that share lock and then
+    # asked emit to lock the row for update waited for each other (a deadlock, one create failed).
+    await events.lock_subscribers(conn, partition_key, titles)
+    await conn.executemany(
+        """INSERT INTO ups_subscription (workitem_key, partition_key, ae_title, deletion_lock)
+           VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING""",
+        [(key, partition_key, title, lock) for title, lock in zip(titles, locks, strict=True)],
+    )
     return titles
 
 

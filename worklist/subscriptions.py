@@ -36,6 +36,8 @@ async def subscribe_workitem(
             conn, partition_key, uid
         )  # orders the initial report among the item's events
         await _ensure_subscriber(conn, partition_key, ae_title)
+        # for update before the subscription's foreign key share-locks it (events.lock_subscribers)
+        await events.lock_subscribers(conn, partition_key, [ae_title])
         await conn.execute(
             """INSERT INTO ups_subscription (workitem_key, partition_key, ae_title, deletion_lock)
                VALUES ($1, $2, $3, $4)
