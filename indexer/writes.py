@@ -97,19 +97,12 @@ async def index_instances(
     """
     await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", INGEST_LOCK)
     results: list[IndexResult | None] = [None] * len(records)
-    # after the lock (a statement of its own, so this snapshot sees a tag added before it was granted).
-    # The batch's stored studies are locked here, in key order, before the insert upserts them: a deletion
-    # in one of them updates its row twice (counters, then attributes), and an upsert's speculative
-    # insertion between the two made each wait for the other (a deadlock, failing the instance with 272).
+    # after the lock (a statement of its own, so this snapshot sees a tag added before it was granted)
     checked = await conn.fetchrow(
-        """WITH locked AS (SELECT study_key FROM study
-                           WHERE partition_key = $1 AND study_instance_uid = ANY($4::text[])
-                           ORDER BY study_key FOR NO KEY UPDATE)
-           SELECT ARRAY(SELECT sop_instance_uid FROM instance
+        """SELECT ARRAY(SELECT sop_instance_uid FROM instance
                         WHERE partition_key = $1 AND sop_instance_uid = ANY($2::text[])) AS existing,
                   b.series, b.studies,
-                  EXISTS (SELECT 1 FROM extended_query_tag WHERE status IN ('Adding', 'Ready')) AS tagged,
-                  (SELECT count(*) FROM locked) AS locked
+                  EXISTS (SELECT 1 FROM extended_query_tag WHERE status IN ('Adding', 'Ready')) AS tagged
            FROM (SELECT array_agg(se.series_instance_uid) AS series,
                         array_agg(st.study_instance_uid) AS studies
                  FROM series se JOIN study st USING (study_key)
@@ -117,7 +110,6 @@ async def index_instances(
         partition_key,
         [r.sop_instance_uid for r in records],
         list({r.series_instance_uid for r in records}),
-        sorted({r.study_instance_uid for r in records}),
     )
     existing = set(checked["existing"])
     # the study each series belongs to: as stored, else that of its first instance in the batch
