@@ -128,15 +128,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     workers = settings.worker_count()
     settings = replace(settings, workers=workers)
-    if (unusable := _store_unusable(settings)) is not None:
+    if (unusable := _store_unusable(settings, object_lock=settings.s3_object_lock_days > 0)) is not None:
         print(f"error: {unusable}", file=sys.stderr)
         return 1
-    if settings.s3_object_lock_days > 0:
-        try:
-            asyncio.run(_check_object_lock(settings))
-        except RuntimeError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
     with database(settings, attach=False) as dsn:
         # Run migrations once before workers start, so they never race at first start.
         try:
@@ -347,10 +341,12 @@ async def _ensure_bucket(settings: Settings) -> None:
         await store.close()
 
 
-def _store_unusable(settings: Settings) -> str | None:
-    """Why the configured S3 bucket cannot be used (missing, credentials refused, endpoint unreachable),
-    checked before anything starts: a server started on it answered every STOW 409, the sweep died with a
-    traceback. None when it can be used, or when the store is a directory."""
+def _store_unusable(settings: Settings, *, object_lock: bool = False) -> str | None:
+    """Why the configured S3 bucket cannot be used (missing, credentials refused, endpoint unreachable, or,
+    with `object_lock`, without the Object Lock a retention needs), checked once before anything starts: a
+    server started on it answered every STOW 409, the sweep died with a traceback. Each worker checks the
+    Object Lock too (dicomweb/app.py), but only after all of them have logged the same failure. None when it
+    can be used, or when the store is a directory."""
     from storage.s3 import S3BlobStore, StoreUnusableError
 
     if not settings.resolved_storage_url().startswith("s3://"):
@@ -361,6 +357,8 @@ def _store_unusable(settings: Settings) -> str | None:
         try:
             if isinstance(store, S3BlobStore):
                 await store.check_bucket()
+                if object_lock:
+                    await store.check_object_lock()
         finally:
             await store.close()
 
@@ -368,21 +366,9 @@ def _store_unusable(settings: Settings) -> str | None:
         asyncio.run(check())
     except StoreUnusableError as exc:
         return f"cannot use the store {settings.resolved_storage_url()}: {exc}"
+    except RuntimeError as exc:  # check_object_lock's refusal, which says it all
+        return str(exc)
     return None
-
-
-async def _check_object_lock(settings: Settings) -> None:
-    """Refuse a retention on a bucket without Object Lock before any worker starts, with one message and
-    status 1. Each worker checks too (dicomweb/app.py), and a worker that fails to start stops the server
-    with status 3 (dicomweb/supervisor.py), but after every worker has logged the same failure."""
-    from storage.s3 import S3BlobStore
-
-    store = blob_store(settings)
-    try:
-        if isinstance(store, S3BlobStore):
-            await store.check_object_lock()
-    finally:
-        await store.close()
 
 
 def _sweep_cmd(args: argparse.Namespace) -> int:
