@@ -49,7 +49,8 @@ from dicomweb.negotiation import (
     select,
 )
 from dicomweb.ranges import parse_range
-from indexer.lookup import StoredInstance, find_bulk_index, find_instances, find_metadata
+from dicomweb.routes.damage import damaged, still_indexed
+from indexer.lookup import StoredInstance, find_bulk_index, find_metadata
 from storage.base import BlobNotFoundError, BlobStore
 
 log = logging.getLogger(__name__)
@@ -235,22 +236,9 @@ async def frames_response(
     try:
         first = await anext(iterator)
     except _ObjectGone as exc:
-        instance = source.instance
-        uids = instance.study_instance_uid, instance.series_instance_uid, instance.sop_instance_uid
-        if not any(
-            i.storage_key == instance.storage_key for i in await find_instances(pool, partition, *uids)
-        ):
-            raise HTTPProblem(404, "the instance was deleted while it was read") from exc
-        log.error(
-            "frames of instance %s/%s/%s: its object %s is missing from the store",
-            *uids,
-            instance.storage_key,
-        )
-        raise HTTPProblem(
-            500,
-            f"instance {instance.sop_instance_uid} is damaged: its stored object is missing from the store "
-            "(reported to the archive's log)",
-        ) from exc
+        if await still_indexed(pool, partition, source.instance):
+            raise damaged(source.instance) from exc
+        raise HTTPProblem(404, "the instance was deleted while it was read") from exc
     except (PixelDataError, TranscodeError) as exc:
         hint = "; transfer-syntax=* delivers them as stored" if target != source.frame_syntax else ""
         what = f"frames of instance {source.instance.sop_instance_uid}"

@@ -41,6 +41,7 @@ from dicomweb.multipart import closing, multipart_length, new_boundary, part_hea
 from dicomweb.negotiation import ANY_TRANSFER_SYNTAX, Offer, Selection, describe, select
 from dicomweb.ranges import parse_range
 from dicomweb.routes import frames
+from dicomweb.routes.damage import damaged, still_indexed
 from indexer.lookup import StoredInstance, find_bulk_index, find_instances, find_metadata
 from storage.base import BlobNotFoundError, BlobStore
 from storage.digests import DigestMismatchError, check, verified
@@ -510,24 +511,9 @@ async def _missing_problem(
     for instance in group:
         if await store.exists(instance.storage_key):
             continue
-        uids = instance.study_instance_uid, instance.series_instance_uid, instance.sop_instance_uid
-        again = await find_instances(context(request).pool, key, *uids, original=wants_original(request))
-        if any(i.storage_key == instance.storage_key for i in again):
-            log.error(
-                "retrieve: instance %s/%s/%s: its object %s is missing from the store",
-                *uids,
-                instance.storage_key,
-            )
-            raise _missing(instance) from exc
+        if await still_indexed(context(request).pool, key, instance, original=wants_original(request)):
+            raise damaged(instance) from exc
     raise HTTPProblem(409, "instances changed while they were read; retrieve them again") from exc
-
-
-def _missing(instance: StoredInstance) -> HTTPProblem:
-    return HTTPProblem(
-        500,
-        f"instance {instance.sop_instance_uid} is damaged: its stored object is missing from the store "
-        "(reported to the archive's log)",
-    )
 
 
 async def _started(
@@ -544,16 +530,10 @@ async def _started(
     except DigestMismatchError as exc:  # _object reported it
         raise _altered_problem(instance) from exc
     except _ObjectGone as exc:
+        if await still_indexed(pool, key, instance, original=original):
+            raise damaged(instance) from exc
         uids = instance.study_instance_uid, instance.series_instance_uid, instance.sop_instance_uid
-        again = await find_instances(pool, key, *uids, original=original)
-        if not any(i.storage_key == instance.storage_key for i in again):
-            raise not_found(*uids) from exc  # deleted while it was read
-        log.error(
-            "retrieve: instance %s/%s/%s: its object %s is missing from the store",
-            *uids,
-            instance.storage_key,
-        )
-        raise _missing(instance) from exc
+        raise not_found(*uids) from exc  # deleted while it was read
     return _chained(first, body)
 
 
