@@ -201,8 +201,11 @@ class ChangeFeedConsumer:
         except (asyncio.CancelledError, ChangeFeedError):
             raise  # a handler stops the consumer (without advancing) by raising a ChangeFeedError
         except Exception as exc:
+            leaves = _leaves(exc)
+            if stop := next((e for e in leaves if isinstance(e, ChangeFeedError)), None):
+                raise stop from exc  # from inside a handler's TaskGroup too (it was retried for ever)
             reason = _describe(exc)
-            downstream = all(isinstance(e, _DOWNSTREAM) for e in _leaves(exc))
+            downstream = all(isinstance(e, _DOWNSTREAM) for e in leaves)
             if not downstream and reason != self._last_failure:  # a bug's traceback, once per streak
                 log.exception(
                     "change feed handler failed on entries %d..%d", offset + 1, entries[-1]["Sequence"]

@@ -258,14 +258,13 @@ class Replicator:
         for ref in copies:
             studies.setdefault((ref.partition, ref.study), []).append(ref)
         limit = asyncio.Semaphore(self.parallel)
-        try:
-            async with asyncio.TaskGroup() as group:
-                for ref in deletes:
-                    group.create_task(_bounded(limit, functools.partial(self._delete, ref)))
-                for refs in studies.values():
-                    group.create_task(self._copy_study(refs, group, limit))
-        except ExceptionGroup as failed:
-            raise _one_error(failed) from failed
+        # a failure ends the batch as an exception group, which the consumer reads (a ChangeFeedError in it
+        # stops the consumer, anything else is retried with the group's errors named)
+        async with asyncio.TaskGroup() as group:
+            for ref in deletes:
+                group.create_task(_bounded(limit, functools.partial(self._delete, ref)))
+            for refs in studies.values():
+                group.create_task(self._copy_study(refs, group, limit))
         self._applied(entries)
 
     async def _copy_study(
@@ -416,21 +415,6 @@ class Replicator:
         if await self._stow(ref.partition_root(), [data]):
             raise ReplicationError(f"{ref.sop}: still 'already stored' on the target after deleting it")
         self.status.replaced += 1
-
-
-def _one_error(failed: BaseExceptionGroup) -> BaseException:
-    """The error of a batch that its consumer acts on, out of the TaskGroup's: a refused token first (a
-    ChangeFeedError stops the consumer; wrapped in the group it was retried for ever), else the first one
-    (its message, not the group's, is what the consumer logs before retrying)."""
-    errors: list[BaseException] = []
-    pending: list[BaseException] = [failed]
-    while pending:
-        error = pending.pop(0)
-        if isinstance(error, BaseExceptionGroup):
-            pending[:0] = error.exceptions
-        else:
-            errors.append(error)
-    return next((e for e in errors if isinstance(e, ChangeFeedError)), errors[0])
 
 
 async def _bounded(limit: asyncio.Semaphore, work: Callable[[], Awaitable[None]]) -> None:
